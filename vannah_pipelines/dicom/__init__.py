@@ -1,0 +1,1 @@
+"""DICOM helpers that need nothing but pydicom and the standard library."""

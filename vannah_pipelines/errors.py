@@ -1,0 +1,41 @@
+"""Errors raised by the framework-free layer; each boundary maps them once (DIMSE status, HTTP, Dagster)."""
+
+from __future__ import annotations
+
+
+class VannahError(Exception):
+    """Base class of every error the pure layer raises on purpose."""
+
+
+class ConfigError(VannahError):
+    """The settings file or environment is invalid, or enables something not yet implemented."""
+
+
+class InvalidDicomError(VannahError):
+    """A DICOM object cannot be read, or lacks what the archive requires (UIDs, SOP class)."""
+
+
+class UnsafeUidError(InvalidDicomError):
+    """A value used as a UID is not a PS3.5 UID (and so must never become a path component)."""
+
+    def __init__(self, value: object, attribute: str = "UID") -> None:
+        self.value = value
+        self.attribute = attribute
+        shown = repr(value)[:80]
+        super().__init__(f"{attribute} is not a valid DICOM UID: {shown}")
+
+
+class LandingError(VannahError):
+    """The landing zone cannot accept a write (disk full, permissions)."""
+
+
+class CatalogError(VannahError):
+    """The catalog is missing, inconsistent or cannot be written."""
+
+
+class StorageError(VannahError):
+    """A storage backend failed to put, open, stat or delete an object."""
+
+
+class NotFoundError(StorageError):
+    """The object does not exist in the storage tier asked."""

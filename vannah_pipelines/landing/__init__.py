@@ -1,0 +1,1 @@
+"""The landing zone: the on-disk contract between the receivers (DIMSE, STOW-RS, import) and ingest."""

@@ -1,0 +1,362 @@
+"""Landing-zone layout, atomic writes and batches.
+
+::
+
+    landing/
+      open/<batch_id>/       being written; its writer holds an flock on .lock
+        <sop_uid>.dcm        Part-10 bytes exactly as received (the rename is the commit)
+        receipts.jsonl       one line of receive facts per instance
+      sealed/<batch_id>/     immutable; ingest deletes it after indexing
+
+A writer that dies leaves its open batch unlocked; :meth:`LandingZone.seal_stranded` seals
+such batches so they are ingested, never stranded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from vannah_pipelines.dicom.uids import require_uid
+from vannah_pipelines.errors import LandingError, VannahError
+
+log = logging.getLogger(__name__)
+
+_BATCH_ID = re.compile(r"[0-9]{8}T[0-9]{12}-[a-z]+-[0-9]+-[0-9]+")
+_LOCK = ".lock"
+_RECEIPTS = "receipts.jsonl"
+_TMP_PREFIX = ".tmp-"
+_counter = itertools.count()
+
+
+class InvalidBatchIdError(VannahError):
+    """A batch id from outside (run config, a folder name) is not one we make."""
+
+
+def require_batch_id(value: object) -> str:
+    """Return `value` if it is a well-formed batch id, safe as a path component.
+
+    >>> require_batch_id("20260101T000000000000-dimse-12-0")
+    '20260101T000000000000-dimse-12-0'
+    """
+    if not isinstance(value, str) or not _BATCH_ID.fullmatch(value):
+        raise InvalidBatchIdError(f"not a landing batch id: {str(value)[:80]!r}")
+    return value
+
+
+def new_batch_id(source: str, now: datetime | None = None) -> str:
+    """Return a new, time-ordered, unique batch id for `source` (dimse, stow, import)."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%f")
+    return f"{stamp}-{source}-{os.getpid()}-{next(_counter)}"
+
+
+def batch_day(batch_id: str) -> date:
+    """The UTC arrival day of a batch (its Dagster partition)."""
+    return datetime.strptime(batch_id[:8], "%Y%m%d").date()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and creations inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | memoryview, *, sync_dir: bool = True) -> None:
+    """Write `data` to `path` so that a reader sees all of it or nothing.
+
+    Temp file in the same folder, ``fsync``, ``os.replace``, then ``fsync`` of the folder.
+    On failure the temp file is removed and the error propagates.
+    """
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class ReceiveFacts:
+    """What the archive knows about how an instance arrived (no patient data)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    source: str  # dimse | stow | import
+    calling_ae: str = ""
+    called_ae: str = ""
+    peer: str = ""
+    received_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+
+@dataclass(frozen=True)
+class LandedInstance:
+    """One committed file of a sealed batch, with its receive facts when they were recorded."""
+
+    path: Path
+    sop_instance_uid: str
+    facts: ReceiveFacts | None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A sealed batch: immutable, ready to ingest."""
+
+    batch_id: str
+    path: Path
+
+    @property
+    def day(self) -> date:
+        return batch_day(self.batch_id)
+
+    def instances(self) -> list[LandedInstance]:
+        """The committed instances, sorted by file name; temp files are ignored."""
+        facts: dict[str, ReceiveFacts] = {}
+        receipts = self.path / _RECEIPTS
+        if receipts.exists():
+            for line in receipts.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = ReceiveFacts(**json.loads(line))
+                except (ValueError, TypeError):
+                    continue  # a torn last line after a crash; the file itself still counts
+                facts[record.sop_instance_uid] = record
+        found = []
+        for entry in sorted(self.path.iterdir()):
+            if entry.suffix == ".dcm" and not entry.name.startswith(_TMP_PREFIX):
+                found.append(LandedInstance(entry, entry.stem, facts.get(entry.stem)))
+        return found
+
+
+class OpenBatch:
+    """A batch being written by one process; thread-safe."""
+
+    def __init__(self, zone: LandingZone, batch_id: str, path: Path, lock_fd: int) -> None:
+        self.zone = zone
+        self.batch_id = batch_id
+        self.path = path
+        self._lock_fd = lock_fd
+        self._mutex = threading.Lock()
+        self._receipts = (path / _RECEIPTS).open("a", encoding="utf-8")
+        self.count = 0
+        self.created = time.monotonic()
+        self.sealed = False
+
+    def write_instance(self, data: bytes | memoryview, facts: ReceiveFacts) -> Path:
+        """Commit one instance; returns only once it is durable.
+
+        Raises
+        ------
+        UnsafeUidError
+            If the SOP Instance UID cannot be a file name (nothing is written).
+        LandingError
+            If the batch was sealed meanwhile (the caller retries on a new batch).
+        OSError
+            If the disk refuses the write (nothing is left behind).
+        """
+        sop_uid = require_uid(facts.sop_instance_uid, "SOPInstanceUID")
+        target = self.path / f"{sop_uid}.dcm"
+        with self._mutex:
+            if self.sealed:
+                raise LandingError(f"batch {self.batch_id} is sealed")
+            self._receipts.write(json.dumps(asdict(facts)) + "\n")
+            self._receipts.flush()
+            write_atomic(target, data)
+            self.count += 1
+        return target
+
+    def age(self) -> float:
+        return time.monotonic() - self.created
+
+    def seal(self) -> Batch | None:
+        """Move the batch to ``sealed/`` (or remove it if empty); idempotent."""
+        with self._mutex:
+            if self.sealed:
+                return None
+            self.sealed = True
+            self._receipts.close()
+            try:
+                if self.count == 0:
+                    shutil.rmtree(self.path, ignore_errors=True)
+                    return None
+                (self.path / _LOCK).unlink(missing_ok=True)
+                return self.zone.move_to_sealed(self.path)
+            finally:
+                os.close(self._lock_fd)
+
+
+class LandingZone:
+    """The landing-zone folder: opens batches for writers, lists sealed ones for ingest."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.open_dir = self.root / "open"
+        self.sealed_dir = self.root / "sealed"
+
+    def ensure(self) -> LandingZone:
+        self.open_dir.mkdir(parents=True, exist_ok=True)
+        self.sealed_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def open_batch(self, source: str) -> OpenBatch:
+        """Create a new open batch, locked by this process until sealed or dead."""
+        self.ensure()
+        batch_id = new_batch_id(source)
+        tmp = self.open_dir / f"{_TMP_PREFIX}{batch_id}"
+        tmp.mkdir()
+        lock_fd = os.open(tmp / _LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        final = self.open_dir / batch_id
+        os.rename(tmp, final)  # visible only once locked, so never mistaken for stranded
+        return OpenBatch(self, batch_id, final, lock_fd)
+
+    def move_to_sealed(self, path: Path) -> Batch:
+        """Rename a batch folder into ``sealed/`` under a fresh id (durably)."""
+        batch_id = new_batch_id(path.name.split("-")[1] if "-" in path.name else "import")
+        target = self.sealed_dir / batch_id
+        os.rename(path, target)
+        fsync_dir(self.sealed_dir)
+        fsync_dir(path.parent)
+        return Batch(batch_id, target)
+
+    def sealed_batches(self) -> list[Batch]:
+        """Sealed batches not yet ingested, oldest first."""
+        if not self.sealed_dir.exists():
+            return []
+        return [
+            Batch(p.name, p)
+            for p in sorted(self.sealed_dir.iterdir())
+            if p.is_dir() and _BATCH_ID.fullmatch(p.name)
+        ]
+
+    def batch(self, batch_id: str) -> Batch:
+        """The sealed batch `batch_id` (validated: it comes from run config)."""
+        return Batch(require_batch_id(batch_id), self.sealed_dir / batch_id)
+
+    def seal_stranded(self) -> list[Batch]:
+        """Seal open batches whose writer died (their lock is free); returns them."""
+        sealed: list[Batch] = []
+        if not self.open_dir.exists():
+            return sealed
+        for path in sorted(self.open_dir.iterdir()):
+            if path.name.startswith(_TMP_PREFIX) or not path.is_dir():
+                continue
+            if _is_locked(path / _LOCK):
+                continue
+            if not any(p.suffix == ".dcm" for p in path.iterdir()):
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            (path / _LOCK).unlink(missing_ok=True)
+            batch = self.move_to_sealed(path)
+            log.warning("sealed stranded batch %s as %s", path.name, batch.batch_id)
+            sealed.append(batch)
+        return sealed
+
+    def remove(self, batch: Batch) -> None:
+        """Delete an ingested batch (the last step of ingest)."""
+        shutil.rmtree(batch.path, ignore_errors=True)
+
+
+def _is_locked(lock_path: Path) -> bool:
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+class RollingBatch:
+    """One process's current batch, sealed by size or age so ingest never waits for an
+    association to end. Thread-safe; a timer thread seals idle batches."""
+
+    def __init__(self, zone: LandingZone, source: str, max_files: int, max_age: float) -> None:
+        self.zone = zone.ensure()
+        self.source = source
+        self.max_files = max_files
+        self.max_age = max_age
+        self._mutex = threading.Lock()
+        self._current: OpenBatch | None = None
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._tick, name="landing-seal", daemon=True)
+        self._timer.start()
+
+    def write_instance(self, data: bytes | memoryview, facts: ReceiveFacts) -> Path:
+        """Commit one instance into the current batch (opening one if needed)."""
+        while True:
+            batch = self._batch()
+            try:
+                path = batch.write_instance(data, facts)
+            except LandingError:
+                continue  # sealed under us by the timer; take the next batch
+            if batch.count >= self.max_files:
+                self._seal_if(lambda b: b is batch)
+            return path
+
+    def _batch(self) -> OpenBatch:
+        with self._mutex:
+            if self._current is None or self._current.sealed:
+                self._current = self.zone.open_batch(self.source)
+            return self._current
+
+    def _seal_if(self, predicate: Callable[[OpenBatch], bool]) -> None:
+        with self._mutex:
+            batch = self._current
+            if batch is None or not predicate(batch):
+                return
+            self._current = None
+        batch.seal()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(min(0.25, self.max_age / 2)):
+            try:
+                self._seal_if(lambda b: b.count > 0 and b.age() >= self.max_age)
+            except OSError:
+                log.exception("sealing a landing batch failed; will retry")
+
+    def close(self) -> None:
+        """Seal what is open and stop the timer."""
+        self._stop.set()
+        self._timer.join(timeout=5)
+        self._seal_if(lambda b: True)
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Every regular file under `root`, sorted, symlinks not followed."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name

@@ -1,0 +1,186 @@
+"""The one settings object: a JSON config file plus ``VANNAH_*`` environment overrides.
+
+The file may use the Orthanc-style keys of the product documentation verbatim
+(``DicomAet``, ``DicomPort``, ``RemoteAccessAllowed``, ``AuthenticationEnabled``,
+``DicomTlsEnabled``) or the snake_case field names. Precedence: explicit arguments, then
+``VANNAH_*`` environment variables, then the file, then the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from vannah_pipelines.errors import ConfigError
+
+# Orthanc-style keys (product documentation) -> our field names.
+ORTHANC_KEYS: dict[str, str] = {
+    "DicomAet": "dicom_aet",
+    "DicomPort": "dicom_port",
+    "RemoteAccessAllowed": "remote_access_allowed",
+    "AuthenticationEnabled": "authentication_enabled",
+    "DicomTlsEnabled": "dicom_tls_enabled",
+    "rules": "routing_rules",
+}
+
+# Accepted and documented, but refused when switched on until the feature exists.
+NOT_YET_IMPLEMENTED: dict[str, str] = {
+    "authentication_enabled": "AuthenticationEnabled: authentication is not implemented yet; "
+    "set it to false (or omit it) and keep the services on loopback",
+    "dicom_tls_enabled": "DicomTlsEnabled: DICOM TLS is not implemented yet; set it to false "
+    "(or omit it) and terminate TLS in front of the receiver",
+}
+
+_config_file: ContextVar[Path | None] = ContextVar("vannah_config_file", default=None)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Values from the JSON config file named by load_settings()."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns everything at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file.get()
+        return read_config_file(path) if path is not None else {}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a JSON config file and map Orthanc-style keys to field names.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read, is not a JSON object, or names a key twice.
+    """
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = ORTHANC_KEYS.get(key, key)
+        if name in values:
+            raise ConfigError(f"config file {path} sets {name!r} twice (as {key!r})")
+        values[name] = value
+    return values
+
+
+class Settings(BaseSettings):
+    """Everything the receiver, the pipelines and the HTTP service are told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VANNAH_", frozen=True, extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Field(default=Path("data"), description="root of every data folder")
+    dicom_aet: str = Field(default="VANNAHCLOUD", min_length=1, max_length=16)
+    dicom_port: int = Field(default=4242, ge=0, le=65535)
+    remote_access_allowed: bool = Field(
+        default=False, description="listen on all addresses instead of 127.0.0.1"
+    )
+    authentication_enabled: bool = False
+    dicom_tls_enabled: bool = False
+    routing_rules: list[dict[str, Any]] = Field(default_factory=list)
+
+    receiver_workers: int = Field(
+        default_factory=lambda: max(2, os.cpu_count() or 2), ge=1, le=64,
+        description="receiver processes sharing the DIMSE port",
+    )
+    max_associations: int = Field(default=16, ge=1, description="per receiver process")
+    landing_batch_max_files: int = Field(default=500, ge=1)
+    landing_batch_max_age_seconds: float = Field(default=1.0, gt=0)
+    ingest_run_max_files: int = Field(default=20_000, ge=1)
+    ingest_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
+    resend_policy: Literal["replace", "keep"] = "replace"
+    dagster_port: int = Field(default=3000, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _refuse_unimplemented(self) -> Settings:
+        for name, message in NOT_YET_IMPLEMENTED.items():
+            if getattr(self, name):
+                raise ValueError(message)
+        if self.routing_rules:
+            raise ValueError("rules: routing is not implemented yet; remove the rules")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+    @property
+    def bind_host(self) -> str:
+        """Address the services listen on."""
+        return "0.0.0.0" if self.remote_access_allowed else "127.0.0.1"  # noqa: S104
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.data_dir / "landing"
+
+    @property
+    def hot_dir(self) -> Path:
+        return self.data_dir / "hot"
+
+    @property
+    def warm_dir(self) -> Path:
+        return self.data_dir / "warm"
+
+    @property
+    def cold_dir(self) -> Path:
+        return self.data_dir / "cold"
+
+    @property
+    def catalog_dir(self) -> Path:
+        return self.data_dir / "catalog"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+
+class _ConfigLocator(BaseSettings):
+    """Finds the config file named by ``VANNAH_CONFIG``."""
+
+    model_config = SettingsConfigDict(env_prefix="VANNAH_", extra="ignore")
+    config: Path | None = None
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from `config_file` (or ``$VANNAH_CONFIG``), env and `overrides`.
+
+    Raises
+    ------
+    ConfigError
+        With a readable message when any value is invalid or not implemented yet.
+    """
+    path = config_file if config_file is not None else _ConfigLocator().config
+    token = _config_file.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
+    finally:
+        _config_file.reset(token)
