@@ -1,0 +1,631 @@
+"""Shared benchmark helpers: synthetic data, Orthanc and receiver launchers, storescu, stats.
+
+Everything scratch lives under ``bench/out/`` (gitignored). Servers run in their own process
+groups and are always killed on exit, including on Ctrl-C and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+OUT_DIR = BENCH_DIR / "out"
+DATA_DIR = OUT_DIR / "data"
+RUNS_DIR = OUT_DIR / "runs"
+
+ORTHANC_BIN = "/usr/sbin/Orthanc"
+ORTHANC_AET = "ORTHANC"
+RECEIVER_AET = "VANNAHCLOUD"
+CALLING_AET = "BENCHSCU"
+
+# Debian's DCMTK and Orthanc leave Nagle on unless this is in their environment (BASELINES.md).
+NODELAY_ENV = {"TCP_NODELAY": "1"}
+
+Kind = Literal["ct", "tiny"]
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGINT/SIGTERM/SIGHUP into KeyboardInterrupt so every ``finally`` cleanup runs.
+
+    SIGINT is reset too, since a shell starts background jobs with it ignored.
+    """
+
+    def _raise(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise)
+    signal.signal(signal.SIGHUP, _raise)
+
+
+# --------------------------------------------------------------------------- data sets
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A cached set of synthetic Part-10 files."""
+
+    name: str
+    folder: Path
+    files: tuple[Path, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    @property
+    def mean_bytes(self) -> float:
+        return self.total_bytes / len(self.files) if self.files else 0.0
+
+    def split(self, parts: int) -> list[Path]:
+        """Return `parts` folders of hard links that share the files round-robin (cached).
+
+        storescu gets one folder each (``+sd``), which keeps command lines short for big sets.
+        """
+        root = self.folder / f"split-{parts}"
+        marker = root / ".complete"
+        folders = [root / f"part-{i}" for i in range(parts)]
+        if marker.exists():
+            return folders
+        shutil.rmtree(root, ignore_errors=True)
+        for folder in folders:
+            folder.mkdir(parents=True)
+        for i, path in enumerate(self.files):
+            (folders[i % parts] / path.name).hardlink_to(path)
+        marker.touch()
+        return folders
+
+
+def synthetic_set(count: int, kind: Kind = "ct", *, per_series: int = 100) -> DataSet:
+    """Return `count` synthetic instances of one study, generating them once into bench/out/.
+
+    ``ct``: 512x512 16-bit CT, explicit VR LE, about 0.5 MB each.
+    ``tiny``: the same CT header with 64x64 pixels, about 10 KB each (header-heavy tests).
+    Instances are grouped `per_series` to a series. The set is keyed by its parameters.
+    """
+    from pydicom.uid import generate_uid  # imported lazily: only generation needs pydicom
+
+    from vannah_pipelines.dicom.synthetic import make_instance, to_part10
+
+    name = f"{kind}-{count}-s{per_series}"
+    folder = DATA_DIR / name
+    files_dir = folder / "files"
+    marker = folder / ".complete"
+    if marker.exists():
+        return DataSet(name, folder, tuple(sorted(files_dir.iterdir())))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp = DATA_DIR / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "files").mkdir(parents=True)
+    size = 64 if kind == "tiny" else None
+    study_uid = generate_uid()
+    series_uid = ""
+    started = time.monotonic()
+    for i in range(count):
+        if i % per_series == 0:
+            series_uid = generate_uid()
+        ds = make_instance(
+            "CT",
+            study_uid=study_uid,
+            series_uid=series_uid,
+            patient_id=f"VHC-BENCH-{kind.upper()}-{count}",
+            patient_name="Bench^Synthetic",
+            series_number=i // per_series + 1,
+            instance_number=i % per_series + 1,
+            rows=size,
+            columns=size,
+        )
+        # Name by position so storescu sends in a stable order.
+        (tmp / "files" / f"{i:07d}.dcm").write_bytes(to_part10(ds))
+    (tmp / ".complete").touch()
+    tmp.rename(folder)
+    print(
+        f"generated {count} {kind} instances in {time.monotonic() - started:.1f} s -> {folder}",
+        file=sys.stderr,
+    )
+    return DataSet(name, folder, tuple(sorted(files_dir.iterdir())))
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on all addresses right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Wait until 127.0.0.1:`port` accepts TCP connections; fail if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"port {port} did not open within {timeout:.0f} s")
+
+
+def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop `proc` and its whole process group: SIGTERM, then SIGKILL after `timeout`."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+    # Children may outlive the leader; make sure the group is gone.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and all its descendants, from the ppid field of /proc/<pid>/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 (ppid) follows the ")" that closes the command name.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class MemorySampler:
+    """Sample the summed RSS of a process tree every `interval` seconds; keep the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"rss-{pid}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> int:
+        total = sum(_rss_bytes(pid) for pid in _process_tree(self.pid))
+        self.peak_bytes = max(self.peak_bytes, total)
+        return total
+
+    def reset(self) -> None:
+        self.peak_bytes = 0
+
+    def start(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Server:
+    """A DICOM server under test, in its own process group and scratch folder."""
+
+    label: str = "server"
+    aet: str = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.dicom_port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.memory: MemorySampler | None = None
+        self._log: IO[bytes] | None = None
+
+    # subclasses: command, environment, readiness, instance count
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **NODELAY_ENV}
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        wait_for_port(self.dicom_port, self.proc)
+
+    def stored_instances(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "server.log"
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def start(self) -> Server:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self._command(),
+            cwd=self.workdir,
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: killed as a whole, immune to Ctrl-C
+        )
+        try:
+            self._wait_ready()
+        except BaseException as exc:
+            self.stop()
+            if isinstance(exc, Exception):
+                raise RuntimeError(f"{self.label} failed to start:\n{self.log_tail()}") from exc
+            raise
+        self.memory = MemorySampler(self.proc.pid).start()
+        return self
+
+    def stop(self) -> None:
+        if self.memory is not None:
+            self.memory.stop()
+        if self.proc is not None:
+            kill_group(self.proc)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def dicomweb_plugin_path() -> Path:
+    """Path of libOrthancDicomWeb.so as ``dpkg -L orthanc-dicomweb`` lists it."""
+    try:
+        listing = subprocess.run(
+            ["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise RuntimeError("orthanc-dicomweb is not installed: run .ci/bootstrap --bench") from exc
+    for line in listing.splitlines():
+        if line.endswith("libOrthancDicomWeb.so") and Path(line).is_file():
+            return Path(line)
+    raise RuntimeError("libOrthancDicomWeb.so not found in dpkg -L orthanc-dicomweb")
+
+
+class OrthancServer(Server):
+    """Debian's Orthanc with the reference configuration of BASELINES.md, on fresh storage."""
+
+    label = "orthanc"
+    aet = ORTHANC_AET
+
+    def __init__(self, workdir: Path, *, dicomweb: bool = False) -> None:
+        super().__init__(workdir)
+        self.dicomweb = dicomweb
+        self.http_port = 0
+
+    def config(self) -> dict[str, object]:
+        config: dict[str, object] = {
+            "Name": "VannahBenchOrthanc",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),  # default SQLite index
+            "StorageCompression": False,
+            "SyncStorageArea": True,
+            "DicomAet": ORTHANC_AET,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "TcpNoDelay": True,
+            "KeepAlive": True,
+            "SaveJobs": False,
+            "StorageAccessOnFind": "Always",
+            "RemoteAccessAllowed": False,  # it listens on all addresses; no bind option
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+        }
+        if self.dicomweb:
+            config["Plugins"] = [str(dicomweb_plugin_path())]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        return config
+
+    def _command(self) -> list[str]:
+        if not Path(ORTHANC_BIN).exists():
+            raise RuntimeError(f"{ORTHANC_BIN} missing: run .ci/bootstrap --bench")
+        self.dicom_port, self.http_port = free_port(), free_port()
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(self.config(), indent=2))
+        return [ORTHANC_BIN, str(path)]
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}")
+            with contextlib.suppress(OSError, ValueError):
+                self.rest("/system")
+                wait_for_port(self.dicom_port, self.proc, timeout=5)
+                return
+            time.sleep(0.1)
+        raise TimeoutError("Orthanc REST /system did not answer within 30 s")
+
+    def rest(self, path: str) -> object:
+        """GET a REST resource and decode its JSON."""
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+
+    def stored_instances(self) -> int:
+        stats = self.rest("/statistics")
+        assert isinstance(stats, dict)
+        return int(stats["CountInstances"])
+
+
+class ReceiverServer(Server):
+    """Our DIMSE receiver: ``python -m receiver`` with VANNAH_* settings from the environment."""
+
+    label = "vannah"
+    aet = RECEIVER_AET
+
+    def __init__(self, workdir: Path, *, extra_env: dict[str, str] | None = None) -> None:
+        super().__init__(workdir)
+        self.extra_env = extra_env or {}
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    def _command(self) -> list[str]:
+        self.dicom_port = free_port()
+        return [sys.executable, "-m", "receiver"]
+
+    def _env(self) -> dict[str, str]:
+        env = {
+            **super()._env(),
+            "VANNAH_DATA_DIR": str(self.data_dir),
+            "VANNAH_DICOM_PORT": str(self.dicom_port),
+            "VANNAH_DICOM_AET": RECEIVER_AET,
+            **self.extra_env,
+        }
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+        return env
+
+    def start(self) -> Server:
+        if not (REPO_ROOT / "receiver" / "__main__.py").exists():
+            raise RuntimeError("receiver/__main__.py does not exist yet (python -m receiver)")
+        return super().start()
+
+    def stored_instances(self) -> int:
+        """Landed Part-10 files (open and sealed batches; temp files excluded)."""
+        landing = self.data_dir / "landing"
+        if not landing.exists():
+            return 0
+        return sum(1 for p in landing.rglob("*.dcm") if not p.name.startswith(".tmp-"))
+
+
+def make_server(
+    target: str,
+    workdir: Path,
+    *,
+    dicomweb: bool = False,
+    receiver_env: dict[str, str] | None = None,
+) -> Server:
+    """Build the server for `target` ("orthanc" or "vannah") in `workdir`.
+
+    `dicomweb` loads Orthanc's DICOMweb plugin; `receiver_env` adds VANNAH_* settings.
+    """
+    if target == "orthanc":
+        return OrthancServer(workdir, dicomweb=dicomweb)
+    if target == "vannah":
+        return ReceiverServer(workdir, extra_env=receiver_env)
+    raise ValueError(f"unknown target {target!r}")
+
+
+@contextlib.contextmanager
+def run_dir(prefix: str) -> Iterator[Path]:
+    """A fresh scratch folder under bench/out/runs/, removed afterwards (set
+    VANNAH_BENCH_KEEP=1 to keep it for inspection)."""
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=RUNS_DIR))
+    try:
+        yield path
+    finally:
+        if os.environ.get("VANNAH_BENCH_KEEP") != "1":
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- storescu
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """Outcome of sending a data set over K parallel associations."""
+
+    instances: int
+    total_bytes: int
+    associations: int
+    seconds: float
+
+    @property
+    def instances_per_s(self) -> float:
+        return self.instances / self.seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.total_bytes / 1e6 / self.seconds
+
+
+class StoreFailedError(RuntimeError):
+    """A storescu process failed or reported an unsuccessful C-STORE."""
+
+
+def run_storescu(
+    data: DataSet,
+    *,
+    port: int,
+    called_aet: str,
+    associations: int = 1,
+    host: str = "127.0.0.1",
+    logdir: Path | None = None,
+    timeout: float = 1800.0,
+) -> StoreResult:
+    """Send `data` with `associations` storescu processes at once; return the wall time.
+
+    The files are shared round-robin into one folder per association (``+sd``). The clock
+    runs from starting the first process until the last one exits. Any non-zero exit code
+    or ``E:`` line on stderr raises :class:`StoreFailedError`.
+    """
+    folders = data.split(associations)
+    env = {**os.environ, **NODELAY_ENV}
+    procs: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as stack:
+        # Output goes to temp files, not pipes: a chatty storescu can never block on a pipe.
+        logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in folders]
+        try:
+            started = time.perf_counter()
+            for folder, log in zip(folders, logs, strict=True):
+                cmd = [
+                    "storescu",
+                    "-aet", CALLING_AET,
+                    "-aec", called_aet,
+                    "+sd",
+                    host, str(port), str(folder),
+                ]  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+            deadline = time.monotonic() + timeout
+            for proc in procs:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            seconds = time.perf_counter() - started
+        finally:
+            for proc in procs:
+                kill_group(proc, timeout=2)
+        texts = []
+        for log in logs:
+            log.seek(0)
+            texts.append(log.read().decode(errors="replace"))
+    errors: list[str] = []
+    for i, (proc, text) in enumerate(zip(procs, texts, strict=True)):
+        if logdir is not None:
+            (logdir / f"storescu-{associations}x-{i}.log").write_text(text)
+        bad = [line for line in text.splitlines() if line.startswith(("E:", "F:"))]
+        if proc.returncode != 0 or bad:
+            errors.append(f"storescu #{i} exit {proc.returncode}: " + "; ".join(bad[:3]))
+    if errors:
+        raise StoreFailedError("\n".join(errors))
+    return StoreResult(len(data.files), data.total_bytes, associations, seconds)
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one figure."""
+
+    values: list[float] = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def min(self) -> float:
+        return min(self.values)
+
+    @property
+    def max(self) -> float:
+        return max(self.values)
+
+    def summary(self, fmt: str = ".0f") -> str:
+        """``median (min-max)``, or just the value when measured once."""
+        if not self.values:
+            return "-"
+        if len(self.values) == 1:
+            return format(self.values[0], fmt)
+        return f"{self.median:{fmt}} ({self.min:{fmt}}-{self.max:{fmt}})"
+
+    def as_dict(self) -> dict[str, float | list[float]]:
+        if not self.values:
+            return {"values": []}
+        return {"median": self.median, "min": self.min, "max": self.max, "values": self.values}
+
+
+def format_ratio(ours: float, reference: float) -> str:
+    """``1.23x`` (ours divided by the reference)."""
+    if reference <= 0:
+        return "-"
+    return f"{ours / reference:.2f}x"
+
+
+def format_mb(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:.0f} MiB"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Render a GitHub markdown table with padded columns."""
+    cells = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+             for row in cells]  # fmt: skip
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    print(f"\n### {title}\n")
+    print(markdown_table(header, rows))

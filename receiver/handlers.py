@@ -1,0 +1,208 @@
+"""pynetdicom event handlers: unpack the event, call the pure layer, answer a DIMSE status.
+
+No handler lets an exception escape (pynetdicom would answer 0xC211 with no context).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.events import Event
+
+from receiver.inspection import InstanceIds, read_instance_ids
+from receiver.status import StoreStatus, VerificationStatus
+from vannah_pipelines.errors import InvalidDicomError, UnsafeUidError
+from vannah_pipelines.landing.layout import ReceiveFacts, RollingBatch
+
+log = logging.getLogger(__name__)
+
+SOURCE = "dimse"
+
+
+class Landing:
+    """The worker's landing batch, refusing writes once closed (so none strands a batch)."""
+
+    def __init__(self, batch: RollingBatch) -> None:
+        self._batch = batch
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def write_instance(self, data: bytes, facts: ReceiveFacts) -> None:
+        """Commit one instance; returns only once it is durable (the rename is the commit)."""
+        if self._closed:
+            raise OSError(errno.ESHUTDOWN, "the receiver is shutting down")
+        self._batch.write_instance(data, facts)
+
+    def close(self) -> None:
+        """Seal the open batch; later writes raise OSError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._batch.close()
+
+
+@dataclass
+class _AssociationCounts:
+    calling_ae: str
+    peer: str
+    stored: int = 0
+    failed: int = 0
+    outcome: str = "closed"
+
+
+class AssociationLog:
+    """Per-association counts, logged at INFO when the association ends (identifiers only)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[int, _AssociationCounts] = {}
+
+    def opened(self, assoc_id: int, calling_ae: str, called_ae: str, peer: str, ours: str) -> None:
+        with self._lock:
+            self._counts[assoc_id] = _AssociationCounts(calling_ae, peer)
+        log.info("association from %s at %s (called AE %s)", calling_ae, peer, called_ae)
+        if called_ae.strip() != ours.strip():
+            log.info("called AE %s is not ours (%s); accepted anyway", called_ae, ours)
+
+    def record(self, assoc_id: int, *, stored: bool) -> None:
+        with self._lock:
+            counts = self._counts.get(assoc_id)
+            if counts is None:
+                return
+            if stored:
+                counts.stored += 1
+            else:
+                counts.failed += 1
+
+    def ended(self, assoc_id: int, outcome: str) -> None:
+        with self._lock:
+            counts = self._counts.pop(assoc_id, None)
+        if counts is not None:
+            log.info(
+                "association from %s at %s %s: %d stored, %d failed",
+                counts.calling_ae,
+                counts.peer,
+                outcome,
+                counts.stored,
+                counts.failed,
+            )
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._counts)
+
+
+def _peer(event: Event) -> str:
+    requestor = event.assoc.requestor
+    return f"{requestor.address}:{requestor.port}"
+
+
+def _failure(status: StoreStatus, comment: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = int(status)
+    # PS3.7 C.4: Error Comment is LO, at most 64 characters, no patient data.
+    rsp.ErrorComment = comment.replace("\\", "/")[:64]
+    return rsp
+
+
+def handle_echo(event: Event) -> int:
+    """EVT_C_ECHO: answer success (PS3.4 A.4)."""
+    return int(VerificationStatus.SUCCESS)
+
+
+def handle_store(event: Event, landing: Landing, associations: AssociationLog) -> int | Dataset:
+    """EVT_C_STORE: land the Part-10 bytes as received; success only after the commit."""
+    assoc_id = id(event.assoc)
+    try:
+        status = _store(event, landing)
+    except Exception:
+        log.exception("C-STORE failed unexpectedly")
+        status = _failure(StoreStatus.PROCESSING_FAILURE, "internal error")
+    succeeded = status == StoreStatus.SUCCESS
+    associations.record(assoc_id, stored=succeeded)
+    return status
+
+
+def _store(event: Event, landing: Landing) -> int | Dataset:
+    request: Any = event.request
+    calling_ae = event.assoc.requestor.ae_title
+    transfer_syntax = str(event.context.transfer_syntax[0])
+    try:
+        ids = read_instance_ids(request.DataSet.getbuffer(), transfer_syntax)
+        _check_request_matches(request, ids)
+    except UnsafeUidError as exc:
+        log.warning("refused C-STORE from %s: %s", calling_ae, exc.attribute)
+        return _failure(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"invalid {exc.attribute}")
+    except InvalidDicomError as exc:
+        log.warning("refused C-STORE from %s: %s", calling_ae, exc)
+        return _failure(StoreStatus.CANNOT_UNDERSTAND, "data set cannot be parsed")
+
+    facts = ReceiveFacts(
+        sop_instance_uid=ids.sop_instance_uid,
+        sop_class_uid=ids.sop_class_uid,
+        transfer_syntax_uid=transfer_syntax,
+        source=SOURCE,
+        calling_ae=calling_ae,
+        called_ae=str(event.assoc.requestor.primitive.called_ae_title),
+        peer=_peer(event),
+    )
+    try:
+        landing.write_instance(event.encoded_dataset(include_meta=True), facts)
+    except OSError:
+        log.exception("landing write of %s failed", ids.sop_instance_uid)
+        return _failure(StoreStatus.OUT_OF_RESOURCES, "cannot store the instance")
+    return int(StoreStatus.SUCCESS)
+
+
+def _check_request_matches(request: Any, ids: InstanceIds) -> None:
+    """The DIMSE command's UIDs must name the data set sent (PS3.4 B.2.3: else 0xA900)."""
+    if str(request.AffectedSOPInstanceUID) != ids.sop_instance_uid:
+        raise UnsafeUidError(request.AffectedSOPInstanceUID, "AffectedSOPInstanceUID")
+    if str(request.AffectedSOPClassUID) != ids.sop_class_uid:
+        raise UnsafeUidError(request.AffectedSOPClassUID, "AffectedSOPClassUID")
+
+
+def handle_established(event: Event, associations: AssociationLog) -> None:
+    """EVT_ESTABLISHED: start counting (logs calling AE and peer, never patient data)."""
+    try:
+        requestor = event.assoc.requestor
+        associations.opened(
+            id(event.assoc),
+            calling_ae=requestor.ae_title,
+            called_ae=str(requestor.primitive.called_ae_title),
+            peer=_peer(event),
+            ours=event.assoc.acceptor.ae_title,
+        )
+    except Exception:
+        log.exception("logging an association failed")
+
+
+def handle_ended(event: Event, associations: AssociationLog) -> None:
+    """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: log the counts once."""
+    outcome = {
+        evt.EVT_RELEASED: "released",
+        evt.EVT_ABORTED: "aborted",
+    }.get(event.event, "closed")
+    try:
+        associations.ended(id(event.assoc), outcome)
+    except Exception:
+        log.exception("logging an association failed")
+
+
+def event_handlers(landing: Landing, associations: AssociationLog) -> list[Any]:
+    """The handler binding table for ``ae.start_server(evt_handlers=...)``."""
+    return [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [landing, associations]),
+        (evt.EVT_ESTABLISHED, handle_established, [associations]),
+        (evt.EVT_RELEASED, handle_ended, [associations]),
+        (evt.EVT_ABORTED, handle_ended, [associations]),
+        (evt.EVT_CONN_CLOSE, handle_ended, [associations]),
+    ]

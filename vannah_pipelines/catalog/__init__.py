@@ -1,0 +1,1 @@
+"""The catalog: immutable Parquet batch files (the durable record) queried through DuckDB."""

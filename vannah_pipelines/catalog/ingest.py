@@ -1,0 +1,242 @@
+"""Ingest sealed landing batches: read headers, validate, place in the hot tier, append to
+the catalog, and remove the batch from the landing zone last.
+
+Idempotent per batch: a batch whose catalog file exists is only removed from the landing
+zone, so a run killed at any point and re-run leaves no duplicate and loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from vannah_pipelines.catalog.schema import DICOM_COLUMNS, INSTANCE_SCHEMA, QUARANTINE_SCHEMA
+from vannah_pipelines.catalog.writer import CatalogWriter
+from vannah_pipelines.dicom.headers import int_value, read_header, text_value
+from vannah_pipelines.dicom.uids import require_uid
+from vannah_pipelines.errors import InvalidDicomError
+from vannah_pipelines.landing.layout import Batch, LandedInstance, LandingZone
+from vannah_pipelines.storage.base import Tier, instance_key
+from vannah_pipelines.storage.local import LocalStorage
+
+log = logging.getLogger(__name__)
+
+# Below this many files a batch is parsed in-process: a pool costs more than it saves.
+_POOL_THRESHOLD = 64
+
+
+@dataclass(frozen=True)
+class IngestPaths:
+    """Where ingest reads and writes (all from Settings)."""
+
+    landing_dir: Path
+    hot_dir: Path
+    catalog_dir: Path
+    quarantine_dir: Path
+
+
+@dataclass
+class IngestResult:
+    """What one ingest did: the figures a Dagster materialization shows."""
+
+    batches: list[str] = field(default_factory=list)
+    already_indexed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    instances: int = 0
+    bytes: int = 0
+    quarantined: int = 0
+    modalities: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)  # receive -> index, seconds
+    quarantine_reasons: Counter[str] = field(default_factory=Counter)
+    catalog_files: list[str] = field(default_factory=list)
+
+    def latency_percentile(self, q: float) -> float | None:
+        """The `q` quantile (0..1) of receive-to-index latency, nearest rank."""
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _index_one(
+    item: LandedInstance, batch_id: str, hot_dir: Path, quarantine_dir: Path
+) -> tuple[str, dict[str, Any]]:
+    """Index one landed file: ("instance", row) or ("quarantine", row). Never raises on
+    bad DICOM: bad input becomes a quarantine row with its reason."""
+    facts = item.facts
+    received_at = _parse_time(facts.received_at if facts else None)
+    now = datetime.now(UTC)
+    data = item.path.read_bytes()
+    try:
+        header = read_header(item.path, data)
+        if header.sop_instance_uid != item.sop_instance_uid:
+            raise InvalidDicomError(
+                "SOPInstanceUID in the data set differs from the one it was sent as"
+            )
+        ds = header.dataset
+        key = instance_key(header.study_instance_uid, header.series_instance_uid,
+                           header.sop_instance_uid)
+        LocalStorage(hot_dir, Tier.HOT).put(key, item.path)
+    except InvalidDicomError as exc:
+        name = f"{require_uid(item.sop_instance_uid, 'SOPInstanceUID')}.dcm"
+        qkey = f"{batch_id}/{name}"
+        LocalStorage(quarantine_dir).put(qkey, item.path)
+        return "quarantine", {
+            "batch_id": batch_id,
+            "file_name": name,
+            "quarantine_key": qkey,
+            "reason": str(exc),
+            "size_bytes": len(data),
+            "checksum": hashlib.sha256(data).hexdigest(),
+            "sop_instance_uid": item.sop_instance_uid,
+            "calling_ae": facts.calling_ae if facts else None,
+            "peer": facts.peer if facts else None,
+            "source": facts.source if facts else None,
+            "received_at": received_at,
+            "quarantined_at": now,
+        }
+    row: dict[str, Any] = {}
+    for column in DICOM_COLUMNS:
+        assert column.keyword is not None
+        if column.type == pa.int32():
+            row[column.name] = int_value(ds, column.keyword)
+        else:
+            row[column.name] = text_value(ds, column.keyword)
+    row.update(
+        transfer_syntax_uid=header.transfer_syntax_uid or (facts.transfer_syntax_uid
+                                                           if facts else None),
+        size_bytes=header.size_bytes,
+        checksum=header.checksum,
+        tier=Tier.HOT.value,
+        storage_key=key,
+        received_at=received_at or now,
+        indexed_at=now,
+        calling_ae=facts.calling_ae if facts else None,
+        called_ae=facts.called_ae if facts else None,
+        peer=facts.peer if facts else None,
+        source=facts.source if facts else None,
+        batch_id=batch_id,
+        header_json=header.header_json,
+    )
+    return "instance", row
+
+
+def _index_chunk(
+    items: list[LandedInstance], batch_id: str, hot_dir: Path, quarantine_dir: Path
+) -> list[tuple[str, dict[str, Any]]]:
+    return [_index_one(i, batch_id, hot_dir, quarantine_dir) for i in items]
+
+
+def _chunks(items: list[LandedInstance], n: int) -> Iterable[list[LandedInstance]]:
+    size = max(1, -(-len(items) // n))
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def ingest_batch(
+    batch: Batch,
+    paths: IngestPaths,
+    result: IngestResult,
+    pool: ProcessPoolExecutor | None = None,
+    workers: int = 1,
+) -> None:
+    """Ingest one sealed batch into `result` (see the module docstring for the order)."""
+    zone = LandingZone(paths.landing_dir)
+    writer = CatalogWriter(paths.catalog_dir)
+    if not batch.path.exists():
+        result.missing.append(batch.batch_id)
+        return
+    if writer.has_batch("instances", batch.day, batch.batch_id):
+        zone.remove(batch)  # indexed by a run that died before its last step
+        result.already_indexed.append(batch.batch_id)
+        return
+    items = batch.instances()
+    if pool is not None and len(items) >= _POOL_THRESHOLD:
+        futures = [
+            pool.submit(_index_chunk, chunk, batch.batch_id, paths.hot_dir,
+                        paths.quarantine_dir)
+            for chunk in _chunks(items, workers * 4)
+        ]
+        outcomes = [o for f in futures for o in f.result()]
+    else:
+        outcomes = _index_chunk(items, batch.batch_id, paths.hot_dir, paths.quarantine_dir)
+    rows = [row for kind, row in outcomes if kind == "instance"]
+    quarantined = [row for kind, row in outcomes if kind == "quarantine"]
+    if quarantined:
+        writer.write_batch("quarantine", batch.day, batch.batch_id,
+                           pa.Table.from_pylist(quarantined, QUARANTINE_SCHEMA))
+    # The instances file is the commit point of the batch: written last but for the removal.
+    path = writer.write_batch("instances", batch.day, batch.batch_id,
+                              pa.Table.from_pylist(rows, INSTANCE_SCHEMA))
+    zone.remove(batch)
+    result.batches.append(batch.batch_id)
+    result.catalog_files.append(str(path))
+    result.instances += len(rows)
+    result.bytes += sum(r["size_bytes"] for r in rows)
+    result.quarantined += len(quarantined)
+    result.modalities.update(r["modality"] or "" for r in rows)
+    result.quarantine_reasons.update(q["reason"].split(":")[0] for q in quarantined)
+    for r in rows:
+        result.latencies.append((r["indexed_at"] - r["received_at"]).total_seconds())
+
+
+def ingest_batches(paths: IngestPaths, batch_ids: list[str], workers: int = 1) -> IngestResult:
+    """Ingest the sealed batches `batch_ids` (validated) in order.
+
+    Parameters
+    ----------
+    paths
+        The data folders.
+    batch_ids
+        Ids of sealed batches (from run config: validated before use as paths).
+    workers
+        Processes that parse headers in parallel (1: in this process only).
+    """
+    zone = LandingZone(paths.landing_dir)
+    CatalogWriter(paths.catalog_dir).ensure()
+    batches = [zone.batch(b) for b in batch_ids]
+    result = IngestResult()
+    total = sum(1 for b in batches if b.path.exists() for _ in b.instances())
+    pool = None
+    if workers > 1 and total >= _POOL_THRESHOLD:
+        # forkserver, not fork: the caller (a Dagster run) has threads, and forking a
+        # threaded process can deadlock the child.
+        context = get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    try:
+        for batch in batches:
+            ingest_batch(batch, paths, result, pool, workers)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    log.info("ingested %d instances (%d quarantined) from %d batches",
+             result.instances, result.quarantined, len(result.batches))
+    return result
+
+
+def pending_count(landing_dir: Path) -> int:
+    """How many sealed batches wait for ingest (for sensors and health)."""
+    return len(LandingZone(landing_dir).sealed_batches())
+
+

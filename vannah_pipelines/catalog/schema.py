@@ -1,0 +1,130 @@
+"""Catalog schemas: column names are snake_case DICOM keywords; see docs/catalog.md."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Column:
+    """A catalog column and the DICOM keyword it is read from (None: archive facts)."""
+
+    name: str
+    type: pa.DataType
+    keyword: str | None
+    level: str  # PATIENT | STUDY | SERIES | IMAGE | ARCHIVE
+
+
+def snake(keyword: str) -> str:
+    """DICOM keyword -> catalog column name.
+
+    >>> snake("SOPInstanceUID"), snake("PatientBirthDate"), snake("OtherPatientIDs")
+    ('sop_instance_uid', 'patient_birth_date', 'other_patient_ids')
+    """
+    s = re.sub(r"IDs\b", "Ids", keyword)
+    s = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", s)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s).lower()
+
+
+def _dicom(level: str, keywords: str, type_: pa.DataType = pa.string()) -> list[Column]:
+    return [Column(snake(k), type_, k, level) for k in keywords.split()]
+
+
+# Every attribute QIDO-RS (PS3.18 table 10.6.1-5) and C-FIND (PS3.4 C.6) match or return.
+DICOM_COLUMNS: list[Column] = [
+    *_dicom("PATIENT", "PatientID PatientName PatientBirthDate PatientSex IssuerOfPatientID "
+            "OtherPatientIDs"),
+    *_dicom("STUDY", "StudyInstanceUID StudyDate StudyTime AccessionNumber "
+            "ReferringPhysicianName StudyDescription StudyID"),
+    *_dicom("SERIES", "SeriesInstanceUID Modality SeriesDescription BodyPartExamined "
+            "SeriesDate SeriesTime PerformedProcedureStepStartDate "
+            "PerformedProcedureStepStartTime Laterality StationName InstitutionName "
+            "Manufacturer ManufacturerModelName"),
+    *_dicom("SERIES", "SeriesNumber", pa.int32()),
+    *_dicom("IMAGE", "SOPInstanceUID SOPClassUID ContentDate ContentTime AcquisitionDate "
+            "AcquisitionTime ImageType PhotometricInterpretation SpecificCharacterSet"),
+    *_dicom("IMAGE", "InstanceNumber NumberOfFrames Rows Columns BitsAllocated", pa.int32()),
+]
+
+ARCHIVE_COLUMNS: list[Column] = [
+    Column("transfer_syntax_uid", pa.string(), None, "ARCHIVE"),
+    Column("size_bytes", pa.int64(), None, "ARCHIVE"),
+    Column("checksum", pa.string(), None, "ARCHIVE"),  # sha256 of the stored file, hex
+    Column("tier", pa.string(), None, "ARCHIVE"),
+    Column("storage_key", pa.string(), None, "ARCHIVE"),
+    Column("received_at", pa.timestamp("us", tz="UTC"), None, "ARCHIVE"),
+    Column("indexed_at", pa.timestamp("us", tz="UTC"), None, "ARCHIVE"),
+    Column("calling_ae", pa.string(), None, "ARCHIVE"),
+    Column("called_ae", pa.string(), None, "ARCHIVE"),
+    Column("peer", pa.string(), None, "ARCHIVE"),
+    Column("source", pa.string(), None, "ARCHIVE"),  # dimse | stow | import
+    Column("batch_id", pa.string(), None, "ARCHIVE"),
+    Column("header_json", pa.string(), None, "ARCHIVE"),  # DICOM JSON, no bulk data
+]
+
+INSTANCE_COLUMNS = DICOM_COLUMNS + ARCHIVE_COLUMNS
+INSTANCE_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in INSTANCE_COLUMNS])
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("batch_id", pa.string()),
+        pa.field("file_name", pa.string()),
+        pa.field("quarantine_key", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("checksum", pa.string()),
+        pa.field("sop_instance_uid", pa.string()),
+        pa.field("calling_ae", pa.string()),
+        pa.field("peer", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("received_at", pa.timestamp("us", tz="UTC")),
+        pa.field("quarantined_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {"instances": INSTANCE_SCHEMA, "quarantine": QUARANTINE_SCHEMA}
+
+STUDY_COLUMNS = [c.name for c in DICOM_COLUMNS if c.level in ("PATIENT", "STUDY")]
+SERIES_COLUMNS = [c.name for c in DICOM_COLUMNS if c.level == "SERIES"]
+
+
+def view_sql(source_instances: str, source_quarantine: str) -> list[str]:
+    """CREATE VIEW statements over the two raw row sources (a table or a read_parquet()).
+
+    ``instances`` holds the current version of each SOP Instance UID (re-sends: the latest
+    received wins; every version stays in ``instance_versions``).
+    """
+    study_cols = ",\n  ".join(f"any_value({c}) AS {c}" for c in STUDY_COLUMNS
+                              if c != "study_instance_uid")
+    series_cols = ",\n  ".join(f"any_value({c}) AS {c}" for c in SERIES_COLUMNS
+                               if c != "series_instance_uid")
+    patient_study = [c for c in STUDY_COLUMNS if c != "study_instance_uid"]
+    return [
+        f"CREATE OR REPLACE VIEW instance_versions AS SELECT * FROM {source_instances}",
+        "CREATE OR REPLACE VIEW instances AS SELECT * FROM instance_versions "
+        "QUALIFY row_number() OVER (PARTITION BY sop_instance_uid "
+        "ORDER BY received_at DESC, indexed_at DESC, checksum) = 1",
+        f"""CREATE OR REPLACE VIEW series AS SELECT
+  series_instance_uid,
+  any_value(study_instance_uid) AS study_instance_uid,
+  {series_cols},
+  {", ".join(f"any_value({c}) AS {c}" for c in patient_study)},
+  count(*) AS number_of_series_related_instances,
+  sum(size_bytes) AS size_bytes,
+  min(tier) AS tier,
+  max(received_at) AS last_received_at
+FROM instances GROUP BY series_instance_uid""",
+        f"""CREATE OR REPLACE VIEW studies AS SELECT
+  study_instance_uid,
+  {study_cols},
+  string_agg(DISTINCT modality, '\\' ORDER BY modality) AS modalities_in_study,
+  count(DISTINCT series_instance_uid) AS number_of_study_related_series,
+  count(*) AS number_of_study_related_instances,
+  sum(size_bytes) AS size_bytes,
+  max(received_at) AS last_received_at
+FROM instances GROUP BY study_instance_uid""",
+        f"CREATE OR REPLACE VIEW quarantine AS SELECT * FROM {source_quarantine}",
+    ]

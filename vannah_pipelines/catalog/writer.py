@@ -1,0 +1,92 @@
+"""Write catalog batch files (Parquet, atomic) and publish the researchers' catalog.duckdb."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vannah_pipelines.catalog.schema import TABLES, view_sql
+from vannah_pipelines.landing.layout import fsync_dir
+
+CATALOG_DB = "catalog.duckdb"
+# A zero-row file per table keeps globs valid on an empty catalog; its partition sorts first.
+_SCHEMA_DAY = date(1970, 1, 1)
+
+
+class CatalogWriter:
+    """Adds immutable Parquet files under ``<root>/<table>/day=YYYY-MM-DD/<batch_id>.parquet``.
+
+    Each file appears by atomic rename, so readers see a batch whole or not at all, and adding
+    a batch costs the same whatever the catalog's size.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def batch_path(self, table: str, day: date, batch_id: str) -> Path:
+        return self.root / table / f"day={day.isoformat()}" / f"{batch_id}.parquet"
+
+    def has_batch(self, table: str, day: date, batch_id: str) -> bool:
+        return self.batch_path(table, day, batch_id).exists()
+
+    def write_batch(self, table: str, day: date, batch_id: str, rows: pa.Table) -> Path:
+        """Write `rows` (already in the table's schema) as one batch file, atomically."""
+        target = self.batch_path(table, day, batch_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            pq.write_table(rows.cast(TABLES[table]), tmp, compression="zstd")
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        fsync_dir(target.parent)
+        return target
+
+    def ensure(self) -> None:
+        """Create the zero-row schema files and publish catalog.duckdb if missing."""
+        for table, schema in TABLES.items():
+            path = self.batch_path(table, _SCHEMA_DAY, "schema")
+            if not path.exists():
+                self.write_batch(table, _SCHEMA_DAY, "schema", schema.empty_table())
+        if not (self.root / CATALOG_DB).exists():
+            self.publish()
+
+    def glob(self, table: str) -> str:
+        return str(self.root.resolve() / table / "*" / "*.parquet").replace("'", "''")
+
+    def publish(self) -> Path:
+        """Write ``catalog.duckdb``: views over the Parquet files, swapped in atomically.
+
+        It holds no rows, so publishing costs the same at any size, and a researcher who has
+        it open read-only sees new batches on their next query.
+        """
+        target = self.root / CATALOG_DB
+        tmp = self.root / f".{CATALOG_DB}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        con = duckdb.connect(str(tmp))
+        try:
+            sources = {
+                t: f"read_parquet('{self.glob(t)}', hive_partitioning = true, "
+                f"union_by_name = true)"
+                for t in TABLES
+            }
+            for statement in view_sql(sources["instances"], sources["quarantine"]):
+                con.execute(statement)
+        finally:
+            con.close()
+        os.replace(tmp, target)
+        fsync_dir(self.root)
+        return target

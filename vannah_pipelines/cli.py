@@ -1,0 +1,160 @@
+"""The ``vannah`` command line: up, receiver, import, ingest, catalog."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from vannah_pipelines.errors import VannahError
+from vannah_pipelines.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {"data_dir": Path(args.data_dir)} if args.data_dir else {}
+    return load_settings(Path(args.config) if args.config else None, **overrides)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from vannah_pipelines.platform import run_platform
+
+    return run_platform(_settings(args))
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    env = dict(os.environ, VANNAH_DATA_DIR=str(settings.data_dir.resolve()))
+    if args.config:
+        env["VANNAH_CONFIG"] = str(Path(args.config).resolve())
+    os.execve(sys.executable, [sys.executable, "-m", "receiver"], env)
+    return 0  # pragma: no cover - execve does not return
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vannah_pipelines.catalog.ingest import ingest_batches
+    from vannah_pipelines.landing.importer import import_files, list_import_files
+    from vannah_pipelines.landing.layout import LandingZone
+
+    settings = _settings(args)
+    root = Path(args.path)
+    if not root.exists():
+        sys.stderr.write(f"vannah import: {root} does not exist\n")
+        return 2
+    files = list_import_files(root)
+    with tqdm(total=len(files), unit="file", desc="import", disable=args.quiet) as bar:
+        summary = import_files(files, LandingZone(settings.landing_dir),
+                               settings.landing_batch_max_files, progress=bar.update)
+    out = sys.stdout
+    out.write(
+        f"accepted {summary.accepted} files ({summary.bytes / 1e6:.1f} MB) into "
+        f"{len(summary.batches)} landing batches; rejected {len(summary.rejected)}; "
+        f"skipped {len(summary.skipped)}\n"
+    )
+    if summary.modalities:
+        out.write("modalities: " + ", ".join(
+            f"{m or '?'} {n}" for m, n in sorted(summary.modalities.items())) + "\n")
+    for path, reason in summary.rejected:
+        out.write(f"rejected {path}: {reason}\n")
+    if args.ingest and summary.batches:
+        from vannah_pipelines.catalog.ingest import IngestPaths
+
+        result = ingest_batches(
+            IngestPaths(settings.landing_dir, settings.hot_dir, settings.catalog_dir,
+                        settings.quarantine_dir),
+            summary.batches, workers=settings.ingest_workers)
+        out.write(f"indexed {result.instances} instances, quarantined {result.quarantined}\n")
+    elif summary.batches:
+        out.write("the Dagster sensor (landed_batch_sensor) indexes them; "
+                  "or run `vannah ingest` now\n")
+    return 1 if summary.rejected and not summary.accepted else 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
+    from vannah_pipelines.catalog.writer import CatalogWriter
+    from vannah_pipelines.landing.layout import LandingZone
+
+    settings = _settings(args)
+    zone = LandingZone(settings.landing_dir)
+    zone.seal_stranded()
+    batch_ids = [b.batch_id for b in zone.sealed_batches()]
+    result = ingest_batches(
+        IngestPaths(settings.landing_dir, settings.hot_dir, settings.catalog_dir,
+                    settings.quarantine_dir),
+        batch_ids, workers=settings.ingest_workers)
+    CatalogWriter(settings.catalog_dir).publish()
+    sys.stdout.write(f"indexed {result.instances} instances from {len(result.batches)} batches, "
+                     f"quarantined {result.quarantined}\n")
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from vannah_pipelines.catalog.writer import CATALOG_DB, CatalogWriter
+
+    settings = _settings(args)
+    writer = CatalogWriter(settings.catalog_dir)
+    writer.ensure()
+    path = (settings.catalog_dir / CATALOG_DB).resolve()
+    if not args.sql:
+        sys.stdout.write(f"{path}\n")
+        sys.stderr.write(
+            "open it read-only, e.g. python -c \"import duckdb; "
+            f"print(duckdb.connect('{path}', read_only=True).sql('FROM studies'))\"\n"
+            "or: vannah catalog --sql 'SELECT modality, count(*) FROM instances GROUP BY 1'\n"
+        )
+        return 0
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        con.sql(args.sql).show(max_rows=args.max_rows, max_width=200)
+    except duckdb.Error as exc:
+        sys.stderr.write(f"vannah catalog: {exc}\n")
+        return 2
+    finally:
+        con.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vannah", description=__doc__)
+    parser.add_argument("--config", help="JSON settings file (Orthanc-style keys accepted); "
+                        "default $VANNAH_CONFIG")
+    parser.add_argument("--data-dir", help="data folder (default $VANNAH_DATA_DIR or ./data)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run the whole platform (receiver, Dagster webserver + daemon)"
+                   ).set_defaults(func=cmd_up)
+    sub.add_parser("receiver", help="run the DIMSE receiver").set_defaults(func=cmd_receiver)
+    p = sub.add_parser("import", help="bulk-import a folder or DICOMDIR tree")
+    p.add_argument("path")
+    p.add_argument("--ingest", action="store_true",
+                   help="index right away in this process instead of waiting for the sensor")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_import)
+    sub.add_parser("ingest", help="index every sealed landing batch now, without Dagster"
+                   ).set_defaults(func=cmd_ingest)
+    p = sub.add_parser("catalog", help="print the DuckDB catalog's path, or run --sql on it")
+    p.add_argument("--sql", help="a query, e.g. 'FROM studies LIMIT 10'")
+    p.add_argument("--max-rows", type=int, default=40)
+    p.set_defaults(func=cmd_catalog)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except VannahError as exc:
+        sys.stderr.write(f"vannah: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

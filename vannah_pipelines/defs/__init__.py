@@ -1,0 +1,1 @@
+"""Dagster glue, autoloaded: one folder per domain. Bodies unpack, call the pure layer, report."""

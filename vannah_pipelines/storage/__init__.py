@@ -1,0 +1,1 @@
+"""One storage interface for every tier: put, open (stream), stat, delete."""

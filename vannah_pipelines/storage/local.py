@@ -1,0 +1,67 @@
+"""Local-folder storage backend (the embedded default for every tier)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from vannah_pipelines.errors import NotFoundError, StorageError
+from vannah_pipelines.landing.layout import fsync_dir
+from vannah_pipelines.storage.base import Tier
+
+
+class LocalStorage:
+    """Objects as files under `root`; writes are atomic and fsynced."""
+
+    def __init__(self, root: Path, tier: Tier = Tier.HOT) -> None:
+        self.root = Path(root)
+        self.tier = tier
+
+    def path(self, key: str) -> Path:
+        """The file of `key`, refusing anything that could leave the root."""
+        pure = PurePosixPath(key)
+        if pure.is_absolute() or not pure.parts or any(p in ("", ".", "..") for p in pure.parts):
+            raise StorageError(f"unsafe storage key: {key[:120]!r}")
+        return self.root.joinpath(*pure.parts)
+
+    def put(self, key: str, source: Path) -> int:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            try:
+                os.link(source, tmp)  # same file system: no copy; the source is immutable
+            except OSError:
+                shutil.copyfile(source, tmp)
+                with tmp.open("rb+") as handle:
+                    os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        fsync_dir(target.parent)
+        return target.stat().st_size
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self.path(key).open("rb")
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"{self.tier}: no object {key!r}") from exc
+
+    def stat(self, key: str) -> int:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"{self.tier}: no object {key!r}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
