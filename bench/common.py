@@ -175,6 +175,7 @@ def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
+    print("DBG kill_group", proc.args[0], proc.returncode, time.time(), file=sys.stderr)
     # Children may outlive the leader; make sure the group is gone.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -473,6 +474,7 @@ def run_dir(prefix: str) -> Iterator[Path]:
     try:
         yield path
     finally:
+        print("DBG rmtree", time.time(), file=sys.stderr)
         if os.environ.get("VANNAH_BENCH_KEEP") != "1":
             shutil.rmtree(path, ignore_errors=True)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pydicom.uid
 from pynetdicom import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
 
 # Data sets are stored exactly as received, so any of these is accepted and never re-encoded.
 _TRANSFER_SYNTAX_NAMES = (
@@ -28,16 +27,14 @@ _TRANSFER_SYNTAX_NAMES = (
 
 # HTJ2K only exists in recent pydicom versions; take what this pydicom knows.
 TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
-    str(getattr(pydicom.uid, name))
-    for name in _TRANSFER_SYNTAX_NAMES
-    if hasattr(pydicom.uid, name)
+    str(getattr(pydicom.uid, name)) for name in _TRANSFER_SYNTAX_NAMES if hasattr(pydicom.uid, name)
 )
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
     str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
 )
 
-VERIFICATION_SOP_CLASS: str = str(Verification)
+VERIFICATION_SOP_CLASS: str = "1.2.840.10008.1.1"  # PS3.4 A.4
 
 
 def supported_contexts() -> list[tuple[str, tuple[str, ...]]]:

@@ -99,6 +99,11 @@ class AssociationLog:
             return len(self._counts)
 
 
+def _called_ae(event: Event) -> str:
+    primitive = event.assoc.requestor.primitive
+    return "" if primitive is None else str(primitive.called_ae_title)
+
+
 def _peer(event: Event) -> str:
     requestor = event.assoc.requestor
     return f"{requestor.address}:{requestor.port}"
@@ -133,7 +138,7 @@ def handle_store(event: Event, landing: Landing, associations: AssociationLog) -
 def _store(event: Event, landing: Landing) -> int | Dataset:
     request: Any = event.request
     calling_ae = event.assoc.requestor.ae_title
-    transfer_syntax = str(event.context.transfer_syntax[0])
+    transfer_syntax = str(event.context.transfer_syntax)
     try:
         ids = read_instance_ids(request.DataSet.getbuffer(), transfer_syntax)
         _check_request_matches(request, ids)
@@ -150,7 +155,7 @@ def _store(event: Event, landing: Landing) -> int | Dataset:
         transfer_syntax_uid=transfer_syntax,
         source=SOURCE,
         calling_ae=calling_ae,
-        called_ae=str(event.assoc.requestor.primitive.called_ae_title),
+        called_ae=_called_ae(event),
         peer=_peer(event),
     )
     try:
@@ -176,7 +181,7 @@ def handle_established(event: Event, associations: AssociationLog) -> None:
         associations.opened(
             id(event.assoc),
             calling_ae=requestor.ae_title,
-            called_ae=str(requestor.primitive.called_ae_title),
+            called_ae=_called_ae(event),
             peer=_peer(event),
             ours=event.assoc.acceptor.ae_title,
         )
@@ -186,10 +191,12 @@ def handle_established(event: Event, associations: AssociationLog) -> None:
 
 def handle_ended(event: Event, associations: AssociationLog) -> None:
     """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: log the counts once."""
-    outcome = {
-        evt.EVT_RELEASED: "released",
-        evt.EVT_ABORTED: "aborted",
-    }.get(event.event, "closed")
+    if event.event == evt.EVT_RELEASED:
+        outcome = "released"
+    elif event.event == evt.EVT_ABORTED:
+        outcome = "aborted"
+    else:
+        outcome = "closed"
     try:
         associations.ended(id(event.assoc), outcome)
     except Exception:

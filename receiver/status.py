@@ -1,4 +1,4 @@
-"""Every DIMSE status the receiver returns (PS3.4 Annex B.2.3, PS3.7 Annex C); no bare hex elsewhere."""
+"""Every DIMSE status the receiver returns (PS3.4 B.2.3, PS3.7 C); no bare hex elsewhere."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.multival import MultiValue
@@ -75,7 +75,9 @@ def read_header(path: Path, data: bytes | None = None) -> InstanceHeader:
     if data is None:
         data = Path(path).read_bytes()
     try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
+        # The whole file is parsed (pixel bytes are read, never decoded) so that a
+        # truncated file is caught: pydicom itself reads short values silently.
+        ds = pydicom.dcmread(BytesIO(data), force=True)
         meta_class = getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
         if meta_class == MEDIA_STORAGE_DIRECTORY:
             raise DicomDirError("a DICOMDIR media directory, not an instance")
@@ -84,6 +86,7 @@ def read_header(path: Path, data: bytes | None = None) -> InstanceHeader:
             if value is None or value == "":
                 raise InvalidDicomError(f"missing {keyword}")
             require_uid(str(value), keyword)
+        check_complete(ds)
         header_json = json.dumps(
             ds.to_json_dict(BULK_DATA_THRESHOLD, _bulk_uri, suppress_invalid_tags=True),
             separators=(",", ":"),
@@ -102,6 +105,42 @@ def read_header(path: Path, data: bytes | None = None) -> InstanceHeader:
         checksum=hashlib.sha256(data).hexdigest(),
         header_json=header_json,
     )
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def check_complete(ds: Dataset) -> None:
+    """Raise InvalidDicomError if `ds` was read from a truncated file.
+
+    Checks that every top-level value is as long as its header says, that an image (Rows,
+    Columns, BitsAllocated) has pixel data, and that native pixel data is long enough.
+    """
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if (isinstance(raw, RawDataElement) and raw.length != _UNDEFINED_LENGTH
+                and raw.value is not None and len(raw.value) < raw.length):
+            raise InvalidDicomError(
+                f"truncated: element {tag} has {len(raw.value)} of {raw.length} bytes"
+            )
+    if all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
+        if not any(k in ds for k in _PIXEL_KEYWORDS):
+            raise InvalidDicomError("truncated: image attributes but no pixel data")
+        syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+        if "PixelData" in ds and (syntax is None or not syntax.is_compressed):
+            samples = int_value(ds, "SamplesPerPixel") or 1
+            if text_value(ds, "PhotometricInterpretation") == "YBR_FULL_422":
+                samples = 2  # PS3.3 C.7.6.3.1.2: chroma subsampled 2:1 horizontally
+            expected = (int_value(ds, "Rows") or 0) * (int_value(ds, "Columns") or 0) * (
+                samples * (int_value(ds, "NumberOfFrames") or 1))
+            bits = int_value(ds, "BitsAllocated") or 0
+            expected_bytes = (expected * bits + 7) // 8
+            actual = len(ds.get_item("PixelData").value or b"")
+            if actual < expected_bytes:
+                raise InvalidDicomError(
+                    f"truncated: pixel data has {actual} of {expected_bytes} bytes"
+                )
 
 
 def text_value(ds: Dataset, keyword: str) -> str | None:

@@ -1,0 +1,456 @@
+"""The DIMSE SCP: an AE factory, and a supervisor running worker processes on one port.
+
+pynetdicom in one process is GIL-bound, so ``settings.receiver_workers`` processes each bind
+their own listening socket to the same port with ``SO_REUSEPORT`` and the kernel spreads
+associations over them. The parent holds the port (bound, not listening), seals batches
+stranded by a dead writer, restarts a worker that dies, and forwards SIGTERM/SIGINT.
+Workers die with the parent (``PR_SET_PDEATHSIG`` plus a parent-pid watch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.transport import ThreadedAssociationServer
+
+from receiver.contexts import supported_contexts
+from receiver.handlers import AssociationLog, Landing, event_handlers
+from vannah_pipelines.landing.layout import LandingZone, RollingBatch, write_atomic
+from vannah_pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
+MAX_PDU_SIZE = 262_144  # larger P-DATA PDUs from peers cost fewer round trips
+DRAIN_SECONDS = 5.0  # a stopping worker lets running associations finish this long
+WORKER_STOP_SECONDS = 20.0  # then the parent kills it
+READY_SECONDS = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+class ReceiverError(RuntimeError):
+    """The receiver could not start (port taken, workers failing at start)."""
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """Log to stderr with the process name and pid; pynetdicom at WARNING."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def build_ae(settings: Settings) -> AE:
+    """Return the receiver's AE: Verification and every storage SOP class, any called AE."""
+    ae = AE(ae_title=settings.dicom_aet)
+    for abstract_syntax, transfer_syntaxes in supported_contexts():
+        ae.add_supported_context(abstract_syntax, list(transfer_syntaxes))
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = MAX_PDU_SIZE
+    ae.require_called_aet = False  # logged by the handlers instead
+    ae.require_calling_aet = []
+    return ae
+
+
+class ReusePortAssociationServer(ThreadedAssociationServer):
+    """A threaded association server sharing its port (``SO_REUSEPORT``) with the other
+    workers, with Nagle off on every accepted socket."""
+
+    daemon_threads = True
+    block_on_close = False  # the worker drains associations itself
+
+    def server_bind(self) -> None:
+        sock = self.socket
+        assert sock is not None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        with contextlib.suppress(OSError):
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the listening socket (running associations go on)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) a ``SO_REUSEPORT`` socket to hold `port`; 0 picks a free one.
+
+    Raises
+    ------
+    ReceiverError
+        If the port is in use by a socket that does not share it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ReceiverError(f"cannot bind {host}:{port}: {exc}") from exc
+    return sock
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to send SIGTERM when the parent dies; exit now if it already has."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _run_worker(
+    settings: Settings,
+    port: int,
+    index: int,
+    ready: multiprocessing.Queue[tuple[int, int]],
+    parent_pid: int,
+    log_level: int,
+) -> None:
+    """One worker process: serve associations until SIGTERM/SIGINT or the parent's death."""
+    _die_with_parent(parent_pid)
+    configure_logging(log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    zone = LandingZone(settings.landing_dir)
+    landing = Landing(
+        RollingBatch(
+            zone,
+            "dimse",
+            settings.landing_batch_max_files,
+            settings.landing_batch_max_age_seconds,
+        )
+    )
+    associations = AssociationLog()
+    ae = build_ae(settings)
+    server = ae.make_server(
+        (settings.bind_host, port),
+        evt_handlers=event_handlers(landing, associations),
+        server_class=ReusePortAssociationServer,
+    )
+    acceptor = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.25}, name="accept", daemon=True
+    )
+    acceptor.start()
+    ready.put((index, os.getpid()))
+    log.info("worker %d accepting on %s:%d", index, settings.bind_host, port)
+    while not stop.wait(0.5):
+        if os.getppid() != parent_pid:
+            log.warning("supervisor died; worker %d stopping", index)
+            break
+    server.shutdown()
+    _drain(server)
+    landing.close()
+    ae.shutdown()
+    log.info("worker %d stopped", index)
+
+
+def _drain(server: ThreadedAssociationServer) -> None:
+    """Let running associations finish for a while, then abort them."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    remaining = server.active_associations
+    for assoc in remaining:
+        log.warning("aborting an association still running at shutdown")
+        with contextlib.suppress(Exception):
+            assoc.abort()
+    for assoc in remaining:
+        assoc.join(timeout=2)
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: BaseProcess | None = None
+    started: float = 0.0
+    restart_at: float = 0.0
+    backoff: float = 0.5
+
+
+@dataclass
+class Receiver:
+    """The supervisor: reserves the port, runs and restarts the workers, stops them cleanly."""
+
+    settings: Settings
+    port_file: Path | None = None
+    log_level: int = logging.INFO
+    port: int = 0
+    ready: threading.Event = field(default_factory=threading.Event)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    stopped: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    _slots: list[_Slot] = field(default_factory=list)
+    _sock: socket.socket | None = None
+
+    def __post_init__(self) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self._ready_q: multiprocessing.Queue[tuple[int, int]] = self._ctx.Queue()
+        self.zone = LandingZone(self.settings.landing_dir)
+
+    def open(self) -> int:
+        """Reserve the port and seal batches stranded by an earlier receiver."""
+        self._sock = reserve_port(self.settings.bind_host, self.settings.dicom_port)
+        self.port = int(self._sock.getsockname()[1])
+        self.zone.ensure()
+        for batch in self.zone.seal_stranded():
+            log.info("sealed stranded batch %s", batch.batch_id)
+        return self.port
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [s.process.pid for s in self._slots if s.process and s.process.pid is not None]
+
+    def run(self) -> None:
+        """Start the workers and supervise them until :meth:`stop`; always cleans up."""
+        try:
+            if self._sock is None:
+                self.open()
+            self._slots = [_Slot(i) for i in range(self.settings.receiver_workers)]
+            for slot in self._slots:
+                self._spawn(slot)
+            self._await_ready()
+            if self.port_file is not None:
+                write_atomic(self.port_file, f"{self.port}\n".encode())
+            log.info(
+                "receiver %s listening on %s:%d with %d workers",
+                self.settings.dicom_aet,
+                self.settings.bind_host,
+                self.port,
+                len(self._slots),
+            )
+            self.ready.set()
+            self._supervise()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self._shutdown()
+            self.ready.set()
+            self.stopped.set()
+
+    def stop(self) -> None:
+        """Ask the supervisor to stop (safe from a signal handler or another thread)."""
+        self.stopping.set()
+
+    def _spawn(self, slot: _Slot) -> None:
+        process = self._ctx.Process(
+            target=_run_worker,
+            args=(
+                self.settings,
+                self.port,
+                slot.index,
+                self._ready_q,
+                os.getpid(),
+                self.log_level,
+            ),
+            name=f"receiver-worker-{slot.index}",
+        )
+        process.start()
+        slot.process = process
+        slot.started = time.monotonic()
+
+    def _await_ready(self) -> None:
+        pending = {s.index for s in self._slots}
+        deadline = time.monotonic() + READY_SECONDS
+        while pending:
+            if self.stopping.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise ReceiverError("receiver workers did not start in time")
+            for slot in self._slots:
+                if slot.index in pending and slot.process and not slot.process.is_alive():
+                    raise ReceiverError(
+                        f"receiver worker {slot.index} exited at start "
+                        f"(code {slot.process.exitcode})"
+                    )
+            with contextlib.suppress(queue.Empty):
+                index, _pid = self._ready_q.get(timeout=0.25)
+                pending.discard(index)
+
+    def _supervise(self) -> None:
+        while not self.stopping.is_set():
+            sentinels = [s.process.sentinel for s in self._slots if s.process is not None]
+            multiprocessing.connection.wait(sentinels, timeout=0.25)
+            self._drain_ready_queue()
+            now = time.monotonic()
+            for slot in self._slots:
+                process = slot.process
+                if process is not None and not process.is_alive() and not self.stopping.is_set():
+                    process.join()
+                    ran = now - slot.started
+                    slot.backoff = 0.5 if ran > 30 else min(slot.backoff * 2, 30.0)
+                    slot.restart_at = now + slot.backoff
+                    slot.process = None
+                    log.error(
+                        "receiver worker %d (pid %s) exited with code %s; restarting in %.1f s",
+                        slot.index,
+                        process.pid,
+                        process.exitcode,
+                        slot.backoff,
+                    )
+                    self._seal_stranded()
+                elif process is None and now >= slot.restart_at and not self.stopping.is_set():
+                    self._spawn(slot)
+            if all(s.process is None for s in self._slots):
+                self.stopping.wait(0.25)
+
+    def _drain_ready_queue(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._ready_q.get_nowait()
+
+    def _seal_stranded(self) -> None:
+        try:
+            for batch in self.zone.seal_stranded():
+                log.info("sealed stranded batch %s", batch.batch_id)
+        except OSError:
+            log.exception("sealing stranded batches failed")
+
+    def _shutdown(self) -> None:
+        processes = [s.process for s in self._slots if s.process is not None]
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        for process in processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("receiver worker pid %s did not stop; killing it", process.pid)
+                process.kill()
+                process.join()
+        self._seal_stranded()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._ready_q.close()
+        self._ready_q.join_thread()
+        log.info("receiver stopped")
+
+
+@dataclass
+class ReceiverHandle:
+    """A running receiver started with ``serve(..., block=False)``."""
+
+    receiver: Receiver
+    thread: threading.Thread | None
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return self.receiver.worker_pids
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the workers (their batches get sealed) and wait for the supervisor."""
+        self.receiver.stop()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def __enter__(self) -> ReceiverHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(
+    settings: Settings,
+    block: bool = True,
+    *,
+    port_file: Path | None = None,
+    log_level: int | None = None,
+) -> ReceiverHandle:
+    """Run the receiver: ``settings.receiver_workers`` processes on ``settings.dicom_port``.
+
+    Parameters
+    ----------
+    settings
+        The one settings object (AE title, port, bind host, workers, landing batches).
+    block
+        If true, supervise in this thread until SIGTERM/SIGINT (installs handlers when
+        called from the main thread), then stop. If false, supervise from a background
+        thread and return once every worker accepts associations.
+    port_file
+        If given, the bound port number is written there (atomically) once ready; useful
+        with ``dicom_port=0``.
+
+    Returns
+    -------
+    ReceiverHandle
+        ``.port`` is the bound port; ``.stop()`` stops it (already stopped if `block`).
+
+    Raises
+    ------
+    ReceiverError
+        If the port cannot be bound or the workers fail at start.
+    """
+    level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
+    receiver = Receiver(settings, port_file=port_file, log_level=level)
+    receiver.open()
+    if block:
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, lambda s, f: receiver.stop())
+        try:
+            receiver.run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return ReceiverHandle(receiver, None)
+    thread = threading.Thread(target=_run_quietly, args=(receiver,), name="receiver-supervisor")
+    thread.start()
+    receiver.ready.wait()
+    if receiver.error is not None:
+        thread.join()
+        raise receiver.error
+    return ReceiverHandle(receiver, thread)
+
+
+def _run_quietly(receiver: Receiver) -> None:
+    # An error at start is kept on the receiver and re-raised by serve() in the caller's
+    # thread; a later one is logged here.
+    try:
+        receiver.run()
+    except ReceiverError:
+        pass
+    except Exception:
+        log.exception("receiver supervisor failed")

@@ -1,0 +1,123 @@
+"""Landing zone: atomic writes, sealing by size and age, stranded batches after a crash."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from vannah_pipelines.dicom.synthetic import make_instance, to_part10
+from vannah_pipelines.errors import UnsafeUidError
+from vannah_pipelines.landing.layout import (
+    InvalidBatchIdError,
+    LandingZone,
+    ReceiveFacts,
+    RollingBatch,
+    require_batch_id,
+    write_atomic,
+)
+
+
+def _facts(uid: str) -> ReceiveFacts:
+    return ReceiveFacts(uid, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "dimse",
+                        calling_ae="MODALITY")
+
+
+def test_write_atomic_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "x.dcm"
+    write_atomic(target, b"abc")
+    write_atomic(target, b"defg")
+    assert target.read_bytes() == b"defg"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.dcm"]
+
+
+def test_write_atomic_failure_cleans_up(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "x.dcm"  # parent missing: the open fails
+    with pytest.raises(OSError):
+        write_atomic(target, b"abc")
+    assert not (tmp_path / "sub").exists()
+
+
+def test_open_batch_write_and_seal(tmp_path: Path) -> None:
+    zone = LandingZone(tmp_path)
+    batch = zone.open_batch("dimse")
+    ds = make_instance("CT", rows=8, columns=8)
+    data = to_part10(ds)
+    batch.write_instance(data, _facts(ds.SOPInstanceUID))
+    assert zone.sealed_batches() == []
+    sealed = batch.seal()
+    assert sealed is not None and zone.sealed_batches() == [sealed]
+    [landed] = sealed.instances()
+    assert landed.path.read_bytes() == data
+    assert landed.facts is not None and landed.facts.calling_ae == "MODALITY"
+    assert not list(zone.open_dir.iterdir())
+
+
+def test_open_batch_refuses_unsafe_uid_and_writes_nothing(tmp_path: Path) -> None:
+    zone = LandingZone(tmp_path)
+    batch = zone.open_batch("dimse")
+    with pytest.raises(UnsafeUidError):
+        batch.write_instance(b"x", _facts("../../evil"))
+    assert batch.seal() is None  # empty: removed, not sealed
+    assert zone.sealed_batches() == []
+    assert {p.name for p in tmp_path.rglob("*")} == {"open", "sealed"}
+
+
+def test_rolling_batch_seals_by_size_and_age(tmp_path: Path) -> None:
+    zone = LandingZone(tmp_path)
+    rolling = RollingBatch(zone, "dimse", max_files=3, max_age=0.3)
+    try:
+        for _ in range(7):
+            ds = make_instance("CT", rows=8, columns=8)
+            rolling.write_instance(to_part10(ds), _facts(ds.SOPInstanceUID))
+        assert [len(b.instances()) for b in zone.sealed_batches()] == [3, 3]
+        deadline = time.monotonic() + 10
+        while len(zone.sealed_batches()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the age timer seals the last, partial batch
+        assert [len(b.instances()) for b in zone.sealed_batches()] == [3, 3, 1]
+    finally:
+        rolling.close()
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from vannah_pipelines.dicom.synthetic import make_instance, to_part10
+    from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
+    batch = LandingZone(Path(sys.argv[1])).open_batch("dimse")
+    for _ in range(3):
+        ds = make_instance("CT", rows=8, columns=8)
+        batch.write_instance(to_part10(ds), ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID,
+                             "1.2.840.10008.1.2.1", "dimse"))
+    print("ready", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_seal_stranded_seals_only_batches_of_dead_writers(tmp_path: Path) -> None:
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        zone = LandingZone(tmp_path)
+        assert zone.seal_stranded() == []  # alive: its lock is held
+        assert zone.sealed_batches() == []
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+    [sealed] = zone.seal_stranded()
+    assert len(sealed.instances()) == 3
+    assert zone.sealed_batches() == [sealed]
+    assert not list(zone.open_dir.iterdir())
+
+
+@pytest.mark.parametrize("bad", ["../x", "20260101T000000000000-dimse-1-0/../../", "", None])
+def test_require_batch_id_rejects_paths(bad: object) -> None:
+    with pytest.raises(InvalidBatchIdError):
+        require_batch_id(bad)
