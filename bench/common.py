@@ -58,6 +58,19 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGHUP, _raise)
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C/SIGTERM/SIGHUP until the block ends, so cleanup cannot be cut short."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 # --------------------------------------------------------------------------- data sets
 
 
@@ -114,8 +127,9 @@ def synthetic_set(count: int, kind: Kind = "ct", *, per_series: int = 100) -> Da
     if marker.exists():
         return DataSet(name, folder, tuple(sorted(files_dir.iterdir())))
     shutil.rmtree(folder, ignore_errors=True)
+    for stale in DATA_DIR.glob(f".tmp-{name}-*"):  # left by an interrupted generation
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = DATA_DIR / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "files").mkdir(parents=True)
     size = 64 if kind == "tiny" else None
     study_uid = generate_uid()
@@ -175,7 +189,6 @@ def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-    print("DBG kill_group", proc.args[0], proc.returncode, time.time(), file=sys.stderr)
     # Children may outlive the leader; make sure the group is gone.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -305,13 +318,14 @@ class Server:
         return self
 
     def stop(self) -> None:
-        if self.memory is not None:
-            self.memory.stop()
-        if self.proc is not None:
-            kill_group(self.proc)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        with signals_deferred():
+            if self.memory is not None:
+                self.memory.stop()
+            if self.proc is not None:
+                kill_group(self.proc)
+            if self._log is not None:
+                self._log.close()
+                self._log = None
 
     def __enter__(self) -> Server:
         return self.start()
@@ -474,9 +488,9 @@ def run_dir(prefix: str) -> Iterator[Path]:
     try:
         yield path
     finally:
-        print("DBG rmtree", time.time(), file=sys.stderr)
         if os.environ.get("VANNAH_BENCH_KEEP") != "1":
-            shutil.rmtree(path, ignore_errors=True)
+            with signals_deferred():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- storescu
@@ -551,8 +565,9 @@ def run_storescu(
                 proc.wait(max(0.0, deadline - time.monotonic()))
             seconds = time.perf_counter() - started
         finally:
-            for proc in procs:
-                kill_group(proc, timeout=2)
+            with signals_deferred():
+                for proc in procs:
+                    kill_group(proc, timeout=2)
         texts = []
         for log in logs:
             log.seek(0)

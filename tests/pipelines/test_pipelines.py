@@ -1,0 +1,102 @@
+"""Dagster glue: definitions load, the sensor plans runs once, the asset reports metadata."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.defs.catalog.assets import instance_index
+from vannah_pipelines.defs.landing.sensors import landed_batch_sensor
+from vannah_pipelines.defs.resources import ArchiveResource
+from vannah_pipelines.dicom.synthetic import make_instance, to_part10
+from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
+
+
+def _land(data_dir: Path, n: int, modality: str = "CT") -> str:
+    batch = LandingZone(data_dir / "landing").open_batch("dimse")
+    for i in range(n):
+        ds = make_instance(modality, rows=16, columns=16, instance_number=i)
+        batch.write_instance(to_part10(ds), ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID,
+                                                         "1.2.840.10008.1.2.1", "dimse"))
+    sealed = batch.seal()
+    assert sealed is not None
+    return sealed.batch_id
+
+
+def test_definitions_load() -> None:
+    from vannah_pipelines.definitions import defs
+
+    loaded = defs()
+    dg.Definitions.validate_loadable(loaded)
+    assert loaded.resolve_job_def("ingest_batch_job") is not None
+    assert loaded.resolve_sensor_def("landed_batch_sensor") is not None
+
+
+def test_landed_batch_sensor_requests_each_batch_once(tmp_path: Path) -> None:
+    archive = ArchiveResource(data_dir=str(tmp_path))
+    first, second = _land(tmp_path, 2), _land(tmp_path, 3)
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources={"archive": archive})
+        result = landed_batch_sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        [request] = result.run_requests or []
+        assert request.run_key == f"ingest-{first}"
+        config = request.run_config["ops"]["instance_index"]["config"]
+        assert config["batch_ids"] == [first, second]
+        assert set(json.loads(result.cursor or "[]")) == {first, second}
+        again = landed_batch_sensor(dg.build_sensor_context(
+            instance=instance, cursor=result.cursor, resources={"archive": archive}))
+        assert isinstance(again, dg.SkipReason)
+        third = _land(tmp_path, 1)
+        later = landed_batch_sensor(dg.build_sensor_context(
+            instance=instance, cursor=result.cursor, resources={"archive": archive}))
+        assert isinstance(later, dg.SensorResult)
+        assert [r.run_key for r in later.run_requests or []] == [f"ingest-{third}"]
+
+
+def test_landed_batch_sensor_splits_by_max_files(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("VANNAH_INGEST_RUN_MAX_FILES", "4")
+    ids = [_land(tmp_path, 3) for _ in range(3)]
+    with dg.instance_for_test() as instance:
+        result = landed_batch_sensor(dg.build_sensor_context(
+            instance=instance, resources={"archive": ArchiveResource(data_dir=str(tmp_path))}))
+    assert isinstance(result, dg.SensorResult)
+    assert [r.run_config["ops"]["instance_index"]["config"]["batch_ids"]
+            for r in result.run_requests or []] == [[i] for i in ids]
+
+
+def test_instance_index_materializes_with_metadata_and_checks(tmp_path: Path) -> None:
+    batch_id = _land(tmp_path, 5, "MR")
+    day = batch_id[:4] + "-" + batch_id[4:6] + "-" + batch_id[6:8]
+    result = dg.materialize(
+        [instance_index],
+        partition_key=day,
+        resources={"archive": ArchiveResource(data_dir=str(tmp_path))},
+        run_config=dg.RunConfig(ops={"instance_index": {"config": {"batch_ids": [batch_id]}}}),
+    )
+    assert result.success
+    [mat] = result.asset_materializations_for_node("instance_index")
+    assert mat.metadata["instances"].value == 5
+    assert mat.metadata["modalities"].value == {"MR": 5}
+    assert mat.metadata["bytes"].value > 0
+    assert "receive_to_index_p95_s" in mat.metadata
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"sop_instance_uids_unique": True, "instance_files_present": True}
+    assert CatalogReader(tmp_path / "catalog").query("SELECT count(*) FROM instances") == [(5,)]
+
+
+def test_instance_files_present_fails_when_a_file_is_missing(tmp_path: Path) -> None:
+    from vannah_pipelines.catalog.checks import missing_files
+
+    batch_id = _land(tmp_path, 2)
+    day = f"{batch_id[:4]}-{batch_id[4:6]}-{batch_id[6:8]}"
+    dg.materialize([instance_index], partition_key=day,
+                   resources={"archive": ArchiveResource(data_dir=str(tmp_path))},
+                   run_config=dg.RunConfig(
+                       ops={"instance_index": {"config": {"batch_ids": [batch_id]}}}))
+    files = [str(p) for p in (tmp_path / "catalog" / "instances").rglob(f"{batch_id}.parquet")]
+    victim = next((tmp_path / "hot").rglob("*.dcm"))
+    victim.unlink()
+    missing = missing_files(tmp_path / "catalog", tmp_path / "hot", files)
+    assert len(missing) == 1 and victim.name in missing[0]
