@@ -43,7 +43,7 @@ def test_daemon_sensor_ingests_landed_batches_sqlite(daemon: Daemon) -> None:
     assert sorted(r[0] for r in reader.query("SELECT sop_instance_uid FROM instances")) == \
         sorted(uids)
     _assert_runs_succeeded(daemon)
-    assert (daemon.dagster_home / "storage" / "runs.db").exists()  # SQLite in the data folder
+    assert (daemon.dagster_home / "history" / "runs.db").exists()  # SQLite in the data folder
 
 
 def test_daemon_runs_on_postgres_storage(

@@ -1,0 +1,394 @@
+"""The receiver as a real ``python -m receiver`` subprocess, against DCMTK and pynetdicom peers."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pydicom.data
+import pytest
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.dsutils import encode, split_dataset
+from receiver_support import (
+    DCMTK_ENV,
+    ReceiverProcess,
+    dataset_bytes_of_file,
+    sealed_instances,
+    wait_sealed,
+)
+
+from receiver.status import StoreStatus
+from vannah_pipelines.dicom.synthetic import MODALITIES, make_instance, write_study
+
+pytestmark = pytest.mark.integration
+
+TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+# storescu proposes a compressed transfer syntax only when told to (storescu --help).
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2": [],
+    "1.2.840.10008.1.2.1": [],
+    "1.2.840.10008.1.2.2": ["-xb"],
+    "1.2.840.10008.1.2.1.99": ["-xd"],
+    "1.2.840.10008.1.2.4.50": ["-xy"],
+    "1.2.840.10008.1.2.4.51": ["-xx"],
+    "1.2.840.10008.1.2.4.70": ["-xs"],
+    "1.2.840.10008.1.2.4.80": ["-xt"],
+    "1.2.840.10008.1.2.4.81": ["-xu"],
+    "1.2.840.10008.1.2.4.90": ["-xv"],
+    "1.2.840.10008.1.2.4.91": ["-xw"],
+    "1.2.840.10008.1.2.5": ["-xr"],
+}
+
+
+def _pydicom_files() -> dict[Path, str]:
+    """pydicom's bundled test files that have file meta, with their transfer syntax.
+
+    (``get_testdata_files`` also tries to download more files, which costs seconds here; the
+    bundled folder is the same set without the network.)
+    """
+    files: dict[Path, str] = {}
+    for path in sorted(TEST_FILES.rglob("*.dcm")):
+        try:
+            meta, _ = split_dataset(path)
+            files[path] = str(meta.TransferSyntaxUID)
+        except Exception:  # no meta, no transfer syntax: storescu -f territory, not ours
+            continue
+    return files
+
+
+def _store_ok(landed: dict[str, list], uid: str, expected: bytes) -> bool:
+    return any(item.dataset_bytes() == expected for item in landed.get(uid, []))
+
+
+def test_receiver_echoscu_succeeds(shared_receiver: ReceiverProcess) -> None:
+    result = subprocess.run(
+        [
+            "echoscu",
+            "-aet",
+            "ECHOTEST",
+            "-aec",
+            "VANNAHCLOUD",
+            "127.0.0.1",
+            str(shared_receiver.port),
+        ],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "association from ECHOTEST" in shared_receiver.log()
+
+
+def test_receiver_storescu_lands_synthetic_modalities_byte_identical(
+    shared_receiver: ReceiverProcess, tmp_path: Path
+) -> None:
+    sent: dict[str, Path] = {}
+    for modality in MODALITIES:
+        study = write_study(tmp_path / "in" / modality, modality, instances_per_series=2)
+        sent.update({p.stem: p for p in study.files})
+    result = subprocess.run(
+        [
+            "storescu",
+            "-aet",
+            "SYNTHSCU",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(shared_receiver.port),
+            str(tmp_path / "in"),
+        ],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    landed = wait_sealed(shared_receiver.data_dir, set(sent))
+    for uid, path in sent.items():
+        (item,) = landed[uid]
+        assert item.dataset_bytes() == dataset_bytes_of_file(path), uid
+        assert item.receipt is not None
+        assert item.receipt["calling_ae"] == "SYNTHSCU"
+        assert item.receipt["transfer_syntax_uid"] == ExplicitVRLittleEndian
+        assert item.receipt["source"] == "dimse"
+
+
+def _storescu_outcomes(output: str) -> dict[str, str]:
+    """file -> 'success' | the failure storescu printed, from its -v output."""
+    outcomes: dict[str, str] = {}
+    current: str | None = None
+    for line in output.splitlines():
+        if m := re.match(r"I: Sending file: (.*)$", line):
+            current = m.group(1).strip()
+            outcomes[current] = "not sent"
+        elif current and "Received Store Response (Success)" in line:
+            outcomes[current] = "success"
+        elif current and "Received Store Response" in line:
+            outcomes[current] = line.strip()
+        elif current and line.startswith("E: ") and outcomes[current] == "not sent":
+            outcomes[current] = line.strip()
+    return outcomes
+
+
+def test_receiver_storescu_lands_pydicom_test_files(
+    shared_receiver: ReceiverProcess, record_property: Callable[[str, object], None]
+) -> None:
+    by_ts: dict[str, list[Path]] = {}
+    not_proposable: list[str] = []
+    for path, ts in _pydicom_files().items():
+        if ts in STORESCU_PROPOSE:
+            by_ts.setdefault(ts, []).append(path)
+        else:
+            not_proposable.append(f"{path.name} ({UID(ts).name})")
+    outcomes: dict[str, str] = {}
+    for ts, paths in by_ts.items():
+        result = subprocess.run(
+            [
+                "storescu",
+                "-v",
+                "-nh",
+                "-aet",
+                "PYDICOMSET",
+                *STORESCU_PROPOSE[ts],
+                "127.0.0.1",
+                str(shared_receiver.port),
+                *map(str, paths),
+            ],
+            env=DCMTK_ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        got = _storescu_outcomes(result.stdout + result.stderr)
+        for path in paths:
+            outcomes[str(path)] = got.get(str(path), "refused by storescu before sending")
+    succeeded = {Path(p) for p, outcome in outcomes.items() if outcome == "success"}
+    refused = {Path(p).name: outcome for p, outcome in outcomes.items() if outcome != "success"}
+    record_property("storescu_refused", refused)
+    record_property("storescu_not_proposable", not_proposable)
+    assert len(succeeded) >= 40
+    # Files that storescu sent and we refused must be ones the archive cannot take.
+    for name, outcome in refused.items():
+        assert "Store Response" not in outcome or "DataSetDoesNotMatchSOPClass" in outcome, (
+            name,
+            outcome,
+        )
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in succeeded}
+    landed = wait_sealed(shared_receiver.data_dir, uids)
+    mismatched = []
+    for path in succeeded:
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert uid in landed, path.name
+        if not _store_ok(landed, uid, dataset_bytes_of_file(path)):
+            # DCMTK re-serialises what it parsed; then compare the data sets as parsed.
+            original = pydicom.dcmread(path)
+            assert any(pydicom.dcmread(item.path) == original for item in landed[uid]), path.name
+            mismatched.append(path.name)
+    record_property("storescu_reencoded", mismatched)
+    print(
+        f"storescu refused: {refused}\nnot proposable: {not_proposable}\n"
+        f"re-encoded by storescu: {mismatched}"
+    )
+
+
+def test_receiver_pynetdicom_scu_lands_pydicom_test_files_byte_identical(
+    shared_receiver: ReceiverProcess,
+) -> None:
+    ae = AE(ae_title="PYNETSCU")
+    acked: dict[str, list[bytes]] = {}
+    refused: dict[str, int] = {}
+    for path, ts in _pydicom_files().items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
+        if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+            continue
+        tsyntax = UID(ts)
+        ae.requested_contexts = []
+        ae.add_requested_context(ds.SOPClassUID, [ts])
+        assoc = ae.associate("127.0.0.1", shared_receiver.port, ae_title="VANNAHCLOUD")
+        if not assoc.is_established:
+            refused[path.name] = -1
+            continue
+        try:
+            status = assoc.send_c_store(ds)
+        except (ValueError, AttributeError):
+            assoc.abort()
+            continue  # pynetdicom itself refuses (e.g. a private SOP class)
+        assoc.release()
+        if status.get("Status") == StoreStatus.SUCCESS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sent = encode(
+                    ds, tsyntax.is_implicit_VR, tsyntax.is_little_endian, tsyntax.is_deflated
+                )
+            acked.setdefault(str(ds.SOPInstanceUID), []).append(sent)
+        else:
+            refused[path.name] = int(status.get("Status", -2))
+    assert len(acked) >= 40, refused
+    assert set(refused.values()) <= {-1, StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS}, refused
+    landed = wait_sealed(shared_receiver.data_dir, set(acked))
+    for uid, versions in acked.items():
+        assert any(_store_ok(landed, uid, sent) for sent in versions), uid
+        assert any(i.receipt and i.receipt["calling_ae"] == "PYNETSCU" for i in landed[uid])
+
+
+def _send_many(
+    port: int,
+    calling_ae: str,
+    count: int,
+    acked: list[str],
+    errors: list[BaseException],
+    seed: int = 0,
+) -> None:
+    try:
+        ae = AE(ae_title=calling_ae)
+        ae.add_requested_context(MODALITIES["CT"].sop_class_uid, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="VANNAHCLOUD")
+        if not assoc.is_established:
+            raise AssertionError("association refused")
+        for i in range(count):
+            ds = make_instance("CT", rows=32, columns=32, instance_number=i + 1, seed=seed)
+            status = assoc.send_c_store(ds)
+            if status.get("Status") == StoreStatus.SUCCESS:
+                acked.append(str(ds.SOPInstanceUID))
+            elif not assoc.is_established:
+                return
+        assoc.release()
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def test_receiver_serves_concurrent_associations_on_several_workers(
+    shared_receiver: ReceiverProcess,
+) -> None:
+    acked: list[str] = []
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(
+            target=_send_many, args=(shared_receiver.port, f"CONC{i}", 5, acked, errors)
+        )
+        for i in range(16)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert len(acked) == 16 * 5
+    landed = wait_sealed(shared_receiver.data_dir, set(acked))
+    assert set(acked) <= landed.keys()
+    pids = {item.batch_id.split("-")[2] for uid in acked for item in landed[uid]}
+    assert len(pids) > 1, pids
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead
+
+
+def test_receiver_out_of_resources_when_the_write_fails(
+    receiver_process: Callable[..., ReceiverProcess],
+) -> None:
+    rx = receiver_process(port=0, workers=1, preexec_fn=_limit_file_size)
+    ae = AE(ae_title="BIGSCU")
+    ae.add_requested_context(MODALITIES["CT"].sop_class_uid, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="VANNAHCLOUD")
+    big = make_instance("CT")  # 512 x 512 x 2 bytes > the 200 kB file size limit
+    small = make_instance("CT", rows=16, columns=16)
+    assert assoc.send_c_store(big).Status == StoreStatus.OUT_OF_RESOURCES
+    assert assoc.send_c_store(small).Status == StoreStatus.SUCCESS
+    assoc.release()
+    assert rx.stop() == 0
+    landing = rx.data_dir / "landing"
+    names = [p.name for p in landing.rglob("*") if p.is_file()]
+    assert not [n for n in names if n.startswith(".tmp-")]
+    assert f"{big.SOPInstanceUID}.dcm" not in names
+    assert set(sealed_instances(rx.data_dir)) == {str(small.SOPInstanceUID)}
+    assert "landing write of" in rx.log()
+
+
+def test_receiver_sigkill_loses_no_acknowledged_instance(
+    receiver_process: Callable[..., ReceiverProcess],
+) -> None:
+    rx = receiver_process(port=0, workers=2)
+    acked: list[str] = []
+    errors: list[BaseException] = []
+    threads = [
+        threading.Thread(
+            target=_send_many, args=(rx.port, f"KILL{i}", 200, acked, errors, i), daemon=True
+        )
+        for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    while len(acked) < 60 and any(t.is_alive() for t in threads):
+        time.sleep(0.01)
+    rx.kill_group()
+    for t in threads:
+        t.join(timeout=60)
+    acknowledged = set(acked)
+    assert len(acknowledged) >= 60
+    # The restarted receiver seals what the killed workers left open.
+    rx.start()
+    assert rx.stop() == 0
+    landed = sealed_instances(rx.data_dir)
+    missing = acknowledged - landed.keys()
+    assert not missing
+    assert not [p for p in (rx.data_dir / "landing" / "open").iterdir()]
+    for uid in acknowledged:
+        for item in landed[uid]:
+            ds = pydicom.dcmread(item.path)
+            assert str(ds.SOPInstanceUID) == uid
+            assert item.dataset_bytes() == encode(ds, False, True)
+
+
+def test_receiver_port_zero_stops_cleanly_and_seals_batches(
+    receiver_process: Callable[..., ReceiverProcess],
+) -> None:
+    rx = receiver_process(port=0, workers=2)
+    assert rx.port > 0
+    acked: list[str] = []
+    errors: list[BaseException] = []
+    _send_many(rx.port, "PORTZERO", 3, acked, errors)
+    assert not errors
+    assert rx.stop() == 0  # and the whole process group is gone (checked in stop)
+    assert set(acked) <= sealed_instances(rx.data_dir).keys()
+    assert not list((rx.data_dir / "landing" / "open").iterdir())
+
+
+def test_receiver_restarts_a_worker_that_dies(
+    receiver_process: Callable[..., ReceiverProcess],
+) -> None:
+    rx = receiver_process(port=0, workers=2)
+    pids = set(re.findall(r"receiver-worker-0\[(\d+)\]", rx.log()))
+    (pid,) = pids
+    os.kill(int(pid), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while (
+        "exited with code -9; restarting" not in rx.log()
+        or rx.log().count("worker 0 accepting") < 2
+    ):
+        assert time.monotonic() < deadline, rx.log()
+        time.sleep(0.1)
+    for _ in range(6):  # both workers answer (connections spread over them)
+        result = subprocess.run(
+            ["echoscu", "127.0.0.1", str(rx.port)], env=DCMTK_ENV, timeout=60, check=False
+        )
+        assert result.returncode == 0
+    assert rx.stop() == 0
