@@ -96,7 +96,7 @@ def _index_one(
         ds = header.dataset
         key = instance_key(header.study_instance_uid, header.series_instance_uid,
                            header.sop_instance_uid)
-        LocalStorage(hot_dir, Tier.HOT).put(key, item.path)
+        LocalStorage(hot_dir, Tier.HOT).put(key, item.path, sync=False)  # synced per chunk
     except InvalidDicomError as exc:
         name = f"{require_uid(item.sop_instance_uid, 'SOPInstanceUID')}.dcm"
         qkey = f"{batch_id}/{name}"
@@ -144,7 +144,10 @@ def _index_one(
 def _index_chunk(
     items: list[LandedInstance], batch_id: str, hot_dir: Path, quarantine_dir: Path
 ) -> list[tuple[str, dict[str, Any]]]:
-    return [_index_one(i, batch_id, hot_dir, quarantine_dir) for i in items]
+    outcomes = [_index_one(i, batch_id, hot_dir, quarantine_dir) for i in items]
+    LocalStorage(hot_dir, Tier.HOT).sync(
+        [row["storage_key"] for kind, row in outcomes if kind == "instance"])
+    return outcomes
 
 
 def _chunks(items: list[LandedInstance], n: int) -> Iterable[list[LandedInstance]]:

@@ -27,7 +27,9 @@ class LocalStorage:
             raise StorageError(f"unsafe storage key: {key[:120]!r}")
         return self.root.joinpath(*pure.parts)
 
-    def put(self, key: str, source: Path) -> int:
+    def put(self, key: str, source: Path, *, sync: bool = True) -> int:
+        """Store `source` under `key`. With ``sync=False`` the caller must call
+        :meth:`sync` on the keys before relying on them (one folder fsync per batch)."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}")
@@ -45,8 +47,14 @@ class LocalStorage:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        fsync_dir(target.parent)
+        if sync:
+            fsync_dir(target.parent)
         return target.stat().st_size
+
+    def sync(self, keys: list[str]) -> None:
+        """Make the names of `keys` durable: one fsync per distinct folder."""
+        for folder in sorted({self.path(k).parent for k in keys}):
+            fsync_dir(folder)
 
     def open(self, key: str) -> BinaryIO:
         try:

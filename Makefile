@@ -1,0 +1,42 @@
+# VannahHealthCloud: `make up` runs the platform, `make test` runs the tests (fresh machine ok).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DATA_DIR ?= $(CURDIR)/data
+
+.PHONY: up test install bootstrap bootstrap-bench lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# System packages (DCMTK, PostgreSQL) when missing; instant when present.
+bootstrap:
+	@bash .ci/bootstrap
+
+bootstrap-bench:
+	@bash .ci/bootstrap --bench
+
+up: install
+	VANNAH_DATA_DIR=$${VANNAH_DATA_DIR:-$(DATA_DIR)} $(BIN)/vannah up
+
+test: bootstrap install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check vannah_pipelines receiver dicomweb tests bench
+	$(BIN)/mypy
+
+bench: bootstrap-bench install
+	$(BIN)/python bench/store_throughput.py
+	$(BIN)/python bench/index_throughput.py
+	$(BIN)/python bench/latency.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
