@@ -22,7 +22,9 @@ import pyarrow as pa
 
 from vannah_pipelines.catalog.schema import DICOM_COLUMNS, INSTANCE_SCHEMA, QUARANTINE_SCHEMA
 from vannah_pipelines.catalog.writer import CatalogWriter
-from vannah_pipelines.dicom.headers import int_value, read_header, text_value
+from pydicom.datadict import tag_for_keyword
+
+from vannah_pipelines.dicom.headers import json_int, json_text, read_header
 from vannah_pipelines.dicom.uids import require_uid
 from vannah_pipelines.errors import InvalidDicomError
 from vannah_pipelines.landing.layout import Batch, LandedInstance, LandingZone
@@ -30,6 +32,13 @@ from vannah_pipelines.storage.base import Tier, instance_key
 from vannah_pipelines.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
+
+# (column, DICOM JSON tag, integer?) for every DICOM column of the catalog.
+_COLUMN_TAGS = [
+    (c.name, f"{tag_for_keyword(c.keyword):08X}", c.type == pa.int32())
+    for c in DICOM_COLUMNS
+    if c.keyword is not None
+]
 
 # Below this many files a batch is parsed in-process: a pool costs more than it saves.
 _POOL_THRESHOLD = 64
@@ -93,7 +102,6 @@ def _index_one(
             raise InvalidDicomError(
                 "SOPInstanceUID in the data set differs from the one it was sent as"
             )
-        ds = header.dataset
         key = instance_key(header.study_instance_uid, header.series_instance_uid,
                            header.sop_instance_uid)
         LocalStorage(hot_dir, Tier.HOT).put(key, item.path, sync=False)  # synced per chunk
@@ -115,13 +123,11 @@ def _index_one(
             "received_at": received_at,
             "quarantined_at": now,
         }
-    row: dict[str, Any] = {}
-    for column in DICOM_COLUMNS:
-        assert column.keyword is not None
-        if column.type == pa.int32():
-            row[column.name] = int_value(ds, column.keyword)
-        else:
-            row[column.name] = text_value(ds, column.keyword)
+    attributes = header.attributes
+    row: dict[str, Any] = {
+        name: (json_int if is_int else json_text)(attributes, tag)
+        for name, tag, is_int in _COLUMN_TAGS
+    }
     row.update(
         transfer_syntax_uid=header.transfer_syntax_uid or (facts.transfer_syntax_uid
                                                            if facts else None),

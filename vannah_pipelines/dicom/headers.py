@@ -16,6 +16,7 @@ from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from vannah_pipelines.dicom.json_model import to_dicom_json
 from vannah_pipelines.dicom.uids import require_uid
 from vannah_pipelines.errors import InvalidDicomError
 
@@ -38,6 +39,7 @@ class InstanceHeader:
     size_bytes: int
     checksum: str
     header_json: str
+    attributes: dict[str, Any]  # the DICOM JSON model of header_json, keyed by tag
 
     @property
     def sop_instance_uid(self) -> str:
@@ -87,10 +89,8 @@ def read_header(path: Path, data: bytes | None = None) -> InstanceHeader:
                 raise InvalidDicomError(f"missing {keyword}")
             require_uid(str(value), keyword)
         check_complete(ds)
-        header_json = json.dumps(
-            ds.to_json_dict(BULK_DATA_THRESHOLD, _bulk_uri, suppress_invalid_tags=True),
-            separators=(",", ":"),
-        )
+        attributes = to_dicom_json(ds, BULK_DATA_THRESHOLD, _bulk_uri)
+        header_json = json.dumps(attributes, separators=(",", ":"))
     except InvalidDicomError:
         raise
     except (PydicomInvalidDicomError, EOFError, ValueError, TypeError, KeyError,
@@ -104,6 +104,7 @@ def read_header(path: Path, data: bytes | None = None) -> InstanceHeader:
         size_bytes=len(data),
         checksum=hashlib.sha256(data).hexdigest(),
         header_json=header_json,
+        attributes=attributes,
     )
 
 
@@ -141,6 +142,44 @@ def check_complete(ds: Dataset) -> None:
                 raise InvalidDicomError(
                     f"truncated: pixel data has {actual} of {expected_bytes} bytes"
                 )
+
+
+def json_text(attributes: dict[str, Any], tag: str) -> str | None:
+    """A DICOM JSON attribute as catalog text: multi-values joined by ``\\``, person names
+    as ``Alphabetic=Ideographic=Phonetic``, or None when absent or empty.
+
+    >>> json_text({"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^J"}]}}, "00100010")
+    'Doe^J'
+    >>> json_text({"00080008": {"vr": "CS", "Value": ["ORIGINAL", "PRIMARY"]}}, "00080008")
+    'ORIGINAL\\PRIMARY'
+    """
+    element = attributes.get(tag)
+    if not element or "Value" not in element:
+        return None
+    parts = []
+    for value in element["Value"]:
+        if isinstance(value, dict):  # PN
+            groups = [value.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")]
+            while groups and not groups[-1]:
+                groups.pop()
+            parts.append("=".join(groups))
+        elif value is None:
+            parts.append("")
+        else:
+            parts.append(str(value))
+    text = "\\".join(parts)
+    return text or None
+
+
+def json_int(attributes: dict[str, Any], tag: str) -> int | None:
+    """The first value of an integer attribute (IS, US, ...), or None."""
+    element = attributes.get(tag)
+    if not element or not element.get("Value"):
+        return None
+    try:
+        return int(element["Value"][0])
+    except (TypeError, ValueError):
+        return None
 
 
 def text_value(ds: Dataset, keyword: str) -> str | None:
