@@ -608,13 +608,13 @@ class Series:
     def max(self) -> float:
         return max(self.values)
 
-    def summary(self, fmt: str = ".0f") -> str:
-        """``median (min-max)``, or just the value when measured once."""
+    def summary(self, fmt: str = ".0f", suffix: str = "") -> str:
+        """``median<suffix> (min-max)``, or just the value when measured once."""
         if not self.values:
             return "-"
         if len(self.values) == 1:
-            return format(self.values[0], fmt)
-        return f"{self.median:{fmt}} ({self.min:{fmt}}-{self.max:{fmt}})"
+            return f"{self.values[0]:{fmt}}{suffix}"
+        return f"{self.median:{fmt}}{suffix} ({self.min:{fmt}}-{self.max:{fmt}})"
 
     def as_dict(self) -> dict[str, float | list[float]]:
         if not self.values:

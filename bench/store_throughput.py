@@ -136,7 +136,7 @@ def report(
             cells = {t: getattr(figures[t, k], metric) for t in targets}
             row += [cells[t].summary(fmt) for t in targets]
             if both:
-                row.append(paired_ratios(cells["vannah"], cells["orthanc"]).summary(".2f") + "x")
+                row.append(paired_ratios(cells["vannah"], cells["orthanc"]).summary(".2f", "x"))
             rows.append(row)
     k_max = max(args.associations)
     peaks = {t: figures[t, k_max].peak_rss for t in targets}

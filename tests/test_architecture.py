@@ -6,14 +6,23 @@ import sys
 import pytest
 
 PURE = [
-    "vannah_pipelines.settings", "vannah_pipelines.errors", "vannah_pipelines.dicom.uids",
-    "vannah_pipelines.dicom.headers", "vannah_pipelines.dicom.synthetic",
-    "vannah_pipelines.landing.layout", "vannah_pipelines.landing.plan",
-    "vannah_pipelines.landing.importer", "vannah_pipelines.catalog.schema",
-    "vannah_pipelines.catalog.writer", "vannah_pipelines.catalog.reader",
-    "vannah_pipelines.catalog.ingest", "vannah_pipelines.catalog.checks",
-    "vannah_pipelines.storage.base", "vannah_pipelines.storage.local",
-    "vannah_pipelines.platform", "vannah_pipelines.cli",
+    "vannah_pipelines.settings",
+    "vannah_pipelines.errors",
+    "vannah_pipelines.dicom.uids",
+    "vannah_pipelines.dicom.headers",
+    "vannah_pipelines.dicom.synthetic",
+    "vannah_pipelines.landing.layout",
+    "vannah_pipelines.landing.plan",
+    "vannah_pipelines.landing.importer",
+    "vannah_pipelines.catalog.schema",
+    "vannah_pipelines.catalog.writer",
+    "vannah_pipelines.catalog.reader",
+    "vannah_pipelines.catalog.ingest",
+    "vannah_pipelines.catalog.checks",
+    "vannah_pipelines.storage.base",
+    "vannah_pipelines.storage.local",
+    "vannah_pipelines.platform",
+    "vannah_pipelines.cli",
 ]
 
 
@@ -30,7 +39,9 @@ def test_pure_module_imports_no_framework(module: str) -> None:
 
 
 def test_receiver_imports_no_dagster() -> None:
-    code = ("import sys\nsys.modules['dagster'] = None\nsys.modules['fastapi'] = None\n"
-            "import receiver.handlers, receiver.app\n")
+    code = (
+        "import sys\nsys.modules['dagster'] = None\nsys.modules['fastapi'] = None\n"
+        "import receiver.handlers, receiver.app\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

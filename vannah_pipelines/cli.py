@@ -46,8 +46,12 @@ def cmd_import(args: argparse.Namespace) -> int:
         return 2
     files = list_import_files(root)
     with tqdm(total=len(files), unit="file", desc="import", disable=args.quiet) as bar:
-        summary = import_files(files, LandingZone(settings.landing_dir),
-                               settings.landing_batch_max_files, progress=bar.update)
+        summary = import_files(
+            files,
+            LandingZone(settings.landing_dir),
+            settings.landing_batch_max_files,
+            progress=bar.update,
+        )
     out = sys.stdout
     out.write(
         f"accepted {summary.accepted} files ({summary.bytes / 1e6:.1f} MB) into "
@@ -55,21 +59,31 @@ def cmd_import(args: argparse.Namespace) -> int:
         f"skipped {len(summary.skipped)}\n"
     )
     if summary.modalities:
-        out.write("modalities: " + ", ".join(
-            f"{m or '?'} {n}" for m, n in sorted(summary.modalities.items())) + "\n")
+        out.write(
+            "modalities: "
+            + ", ".join(f"{m or '?'} {n}" for m, n in sorted(summary.modalities.items()))
+            + "\n"
+        )
     for path, reason in summary.rejected:
         out.write(f"rejected {path}: {reason}\n")
     if args.ingest and summary.batches:
         from vannah_pipelines.catalog.ingest import IngestPaths
 
         result = ingest_batches(
-            IngestPaths(settings.landing_dir, settings.hot_dir, settings.catalog_dir,
-                        settings.quarantine_dir),
-            summary.batches, workers=settings.ingest_workers)
+            IngestPaths(
+                settings.landing_dir,
+                settings.hot_dir,
+                settings.catalog_dir,
+                settings.quarantine_dir,
+            ),
+            summary.batches,
+            workers=settings.ingest_workers,
+        )
         out.write(f"indexed {result.instances} instances, quarantined {result.quarantined}\n")
     elif summary.batches:
-        out.write("the Dagster sensor (landed_batch_sensor) indexes them; "
-                  "or run `vannah ingest` now\n")
+        out.write(
+            "the Dagster sensor (landed_batch_sensor) indexes them; or run `vannah ingest` now\n"
+        )
     return 1 if summary.rejected and not summary.accepted else 0
 
 
@@ -83,12 +97,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     zone.seal_stranded()
     batch_ids = [b.batch_id for b in zone.sealed_batches()]
     result = ingest_batches(
-        IngestPaths(settings.landing_dir, settings.hot_dir, settings.catalog_dir,
-                    settings.quarantine_dir),
-        batch_ids, workers=settings.ingest_workers)
+        IngestPaths(
+            settings.landing_dir, settings.hot_dir, settings.catalog_dir, settings.quarantine_dir
+        ),
+        batch_ids,
+        workers=settings.ingest_workers,
+    )
     CatalogWriter(settings.catalog_dir).publish()
-    sys.stdout.write(f"indexed {result.instances} instances from {len(result.batches)} batches, "
-                     f"quarantined {result.quarantined}\n")
+    sys.stdout.write(
+        f"indexed {result.instances} instances from {len(result.batches)} batches, "
+        f"quarantined {result.quarantined}\n"
+    )
     return 0
 
 
@@ -104,7 +123,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     if not args.sql:
         sys.stdout.write(f"{path}\n")
         sys.stderr.write(
-            "open it read-only, e.g. python -c \"import duckdb; "
+            'open it read-only, e.g. python -c "import duckdb; '
             f"print(duckdb.connect('{path}', read_only=True).sql('FROM studies'))\"\n"
             "or: vannah catalog --sql 'SELECT modality, count(*) FROM instances GROUP BY 1'\n"
         )
@@ -122,22 +141,28 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vannah", description=__doc__)
-    parser.add_argument("--config", help="JSON settings file (Orthanc-style keys accepted); "
-                        "default $VANNAH_CONFIG")
+    parser.add_argument(
+        "--config", help="JSON settings file (Orthanc-style keys accepted); default $VANNAH_CONFIG"
+    )
     parser.add_argument("--data-dir", help="data folder (default $VANNAH_DATA_DIR or ./data)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run the whole platform (receiver, Dagster webserver + daemon)"
-                   ).set_defaults(func=cmd_up)
+    sub.add_parser(
+        "up", help="run the whole platform (receiver, Dagster webserver + daemon)"
+    ).set_defaults(func=cmd_up)
     sub.add_parser("receiver", help="run the DIMSE receiver").set_defaults(func=cmd_receiver)
     p = sub.add_parser("import", help="bulk-import a folder or DICOMDIR tree")
     p.add_argument("path")
-    p.add_argument("--ingest", action="store_true",
-                   help="index right away in this process instead of waiting for the sensor")
+    p.add_argument(
+        "--ingest",
+        action="store_true",
+        help="index right away in this process instead of waiting for the sensor",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_import)
-    sub.add_parser("ingest", help="index every sealed landing batch now, without Dagster"
-                   ).set_defaults(func=cmd_ingest)
+    sub.add_parser(
+        "ingest", help="index every sealed landing batch now, without Dagster"
+    ).set_defaults(func=cmd_ingest)
     p = sub.add_parser("catalog", help="print the DuckDB catalog's path, or run --sql on it")
     p.add_argument("--sql", help="a query, e.g. 'FROM studies LIMIT 10'")
     p.add_argument("--max-rows", type=int, default=40)
@@ -147,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
     except VannahError as exc:

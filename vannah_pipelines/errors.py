@@ -1,4 +1,7 @@
-"""Errors raised by the framework-free layer; each boundary maps them once (DIMSE status, HTTP, Dagster)."""
+"""Errors raised by the framework-free layer.
+
+Each boundary maps them once: DIMSE status, HTTP status, Dagster failure.
+"""
 
 from __future__ import annotations
 

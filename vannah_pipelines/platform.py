@@ -62,8 +62,15 @@ def services(settings: Settings) -> list[Service]:
         Service("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace]),
         Service(
             "dagster-webserver",
-            [str(bin_dir / "dagster-webserver"), "-w", workspace, "-h", settings.bind_host,
-             "-p", str(settings.dagster_port)],
+            [
+                str(bin_dir / "dagster-webserver"),
+                "-w",
+                workspace,
+                "-h",
+                settings.bind_host,
+                "-p",
+                str(settings.dagster_port),
+            ],
         ),
     ]
 
@@ -100,8 +107,9 @@ def run_platform(settings: Settings) -> int:
     try:
         for service in procs:
             # Own process group, so a stop reaches the service's own children too.
-            service.process = subprocess.Popen(service.argv, env=env, cwd=PROJECT_DIR,
-                                               start_new_session=True)
+            service.process = subprocess.Popen(
+                service.argv, env=env, cwd=PROJECT_DIR, start_new_session=True
+            )
             log.info("started %s (pid %d)", service.name, service.process.pid)
         sys.stdout.write(banner(settings) + "\n")
         sys.stdout.flush()

@@ -71,7 +71,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} must hold a JSON object")
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        name = ORTHANC_KEYS.get(key, key)
+        name = ORTHANC_KEYS.get(str(key), str(key))
         if name in values:
             raise ConfigError(f"config file {path} sets {name!r} twice (as {key!r})")
         values[name] = value
@@ -96,7 +96,9 @@ class Settings(BaseSettings):
     routing_rules: list[dict[str, Any]] = Field(default_factory=list)
 
     receiver_workers: int = Field(
-        default_factory=lambda: max(2, os.cpu_count() or 2), ge=1, le=64,
+        default_factory=lambda: max(2, os.cpu_count() or 2),
+        ge=1,
+        le=64,
         description="receiver processes sharing the DIMSE port",
     )
     max_associations: int = Field(default=16, ge=1, description="per receiver process")
@@ -130,7 +132,7 @@ class Settings(BaseSettings):
     @property
     def bind_host(self) -> str:
         """Address the services listen on."""
-        return "0.0.0.0" if self.remote_access_allowed else "127.0.0.1"  # noqa: S104
+        return "0.0.0.0" if self.remote_access_allowed else "127.0.0.1"
 
     @property
     def landing_dir(self) -> Path:

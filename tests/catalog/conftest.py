@@ -12,17 +12,26 @@ from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
 
 @pytest.fixture
 def paths(tmp_path: Path) -> IngestPaths:
-    return IngestPaths(tmp_path / "landing", tmp_path / "hot", tmp_path / "catalog",
-                       tmp_path / "quarantine")
+    return IngestPaths(
+        tmp_path / "landing", tmp_path / "hot", tmp_path / "catalog", tmp_path / "quarantine"
+    )
 
 
 def land(paths: IngestPaths, blobs: list[tuple[str, bytes]], source: str = "dimse") -> str:
     """Land (sop_uid, bytes) pairs as one sealed batch; returns its id."""
     batch = LandingZone(paths.landing_dir).open_batch(source)
     for uid, data in blobs:
-        batch.write_instance(data, ReceiveFacts(uid, "1.2.840.10008.5.1.4.1.1.2",
-                                                "1.2.840.10008.1.2.1", source,
-                                                calling_ae="TESTSCU", peer="127.0.0.1:1"))
+        batch.write_instance(
+            data,
+            ReceiveFacts(
+                uid,
+                "1.2.840.10008.5.1.4.1.1.2",
+                "1.2.840.10008.1.2.1",
+                source,
+                calling_ae="TESTSCU",
+                peer="127.0.0.1:1",
+            ),
+        )
     sealed = batch.seal()
     assert sealed is not None
     return sealed.batch_id
@@ -35,9 +44,11 @@ def pydicom_test_files() -> list[Path]:
     for name in sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm")):
         try:
             ds = pydicom.dcmread(name, stop_before_pixels=True, force=True)
-        except Exception:  # noqa: BLE001 - broken files are tested elsewhere
+        except Exception:
             continue
-        if all(ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                    "SeriesInstanceUID")):
+        if all(
+            ds.get(k)
+            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        ):
             found.append(Path(name))
     return sorted(found)

@@ -4,7 +4,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
 from tests.catalog.conftest import land
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
@@ -38,16 +37,26 @@ def test_readers_query_while_ingest_writes(paths: IngestPaths) -> None:
         blobs = []
         study = make_instance("CT").StudyInstanceUID
         for i in range(per_batch):
-            ds = make_instance("MR" if b % 2 else "CT", rows=16, columns=16, study_uid=study,
-                               instance_number=i)
+            ds = make_instance(
+                "MR" if b % 2 else "CT", rows=16, columns=16, study_uid=study, instance_number=i
+            )
             blobs.append((ds.SOPInstanceUID, to_part10(ds)))
         batch_ids.append(land(paths, blobs))
     writer = CatalogWriter(paths.catalog_dir)
     writer.ensure()
     reader = CatalogReader(paths.catalog_dir)
     researcher = subprocess.Popen(
-        [sys.executable, "-c", _RESEARCHER, str(paths.catalog_dir / CATALOG_DB),
-         str(batches * per_batch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            _RESEARCHER,
+            str(paths.catalog_dir / CATALOG_DB),
+            str(batches * per_batch),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     errors: list[BaseException] = []
 
     def write() -> None:
@@ -55,7 +64,7 @@ def test_readers_query_while_ingest_writes(paths: IngestPaths) -> None:
             for batch_id in batch_ids:
                 ingest_batches(paths, [batch_id])
                 writer.publish()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=write)
@@ -64,8 +73,9 @@ def test_readers_query_while_ingest_writes(paths: IngestPaths) -> None:
     while thread.is_alive() or not seen or seen[-1] < batches * per_batch:
         reader.refresh()
         [(n,)] = reader.query("SELECT count(*) FROM instances")
-        [(studies, instances)] = reader.query(
-            "SELECT count(*), coalesce(sum(number_of_study_related_instances), 0) FROM studies")
+        [(_, instances)] = reader.query(
+            "SELECT count(*), coalesce(sum(number_of_study_related_instances), 0) FROM studies"
+        )
         assert n == instances and n % per_batch == 0  # whole batches only, never half
         seen.append(n)
         if not thread.is_alive() and n < batches * per_batch:

@@ -19,8 +19,12 @@ def test_catalog_doc_queries_run(paths: IngestPaths) -> None:
         ds = make_instance(modality, rows=8, columns=8, KVP="120")
         blobs.append((ds.SOPInstanceUID, to_part10(ds)))
     ingest_batches(paths, [land(paths, blobs), land(paths, [("1.2.3", b"junk" * 50)])])
-    queries = [q.strip() for block in re.findall(r"```sql\n(.*?)```", DOC.read_text(), re.S)
-               for q in block.split(";") if q.strip()]
+    queries = [
+        q.strip()
+        for block in re.findall(r"```sql\n(.*?)```", DOC.read_text(), re.S)
+        for q in block.split(";")
+        if q.strip()
+    ]
     assert len(queries) >= 5
     con = duckdb.connect(str(paths.catalog_dir / CATALOG_DB), read_only=True)
     results = {q.split("\n")[0]: con.execute(q).fetchall() for q in queries}

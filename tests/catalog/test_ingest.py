@@ -23,30 +23,42 @@ def test_ingest_indexes_all_ten_modalities_with_their_attributes(
 ) -> None:
     sent: dict[str, bytes] = {}
     for modality in MODALITIES:
-        study = write_study(tmp_path / "src" / modality, modality, series=2,
-                            instances_per_series=2, rows=32, columns=32)
+        study = write_study(
+            tmp_path / "src" / modality,
+            modality,
+            series=2,
+            instances_per_series=2,
+            rows=32,
+            columns=32,
+        )
         for f in study.files:
             sent[f.stem] = f.read_bytes()
     batch_id = land(paths, list(sent.items()))
     result = ingest_batches(paths, [batch_id])
     assert result.instances == len(sent) == 40 and result.quarantined == 0
-    assert dict(result.modalities) == {m: 4 for m in MODALITIES}
+    assert dict(result.modalities) == dict.fromkeys(MODALITIES, 4)
     reader = CatalogReader(paths.catalog_dir)
     rows = reader.query(
         "SELECT sop_instance_uid, sop_class_uid, modality, study_instance_uid, "
         "series_instance_uid, patient_id, rows, columns, checksum, storage_key, size_bytes, "
-        "calling_ae, tier FROM instances")
+        "calling_ae, tier FROM instances"
+    )
     assert len(rows) == len(sent)
     for uid, sop_class, modality, study, series, pid, r, c, checksum, key, size, ae, tier in rows:
         source = pydicom.dcmread(pydicom.filebase.DicomBytesIO(sent[uid]))
         assert sop_class == MODALITIES[modality].sop_class_uid == source.SOPClassUID
-        assert (study, series, pid) == (source.StudyInstanceUID, source.SeriesInstanceUID,
-                                        source.PatientID)
+        assert (study, series, pid) == (
+            source.StudyInstanceUID,
+            source.SeriesInstanceUID,
+            source.PatientID,
+        )
         assert (r, c, size, ae, tier) == (32, 32, len(sent[uid]), "TESTSCU", "hot")
         assert checksum == hashlib.sha256(sent[uid]).hexdigest()
         assert (paths.hot_dir / key).read_bytes() == sent[uid]  # byte-identical
-    studies = reader.query("SELECT modalities_in_study, number_of_study_related_series, "
-                           "number_of_study_related_instances FROM studies ORDER BY 1")
+    studies = reader.query(
+        "SELECT modalities_in_study, number_of_study_related_series, "
+        "number_of_study_related_instances FROM studies ORDER BY 1"
+    )
     assert studies == [(m, 2, 4) for m in sorted(MODALITIES)]
     series = reader.query("SELECT DISTINCT number_of_series_related_instances FROM series")
     assert series == [(2,)]
@@ -72,8 +84,8 @@ def test_ingest_pydicom_test_files_keeps_transfer_syntax_and_bytes(paths: Ingest
             continue
         meta = pydicom.dcmread(f, stop_before_pixels=True, force=True).file_meta
         [(syntax, checksum)] = reader.query(
-            "SELECT transfer_syntax_uid, checksum FROM instances WHERE sop_instance_uid = ?",
-            [uid])
+            "SELECT transfer_syntax_uid, checksum FROM instances WHERE sop_instance_uid = ?", [uid]
+        )
         # A file without file meta is stored as the receiver negotiated it.
         assert syntax == (meta.get("TransferSyntaxUID") or "1.2.840.10008.1.2.1"), f.name
         if hashlib.sha256(data).hexdigest() == checksum:  # the latest version of the UID
@@ -90,13 +102,16 @@ def test_ingest_quarantines_bad_files_with_reason(paths: IngestPaths) -> None:
     no_study = make_instance("MR", rows=16, columns=16, StudyInstanceUID=None)
     bad_series = make_instance("MR", rows=16, columns=16, SeriesInstanceUID="../../etc")
     truncated = to_part10(make_instance("CT", rows=64, columns=64))[:-1000]
-    truncated_uid = pydicom.dcmread(pydicom.filebase.DicomBytesIO(
-        truncated), stop_before_pixels=True).SOPInstanceUID
-    blobs = [(good.SOPInstanceUID, to_part10(good)),
-             (no_study.SOPInstanceUID, to_part10(no_study)),
-             (bad_series.SOPInstanceUID, to_part10(bad_series)),
-             (str(truncated_uid), truncated),
-             ("1.2.3.4.5", os.urandom(3000))]
+    truncated_uid = pydicom.dcmread(
+        pydicom.filebase.DicomBytesIO(truncated), stop_before_pixels=True
+    ).SOPInstanceUID
+    blobs = [
+        (good.SOPInstanceUID, to_part10(good)),
+        (no_study.SOPInstanceUID, to_part10(no_study)),
+        (bad_series.SOPInstanceUID, to_part10(bad_series)),
+        (str(truncated_uid), truncated),
+        ("1.2.3.4.5", os.urandom(3000)),
+    ]
     result = ingest_batches(paths, [land(paths, blobs)])
     assert (result.instances, result.quarantined) == (1, 4)
     reader = CatalogReader(paths.catalog_dir)
@@ -113,9 +128,15 @@ def test_ingest_quarantines_bad_files_with_reason(paths: IngestPaths) -> None:
 
 def test_ingest_resent_instance_replaces_without_duplicate_row(paths: IngestPaths) -> None:
     first = make_instance("CT", rows=16, columns=16, SeriesDescription="first")
-    second = make_instance("CT", rows=16, columns=16, study_uid=first.StudyInstanceUID,
-                           series_uid=first.SeriesInstanceUID, SeriesDescription="second",
-                           SOPInstanceUID=first.SOPInstanceUID)
+    second = make_instance(
+        "CT",
+        rows=16,
+        columns=16,
+        study_uid=first.StudyInstanceUID,
+        series_uid=first.SeriesInstanceUID,
+        SeriesDescription="second",
+        SOPInstanceUID=first.SOPInstanceUID,
+    )
     ingest_batches(paths, [land(paths, [(first.SOPInstanceUID, to_part10(first))])])
     time.sleep(0.01)
     ingest_batches(paths, [land(paths, [(first.SOPInstanceUID, to_part10(second))])])
@@ -132,7 +153,9 @@ def test_ingest_rerun_of_an_indexed_batch_adds_nothing(paths: IngestPaths) -> No
     assert ingest_batches(paths, [batch_id]).instances == 1
     again = ingest_batches(paths, [batch_id])
     assert (again.instances, again.missing) == (0, [batch_id])
-    assert CatalogReader(paths.catalog_dir).query("SELECT count(*) FROM instance_versions") == [(1,)]
+    assert CatalogReader(paths.catalog_dir).query("SELECT count(*) FROM instance_versions") == [
+        (1,)
+    ]
 
 
 _INGEST = textwrap.dedent(
@@ -152,8 +175,9 @@ _INGEST = textwrap.dedent(
 def test_ingest_killed_at_any_point_then_rerun_loses_and_duplicates_nothing(
     tmp_path: Path, kill_after: float
 ) -> None:
-    paths = IngestPaths(tmp_path / "landing", tmp_path / "hot", tmp_path / "catalog",
-                        tmp_path / "quarantine")
+    paths = IngestPaths(
+        tmp_path / "landing", tmp_path / "hot", tmp_path / "catalog", tmp_path / "quarantine"
+    )
     uids = []
     batch_ids = []
     for _ in range(4):
@@ -165,17 +189,20 @@ def test_ingest_killed_at_any_point_then_rerun_loses_and_duplicates_nothing(
         batch_ids.append(land(paths, blobs))
     script = tmp_path / "ingest_script.py"
     script.write_text(_INGEST)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), *batch_ids],
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), *batch_ids], start_new_session=True
+    )
     time.sleep(kill_after)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     ingest_batches(paths, batch_ids)  # the re-run
     reader = CatalogReader(paths.catalog_dir)
-    assert reader.query("SELECT count(*), count(DISTINCT sop_instance_uid) "
-                        "FROM instance_versions") == [(600, 600)]
-    assert sorted(r[0] for r in reader.query("SELECT sop_instance_uid FROM instances")) == \
-        sorted(uids)
+    assert reader.query(
+        "SELECT count(*), count(DISTINCT sop_instance_uid) FROM instance_versions"
+    ) == [(600, 600)]
+    assert sorted(r[0] for r in reader.query("SELECT sop_instance_uid FROM instances")) == sorted(
+        uids
+    )
     for (key,) in reader.query("SELECT storage_key FROM instances"):
         assert (paths.hot_dir / key).is_file()
     assert not any(p.suffix == ".dcm" for p in paths.landing_dir.rglob("*"))

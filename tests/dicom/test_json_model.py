@@ -19,11 +19,15 @@ def _bulk(_: object) -> str:
     return "bulk"
 
 
-@pytest.mark.parametrize("name, data", [(f.name, f.read_bytes()) for f in _FILES] + [
-    (m, to_part10(make_instance(m, rows=8, columns=8))) for m in MODALITIES])
+@pytest.mark.parametrize(
+    "name, data",
+    [(f.name, f.read_bytes()) for f in _FILES]
+    + [(m, to_part10(make_instance(m, rows=8, columns=8))) for m in MODALITIES],
+)
 def test_to_dicom_json_matches_pydicom(name: str, data: bytes) -> None:
     expected = pydicom.dcmread(io.BytesIO(data), force=True).to_json_dict(
-        1024, _bulk, suppress_invalid_tags=True)
+        1024, _bulk, suppress_invalid_tags=True
+    )
     ours = to_dicom_json(pydicom.dcmread(io.BytesIO(data), force=True), 1024, _bulk)
     json.dumps(ours)  # serialisable
     for tag, value in expected.items():
@@ -33,7 +37,9 @@ def test_to_dicom_json_matches_pydicom(name: str, data: bytes) -> None:
 
 
 def test_json_text_and_int_read_catalog_values() -> None:
-    ds = make_instance("CT", PatientName="Doe^Jane=ドウ^ジェーン", ImageType=["ORIGINAL", "PRIMARY"])
+    ds = make_instance(
+        "CT", PatientName="Doe^Jane=ドウ^ジェーン", ImageType=["ORIGINAL", "PRIMARY"]
+    )
     ds.SpecificCharacterSet = ["ISO_IR 100", "ISO 2022 IR 87"]
     attrs = pydicom.dcmread(io.BytesIO(to_part10(ds))).to_json_dict()
     assert json_text(attrs, "00100010") == "Doe^Jane=ドウ^ジェーン"

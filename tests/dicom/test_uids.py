@@ -8,8 +8,20 @@ from vannah_pipelines.errors import UnsafeUidError
 
 @pytest.mark.parametrize(
     "value",
-    ["../../etc/passwd", "1.2/../3", "1.2.3\x00", "", "1..2", ".1.2", "1.2.", "1.2.a",
-     "1" * 65, " 1.2", None, 12],
+    [
+        "../../etc/passwd",
+        "1.2/../3",
+        "1.2.3\x00",
+        "",
+        "1..2",
+        ".1.2",
+        "1.2.",
+        "1.2.a",
+        "1" * 65,
+        " 1.2",
+        None,
+        12,
+    ],
 )
 def test_require_uid_rejects_non_uids(value: object) -> None:
     with pytest.raises(UnsafeUidError):

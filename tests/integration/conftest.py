@@ -1,5 +1,6 @@
 """Real servers for integration tests: PostgreSQL and the Dagster daemon, on loopback."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -47,21 +48,53 @@ def postgres_url() -> Iterator[str]:
         shutil.chown(root, "postgres", "postgres")
     data = root / "data"
     port = free_port()
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "vannah",
-                                 "--auth=trust", "-E", "UTF8"]),
-                   check=True, capture_output=True)
-    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l",
-                                 str(root / "log"), "-o",
-                                 f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
-                                 "start"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", "vannah", "--auth=trust", "-E", "UTF8"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        _as_postgres(
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-w",
+                "-l",
+                str(root / "log"),
+                "-o",
+                f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
     try:
-        subprocess.run(_as_postgres([str(bin_dir.parent / "bin" / "createdb"), "-h",
-                                     "127.0.0.1", "-p", str(port), "-U", "vannah", "dagster"]),
-                       check=True, capture_output=True)
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(bin_dir.parent / "bin" / "createdb"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-U",
+                    "vannah",
+                    "dagster",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql+psycopg2://vannah@127.0.0.1:{port}/dagster"
     finally:
-        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast",
-                                     "stop"]), capture_output=True)
+        subprocess.run(
+            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+            capture_output=True,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -85,8 +118,9 @@ class Daemon:
         pytest.fail(f"catalog did not reach {count} instances in {timeout}s; daemon log:\n{log}")
 
 
-def start_daemon(data_dir: Path, instance_yaml: Path | None = None,
-                 extra_env: dict[str, str] | None = None) -> Daemon:
+def start_daemon(
+    data_dir: Path, instance_yaml: Path | None = None, extra_env: dict[str, str] | None = None
+) -> Daemon:
     """Start `dagster-daemon run` the way `make up` does, on `data_dir`."""
     env = prepare_data_dir(load_settings(data_dir=data_dir))
     env.update(extra_env or {})
@@ -95,23 +129,28 @@ def start_daemon(data_dir: Path, instance_yaml: Path | None = None,
         shutil.copyfile(instance_yaml, home / "dagster.yaml")
     log = (data_dir / "daemon.log").open("wb")
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
-         str(PROJECT_DIR / "workspace.yaml")],
-        env=env, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).parent / "dagster-daemon"),
+            "run",
+            "-w",
+            str(PROJECT_DIR / "workspace.yaml"),
+        ],
+        env=env,
+        cwd=PROJECT_DIR,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return Daemon(data_dir, home, env, process)
 
 
 def stop_process_group(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
 
 

@@ -18,8 +18,10 @@ def _land(data_dir: Path, n: int) -> list[str]:
     uids = []
     for i in range(n):
         ds = make_instance(["CT", "MR", "US"][i % 3], rows=16, columns=16, instance_number=i)
-        batch.write_instance(to_part10(ds), ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID,
-                                                         "1.2.840.10008.1.2.1", "dimse"))
+        batch.write_instance(
+            to_part10(ds),
+            ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", "dimse"),
+        )
         uids.append(ds.SOPInstanceUID)
     assert batch.seal() is not None
     return uids
@@ -32,16 +34,22 @@ def _assert_runs_succeeded(daemon: Daemon) -> list[dg.DagsterRun]:
         assert all(r.job_name == "ingest_batch_job" for r in runs)
         assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
         events = instance.fetch_materializations(dg.AssetKey("instance_index"), limit=100)
-        assert sum(e.asset_materialization.metadata["instances"].value  # type: ignore[union-attr]
-                   for e in events.records) >= 1
+        assert (
+            sum(
+                e.asset_materialization.metadata["instances"].value  # type: ignore[union-attr]
+                for e in events.records
+            )
+            >= 1
+        )
         return runs
 
 
 def test_daemon_sensor_ingests_landed_batches_sqlite(daemon: Daemon) -> None:
     uids = _land(daemon.data_dir, 12) + _land(daemon.data_dir, 9)
     reader = daemon.wait_for_instances(len(uids))
-    assert sorted(r[0] for r in reader.query("SELECT sop_instance_uid FROM instances")) == \
-        sorted(uids)
+    assert sorted(r[0] for r in reader.query("SELECT sop_instance_uid FROM instances")) == sorted(
+        uids
+    )
     _assert_runs_succeeded(daemon)
     assert (daemon.dagster_home / "history" / "runs.db").exists()  # SQLite in the data folder
 
@@ -50,8 +58,11 @@ def test_daemon_runs_on_postgres_storage(
     tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VANNAH_DAGSTER_PG_URL", postgres_url)  # for the instance read below
-    daemon = start_daemon(tmp_path / "data", PROJECT_DIR / "docs" / "dagster.postgres.yaml",
-                          {"VANNAH_DAGSTER_PG_URL": postgres_url})
+    daemon = start_daemon(
+        tmp_path / "data",
+        PROJECT_DIR / "docs" / "dagster.postgres.yaml",
+        {"VANNAH_DAGSTER_PG_URL": postgres_url},
+    )
     try:
         uids = _land(daemon.data_dir, 10)
         daemon.wait_for_instances(len(uids))

@@ -23,8 +23,9 @@ from vannah_pipelines.landing.layout import (
 
 
 def _facts(uid: str) -> ReceiveFacts:
-    return ReceiveFacts(uid, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "dimse",
-                        calling_ae="MODALITY")
+    return ReceiveFacts(
+        uid, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "dimse", calling_ae="MODALITY"
+    )
 
 
 def test_write_atomic_leaves_no_temp_file(tmp_path: Path) -> None:
@@ -101,8 +102,9 @@ _WRITER = textwrap.dedent(
 
 
 def test_seal_stranded_seals_only_batches_of_dead_writers(tmp_path: Path) -> None:
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)],
-                              stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
         zone = LandingZone(tmp_path)

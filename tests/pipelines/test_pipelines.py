@@ -17,8 +17,10 @@ def _land(data_dir: Path, n: int, modality: str = "CT") -> str:
     batch = LandingZone(data_dir / "landing").open_batch("dimse")
     for i in range(n):
         ds = make_instance(modality, rows=16, columns=16, instance_number=i)
-        batch.write_instance(to_part10(ds), ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID,
-                                                         "1.2.840.10008.1.2.1", "dimse"))
+        batch.write_instance(
+            to_part10(ds),
+            ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", "dimse"),
+        )
     sealed = batch.seal()
     assert sealed is not None
     return sealed.batch_id
@@ -45,12 +47,18 @@ def test_landed_batch_sensor_requests_each_batch_once(tmp_path: Path) -> None:
         config = request.run_config["ops"]["instance_index"]["config"]
         assert config["batch_ids"] == [first, second]
         assert set(json.loads(result.cursor or "[]")) == {first, second}
-        again = landed_batch_sensor(dg.build_sensor_context(
-            instance=instance, cursor=result.cursor, resources={"archive": archive}))
+        again = landed_batch_sensor(
+            dg.build_sensor_context(
+                instance=instance, cursor=result.cursor, resources={"archive": archive}
+            )
+        )
         assert isinstance(again, dg.SkipReason)
         third = _land(tmp_path, 1)
-        later = landed_batch_sensor(dg.build_sensor_context(
-            instance=instance, cursor=result.cursor, resources={"archive": archive}))
+        later = landed_batch_sensor(
+            dg.build_sensor_context(
+                instance=instance, cursor=result.cursor, resources={"archive": archive}
+            )
+        )
         assert isinstance(later, dg.SensorResult)
         assert [r.run_key for r in later.run_requests or []] == [f"ingest-{third}"]
 
@@ -59,11 +67,16 @@ def test_landed_batch_sensor_splits_by_max_files(tmp_path: Path, monkeypatch) ->
     monkeypatch.setenv("VANNAH_INGEST_RUN_MAX_FILES", "4")
     ids = [_land(tmp_path, 3) for _ in range(3)]
     with dg.instance_for_test() as instance:
-        result = landed_batch_sensor(dg.build_sensor_context(
-            instance=instance, resources={"archive": ArchiveResource(data_dir=str(tmp_path))}))
+        result = landed_batch_sensor(
+            dg.build_sensor_context(
+                instance=instance, resources={"archive": ArchiveResource(data_dir=str(tmp_path))}
+            )
+        )
     assert isinstance(result, dg.SensorResult)
-    assert [r.run_config["ops"]["instance_index"]["config"]["batch_ids"]
-            for r in result.run_requests or []] == [[i] for i in ids]
+    assert [
+        r.run_config["ops"]["instance_index"]["config"]["batch_ids"]
+        for r in result.run_requests or []
+    ] == [[i] for i in ids]
 
 
 def test_instance_index_materializes_with_metadata_and_checks(tmp_path: Path) -> None:
@@ -91,10 +104,12 @@ def test_instance_files_present_fails_when_a_file_is_missing(tmp_path: Path) -> 
 
     batch_id = _land(tmp_path, 2)
     day = f"{batch_id[:4]}-{batch_id[4:6]}-{batch_id[6:8]}"
-    dg.materialize([instance_index], partition_key=day,
-                   resources={"archive": ArchiveResource(data_dir=str(tmp_path))},
-                   run_config=dg.RunConfig(
-                       ops={"instance_index": {"config": {"batch_ids": [batch_id]}}}))
+    dg.materialize(
+        [instance_index],
+        partition_key=day,
+        resources={"archive": ArchiveResource(data_dir=str(tmp_path))},
+        run_config=dg.RunConfig(ops={"instance_index": {"config": {"batch_ids": [batch_id]}}}),
+    )
     files = [str(p) for p in (tmp_path / "catalog" / "instances").rglob(f"{batch_id}.parquet")]
     victim = next((tmp_path / "hot").rglob("*.dcm"))
     victim.unlink()

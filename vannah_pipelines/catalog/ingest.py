@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from pydicom.datadict import tag_for_keyword
 
 from vannah_pipelines.catalog.schema import DICOM_COLUMNS, INSTANCE_SCHEMA, QUARANTINE_SCHEMA
 from vannah_pipelines.catalog.writer import CatalogWriter
-from pydicom.datadict import tag_for_keyword
-
 from vannah_pipelines.dicom.headers import json_int, json_text, read_header
 from vannah_pipelines.dicom.uids import require_uid
 from vannah_pipelines.errors import InvalidDicomError
@@ -102,8 +101,9 @@ def _index_one(
             raise InvalidDicomError(
                 "SOPInstanceUID in the data set differs from the one it was sent as"
             )
-        key = instance_key(header.study_instance_uid, header.series_instance_uid,
-                           header.sop_instance_uid)
+        key = instance_key(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
         LocalStorage(hot_dir, Tier.HOT).put(key, item.path, sync=False)  # synced per chunk
     except InvalidDicomError as exc:
         name = f"{require_uid(item.sop_instance_uid, 'SOPInstanceUID')}.dcm"
@@ -129,8 +129,8 @@ def _index_one(
         for name, tag, is_int in _COLUMN_TAGS
     }
     row.update(
-        transfer_syntax_uid=header.transfer_syntax_uid or (facts.transfer_syntax_uid
-                                                           if facts else None),
+        transfer_syntax_uid=header.transfer_syntax_uid
+        or (facts.transfer_syntax_uid if facts else None),
         size_bytes=header.size_bytes,
         checksum=header.checksum,
         tier=Tier.HOT.value,
@@ -152,7 +152,8 @@ def _index_chunk(
 ) -> list[tuple[str, dict[str, Any]]]:
     outcomes = [_index_one(i, batch_id, hot_dir, quarantine_dir) for i in items]
     LocalStorage(hot_dir, Tier.HOT).sync(
-        [row["storage_key"] for kind, row in outcomes if kind == "instance"])
+        [row["storage_key"] for kind, row in outcomes if kind == "instance"]
+    )
     return outcomes
 
 
@@ -182,8 +183,7 @@ def ingest_batch(
     items = batch.instances()
     if pool is not None and len(items) >= _POOL_THRESHOLD:
         futures = [
-            pool.submit(_index_chunk, chunk, batch.batch_id, paths.hot_dir,
-                        paths.quarantine_dir)
+            pool.submit(_index_chunk, chunk, batch.batch_id, paths.hot_dir, paths.quarantine_dir)
             for chunk in _chunks(items, workers * 4)
         ]
         outcomes = [o for f in futures for o in f.result()]
@@ -192,11 +192,16 @@ def ingest_batch(
     rows = [row for kind, row in outcomes if kind == "instance"]
     quarantined = [row for kind, row in outcomes if kind == "quarantine"]
     if quarantined:
-        writer.write_batch("quarantine", batch.day, batch.batch_id,
-                           pa.Table.from_pylist(quarantined, QUARANTINE_SCHEMA))
+        writer.write_batch(
+            "quarantine",
+            batch.day,
+            batch.batch_id,
+            pa.Table.from_pylist(quarantined, QUARANTINE_SCHEMA),
+        )
     # The instances file is the commit point of the batch: written last but for the removal.
-    path = writer.write_batch("instances", batch.day, batch.batch_id,
-                              pa.Table.from_pylist(rows, INSTANCE_SCHEMA))
+    path = writer.write_batch(
+        "instances", batch.day, batch.batch_id, pa.Table.from_pylist(rows, INSTANCE_SCHEMA)
+    )
     zone.remove(batch)
     result.batches.append(batch.batch_id)
     result.catalog_files.append(str(path))
@@ -239,13 +244,15 @@ def ingest_batches(paths: IngestPaths, batch_ids: list[str], workers: int = 1) -
     finally:
         if pool is not None:
             pool.shutdown()
-    log.info("ingested %d instances (%d quarantined) from %d batches",
-             result.instances, result.quarantined, len(result.batches))
+    log.info(
+        "ingested %d instances (%d quarantined) from %d batches",
+        result.instances,
+        result.quarantined,
+        len(result.batches),
+    )
     return result
 
 
 def pending_count(landing_dir: Path) -> int:
     """How many sealed batches wait for ingest (for sensors and health)."""
     return len(LandingZone(landing_dir).sealed_batches())
-
-

@@ -29,23 +29,37 @@ def snake(keyword: str) -> str:
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s).lower()
 
 
-def _dicom(level: str, keywords: str, type_: pa.DataType = pa.string()) -> list[Column]:
+_STRING = pa.string()
+
+
+def _dicom(level: str, keywords: str, type_: pa.DataType = _STRING) -> list[Column]:
     return [Column(snake(k), type_, k, level) for k in keywords.split()]
 
 
 # Every attribute QIDO-RS (PS3.18 table 10.6.1-5) and C-FIND (PS3.4 C.6) match or return.
 DICOM_COLUMNS: list[Column] = [
-    *_dicom("PATIENT", "PatientID PatientName PatientBirthDate PatientSex IssuerOfPatientID "
-            "OtherPatientIDs"),
-    *_dicom("STUDY", "StudyInstanceUID StudyDate StudyTime AccessionNumber "
-            "ReferringPhysicianName StudyDescription StudyID"),
-    *_dicom("SERIES", "SeriesInstanceUID Modality SeriesDescription BodyPartExamined "
-            "SeriesDate SeriesTime PerformedProcedureStepStartDate "
-            "PerformedProcedureStepStartTime Laterality StationName InstitutionName "
-            "Manufacturer ManufacturerModelName"),
+    *_dicom(
+        "PATIENT",
+        "PatientID PatientName PatientBirthDate PatientSex IssuerOfPatientID OtherPatientIDs",
+    ),
+    *_dicom(
+        "STUDY",
+        "StudyInstanceUID StudyDate StudyTime AccessionNumber "
+        "ReferringPhysicianName StudyDescription StudyID",
+    ),
+    *_dicom(
+        "SERIES",
+        "SeriesInstanceUID Modality SeriesDescription BodyPartExamined "
+        "SeriesDate SeriesTime PerformedProcedureStepStartDate "
+        "PerformedProcedureStepStartTime Laterality StationName InstitutionName "
+        "Manufacturer ManufacturerModelName",
+    ),
     *_dicom("SERIES", "SeriesNumber", pa.int32()),
-    *_dicom("IMAGE", "SOPInstanceUID SOPClassUID ContentDate ContentTime AcquisitionDate "
-            "AcquisitionTime ImageType PhotometricInterpretation SpecificCharacterSet"),
+    *_dicom(
+        "IMAGE",
+        "SOPInstanceUID SOPClassUID ContentDate ContentTime AcquisitionDate "
+        "AcquisitionTime ImageType PhotometricInterpretation SpecificCharacterSet",
+    ),
     *_dicom("IMAGE", "InstanceNumber NumberOfFrames Rows Columns BitsAllocated", pa.int32()),
 ]
 
@@ -97,10 +111,12 @@ def view_sql(source_instances: str, source_quarantine: str) -> list[str]:
     ``instances`` holds the current version of each SOP Instance UID (re-sends: the latest
     received wins; every version stays in ``instance_versions``).
     """
-    study_cols = ",\n  ".join(f"any_value({c}) AS {c}" for c in STUDY_COLUMNS
-                              if c != "study_instance_uid")
-    series_cols = ",\n  ".join(f"any_value({c}) AS {c}" for c in SERIES_COLUMNS
-                               if c != "series_instance_uid")
+    study_cols = ",\n  ".join(
+        f"any_value({c}) AS {c}" for c in STUDY_COLUMNS if c != "study_instance_uid"
+    )
+    series_cols = ",\n  ".join(
+        f"any_value({c}) AS {c}" for c in SERIES_COLUMNS if c != "series_instance_uid"
+    )
     patient_study = [c for c in STUDY_COLUMNS if c != "study_instance_uid"]
     return [
         f"CREATE OR REPLACE VIEW instance_versions AS SELECT * FROM {source_instances}",

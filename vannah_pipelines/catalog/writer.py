@@ -47,7 +47,7 @@ class CatalogWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, target)
+            tmp.replace(target)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -79,14 +79,13 @@ class CatalogWriter:
         con = duckdb.connect(str(tmp))
         try:
             sources = {
-                t: f"read_parquet('{self.glob(t)}', hive_partitioning = true, "
-                f"union_by_name = true)"
+                t: f"read_parquet('{self.glob(t)}', hive_partitioning = true, union_by_name = true)"
                 for t in TABLES
             }
             for statement in view_sql(sources["instances"], sources["quarantine"]):
                 con.execute(statement)
         finally:
             con.close()
-        os.replace(tmp, target)
+        tmp.replace(target)
         fsync_dir(self.root)
         return target

@@ -1,6 +1,5 @@
 """Resources: thin adapters that turn ``VANNAH_*`` settings into the pure layer's objects."""
 
-
 from pathlib import Path
 
 import dagster as dg
@@ -10,7 +9,7 @@ from vannah_pipelines.landing.layout import LandingZone
 from vannah_pipelines.settings import Settings, load_settings
 
 
-class ArchiveResource(dg.ConfigurableResource):  # type: ignore[misc]
+class ArchiveResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """The archive's data folder; everything else is derived by :class:`Settings`."""
 
     data_dir: str
@@ -28,4 +27,6 @@ class ArchiveResource(dg.ConfigurableResource):  # type: ignore[misc]
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources={"archive": ArchiveResource(data_dir=dg.EnvVar("VANNAH_DATA_DIR"))})
+    return dg.Definitions(
+        resources={"archive": ArchiveResource(data_dir=dg.EnvVar("VANNAH_DATA_DIR"))}
+    )

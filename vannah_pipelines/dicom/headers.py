@@ -93,8 +93,16 @@ def read_header(path: Path, data: bytes | None = None) -> InstanceHeader:
         header_json = json.dumps(attributes, separators=(",", ":"))
     except InvalidDicomError:
         raise
-    except (PydicomInvalidDicomError, EOFError, ValueError, TypeError, KeyError,
-            AttributeError, OverflowError, NotImplementedError) as exc:
+    except (
+        PydicomInvalidDicomError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        OverflowError,
+        NotImplementedError,
+    ) as exc:
         raise InvalidDicomError(f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -120,8 +128,12 @@ def check_complete(ds: Dataset) -> None:
     """
     for tag in list(ds.keys()):
         raw = ds.get_item(tag)
-        if (isinstance(raw, RawDataElement) and raw.length != _UNDEFINED_LENGTH
-                and raw.value is not None and len(raw.value) < raw.length):
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.length != _UNDEFINED_LENGTH
+            and raw.value is not None
+            and len(raw.value) < raw.length
+        ):
             raise InvalidDicomError(
                 f"truncated: element {tag} has {len(raw.value)} of {raw.length} bytes"
             )
@@ -133,8 +145,11 @@ def check_complete(ds: Dataset) -> None:
             samples = int_value(ds, "SamplesPerPixel") or 1
             if text_value(ds, "PhotometricInterpretation") == "YBR_FULL_422":
                 samples = 2  # PS3.3 C.7.6.3.1.2: chroma subsampled 2:1 horizontally
-            expected = (int_value(ds, "Rows") or 0) * (int_value(ds, "Columns") or 0) * (
-                samples * (int_value(ds, "NumberOfFrames") or 1))
+            expected = (
+                (int_value(ds, "Rows") or 0)
+                * (int_value(ds, "Columns") or 0)
+                * (samples * (int_value(ds, "NumberOfFrames") or 1))
+            )
             bits = int_value(ds, "BitsAllocated") or 0
             expected_bytes = (expected * bits + 7) // 8
             actual = len(ds.get_item("PixelData").value or b"")

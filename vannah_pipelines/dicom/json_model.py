@@ -25,12 +25,11 @@ _TEXT_SPLIT = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UC", "
 _TEXT_SINGLE = frozenset({"LT", "ST", "UT", "UR"})
 _CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
-_NUMERIC = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
-            "UV": "Q", "SV": "q"}
+_NUMERIC = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
 _SIZES = {"H": 2, "h": 2, "L": 4, "l": 4, "f": 4, "d": 8, "Q": 8, "q": 8}
 
 
-class _Fallback(Exception):
+class _FallbackError(Exception):
     """This element needs pydicom's conversion."""
 
 
@@ -39,7 +38,7 @@ def _text(value: bytes, vr: str) -> str:
         text = value.decode("ascii")
     except UnicodeDecodeError:
         if vr in _CHARSET_VRS:
-            raise _Fallback from None  # needs Specific Character Set handling
+            raise _FallbackError from None  # needs Specific Character Set handling
         text = value.decode("latin-1")
     return text
 
@@ -58,7 +57,7 @@ def _values(raw: RawDataElement, vr: str) -> list[Any] | None:
     if vr in _TEXT_SPLIT:
         parts = _strip(_text(value, vr), vr).split("\\")
         if any(p == "" for p in parts):
-            raise _Fallback  # empty components: pydicom's null handling
+            raise _FallbackError  # empty components: pydicom's null handling
         return parts if parts != [""] else None
     if vr in _TEXT_SINGLE:
         text = _strip(_text(value, vr), vr)
@@ -68,9 +67,12 @@ def _values(raw: RawDataElement, vr: str) -> list[Any] | None:
         for part in _text(value, vr).split("\\"):
             groups = part.strip(" \0").split("=")
             if groups == [""]:
-                raise _Fallback
-            name = {k: g for k, g in zip(("Alphabetic", "Ideographic", "Phonetic"), groups,
-                                         strict=False) if g}
+                raise _FallbackError
+            name = {
+                k: g
+                for k, g in zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False)
+                if g
+            }
             names.append(name)
         return names
     if vr == "IS":
@@ -80,27 +82,26 @@ def _values(raw: RawDataElement, vr: str) -> list[Any] | None:
         for p in _text(value, vr).split("\\"):
             number = float(p)
             if number != number or number in (float("inf"), float("-inf")):
-                raise _Fallback
+                raise _FallbackError
             numbers.append(number)
         return numbers
     fmt = _NUMERIC.get(vr)
     if fmt is not None:
         size = _SIZES[fmt]
         if len(value) % size:
-            raise _Fallback
+            raise _FallbackError
         order = "<" if raw.is_little_endian else ">"
         return list(struct.unpack(f"{order}{len(value) // size}{fmt}", value))
-    raise _Fallback
+    raise _FallbackError
 
 
-def _element(raw: RawDataElement, ds: Dataset, threshold: int,
-             bulk: BulkHandler) -> dict[str, Any]:
+def _element(raw: RawDataElement, ds: Dataset, threshold: int, bulk: BulkHandler) -> dict[str, Any]:
     vr = raw.VR
     if vr is None:
         try:
             vr = dictionary_VR(raw.tag)
         except KeyError:
-            raise _Fallback from None
+            raise _FallbackError from None
     if vr in _BINARY:
         value = raw.value or b""
         if len(value) > threshold:
@@ -109,7 +110,7 @@ def _element(raw: RawDataElement, ds: Dataset, threshold: int,
             return {"vr": vr}
         return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("ascii")}
     if vr == "UN" or " or " in vr or vr == "SQ":
-        raise _Fallback
+        raise _FallbackError
     values = _values(raw, vr)
     return {"vr": vr} if values is None else {"vr": vr, "Value": values}
 
@@ -117,22 +118,24 @@ def _element(raw: RawDataElement, ds: Dataset, threshold: int,
 def to_dicom_json(ds: Dataset, threshold: int, bulk: BulkHandler) -> dict[str, Any]:
     """The DICOM JSON model of `ds`, as pydicom's ``to_json_dict(threshold, bulk)``."""
     out: dict[str, Any] = {}
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 - iterating ds would convert every element
         elem = ds.get_item(tag)
         key = f"{int(BaseTag(tag)):08X}"
         if isinstance(elem, RawDataElement):
             try:
                 out[key] = _element(elem, ds, threshold, bulk)
                 continue
-            except (_Fallback, ValueError, struct.error):
+            except (_FallbackError, ValueError, struct.error):
                 try:
                     elem = ds[tag]  # pydicom converts it
                 except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
                     continue
         try:
             if elem.VR == "SQ":
-                out[key] = {"vr": "SQ",
-                            "Value": [to_dicom_json(i, threshold, bulk) for i in elem.value]}
+                out[key] = {
+                    "vr": "SQ",
+                    "Value": [to_dicom_json(i, threshold, bulk) for i in elem.value],
+                }
             else:
                 out[key] = elem.to_json_dict(bulk, threshold)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError):

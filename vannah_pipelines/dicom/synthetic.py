@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def make_instance(
     rows = rows or spec.rows
     columns = columns or spec.columns
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = spec.sop_class_uid
+    meta.MediaStorageSOPClassUID = UID(spec.sop_class_uid)
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID

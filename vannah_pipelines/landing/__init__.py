@@ -1,1 +1,1 @@
-"""The landing zone: the on-disk contract between the receivers (DIMSE, STOW-RS, import) and ingest."""
+"""The landing zone: the on-disk contract between receivers (DIMSE, STOW, import) and ingest."""

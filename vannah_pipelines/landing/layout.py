@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
+from functools import partial
 from pathlib import Path
 
 from vannah_pipelines.dicom.uids import require_uid
@@ -93,7 +94,7 @@ def write_atomic(path: Path, data: bytes | memoryview, *, sync_dir: bool = True)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -233,14 +234,14 @@ class LandingZone:
         lock_fd = os.open(tmp / _LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         final = self.open_dir / batch_id
-        os.rename(tmp, final)  # visible only once locked, so never mistaken for stranded
+        tmp.rename(final)  # visible only once locked, so never mistaken for stranded
         return OpenBatch(self, batch_id, final, lock_fd)
 
     def move_to_sealed(self, path: Path) -> Batch:
         """Rename a batch folder into ``sealed/`` under a fresh id (durably)."""
         batch_id = new_batch_id(path.name.split("-")[1] if "-" in path.name else "import")
         target = self.sealed_dir / batch_id
-        os.rename(path, target)
+        path.rename(target)
         fsync_dir(self.sealed_dir)
         fsync_dir(path.parent)
         return Batch(batch_id, target)
@@ -283,6 +284,10 @@ class LandingZone:
         shutil.rmtree(batch.path, ignore_errors=True)
 
 
+def _is(expected: OpenBatch, candidate: OpenBatch) -> bool:
+    return candidate is expected
+
+
 def _is_locked(lock_path: Path) -> bool:
     try:
         fd = os.open(lock_path, os.O_RDONLY)
@@ -323,7 +328,7 @@ class RollingBatch:
             except LandingError:
                 continue  # sealed under us by the timer; take the next batch
             if batch.count >= self.max_files:
-                self._seal_if(lambda b: b is batch)
+                self._seal_if(partial(_is, batch))
             return path
 
     def _batch(self) -> OpenBatch:

@@ -42,7 +42,7 @@ class LocalStorage:
                 shutil.copyfile(source, tmp)
                 with tmp.open("rb+") as handle:
                     os.fsync(handle.fileno())
-            os.replace(tmp, target)
+            tmp.replace(target)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -1,6 +1,5 @@
 """The catalog's instance index: sealed landing batches parsed, placed and appended as Parquet."""
 
-
 import json
 from collections.abc import Iterator
 
@@ -14,7 +13,7 @@ from vannah_pipelines.defs.resources import ArchiveResource
 from vannah_pipelines.landing.layout import require_batch_id
 
 
-class IngestConfig(dg.Config):  # type: ignore[misc]
+class IngestConfig(dg.Config):
     """Which sealed landing batches this run ingests (set by landed_batch_sensor)."""
 
     batch_ids: list[str]
@@ -25,18 +24,23 @@ class IngestConfig(dg.Config):  # type: ignore[misc]
     group_name="catalog",
     kinds={"dicom", "parquet", "duckdb"},
     check_specs=[
-        dg.AssetCheckSpec("sop_instance_uids_unique", asset="instance_index",
-                          description="No SOP Instance UID indexed twice from one batch, "
-                          "none filed under two different series."),
-        dg.AssetCheckSpec("instance_files_present", asset="instance_index",
-                          description="Every instance indexed by this run has its file "
-                          "in the hot tier."),
+        dg.AssetCheckSpec(
+            "sop_instance_uids_unique",
+            asset="instance_index",
+            description="No SOP Instance UID indexed twice from one batch, "
+            "none filed under two different series.",
+        ),
+        dg.AssetCheckSpec(
+            "instance_files_present",
+            asset="instance_index",
+            description="Every instance indexed by this run has its file in the hot tier.",
+        ),
     ],
     tags={"vannah/domain": "ingest"},
 )
 def instance_index(
     context: dg.AssetExecutionContext, config: IngestConfig, archive: ArchiveResource
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
     """One row per received DICOM instance (Parquet, partitioned by arrival day): every
     attribute QIDO-RS and C-FIND match or return, the header as DICOM JSON, size, checksum,
     tier and storage key. Files that are not valid DICOM are quarantined with a reason."""
@@ -47,7 +51,10 @@ def instance_index(
     p50, p95 = result.latency_percentile(0.5), result.latency_percentile(0.95)
     context.log.info(
         "indexed %d instances, quarantined %d, from %d batches (%d already indexed)",
-        result.instances, result.quarantined, len(result.batches), len(result.already_indexed),
+        result.instances,
+        result.quarantined,
+        len(result.batches),
+        len(result.already_indexed),
     )
     yield dg.MaterializeResult(
         metadata={
@@ -66,16 +73,20 @@ def instance_index(
     yield dg.AssetCheckResult(
         check_name="sop_instance_uids_unique",
         passed=not dupes,
-        metadata={"duplicates": dg.MetadataValue.int(len(dupes)),
-                  "examples": dg.MetadataValue.json(dupes[:10])},
+        metadata={
+            "duplicates": dg.MetadataValue.int(len(dupes)),
+            "examples": dg.MetadataValue.json(dupes[:10]),
+        },
     )
     missing = missing_files(settings.catalog_dir, settings.hot_dir, result.catalog_files)
     yield dg.AssetCheckResult(
         check_name="instance_files_present",
         passed=not missing,
-        metadata={"missing": dg.MetadataValue.int(len(missing)),
-                  "examples": dg.MetadataValue.json(missing[:10]),
-                  "checked_files": dg.MetadataValue.text(json.dumps(result.catalog_files)[:2000])},
+        metadata={
+            "missing": dg.MetadataValue.int(len(missing)),
+            "examples": dg.MetadataValue.json(missing[:10]),
+            "checked_files": dg.MetadataValue.text(json.dumps(result.catalog_files)[:2000]),
+        },
     )
 
 

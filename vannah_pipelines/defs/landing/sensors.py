@@ -1,6 +1,5 @@
 """The landing-zone sensor: one ingest run per group of sealed batches, never twice."""
 
-
 import json
 
 import dagster as dg
@@ -38,9 +37,11 @@ def landed_batch_sensor(
                 run_config=dg.RunConfig(
                     ops={"instance_index": IngestConfig(batch_ids=run.batch_ids)}
                 ),
-                tags={"vannah/first_batch": run.batch_ids[0],
-                      "vannah/instances": str(run.files),
-                      "vannah/stranded_sealed": str(len(stranded))},
+                tags={
+                    "vannah/first_batch": run.batch_ids[0],
+                    "vannah/instances": str(run.files),
+                    "vannah/stranded_sealed": str(len(stranded)),
+                },
             )
             for run in plan.runs
         ],
