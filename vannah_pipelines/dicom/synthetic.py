@@ -68,6 +68,7 @@ def make_instance(
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = FileDataset("synthetic", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.set_original_encoding(False, True)  # explicit VR little endian, as the file meta says
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = spec.sop_class_uid
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID

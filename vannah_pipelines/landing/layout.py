@@ -270,6 +270,8 @@ class LandingZone:
                 continue
             if _is_locked(path / _LOCK):
                 continue
+            for leftover in path.glob(f"{_TMP_PREFIX}*"):
+                leftover.unlink(missing_ok=True)  # a write the dead writer never committed
             if not any(p.suffix == ".dcm" for p in path.iterdir()):
                 shutil.rmtree(path, ignore_errors=True)
                 continue
