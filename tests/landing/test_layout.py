@@ -123,3 +123,20 @@ def test_seal_stranded_seals_only_batches_of_dead_writers(tmp_path: Path) -> Non
 def test_require_batch_id_rejects_paths(bad: object) -> None:
     with pytest.raises(InvalidBatchIdError):
         require_batch_id(bad)
+
+
+def test_resend_within_a_batch_keeps_every_version(tmp_path: Path) -> None:
+    zone = LandingZone(tmp_path)
+    batch = zone.open_batch("dimse")
+    first = make_instance("CT", rows=8, columns=8)
+    second = make_instance(
+        "CT", rows=8, columns=8, SOPInstanceUID=first.SOPInstanceUID, SeriesDescription="again"
+    )
+    batch.write_instance(to_part10(first), _facts(first.SOPInstanceUID))
+    batch.write_instance(to_part10(second), _facts(first.SOPInstanceUID))
+    sealed = batch.seal()
+    assert sealed is not None
+    landed = sealed.instances()
+    assert [i.sop_instance_uid for i in landed] == [first.SOPInstanceUID] * 2
+    assert [i.path.read_bytes() for i in landed] == [to_part10(first), to_part10(second)]
+    assert all(i.facts is not None for i in landed)

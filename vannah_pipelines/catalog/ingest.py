@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -38,6 +39,8 @@ _COLUMN_TAGS = [
     for c in DICOM_COLUMNS
     if c.keyword is not None
 ]
+
+_LANDED_NAME = re.compile(r"[0-9.]+(~[0-9]+)?\.dcm")
 
 # Below this many files a batch is parsed in-process: a pool costs more than it saves.
 _POOL_THRESHOLD = 64
@@ -102,11 +105,17 @@ def _index_one(
                 "SOPInstanceUID in the data set differs from the one it was sent as"
             )
         key = instance_key(
-            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            header.study_instance_uid,
+            header.series_instance_uid,
+            header.sop_instance_uid,
+            header.checksum,
         )
         LocalStorage(hot_dir, Tier.HOT).put(key, item.path, sync=False)  # synced per chunk
     except InvalidDicomError as exc:
-        name = f"{require_uid(item.sop_instance_uid, 'SOPInstanceUID')}.dcm"
+        require_uid(item.sop_instance_uid, "SOPInstanceUID")
+        name = item.path.name  # <uid>.dcm or <uid>~<n>.dcm, made by the landing zone
+        if not _LANDED_NAME.fullmatch(name):
+            raise InvalidDicomError(f"unexpected landed file name {name[:80]!r}") from exc
         qkey = f"{batch_id}/{name}"
         LocalStorage(quarantine_dir).put(qkey, item.path)
         return "quarantine", {

@@ -39,6 +39,7 @@ _BATCH_ID = re.compile(r"[0-9]{8}T[0-9]{12}-[a-z]+-[0-9]+-[0-9]+")
 _LOCK = ".lock"
 _RECEIPTS = "receipts.jsonl"
 _TMP_PREFIX = ".tmp-"
+_VERSION_SEP = "~"  # <sop_uid>~<n>.dcm: the n-th re-send of a UID within one batch
 _counter = itertools.count()
 
 
@@ -144,14 +145,17 @@ class Batch:
         if receipts.exists():
             for line in receipts.read_text(encoding="utf-8").splitlines():
                 try:
-                    record = ReceiveFacts(**json.loads(line))
+                    fields = json.loads(line)
+                    name = fields.pop("file", None)
+                    record = ReceiveFacts(**fields)
                 except (ValueError, TypeError):
                     continue  # a torn last line after a crash; the file itself still counts
-                facts[record.sop_instance_uid] = record
+                facts[name or f"{record.sop_instance_uid}.dcm"] = record
         found = []
         for entry in sorted(self.path.iterdir()):
             if entry.suffix == ".dcm" and not entry.name.startswith(_TMP_PREFIX):
-                found.append(LandedInstance(entry, entry.stem, facts.get(entry.stem)))
+                uid = entry.stem.split(_VERSION_SEP)[0]
+                found.append(LandedInstance(entry, uid, facts.get(entry.name)))
         return found
 
 
@@ -166,6 +170,7 @@ class OpenBatch:
         self._mutex = threading.Lock()
         self._receipts = (path / _RECEIPTS).open("a", encoding="utf-8")
         self.count = 0
+        self._versions: dict[str, int] = {}
         self.created = time.monotonic()
         self.sealed = False
 
@@ -182,11 +187,16 @@ class OpenBatch:
             If the disk refuses the write (nothing is left behind).
         """
         sop_uid = require_uid(facts.sop_instance_uid, "SOPInstanceUID")
-        target = self.path / f"{sop_uid}.dcm"
         with self._mutex:
             if self.sealed:
                 raise LandingError(f"batch {self.batch_id} is sealed")
-            self._receipts.write(json.dumps(asdict(facts)) + "\n")
+            # A re-send within one batch gets its own file: every acknowledged version
+            # reaches ingest, which keeps the latest valid one current.
+            seen = self._versions.get(sop_uid, 0)
+            self._versions[sop_uid] = seen + 1
+            name = f"{sop_uid}.dcm" if seen == 0 else f"{sop_uid}{_VERSION_SEP}{seen}.dcm"
+            target = self.path / name
+            self._receipts.write(json.dumps({**asdict(facts), "file": name}) + "\n")
             self._receipts.flush()
             write_atomic(target, data)
             self.count += 1

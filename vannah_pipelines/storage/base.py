@@ -17,18 +17,28 @@ class Tier(StrEnum):
     COLD = "cold"
 
 
-def instance_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
-    """The object key of an instance; every part is a validated UID, so it is path-safe.
+_HEX = frozenset("0123456789abcdef")
 
-    >>> instance_key("1.2", "1.2.3", "1.2.3.4")
-    '1.2/1.2.3/1.2.3.4.dcm'
+
+def instance_key(study_uid: str, series_uid: str, sop_uid: str, checksum: str) -> str:
+    """The object key of one version of an instance: ``<study>/<series>/<sop>.<sha>.dcm``.
+
+    Every part is validated (UIDs, hex checksum), so the key is path-safe. The checksum
+    prefix makes each received version its own immutable object, so a re-sent instance
+    never overwrites the bytes another catalog row points at, whatever order runs finish.
+
+    >>> instance_key("1.2", "1.2.3", "1.2.3.4", "ab" * 32)
+    '1.2/1.2.3/1.2.3.4.abababababababab.dcm'
     """
     parts = (
         require_uid(study_uid, "StudyInstanceUID"),
         require_uid(series_uid, "SeriesInstanceUID"),
         require_uid(sop_uid, "SOPInstanceUID"),
     )
-    return f"{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+    short = checksum[:16].lower()
+    if len(short) != 16 or not set(short) <= _HEX:
+        raise ValueError(f"not a hex checksum: {checksum[:80]!r}")
+    return f"{parts[0]}/{parts[1]}/{parts[2]}.{short}.dcm"
 
 
 class Storage(Protocol):
