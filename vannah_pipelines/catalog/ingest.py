@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing import get_context
@@ -172,32 +172,32 @@ def _chunks(items: list[LandedInstance], n: int) -> Iterable[list[LandedInstance
         yield items[start : start + size]
 
 
-def ingest_batch(
-    batch: Batch,
-    paths: IngestPaths,
-    result: IngestResult,
-    pool: ProcessPoolExecutor | None = None,
-    workers: int = 1,
-) -> None:
-    """Ingest one sealed batch into `result` (see the module docstring for the order)."""
-    zone = LandingZone(paths.landing_dir)
-    writer = CatalogWriter(paths.catalog_dir)
+Outcomes = list[tuple[str, dict[str, Any]]]
+_WINDOW = 2  # batches parsed ahead while the parent writes the previous one
+
+
+def _pending_items(
+    batch: Batch, zone: LandingZone, writer: CatalogWriter, result: IngestResult
+) -> list[LandedInstance] | None:
+    """The batch's files, or None if it needs no parsing (gone, or already indexed)."""
     if not batch.path.exists():
         result.missing.append(batch.batch_id)
-        return
+        return None
     if writer.has_batch("instances", batch.day, batch.batch_id):
         zone.remove(batch)  # indexed by a run that died before its last step
         result.already_indexed.append(batch.batch_id)
-        return
-    items = batch.instances()
-    if pool is not None and len(items) >= _POOL_THRESHOLD:
-        futures = [
-            pool.submit(_index_chunk, chunk, batch.batch_id, paths.hot_dir, paths.quarantine_dir)
-            for chunk in _chunks(items, workers * 4)
-        ]
-        outcomes = [o for f in futures for o in f.result()]
-    else:
-        outcomes = _index_chunk(items, batch.batch_id, paths.hot_dir, paths.quarantine_dir)
+        return None
+    return batch.instances()
+
+
+def _commit(
+    batch: Batch,
+    outcomes: Outcomes,
+    zone: LandingZone,
+    writer: CatalogWriter,
+    result: IngestResult,
+) -> None:
+    """Append the batch to the catalog, then remove it from the landing zone."""
     rows = [row for kind, row in outcomes if kind == "instance"]
     quarantined = [row for kind, row in outcomes if kind == "quarantine"]
     if quarantined:
@@ -236,7 +236,8 @@ def ingest_batches(paths: IngestPaths, batch_ids: list[str], workers: int = 1) -
         Processes that parse headers in parallel (1: in this process only).
     """
     zone = LandingZone(paths.landing_dir)
-    CatalogWriter(paths.catalog_dir).ensure()
+    writer = CatalogWriter(paths.catalog_dir)
+    writer.ensure()
     batches = [zone.batch(b) for b in batch_ids]
     result = IngestResult()
     total = sum(1 for b in batches if b.path.exists() for _ in b.instances())
@@ -247,9 +248,29 @@ def ingest_batches(paths: IngestPaths, batch_ids: list[str], workers: int = 1) -
         context = get_context("forkserver")
         context.set_forkserver_preload([__name__])
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    pending: deque[tuple[Batch, list[Future[Outcomes]]]] = deque()
+
+    def commit_oldest() -> None:
+        batch, futures = pending.popleft()
+        _commit(batch, [o for f in futures for o in f.result()], zone, writer, result)
+
     try:
         for batch in batches:
-            ingest_batch(batch, paths, result, pool, workers)
+            items = _pending_items(batch, zone, writer, result)
+            if items is None:
+                continue
+            args = (batch.batch_id, paths.hot_dir, paths.quarantine_dir)
+            if pool is not None and len(items) >= _POOL_THRESHOLD:
+                chunks = _chunks(items, workers * 2)
+                pending.append((batch, [pool.submit(_index_chunk, c, *args) for c in chunks]))
+            else:
+                done: Future[Outcomes] = Future()
+                done.set_result(_index_chunk(items, *args))
+                pending.append((batch, [done]))
+            while len(pending) > _WINDOW:
+                commit_oldest()
+        while pending:
+            commit_oldest()
     finally:
         if pool is not None:
             pool.shutdown()
