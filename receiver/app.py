@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from receiver.contexts import supported_contexts
@@ -63,6 +63,10 @@ def configure_logging(level: int | str = logging.INFO) -> None:
 
 def build_ae(settings: Settings) -> AE:
     """Return the receiver's AE: Verification and every storage SOP class, any called AE."""
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        # pynetdicom's standard event handlers format every PDU and DIMSE message for
+        # INFO/DEBUG records that would be dropped: about a tenth of a C-STORE's CPU.
+        _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=settings.dicom_aet)
     for abstract_syntax, transfer_syntaxes in supported_contexts():
         ae.add_supported_context(abstract_syntax, list(transfer_syntaxes))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,10 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 
 from receiver.inspection import InstanceIds, read_instance_ids
+from receiver.part10 import file_header
 from receiver.status import StoreStatus, VerificationStatus
 from vannah_pipelines.errors import InvalidDicomError, UnsafeUidError
-from vannah_pipelines.landing.layout import ReceiveFacts, RollingBatch
+from vannah_pipelines.landing.layout import Buffer, ReceiveFacts, RollingBatch
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class Landing:
         self._lock = threading.Lock()
         self._closed = False
 
-    def write_instance(self, data: bytes, facts: ReceiveFacts) -> None:
+    def write_instance(self, data: Buffer | Sequence[Buffer], facts: ReceiveFacts) -> None:
         """Commit one instance; returns only once it is durable (the rename is the commit)."""
         if self._closed:
             raise OSError(errno.ESHUTDOWN, "the receiver is shutting down")
@@ -139,8 +141,20 @@ def _store(event: Event, landing: Landing) -> int | Dataset:
     request: Any = event.request
     calling_ae = event.assoc.requestor.ae_title
     transfer_syntax = str(event.context.transfer_syntax)
+    with request.DataSet.getbuffer() as dataset:  # the bytes as received, not copied
+        return _land(event, landing, request, dataset, calling_ae, transfer_syntax)
+
+
+def _land(
+    event: Event,
+    landing: Landing,
+    request: Any,
+    dataset: memoryview,
+    calling_ae: str,
+    transfer_syntax: str,
+) -> int | Dataset:
     try:
-        ids = read_instance_ids(request.DataSet.getbuffer(), transfer_syntax)
+        ids = read_instance_ids(dataset, transfer_syntax)
         _check_request_matches(request, ids)
     except UnsafeUidError as exc:
         log.warning("refused C-STORE from %s: %s", calling_ae, exc.attribute)
@@ -159,7 +173,9 @@ def _store(event: Event, landing: Landing) -> int | Dataset:
         peer=_peer(event),
     )
     try:
-        landing.write_instance(event.encoded_dataset(include_meta=True), facts)
+        # The same file as event.encoded_dataset(include_meta=True), without building it.
+        header = file_header(ids.sop_class_uid, ids.sop_instance_uid, transfer_syntax)
+        landing.write_instance((header, dataset), facts)
     except OSError:
         log.exception("landing write of %s failed", ids.sop_instance_uid)
         return _failure(StoreStatus.OUT_OF_RESOURCES, "cannot store the instance")

@@ -59,7 +59,11 @@ def services(settings: Settings) -> list[Service]:
     workspace = str(PROJECT_DIR / "workspace.yaml")
     return [
         Service("receiver", [py, "-m", "receiver"]),
-        Service("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace]),
+        # The sensor logs every tick at INFO; runs and their logs are in the UI.
+        Service(
+            "dagster-daemon",
+            [str(bin_dir / "dagster-daemon"), "run", "-w", workspace, "--log-level", "warning"],
+        ),
         Service(
             "dagster-webserver",
             [

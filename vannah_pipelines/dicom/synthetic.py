@@ -123,7 +123,7 @@ def make_instance(
 def to_part10(ds: Dataset) -> bytes:
     """Encode `ds` as a Part-10 file (preamble, file meta, data set)."""
     buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=False)
+    ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
 
 

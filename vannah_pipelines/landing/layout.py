@@ -24,7 +24,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from functools import partial
@@ -78,30 +78,74 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | memoryview, *, sync_dir: bool = True) -> None:
+Buffer = bytes | bytearray | memoryview
+
+
+def write_atomic(path: Path, data: Buffer | Sequence[Buffer], *, sync_dir: bool = True) -> None:
     """Write `data` to `path` so that a reader sees all of it or nothing.
 
     Temp file in the same folder, ``fsync``, ``os.replace``, then ``fsync`` of the folder.
-    On failure the temp file is removed and the error propagates.
+    `data` may be one buffer or a sequence of buffers written back to back (a header and
+    a body need not be concatenated first). On failure the temp file is removed and the
+    error propagates.
     """
+    parts = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            for part in parts:
+                view = memoryview(part).cast("B")
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)
-        tmp.replace(path)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+class DirectorySync:
+    """Group commit of a folder's ``fsync``: one sync covers every rename made before it
+    started, so concurrent writers into one folder share syncs instead of queueing.
+
+    :meth:`sync` returns only once an ``fsync`` of the folder that began after the call
+    has completed, exactly as if the caller had synced the folder itself.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._requested = 0  # tickets handed out
+        self._synced = 0  # every ticket up to this one is durable
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while self._synced < ticket:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                covered = self._requested  # their renames happened before this sync starts
+                self._cond.release()
+                try:
+                    fsync_dir(self.path)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                # Reached only if the fsync succeeded (an error propagates to this caller;
+                # the waiters it would have covered retry with a sync of their own).
+                self._synced = max(self._synced, covered)
 
 
 @dataclass(frozen=True)
@@ -168,14 +212,21 @@ class OpenBatch:
         self.path = path
         self._lock_fd = lock_fd
         self._mutex = threading.Lock()
+        self._idle = threading.Condition(self._mutex)  # no write in flight
+        self._writing = 0
+        self._dir_sync = DirectorySync(path)
         self._receipts = (path / _RECEIPTS).open("a", encoding="utf-8")
         self.count = 0
         self._versions: dict[str, int] = {}
         self.created = time.monotonic()
         self.sealed = False
 
-    def write_instance(self, data: bytes | memoryview, facts: ReceiveFacts) -> Path:
+    def write_instance(self, data: Buffer | Sequence[Buffer], facts: ReceiveFacts) -> Path:
         """Commit one instance; returns only once it is durable.
+
+        `data` is the Part-10 file, as one buffer or as parts written back to back.
+        Concurrent calls write in parallel (the file ``fsync`` is per file, the folder
+        ``fsync`` is shared by writers that overlap); :meth:`seal` waits for them.
 
         Raises
         ------
@@ -198,8 +249,18 @@ class OpenBatch:
             target = self.path / name
             self._receipts.write(json.dumps({**asdict(facts), "file": name}) + "\n")
             self._receipts.flush()
-            write_atomic(target, data)
-            self.count += 1
+            self._writing += 1
+        committed = False
+        try:
+            write_atomic(target, data, sync_dir=False)
+            self._dir_sync.sync()
+            committed = True
+        finally:
+            with self._mutex:
+                self._writing -= 1
+                if committed:
+                    self.count += 1
+                self._idle.notify_all()
         return target
 
     def age(self) -> float:
@@ -211,6 +272,8 @@ class OpenBatch:
             if self.sealed:
                 return None
             self.sealed = True
+            while self._writing:
+                self._idle.wait()  # writes already admitted finish in this folder
             self._receipts.close()
             try:
                 if self.count == 0:
@@ -331,7 +394,7 @@ class RollingBatch:
         self._timer = threading.Thread(target=self._tick, name="landing-seal", daemon=True)
         self._timer.start()
 
-    def write_instance(self, data: bytes | memoryview, facts: ReceiveFacts) -> Path:
+    def write_instance(self, data: Buffer | Sequence[Buffer], facts: ReceiveFacts) -> Path:
         """Commit one instance into the current batch (opening one if needed)."""
         while True:
             batch = self._batch()
