@@ -12,7 +12,7 @@ import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -106,7 +106,6 @@ class Settings(BaseSettings):
     landing_batch_max_age_seconds: float = Field(default=1.0, gt=0)
     ingest_run_max_files: int = Field(default=20_000, ge=1)
     ingest_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
-    resend_policy: Literal["replace", "keep"] = "replace"
     dagster_port: int = Field(default=3000, ge=0, le=65535)
 
     @model_validator(mode="after")
