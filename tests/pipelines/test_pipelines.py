@@ -115,3 +115,30 @@ def test_instance_files_present_fails_when_a_file_is_missing(tmp_path: Path) -> 
     victim.unlink()
     missing = missing_files(tmp_path / "catalog", tmp_path / "hot", files)
     assert len(missing) == 1 and victim.name in missing[0]
+
+
+def test_sop_instance_uids_unique_check_fails_on_a_uid_clash(tmp_path: Path) -> None:
+    """Two senders reuse one SOP Instance UID for instances of different series."""
+    clash = make_instance("CT", rows=16, columns=16)
+    other = make_instance("MR", rows=16, columns=16, SOPInstanceUID=clash.SOPInstanceUID)
+    ids = []
+    for ds in (clash, other):
+        batch = LandingZone(tmp_path / "landing").open_batch("dimse")
+        batch.write_instance(
+            to_part10(ds),
+            ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", "dimse"),
+        )
+        sealed = batch.seal()
+        assert sealed is not None
+        ids.append(sealed.batch_id)
+    day = f"{ids[0][:4]}-{ids[0][4:6]}-{ids[0][6:8]}"
+    result = dg.materialize(
+        [instance_index],
+        partition_key=day,
+        resources={"archive": ArchiveResource(data_dir=str(tmp_path))},
+        run_config=dg.RunConfig(ops={"instance_index": {"config": {"batch_ids": ids}}}),
+    )
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["sop_instance_uids_unique"].passed
+    assert checks["sop_instance_uids_unique"].metadata["duplicates"].value == 1
+    assert checks["instance_files_present"].passed
