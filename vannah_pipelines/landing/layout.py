@@ -102,7 +102,7 @@ def write_atomic(path: Path, data: Buffer | Sequence[Buffer], *, sync_dir: bool 
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
