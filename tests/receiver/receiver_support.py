@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,10 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom.data
 from pynetdicom.dsutils import split_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 START_DEADLINE = 60.0  # a deadline for "never came up", not a performance threshold
 
 
@@ -148,3 +151,53 @@ def wait_sealed(data_dir: Path, uids: set[str], deadline: float = 30.0) -> dict[
 def dataset_bytes_of_file(path: Path) -> bytes:
     _meta, offset = split_dataset(path)
     return path.read_bytes()[offset:]
+
+
+# storescu proposes a compressed transfer syntax only when told to (storescu --help).
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2": [],
+    "1.2.840.10008.1.2.1": [],
+    "1.2.840.10008.1.2.2": ["-xb"],
+    "1.2.840.10008.1.2.1.99": ["-xd"],
+    "1.2.840.10008.1.2.4.50": ["-xy"],
+    "1.2.840.10008.1.2.4.51": ["-xx"],
+    "1.2.840.10008.1.2.4.70": ["-xs"],
+    "1.2.840.10008.1.2.4.80": ["-xt"],
+    "1.2.840.10008.1.2.4.81": ["-xu"],
+    "1.2.840.10008.1.2.4.90": ["-xv"],
+    "1.2.840.10008.1.2.4.91": ["-xw"],
+    "1.2.840.10008.1.2.5": ["-xr"],
+}
+
+
+def pydicom_files_with_meta() -> dict[Path, str]:
+    """pydicom's bundled test files that have file meta, with their transfer syntax.
+
+    (``get_testdata_files`` also tries to download more files, which costs seconds here; the
+    bundled folder is the same set without the network.)
+    """
+    files: dict[Path, str] = {}
+    for path in sorted(TEST_FILES.rglob("*.dcm")):
+        try:
+            meta, _ = split_dataset(path)
+            files[path] = str(meta.TransferSyntaxUID)
+        except Exception:  # no meta, no transfer syntax: storescu -f territory, not ours
+            continue
+    return files
+
+
+def storescu_outcomes(output: str) -> dict[str, str]:
+    """file -> 'success' | the failure storescu printed, from its -v output."""
+    outcomes: dict[str, str] = {}
+    current: str | None = None
+    for line in output.splitlines():
+        if m := re.match(r"I: Sending file: (.*)$", line):
+            current = m.group(1).strip()
+            outcomes[current] = "not sent"
+        elif current and "Received Store Response (Success)" in line:
+            outcomes[current] = "success"
+        elif (current and "Received Store Response" in line) or (
+            current and line.startswith("E: ") and outcomes[current] == "not sent"
+        ):
+            outcomes[current] = line.strip()
+    return outcomes

@@ -19,12 +19,15 @@ import pydicom.data
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.dsutils import encode
 from receiver_support import (
     DCMTK_ENV,
+    STORESCU_PROPOSE,
     ReceiverProcess,
     dataset_bytes_of_file,
+    pydicom_files_with_meta,
     sealed_instances,
+    storescu_outcomes,
     wait_sealed,
 )
 
@@ -34,38 +37,6 @@ from vannah_pipelines.dicom.synthetic import MODALITIES, make_instance, to_part1
 pytestmark = pytest.mark.integration
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
-
-# storescu proposes a compressed transfer syntax only when told to (storescu --help).
-STORESCU_PROPOSE = {
-    "1.2.840.10008.1.2": [],
-    "1.2.840.10008.1.2.1": [],
-    "1.2.840.10008.1.2.2": ["-xb"],
-    "1.2.840.10008.1.2.1.99": ["-xd"],
-    "1.2.840.10008.1.2.4.50": ["-xy"],
-    "1.2.840.10008.1.2.4.51": ["-xx"],
-    "1.2.840.10008.1.2.4.70": ["-xs"],
-    "1.2.840.10008.1.2.4.80": ["-xt"],
-    "1.2.840.10008.1.2.4.81": ["-xu"],
-    "1.2.840.10008.1.2.4.90": ["-xv"],
-    "1.2.840.10008.1.2.4.91": ["-xw"],
-    "1.2.840.10008.1.2.5": ["-xr"],
-}
-
-
-def _pydicom_files() -> dict[Path, str]:
-    """pydicom's bundled test files that have file meta, with their transfer syntax.
-
-    (``get_testdata_files`` also tries to download more files, which costs seconds here; the
-    bundled folder is the same set without the network.)
-    """
-    files: dict[Path, str] = {}
-    for path in sorted(TEST_FILES.rglob("*.dcm")):
-        try:
-            meta, _ = split_dataset(path)
-            files[path] = str(meta.TransferSyntaxUID)
-        except Exception:  # no meta, no transfer syntax: storescu -f territory, not ours
-            continue
-    return files
 
 
 def _store_ok(landed: dict[str, list], uid: str, expected: bytes) -> bool:
@@ -134,29 +105,12 @@ def test_receiver_storescu_lands_synthetic_modalities_byte_identical(
         assert item.receipt["source"] == "dimse"
 
 
-def _storescu_outcomes(output: str) -> dict[str, str]:
-    """file -> 'success' | the failure storescu printed, from its -v output."""
-    outcomes: dict[str, str] = {}
-    current: str | None = None
-    for line in output.splitlines():
-        if m := re.match(r"I: Sending file: (.*)$", line):
-            current = m.group(1).strip()
-            outcomes[current] = "not sent"
-        elif current and "Received Store Response (Success)" in line:
-            outcomes[current] = "success"
-        elif (current and "Received Store Response" in line) or (
-            current and line.startswith("E: ") and outcomes[current] == "not sent"
-        ):
-            outcomes[current] = line.strip()
-    return outcomes
-
-
 def test_receiver_storescu_lands_pydicom_test_files(
     shared_receiver: ReceiverProcess, record_property: Callable[[str, object], None]
 ) -> None:
     by_ts: dict[str, list[Path]] = {}
     not_proposable: list[str] = []
-    for path, ts in _pydicom_files().items():
+    for path, ts in pydicom_files_with_meta().items():
         if ts in STORESCU_PROPOSE:
             by_ts.setdefault(ts, []).append(path)
         else:
@@ -181,7 +135,7 @@ def test_receiver_storescu_lands_pydicom_test_files(
             timeout=120,
             check=False,
         )
-        got = _storescu_outcomes(result.stdout + result.stderr)
+        got = storescu_outcomes(result.stdout + result.stderr)
         for path in paths:
             outcomes[str(path)] = got.get(str(path), "refused by storescu before sending")
     succeeded = {Path(p) for p, outcome in outcomes.items() if outcome == "success"}
@@ -222,7 +176,7 @@ def test_receiver_pynetdicom_scu_lands_pydicom_test_files_byte_identical(
     ae = AE(ae_title="PYNETSCU")
     acked: dict[str, list[bytes]] = {}
     refused: dict[str, int] = {}
-    for path, ts in _pydicom_files().items():
+    for path, ts in pydicom_files_with_meta().items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path)
