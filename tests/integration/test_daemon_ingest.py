@@ -1,5 +1,6 @@
 """The daemon the way `make up` runs it: sensor -> ingest run -> catalog, SQLite and PostgreSQL."""
 
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -27,8 +28,14 @@ def _land(data_dir: Path, n: int) -> list[str]:
     return uids
 
 
-def _assert_runs_succeeded(daemon: Daemon) -> list[dg.DagsterRun]:
+def _assert_runs_succeeded(daemon: Daemon, timeout: float = 120.0) -> list[dg.DagsterRun]:
     with dg.DagsterInstance.from_config(str(daemon.dagster_home)) as instance:
+        # Rows are visible once a batch's Parquet file lands; the run still reports its
+        # checks after that, so wait for every run to end before judging them.
+        deadline = time.monotonic() + timeout
+        while any(not r.is_finished for r in instance.get_runs()):
+            assert time.monotonic() < deadline, "runs did not finish"
+            time.sleep(0.5)
         runs = instance.get_runs()
         assert runs, "no runs recorded"
         assert all(r.job_name == "ingest_batch_job" for r in runs)

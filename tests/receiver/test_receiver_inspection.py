@@ -16,7 +16,7 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import encode, split_dataset
 
-from receiver.inspection import read_instance_ids
+from vannah_pipelines.dicom.inspection import read_instance_ids
 from vannah_pipelines.dicom.synthetic import make_instance
 from vannah_pipelines.errors import InvalidDicomError, UnsafeUidError
 
