@@ -1,7 +1,9 @@
 """Read the catalog: an in-memory DuckDB copy that loads at start and tails new batch files.
 
 Each reading service (DICOMweb, the receiver's Q/R, tests) keeps its own copy, so readers
-never hold a lock on anything a writer touches and queries run from memory.
+never hold a lock on anything a writer touches and queries run from memory. ``instances``,
+``series`` and ``studies`` are tables here (views in the researchers' ``catalog.duckdb``),
+maintained incrementally: a refresh costs what the new batch files touch, not the archive.
 """
 
 from __future__ import annotations
@@ -14,23 +16,47 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from vannah_pipelines.catalog.schema import TABLES, view_sql
+from vannah_pipelines.catalog.schema import (
+    TABLES,
+    current_select,
+    series_select,
+    study_select,
+)
+
+_NEW = "_new_rows"
 
 
 class CatalogReader:
-    """A consistent, refreshable in-memory view of the catalog under `root`."""
+    """A consistent, refreshable in-memory view of the catalog under `root`.
+
+    Tables: ``instance_versions`` (every ingested file), ``instances`` (current version of
+    each SOP Instance UID), ``series``, ``studies``, ``quarantine``; the same names and
+    columns as the views documented in docs/catalog.md.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._con = duckdb.connect(":memory:")
         self._lock = threading.Lock()
         self._loaded: dict[str, set[str]] = {t: set() for t in TABLES}
+        con = self._con
         for table, schema in TABLES.items():
-            self._con.register(f"_{table}_empty", schema.empty_table())
-            self._con.execute(f"CREATE TABLE {table}_rows AS SELECT * FROM _{table}_empty")
-            self._con.unregister(f"_{table}_empty")
-        for statement in view_sql("instances_rows", "quarantine_rows"):
-            self._con.execute(statement)
+            con.register("_empty", schema.empty_table())
+            name = "instance_versions" if table == "instances" else table
+            con.execute(f"CREATE TABLE {name} AS SELECT * FROM _empty")
+            con.unregister("_empty")
+        con.execute(f"CREATE TABLE instances AS {current_select('instance_versions')} LIMIT 0")
+        con.execute(f"CREATE TABLE series AS {series_select('instances')} LIMIT 0")
+        con.execute(f"CREATE TABLE studies AS {study_select('instances')} LIMIT 0")
+        for table, column in (
+            ("instances", "sop_instance_uid"),
+            ("instances", "series_instance_uid"),
+            ("instances", "study_instance_uid"),
+            ("series", "series_instance_uid"),
+            ("series", "study_instance_uid"),
+            ("studies", "study_instance_uid"),
+        ):
+            con.execute(f"CREATE INDEX {table}_{column} ON {table} ({column})")
         self.refresh()
 
     def _new_files(self, table: str) -> list[str]:
@@ -41,26 +67,75 @@ class CatalogReader:
         return [f for f in found if f not in self._loaded[table]]
 
     def refresh(self) -> int:
-        """Load batch files added since the last refresh; returns how many."""
-        added = 0
+        """Load batch files added since the last refresh; returns how many.
+
+        All changes of one refresh commit together, so a query sees a batch whole or not
+        at all.
+        """
         with self._lock:
-            for table in TABLES:
-                files = self._new_files(table)
-                if not files:
-                    continue
-                columns = ", ".join(TABLES[table].names)
-                self._con.execute(
-                    f"INSERT INTO {table}_rows SELECT {columns} FROM read_parquet(?)", [files]
-                )
-                self._loaded[table].update(files)
-                added += len(files)
-        return added
+            quarantine = self._new_files("quarantine")
+            instances = self._new_files("instances")
+            if not quarantine and not instances:
+                return 0
+            cur = self._con.cursor()
+            try:
+                cur.execute("BEGIN TRANSACTION")
+                if quarantine:
+                    cols = ", ".join(TABLES["quarantine"].names)
+                    cur.execute(
+                        f"INSERT INTO quarantine SELECT {cols} FROM read_parquet(?)", [quarantine]
+                    )
+                if instances:
+                    self._add_instances(cur, instances)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+            self._loaded["quarantine"].update(quarantine)
+            self._loaded["instances"].update(instances)
+            return len(quarantine) + len(instances)
+
+    @staticmethod
+    def _add_instances(cur: duckdb.DuckDBPyConnection, files: list[str]) -> None:
+        cols = ", ".join(TABLES["instances"].names)
+        cur.execute(f"CREATE TEMP TABLE {_NEW} AS SELECT {cols} FROM read_parquet(?)", [files])
+        cur.execute(f"INSERT INTO instance_versions SELECT * FROM {_NEW}")
+        # Every version of a touched SOP UID decides its current row; every series and
+        # study any of those versions belongs to is re-derived (a re-send may move one).
+        touched = f"sop_instance_uid IN (SELECT sop_instance_uid FROM {_NEW})"
+        cur.execute(f"""CREATE TEMP TABLE _touched AS SELECT DISTINCT sop_instance_uid,
+                        series_instance_uid, study_instance_uid FROM instance_versions
+                        WHERE {touched}""")
+        cur.execute(f"DELETE FROM instances WHERE {touched}")
+        cur.execute(
+            f"INSERT INTO instances {current_select('instance_versions', 'WHERE ' + touched)}"
+        )
+        in_series = "series_instance_uid IN (SELECT series_instance_uid FROM _touched)"
+        in_studies = "study_instance_uid IN (SELECT study_instance_uid FROM _touched)"
+        cur.execute(f"DELETE FROM series WHERE {in_series}")
+        cur.execute(f"INSERT INTO series {series_select('instances', 'WHERE ' + in_series)}")
+        cur.execute(f"DELETE FROM studies WHERE {in_studies}")
+        cur.execute(f"INSERT INTO studies {study_select('instances', 'WHERE ' + in_studies)}")
+        cur.execute(f"DROP TABLE {_NEW}")
+        cur.execute("DROP TABLE _touched")
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Run `sql` with bound `params` on a cursor of its own (thread-safe)."""
         cursor = self._con.cursor()
         try:
             return cursor.execute(sql, list(params or [])).fetchall()
+        finally:
+            cursor.close()
+
+    def query_dicts(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Like :meth:`query`, each row as a dict keyed by column name."""
+        cursor = self._con.cursor()
+        try:
+            result = cursor.execute(sql, list(params or []))
+            names = [d[0] for d in result.description or []]
+            return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
         finally:
             cursor.close()
 

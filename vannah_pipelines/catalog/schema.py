@@ -105,42 +105,66 @@ STUDY_COLUMNS = [c.name for c in DICOM_COLUMNS if c.level in ("PATIENT", "STUDY"
 SERIES_COLUMNS = [c.name for c in DICOM_COLUMNS if c.level == "SERIES"]
 
 
+# Re-sent instances: the latest received version of a SOP Instance UID is current.
+LATEST_FIRST = "received_at DESC, indexed_at DESC, checksum"
+# PS3.3 C.4.23.1.1 Instance Availability: cold (archive class) needs a restore first.
+_INSTANCE_AVAILABILITY = "CASE WHEN tier = 'cold' THEN 'NEARLINE' ELSE 'ONLINE' END"
+_GROUP_AVAILABILITY = "CASE WHEN bool_or(tier = 'cold') THEN 'NEARLINE' ELSE 'ONLINE' END"
+
+
+def current_select(source: str, where: str = "") -> str:
+    """The current version of each SOP Instance UID in `source`, with its availability."""
+    return (
+        f"SELECT *, {_INSTANCE_AVAILABILITY} AS instance_availability FROM {source} {where} "
+        f"QUALIFY row_number() OVER (PARTITION BY sop_instance_uid ORDER BY {LATEST_FIRST}) = 1"
+    )
+
+
+def series_select(source: str, where: str = "") -> str:
+    """One row per series of the current instances in `source`, with derived attributes."""
+    cols = [c for c in SERIES_COLUMNS if c != "series_instance_uid"] + [
+        c for c in STUDY_COLUMNS if c != "study_instance_uid"
+    ]
+    values = ",\n  ".join(f"any_value({c}) AS {c}" for c in cols)
+    return f"""SELECT
+  series_instance_uid,
+  any_value(study_instance_uid) AS study_instance_uid,
+  {values},
+  count(*) AS number_of_series_related_instances,
+  sum(size_bytes) AS size_bytes,
+  min(tier) AS tier,
+  {_GROUP_AVAILABILITY} AS instance_availability,
+  max(received_at) AS last_received_at
+FROM {source} {where} GROUP BY series_instance_uid"""
+
+
+def study_select(source: str, where: str = "") -> str:
+    """One row per study of the current instances in `source`, with derived attributes."""
+    values = ",\n  ".join(
+        f"any_value({c}) AS {c}" for c in STUDY_COLUMNS if c != "study_instance_uid"
+    )
+    return f"""SELECT
+  study_instance_uid,
+  {values},
+  string_agg(DISTINCT modality, '\\' ORDER BY modality) AS modalities_in_study,
+  count(DISTINCT series_instance_uid) AS number_of_study_related_series,
+  count(*) AS number_of_study_related_instances,
+  sum(size_bytes) AS size_bytes,
+  {_GROUP_AVAILABILITY} AS instance_availability,
+  max(received_at) AS last_received_at
+FROM {source} {where} GROUP BY study_instance_uid"""
+
+
 def view_sql(source_instances: str, source_quarantine: str) -> list[str]:
     """CREATE VIEW statements over the two raw row sources (a table or a read_parquet()).
 
     ``instances`` holds the current version of each SOP Instance UID (re-sends: the latest
     received wins; every version stays in ``instance_versions``).
     """
-    study_cols = ",\n  ".join(
-        f"any_value({c}) AS {c}" for c in STUDY_COLUMNS if c != "study_instance_uid"
-    )
-    series_cols = ",\n  ".join(
-        f"any_value({c}) AS {c}" for c in SERIES_COLUMNS if c != "series_instance_uid"
-    )
-    patient_study = [c for c in STUDY_COLUMNS if c != "study_instance_uid"]
     return [
         f"CREATE OR REPLACE VIEW instance_versions AS SELECT * FROM {source_instances}",
-        "CREATE OR REPLACE VIEW instances AS SELECT * FROM instance_versions "
-        "QUALIFY row_number() OVER (PARTITION BY sop_instance_uid "
-        "ORDER BY received_at DESC, indexed_at DESC, checksum) = 1",
-        f"""CREATE OR REPLACE VIEW series AS SELECT
-  series_instance_uid,
-  any_value(study_instance_uid) AS study_instance_uid,
-  {series_cols},
-  {", ".join(f"any_value({c}) AS {c}" for c in patient_study)},
-  count(*) AS number_of_series_related_instances,
-  sum(size_bytes) AS size_bytes,
-  min(tier) AS tier,
-  max(received_at) AS last_received_at
-FROM instances GROUP BY series_instance_uid""",
-        f"""CREATE OR REPLACE VIEW studies AS SELECT
-  study_instance_uid,
-  {study_cols},
-  string_agg(DISTINCT modality, '\\' ORDER BY modality) AS modalities_in_study,
-  count(DISTINCT series_instance_uid) AS number_of_study_related_series,
-  count(*) AS number_of_study_related_instances,
-  sum(size_bytes) AS size_bytes,
-  max(received_at) AS last_received_at
-FROM instances GROUP BY study_instance_uid""",
+        f"CREATE OR REPLACE VIEW instances AS {current_select('instance_versions')}",
+        f"CREATE OR REPLACE VIEW series AS {series_select('instances')}",
+        f"CREATE OR REPLACE VIEW studies AS {study_select('instances')}",
         f"CREATE OR REPLACE VIEW quarantine AS SELECT * FROM {source_quarantine}",
     ]
