@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     ingest_run_max_files: int = Field(default=20_000, ge=1)
     ingest_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
     dagster_port: int = Field(default=3000, ge=0, le=65535)
+    dicomweb_port: int = Field(default=8042, ge=0, le=65535)
+    dicomweb_cors_origins: tuple[str, ...] = Field(
+        default=("*",), description="origins a browser may call the DICOMweb API from"
+    )
+    dicomweb_max_limit: int = Field(default=1000, ge=1, description="QIDO-RS limit ceiling")
+    stow_max_bytes: int = Field(default=2 * 1024**3, ge=1, description="STOW-RS body limit")
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self) -> Settings:

@@ -1,0 +1,66 @@
+"""The DICOMweb service (PS3.18) under /dicom-web: app factory, error mapping, routers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from dicomweb.errors import DicomWebError
+from dicomweb.routes import qido, stow_rs, wado_rs, wado_uri
+from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/dicom-web"
+
+
+class LiveCatalog:
+    """The service's in-memory catalog copy, refreshed at most every `interval` seconds."""
+
+    def __init__(self, reader: CatalogReader, interval: float = 0.5) -> None:
+        self.reader = reader
+        self.interval = interval
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> CatalogReader:
+        now = time.monotonic()
+        if now - self._last >= self.interval and self._lock.acquire(blocking=False):
+            try:
+                self.reader.refresh()
+                self._last = now
+            finally:
+                self._lock.release()
+        return self.reader
+
+
+def _dicomweb_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DicomWebError)
+    return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the service for `settings` (no global state: tests build as many as they like)."""
+    app = FastAPI(title="VannahHealthCloud DICOMweb", docs_url=f"{PREFIX}/docs",
+                  openapi_url=f"{PREFIX}/openapi.json")
+    app.state.settings = settings
+    app.state.catalog = LiveCatalog(CatalogReader(settings.catalog_dir))
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.dicomweb_cors_origins),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["*"],
+        expose_headers=["Content-Type", "Content-Length", "Warning", "Location",
+                        "Content-Location"],
+        max_age=600,
+    )
+    app.add_exception_handler(DicomWebError, _dicomweb_error)
+    for module in (qido, wado_rs, stow_rs, wado_uri):
+        app.include_router(module.router, prefix=PREFIX)
+    return app

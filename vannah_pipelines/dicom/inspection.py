@@ -1,0 +1,315 @@
+"""Read the identifying UIDs of an encoded data set without decoding it (pure: pydicom's UID only).
+
+The C-STORE and STOW-RS paths store bytes as received, so this walks the element headers once: it
+checks that every element fits in the bytes sent (a truncated or garbage data set is
+refused) and picks the few top-level UIDs the landing zone needs. Values, including pixel
+data, are skipped, never decoded.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from pydicom.uid import UID
+
+from vannah_pipelines.dicom.uids import require_uid
+from vannah_pipelines.errors import InvalidDicomError, UnsafeUidError
+
+# PS3.5 7.1.2: explicit VRs whose length field is 32 bits (after 2 reserved bytes).
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_UNDEFINED = 0xFFFFFFFF
+# PS3.5 7.5: item, item delimitation and sequence delimitation tags.
+_ITEM = 0xFFFEE000
+_ITEM_DELIMITER = 0xFFFEE00D
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_MAX_DEPTH = 64
+_MAX_INFLATED = 4 << 30  # a deflate bomb is refused, not inflated without bound
+
+_SOP_CLASS_UID = 0x00080016
+_SOP_INSTANCE_UID = 0x00080018
+_STUDY_INSTANCE_UID = 0x0020000D
+_SERIES_INSTANCE_UID = 0x0020000E
+_WANTED = frozenset({_SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID})
+
+
+@dataclass(frozen=True)
+class InstanceIds:
+    """The UIDs that identify a received instance, each checked by ``require_uid``."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    implicit: bool
+    little: bool
+
+    @property
+    def tag(self) -> struct.Struct:
+        return struct.Struct("<HH" if self.little else ">HH")
+
+    @property
+    def u16(self) -> struct.Struct:
+        return struct.Struct("<H" if self.little else ">H")
+
+    @property
+    def u32(self) -> struct.Struct:
+        return struct.Struct("<L" if self.little else ">L")
+
+
+_IMPLICIT_LE = _Encoding(implicit=True, little=True)
+
+
+def read_instance_ids(dataset: bytes | memoryview, transfer_syntax_uid: str) -> InstanceIds:
+    """Return the SOP Class/Instance, Study and Series Instance UIDs of an encoded data set.
+
+    Parameters
+    ----------
+    dataset
+        The data set as received (no preamble, no file meta), in `transfer_syntax_uid`.
+    transfer_syntax_uid
+        The transfer syntax the data set is encoded in (the presentation context's).
+
+    Returns
+    -------
+    InstanceIds
+        The four UIDs, each valid per PS3.5 9.1 and so safe as a path component.
+
+    Raises
+    ------
+    UnsafeUidError
+        If one of the four UIDs is missing, empty or not a UID (``../``, letters, ...).
+    InvalidDicomError
+        If the data set cannot be parsed: truncated, garbage, unknown transfer syntax.
+
+    Examples
+    --------
+    >>> from pydicom.uid import ImplicitVRLittleEndian as ts
+    >>> read_instance_ids(b"", ts)
+    Traceback (most recent call last):
+    ...
+    vannah_pipelines.errors.UnsafeUidError: SOPClassUID is not a valid DICOM UID: None
+    """
+    ts = UID(transfer_syntax_uid)
+    try:
+        encoding = _Encoding(implicit=ts.is_implicit_VR, little=ts.is_little_endian)
+        deflated = ts.is_deflated
+    except ValueError as exc:
+        raise InvalidDicomError(f"unknown transfer syntax {transfer_syntax_uid!r}") from exc
+    buf = memoryview(_inflate(dataset) if deflated else dataset)
+    found: dict[int, bytes] = {}
+    end = _walk_dataset(buf, 0, encoding, depth=0, found=found, in_item=False)
+    if end != len(buf):  # pragma: no cover - _walk_dataset consumes all or raises
+        raise InvalidDicomError("data set has trailing bytes")
+    return InstanceIds(
+        sop_class_uid=_uid(found, _SOP_CLASS_UID, "SOPClassUID"),
+        sop_instance_uid=_uid(found, _SOP_INSTANCE_UID, "SOPInstanceUID"),
+        study_instance_uid=_uid(found, _STUDY_INSTANCE_UID, "StudyInstanceUID"),
+        series_instance_uid=_uid(found, _SERIES_INSTANCE_UID, "SeriesInstanceUID"),
+    )
+
+
+def _inflate(data: bytes | memoryview) -> bytes:
+    # PS3.5 A.5: deflated explicit VR little endian is raw deflate (no zlib header).
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, _MAX_INFLATED)
+    except zlib.error as exc:
+        raise InvalidDicomError(f"deflated data set cannot be inflated: {exc}") from exc
+    if inflater.unconsumed_tail:
+        raise InvalidDicomError("deflated data set inflates beyond the size limit")
+    if not inflater.eof:
+        raise InvalidDicomError("deflated data set is truncated")
+    return out
+
+
+def _uid(found: dict[int, bytes], tag: int, keyword: str) -> str:
+    raw = found.get(tag)
+    if raw is None:
+        return require_uid(None, keyword)
+    try:
+        # PS3.5 9.1: UI values are padded to even length with a NUL; tolerate a space too.
+        value = raw.rstrip(b"\x00 ").decode("ascii")
+    except UnicodeDecodeError:
+        return require_uid(raw, keyword)
+    return require_uid(value, keyword)
+
+
+def _walk_dataset(
+    buf: memoryview,
+    pos: int,
+    enc: _Encoding,
+    *,
+    depth: int,
+    found: dict[int, bytes] | None,
+    in_item: bool,
+) -> int:
+    """Walk the elements from `pos`; return the end (after the item delimiter if `in_item`)."""
+    end = len(buf)
+    tag_s, u16, u32 = enc.tag, enc.u16, enc.u32
+    while pos < end:
+        if end - pos < 8:
+            raise InvalidDicomError(f"truncated element header at offset {pos}")
+        group, element = tag_s.unpack_from(buf, pos)
+        tag = group << 16 | element
+        if group == 0xFFFE:
+            # Delimiters carry no VR, even in explicit VR transfer syntaxes (PS3.5 7.5).
+            if tag == _ITEM_DELIMITER and in_item:
+                return pos + 8
+            raise InvalidDicomError(f"unexpected ({group:04X},{element:04X}) at offset {pos}")
+        vr = bytes(buf[pos + 4 : pos + 6])
+        if not enc.implicit and b"AA" <= vr <= b"ZZ" and vr.isalpha():
+            if vr in _LONG_VRS:
+                if end - pos < 12:
+                    raise InvalidDicomError(f"truncated element header at offset {pos}")
+                length = u32.unpack_from(buf, pos + 8)[0]
+                header = 12
+            else:
+                length = u16.unpack_from(buf, pos + 6)[0]
+                header = 8
+        else:
+            # Implicit VR, or an explicit data set that switched to implicit (seen in the wild).
+            vr = b""
+            length = u32.unpack_from(buf, pos + 4)[0]
+            header = 8
+        pos += header
+        if length == _UNDEFINED:
+            # SQ, UN or encapsulated pixel data: items up to a sequence delimiter. The
+            # content of an undefined-length UN is implicit VR little endian (PS3.5 6.2.2).
+            inner = _IMPLICIT_LE if vr == b"UN" else enc
+            pos = _walk_items(buf, pos, inner, depth=depth + 1)
+            continue
+        if length > end - pos:
+            raise InvalidDicomError(
+                f"element ({group:04X},{element:04X}) of {length} bytes is truncated"
+            )
+        if found is not None and tag in _WANTED:
+            found[tag] = bytes(buf[pos : pos + length])
+        pos += length
+    if in_item:
+        raise InvalidDicomError("item of undefined length has no delimiter")
+    return pos
+
+
+def _walk_items(buf: memoryview, pos: int, enc: _Encoding, *, depth: int) -> int:
+    """Walk items up to and including the sequence delimiter; return the end."""
+    if depth > _MAX_DEPTH:
+        raise InvalidDicomError("sequences are nested too deeply")
+    end = len(buf)
+    tag_s, u32 = enc.tag, enc.u32
+    while end - pos >= 8:
+        group, element = tag_s.unpack_from(buf, pos)
+        tag = group << 16 | element
+        length = u32.unpack_from(buf, pos + 4)[0]
+        pos += 8
+        if tag == _SEQUENCE_DELIMITER:
+            return pos
+        if tag != _ITEM:
+            raise InvalidDicomError(f"expected an item, found ({group:04X},{element:04X})")
+        if length == _UNDEFINED:
+            pos = _walk_dataset(buf, pos, enc, depth=depth, found=None, in_item=True)
+        elif length > end - pos:
+            raise InvalidDicomError(f"item of {length} bytes is truncated")
+        else:
+            pos += length
+    raise InvalidDicomError("sequence of undefined length has no delimiter")
+
+
+_FILE_PREFIX_END = 132  # 128-byte preamble + "DICM" (PS3.10 7.1)
+_MAX_FILE_META = 64 * 1024
+_TRANSFER_SYNTAX_UID = 0x00020010
+_MEDIA_STORAGE_SOP_CLASS_UID = 0x00020002
+_MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
+_META_WANTED = frozenset(
+    {_TRANSFER_SYNTAX_UID, _MEDIA_STORAGE_SOP_CLASS_UID, _MEDIA_STORAGE_SOP_INSTANCE_UID}
+)
+_EXPLICIT_LE = _Encoding(implicit=False, little=True)
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What a Part-10 file's File Meta Information says, and where its data set starts."""
+
+    transfer_syntax_uid: str
+    media_storage_sop_class_uid: str | None  # None when absent or not a valid UID
+    media_storage_sop_instance_uid: str | None
+    dataset_offset: int
+
+
+def read_file_meta(data: bytes | memoryview) -> FileMeta:
+    """Read the File Meta Information of a Part-10 file without decoding anything else.
+
+    Parameters
+    ----------
+    data
+        The whole file: 128-byte preamble, ``DICM``, group 0002 (explicit VR little
+        endian, PS3.10 7.1), then the data set.
+
+    Returns
+    -------
+    FileMeta
+        The transfer syntax (a valid UID), the media storage SOP class and instance UIDs
+        (None unless valid UIDs) and the offset of the data set.
+
+    Raises
+    ------
+    InvalidDicomError
+        If there is no preamble and ``DICM`` prefix, the group is truncated or too long,
+        or the transfer syntax is missing or not a UID.
+
+    Examples
+    --------
+    >>> read_file_meta(b"not dicom")
+    Traceback (most recent call last):
+    ...
+    vannah_pipelines.errors.InvalidDicomError: not a DICOM Part-10 file (no DICM prefix)
+    """
+    buf = memoryview(data)
+    if len(buf) < _FILE_PREFIX_END or bytes(buf[128:_FILE_PREFIX_END]) != b"DICM":
+        raise InvalidDicomError("not a DICOM Part-10 file (no DICM prefix)")
+    enc = _EXPLICIT_LE
+    pos, end = _FILE_PREFIX_END, len(buf)
+    found: dict[int, bytes] = {}
+    while end - pos >= 8:
+        group, element = enc.tag.unpack_from(buf, pos)
+        if group != 0x0002:
+            break
+        vr = bytes(buf[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if end - pos < 12:
+                raise InvalidDicomError("truncated file meta information")
+            length, header = enc.u32.unpack_from(buf, pos + 8)[0], 12
+        else:
+            length, header = enc.u16.unpack_from(buf, pos + 6)[0], 8
+        if length == _UNDEFINED or length > end - pos - header:
+            raise InvalidDicomError(f"file meta element (0002,{element:04X}) is truncated")
+        tag = group << 16 | element
+        if tag in _META_WANTED:
+            found[tag] = bytes(buf[pos + header : pos + header + length])
+        pos += header + length
+        if pos - _FILE_PREFIX_END > _MAX_FILE_META:
+            raise InvalidDicomError("file meta information is implausibly long")
+    try:
+        syntax = _uid(found, _TRANSFER_SYNTAX_UID, "TransferSyntaxUID")
+    except UnsafeUidError as exc:
+        raise InvalidDicomError(f"file meta information: {exc}") from exc
+    return FileMeta(
+        transfer_syntax_uid=syntax,
+        media_storage_sop_class_uid=_optional_uid(found, _MEDIA_STORAGE_SOP_CLASS_UID),
+        media_storage_sop_instance_uid=_optional_uid(found, _MEDIA_STORAGE_SOP_INSTANCE_UID),
+        dataset_offset=pos,
+    )
+
+
+def _optional_uid(found: dict[int, bytes], tag: int) -> str | None:
+    try:
+        return _uid(found, tag, "UID")
+    except UnsafeUidError:
+        return None
