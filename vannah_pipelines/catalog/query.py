@@ -141,7 +141,8 @@ def _condition(attr: Attribute, match: Match, fuzzy: bool) -> tuple[str, list[An
                     [wildcard_to_like(fold(match.pattern))])
         return f"{col} LIKE ? ESCAPE '\\'", [wildcard_to_like(match.pattern)]
     if isinstance(match, Range):
-        parts, params = [], []
+        parts: list[str] = []
+        params: list[Any] = []
         if match.low is not None:
             parts.append(f"{col} >= ?")
             params.append(match.low)

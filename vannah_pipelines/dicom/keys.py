@@ -90,10 +90,10 @@ def resolve(key: str) -> tuple[str, str, str]:
         if not keyword:
             raise UnknownAttributeError(f"unknown tag {key}")
         return keyword, key.upper(), dictionary_VR(number)
-    number = tag_for_keyword(key)
-    if number is None:
+    found = tag_for_keyword(key)
+    if found is None:
         raise UnknownAttributeError(f"unknown attribute {key!r}")
-    return key, f"{number:08X}", dictionary_VR(number)
+    return key, f"{found:08X}", dictionary_VR(found)
 
 
 def attribute_at(key: str, level: Level) -> Attribute:
