@@ -1,4 +1,4 @@
-"""The ``vannah`` command line: up, receiver, import, ingest, catalog."""
+"""The ``vannah`` command line: up, receiver, dicomweb, import, ingest, catalog."""
 
 from __future__ import annotations
 
@@ -23,13 +23,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_platform(_settings(args))
 
 
-def cmd_receiver(args: argparse.Namespace) -> int:
+def _exec_service(args: argparse.Namespace, module: str) -> int:
+    """Replace this process by ``python -m <module>`` with the resolved settings' env."""
     settings = _settings(args)
     env = dict(os.environ, VANNAH_DATA_DIR=str(settings.data_dir.resolve()))
     if args.config:
         env["VANNAH_CONFIG"] = str(Path(args.config).resolve())
-    os.execve(sys.executable, [sys.executable, "-m", "receiver"], env)
+    os.execve(sys.executable, [sys.executable, "-m", module], env)
     return 0  # pragma: no cover - execve does not return
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    return _exec_service(args, "receiver")
+
+
+def cmd_dicomweb(args: argparse.Namespace) -> int:
+    return _exec_service(args, "dicomweb")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -151,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="run the whole platform (receiver, Dagster webserver + daemon)"
     ).set_defaults(func=cmd_up)
     sub.add_parser("receiver", help="run the DIMSE receiver").set_defaults(func=cmd_receiver)
+    sub.add_parser("dicomweb", help="run the DICOMweb service").set_defaults(func=cmd_dicomweb)
     p = sub.add_parser("import", help="bulk-import a folder or DICOMDIR tree")
     p.add_argument("path")
     p.add_argument(

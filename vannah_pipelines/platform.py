@@ -59,6 +59,7 @@ def services(settings: Settings) -> list[Service]:
     workspace = str(PROJECT_DIR / "workspace.yaml")
     return [
         Service("receiver", [py, "-m", "receiver"]),
+        Service("dicomweb", [py, "-m", "dicomweb"]),
         # The sensor logs every tick at INFO; runs and their logs are in the UI.
         Service(
             "dagster-daemon",
@@ -87,6 +88,8 @@ def banner(settings: Settings) -> str:
             "VannahHealthCloud is up:",
             f"  DIMSE receiver   {settings.dicom_aet}@{host}:{settings.dicom_port}"
             f"   (echoscu -aec {settings.dicom_aet} {host} {settings.dicom_port})",
+            f"  DICOMweb         http://{host}:{settings.dicomweb_port}/dicom-web"
+            f"   (QIDO-RS, WADO-RS, STOW-RS, WADO-URI)",
             f"  Dagster UI       http://{host}:{settings.dagster_port}",
             f"  catalog (DuckDB) {(settings.catalog_dir / CATALOG_DB).resolve()}",
             f"  data folder      {settings.data_dir.resolve()}",
