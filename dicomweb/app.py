@@ -9,6 +9,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicomweb.errors import DicomWebError
 from dicomweb.routes import qido, stow_rs, wado_rs, wado_uri
@@ -45,6 +46,14 @@ def _dicomweb_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers)
 
 
+def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's own 404/405 (no route matched) get a DICOM JSON reason like ours.
+    assert isinstance(exc, StarletteHTTPException)
+    body = DicomWebError(str(exc.detail), status=exc.status_code).body()
+    return JSONResponse(status_code=exc.status_code, content=body,
+                        headers=getattr(exc, "headers", None))
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the service for `settings` (no global state: tests build as many as they like)."""
     app = FastAPI(title="VannahHealthCloud DICOMweb", docs_url=f"{PREFIX}/docs",
@@ -61,6 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_age=600,
     )
     app.add_exception_handler(DicomWebError, _dicomweb_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     for module in (qido, wado_rs, stow_rs, wado_uri):
         app.include_router(module.router, prefix=PREFIX)
     return app

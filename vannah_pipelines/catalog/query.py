@@ -28,34 +28,82 @@ from vannah_pipelines.dicom.matching import (
     wildcard_to_like,
 )
 
-_TABLES = {Level.STUDY: "studies", Level.SERIES: "series", Level.IMAGE: "instances"}
+_TABLES = {
+    Level.PATIENT: "patients",
+    Level.STUDY: "studies",
+    Level.SERIES: "series",
+    Level.IMAGE: "instances",
+}
 _DEFAULT_ORDER = {
+    Level.PATIENT: "patient_id NULLS LAST",
     Level.STUDY: "study_date DESC NULLS LAST, study_time DESC NULLS LAST, study_instance_uid",
     Level.SERIES: "series_number NULLS LAST, series_instance_uid",
     Level.IMAGE: "instance_number NULLS LAST, sop_instance_uid",
 }
 
-# PS3.18 tables 10.6.3-3/4/5: what each level returns by default.
+# PS3.18 tables 10.6.3-3/4/5 (and PS3.4 C.6.1.1.2 for patients): default return keys.
+PATIENT_DEFAULT = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "NumberOfPatientRelatedStudies",
+    "NumberOfPatientRelatedSeries",
+    "NumberOfPatientRelatedInstances",
+)
 STUDY_DEFAULT = (
-    "StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability", "ModalitiesInStudy",
-    "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyInstanceUID", "StudyID", "StudyDescription", "NumberOfStudyRelatedSeries",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "InstanceAvailability",
+    "ModalitiesInStudy",
+    "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "StudyDescription",
+    "NumberOfStudyRelatedSeries",
     "NumberOfStudyRelatedInstances",
 )
 SERIES_DEFAULT = (
-    "Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
-    "NumberOfSeriesRelatedInstances", "PerformedProcedureStepStartDate",
-    "PerformedProcedureStepStartTime", "BodyPartExamined", "InstanceAvailability",
+    "Modality",
+    "SeriesDescription",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "NumberOfSeriesRelatedInstances",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "BodyPartExamined",
+    "InstanceAvailability",
     "StudyInstanceUID",
 )
 IMAGE_DEFAULT = (
-    "SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "InstanceNumber", "Rows",
-    "Columns", "BitsAllocated", "NumberOfFrames", "SeriesInstanceUID", "StudyInstanceUID",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "InstanceAvailability",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "NumberOfFrames",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
 )
 # Study attributes a series or instance answer carries when not scoped to one study.
-_STUDY_CONTEXT = tuple(k for k in STUDY_DEFAULT if k not in (
-    "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
-    "InstanceAvailability"))
+_STUDY_CONTEXT = tuple(
+    k
+    for k in STUDY_DEFAULT
+    if k
+    not in (
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "InstanceAvailability",
+    )
+)
 _SERIES_CONTEXT = ("Modality", "SeriesNumber", "SeriesDescription", "SeriesInstanceUID")
 
 _INT_VRS = frozenset({"IS", "US", "UL", "SS", "SL", "UV", "SV"})
@@ -133,12 +181,15 @@ def _condition(attr: Attribute, match: Match, fuzzy: bool) -> tuple[str, list[An
         return f"list_contains(?, {col})", [values]
     if isinstance(match, Wildcard):
         if attr.multi_valued:
-            regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
-                            for c in match.pattern)
+            regex = "".join(
+                ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in match.pattern
+            )
             return f"regexp_matches({col}, ?)", [r"(^|\\)" + regex + r"(\\|$)"]
         if pn_fuzzy:
-            return (f"lower(strip_accents({col})) LIKE ? ESCAPE '\\'",
-                    [wildcard_to_like(fold(match.pattern))])
+            return (
+                f"lower(strip_accents({col})) LIKE ? ESCAPE '\\'",
+                [wildcard_to_like(fold(match.pattern))],
+            )
         return f"{col} LIKE ? ESCAPE '\\'", [wildcard_to_like(match.pattern)]
     if isinstance(match, Range):
         parts: list[str] = []
@@ -154,12 +205,12 @@ def _condition(attr: Attribute, match: Match, fuzzy: bool) -> tuple[str, list[An
     raise AssertionError(match)
 
 
-def _return_keys(
-    spec: QuerySpec, matched: list[Attribute], ignored: list[str]
-) -> list[Attribute]:
+def _return_keys(spec: QuerySpec, matched: list[Attribute], ignored: list[str]) -> list[Attribute]:
     level = spec.level
     keys: list[str] = []
-    if level == Level.STUDY:
+    if level == Level.PATIENT:
+        keys += PATIENT_DEFAULT
+    elif level == Level.STUDY:
         keys += STUDY_DEFAULT
     elif level == Level.SERIES:
         keys += SERIES_DEFAULT
@@ -270,8 +321,13 @@ def _json_values(vr: str, value: Any) -> list[Any]:
         names = []
         for part in parts:
             groups = part.split("=")
-            names.append({k: g for k, g in zip(("Alphabetic", "Ideographic", "Phonetic"),
-                                               groups, strict=False) if g})
+            names.append(
+                {
+                    k: g
+                    for k, g in zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False)
+                    if g
+                }
+            )
         return names
     if vr in _INT_VRS:
         return [int(p) for p in parts]

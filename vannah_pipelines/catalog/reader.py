@@ -19,6 +19,7 @@ import pyarrow as pa
 from vannah_pipelines.catalog.schema import (
     TABLES,
     current_select,
+    patient_select,
     series_select,
     study_select,
 )
@@ -30,8 +31,8 @@ class CatalogReader:
     """A consistent, refreshable in-memory view of the catalog under `root`.
 
     Tables: ``instance_versions`` (every ingested file), ``instances`` (current version of
-    each SOP Instance UID), ``series``, ``studies``, ``quarantine``; the same names and
-    columns as the views documented in docs/catalog.md.
+    each SOP Instance UID), ``series``, ``studies``, ``patients``, ``quarantine``; the same
+    names and columns as the views documented in docs/catalog.md.
     """
 
     def __init__(self, root: Path) -> None:
@@ -48,6 +49,7 @@ class CatalogReader:
         con.execute(f"CREATE TABLE instances AS {current_select('instance_versions')} LIMIT 0")
         con.execute(f"CREATE TABLE series AS {series_select('instances')} LIMIT 0")
         con.execute(f"CREATE TABLE studies AS {study_select('instances')} LIMIT 0")
+        con.execute(f"CREATE TABLE patients AS {patient_select('studies')} LIMIT 0")
         for table, column in (
             ("instances", "sop_instance_uid"),
             ("instances", "series_instance_uid"),
@@ -118,8 +120,16 @@ class CatalogReader:
         cur.execute(f"INSERT INTO series {series_select('instances', 'WHERE ' + in_series)}")
         cur.execute(f"DELETE FROM studies WHERE {in_studies}")
         cur.execute(f"INSERT INTO studies {study_select('instances', 'WHERE ' + in_studies)}")
+        # Patients of the touched studies, before and after (a study may change patient).
+        cur.execute("""CREATE TEMP TABLE _patients AS SELECT DISTINCT patient_id FROM
+                       instance_versions WHERE study_instance_uid IN
+                       (SELECT study_instance_uid FROM _touched)""")
+        in_patients = "WHERE patient_id IN (SELECT patient_id FROM _patients) OR patient_id IS NULL"
+        cur.execute(f"DELETE FROM patients {in_patients}")
+        cur.execute(f"INSERT INTO patients {patient_select('studies', in_patients)}")
         cur.execute(f"DROP TABLE {_NEW}")
         cur.execute("DROP TABLE _touched")
+        cur.execute("DROP TABLE _patients")
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Run `sql` with bound `params` on a cursor of its own (thread-safe)."""

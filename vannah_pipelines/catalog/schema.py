@@ -155,6 +155,23 @@ def study_select(source: str, where: str = "") -> str:
 FROM {source} {where} GROUP BY study_instance_uid"""
 
 
+PATIENT_COLUMNS = [c.name for c in DICOM_COLUMNS if c.level == "PATIENT"]
+
+
+def patient_select(source: str, where: str = "") -> str:
+    """One row per Patient ID of the studies in `source` (PS3.4 C.6.1 patient level)."""
+    values = ",\n  ".join(f"any_value({c}) AS {c}" for c in PATIENT_COLUMNS if c != "patient_id")
+    return f"""SELECT
+  patient_id,
+  {values},
+  count(*) AS number_of_patient_related_studies,
+  sum(number_of_study_related_series) AS number_of_patient_related_series,
+  sum(number_of_study_related_instances) AS number_of_patient_related_instances,
+  {_GROUP_AVAILABILITY.replace("tier = 'cold'", "instance_availability = 'NEARLINE'")}
+    AS instance_availability
+FROM {source} {where} GROUP BY patient_id"""
+
+
 def view_sql(source_instances: str, source_quarantine: str) -> list[str]:
     """CREATE VIEW statements over the two raw row sources (a table or a read_parquet()).
 
@@ -166,5 +183,6 @@ def view_sql(source_instances: str, source_quarantine: str) -> list[str]:
         f"CREATE OR REPLACE VIEW instances AS {current_select('instance_versions')}",
         f"CREATE OR REPLACE VIEW series AS {series_select('instances')}",
         f"CREATE OR REPLACE VIEW studies AS {study_select('instances')}",
+        f"CREATE OR REPLACE VIEW patients AS {patient_select('studies')}",
         f"CREATE OR REPLACE VIEW quarantine AS SELECT * FROM {source_quarantine}",
     ]

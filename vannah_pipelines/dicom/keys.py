@@ -41,8 +41,12 @@ def _attribute(keyword: str, column: str | None, level: Level, multi: bool = Fal
     return Attribute(keyword, f"{tag:08X}", dictionary_VR(tag), column, level, multi)
 
 
-_LEVELS = {"PATIENT": Level.PATIENT, "STUDY": Level.STUDY, "SERIES": Level.SERIES,
-           "IMAGE": Level.IMAGE}
+_LEVELS = {
+    "PATIENT": Level.PATIENT,
+    "STUDY": Level.STUDY,
+    "SERIES": Level.SERIES,
+    "IMAGE": Level.IMAGE,
+}
 _MULTI = {"ImageType", "OtherPatientIDs", "ModalitiesInStudy"}
 
 ATTRIBUTES: dict[str, Attribute] = {
@@ -52,25 +56,45 @@ ATTRIBUTES: dict[str, Attribute] = {
 }
 ATTRIBUTES.update(
     {
-        "ModalitiesInStudy": _attribute("ModalitiesInStudy", "modalities_in_study",
-                                        Level.STUDY, True),
+        "ModalitiesInStudy": _attribute(
+            "ModalitiesInStudy", "modalities_in_study", Level.STUDY, True
+        ),
         "NumberOfStudyRelatedSeries": _attribute(
-            "NumberOfStudyRelatedSeries", "number_of_study_related_series", Level.STUDY),
+            "NumberOfStudyRelatedSeries", "number_of_study_related_series", Level.STUDY
+        ),
         "NumberOfStudyRelatedInstances": _attribute(
-            "NumberOfStudyRelatedInstances", "number_of_study_related_instances", Level.STUDY),
+            "NumberOfStudyRelatedInstances", "number_of_study_related_instances", Level.STUDY
+        ),
         "NumberOfSeriesRelatedInstances": _attribute(
-            "NumberOfSeriesRelatedInstances", "number_of_series_related_instances",
-            Level.SERIES),
-        "InstanceAvailability": _attribute("InstanceAvailability", "instance_availability",
-                                           Level.STUDY),
+            "NumberOfSeriesRelatedInstances", "number_of_series_related_instances", Level.SERIES
+        ),
+        "InstanceAvailability": _attribute(
+            "InstanceAvailability", "instance_availability", Level.STUDY
+        ),
+        "NumberOfPatientRelatedStudies": _attribute(
+            "NumberOfPatientRelatedStudies", "number_of_patient_related_studies", Level.PATIENT
+        ),
+        "NumberOfPatientRelatedSeries": _attribute(
+            "NumberOfPatientRelatedSeries", "number_of_patient_related_series", Level.PATIENT
+        ),
+        "NumberOfPatientRelatedInstances": _attribute(
+            "NumberOfPatientRelatedInstances", "number_of_patient_related_instances", Level.PATIENT
+        ),
     }
 )
 
 # The attributes each level can match (a level sees the levels above it).
 _ORDER = [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE]
 # Derived attributes that exist only at their own level.
-_OWN_LEVEL_ONLY = {"ModalitiesInStudy", "NumberOfStudyRelatedSeries",
-                   "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances"}
+_OWN_LEVEL_ONLY = {
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+    "NumberOfSeriesRelatedInstances",
+    "NumberOfPatientRelatedStudies",
+    "NumberOfPatientRelatedSeries",
+    "NumberOfPatientRelatedInstances",
+}
 
 
 def resolve(key: str) -> tuple[str, str, str]:

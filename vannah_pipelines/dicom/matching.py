@@ -16,8 +16,27 @@ from vannah_pipelines.dicom.uids import is_uid
 
 _RANGE_VRS = frozenset({"DA", "TM", "DT"})
 # PS3.4 C.2.2.2.4: wildcards are not allowed for these VRs (and would be meaningless).
-_NO_WILDCARD_VRS = frozenset({"DA", "TM", "DT", "UI", "SL", "SS", "UL", "US", "FL", "FD",
-                              "IS", "DS", "SQ", "OB", "OW", "UN", "AT"})
+_NO_WILDCARD_VRS = frozenset(
+    {
+        "DA",
+        "TM",
+        "DT",
+        "UI",
+        "SL",
+        "SS",
+        "UL",
+        "US",
+        "FL",
+        "FD",
+        "IS",
+        "DS",
+        "SQ",
+        "OB",
+        "OW",
+        "UN",
+        "AT",
+    }
+)
 
 
 # One hyphen splitting two (possibly empty) date/time values. (A DT with a negative UTC
@@ -59,8 +78,11 @@ Match = Universal | Single | UidList | Wildcard | Range
 
 
 def _check_date_like(vr: str, value: str) -> None:
-    allowed = set("0123456789") | ({".", "+", "-"} if vr == "DT" else set()) | (
-        {"."} if vr == "TM" else set())
+    allowed = (
+        set("0123456789")
+        | ({".", "+", "-"} if vr == "DT" else set())
+        | ({"."} if vr == "TM" else set())
+    )
     if not value or not set(value) <= allowed:
         raise InvalidMatchError(f"not a valid {vr} value: {value[:64]!r}")
     if vr == "DA" and len(value) != 8:
@@ -151,9 +173,11 @@ def matches(match: Match, value: str | None, *, fuzzy: bool = False) -> bool:
         return False
     candidates = value.split("\\")
     if isinstance(match, Range):
-        return any((match.low is None or c >= match.low) and
-                   (match.high is None or c[: len(match.high)] <= match.high)
-                   for c in candidates)
+        return any(
+            (match.low is None or c >= match.low)
+            and (match.high is None or c[: len(match.high)] <= match.high)
+            for c in candidates
+        )
     if isinstance(match, UidList):
         return any(c in match.values for c in candidates)
     if isinstance(match, Wildcard):

@@ -1,0 +1,472 @@
+"""WADO-RS (PS3.18 10.4): instances, metadata, frames, bulk data, rendered and thumbnails.
+
+Glue only: validate the path, look the instances up in the catalog, negotiate with
+dicomweb.media, stream with dicomweb.multipart, draw with dicomweb.rendering.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Annotated, BinaryIO
+
+import pydicom
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from pydicom.dataset import Dataset
+
+from dicomweb.deps import CatalogDep, SettingsDep
+from dicomweb.errors import BadRequestError, DicomWebError, NotAcceptableError, NotFoundError
+from dicomweb.media import (
+    DICOM,
+    OCTET_STREAM,
+    FrameChoice,
+    InstanceChoice,
+    choose_bulk,
+    choose_frames,
+    choose_instance,
+    choose_metadata,
+    choose_rendered,
+    fill_bulk_data_uris,
+    parse_accept,
+    transcode,
+)
+from dicomweb.multipart import (
+    Part,
+    chunked,
+    content_type,
+    encode_parts,
+    new_boundary,
+    read_chunks,
+)
+from dicomweb.rendering import (
+    PIXEL_DATA_TAG,
+    FrameError,
+    RenderOptions,
+    bulk_value,
+    check_frames,
+    decoded_frame,
+    frame_count,
+    parse_bulk_path,
+    parse_frame_list,
+    parse_quality,
+    parse_viewport,
+    parse_window,
+    render_frame,
+    stored_frame,
+    thumbnail_options,
+)
+from vannah_pipelines.catalog.lookup import StoredInstance, find_instances, iter_headers
+from vannah_pipelines.dicom.uids import require_uid
+from vannah_pipelines.errors import NotFoundError as StorageNotFoundError
+from vannah_pipelines.errors import UnsafeUidError
+from vannah_pipelines.settings import Settings
+from vannah_pipelines.storage.base import Tier
+from vannah_pipelines.storage.local import LocalStorage
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["WADO-RS"])
+
+AcceptHeader = Annotated[str | None, Header(alias="accept")]
+STUDY = "/studies/{study}"
+SERIES = STUDY + "/series/{series}"
+INSTANCE = SERIES + "/instances/{instance}"
+
+
+# ---------------------------------------------------------------- shared with WADO-URI
+
+
+def check_uids(study: str, series: str | None = None, instance: str | None = None) -> None:
+    """400 for any path UID that is not a PS3.5 UID (they never reach SQL or a path)."""
+    try:
+        require_uid(study, "StudyInstanceUID")
+        if series is not None:
+            require_uid(series, "SeriesInstanceUID")
+        if instance is not None:
+            require_uid(instance, "SOPInstanceUID")
+    except UnsafeUidError as exc:
+        raise BadRequestError(str(exc)) from exc
+
+
+def lookup(
+    catalog: CatalogDep, study: str, series: str | None = None, instance: str | None = None
+) -> list[StoredInstance]:
+    """The instances named (404 with the reason when there are none)."""
+    check_uids(study, series, instance)
+    found = find_instances(catalog, study, series, instance)
+    if not found:
+        if instance is not None:
+            what = f"no instance {instance} in series {series} of study {study}"
+        elif series is not None:
+            what = f"no series {series} in study {study}"
+        else:
+            what = f"no study {study}"
+        raise NotFoundError(what)
+    return found
+
+
+def opener(settings: Settings, instance: StoredInstance) -> Callable[[], BinaryIO]:
+    """How to open the stored file of `instance` (503 for tiers not served yet)."""
+    if instance.tier != Tier.HOT.value:
+        raise DicomWebError(
+            f"instance {instance.sop_instance_uid} is in the {instance.tier or 'unknown'} "
+            "tier; retrieval from it is not available yet",
+            status=503,
+        )
+    store = LocalStorage(settings.hot_dir, Tier.HOT)
+    return lambda: store.open(instance.storage_key)
+
+
+def read_dataset(settings: Settings, instance: StoredInstance) -> Dataset:
+    """The whole stored instance, parsed (one instance in memory)."""
+    try:
+        with opener(settings, instance)() as stream:
+            return pydicom.dcmread(stream, force=True)
+    except StorageNotFoundError as exc:
+        log.error("catalogued object missing from storage: %s", exc)
+        raise DicomWebError(
+            f"the stored object of instance {instance.sop_instance_uid} is missing", status=500
+        ) from exc
+
+
+def instance_body(
+    open_stream: Callable[[], BinaryIO], stored: str, choice: InstanceChoice
+) -> Iterator[bytes]:
+    """The instance's bytes: the stored file in chunks, or transcoded."""
+    if not choice.transcode(stored):
+        yield from read_chunks(open_stream)
+        return
+    with open_stream() as stream:
+        data = transcode(stream, choice.transfer_syntax_uid)
+    yield from chunked(data)
+
+
+def render_options(
+    accept: str | None, accept_param: str | None, window: str | None, viewport: str | None,
+    quality: str | None,
+) -> RenderOptions:
+    media_type = choose_rendered(parse_accept(accept_param or accept))
+    if media_type is None:
+        raise NotAcceptableError(
+            "rendered images are image/jpeg, image/png or image/gif; "
+            f"accepted: {accept_param or accept}"
+        )
+    try:
+        return RenderOptions(
+            media_type, parse_window(window), parse_viewport(viewport), parse_quality(quality)
+        )
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from exc
+
+
+def rendered_response(
+    settings: Settings, instance: StoredInstance, number: int, options: RenderOptions
+) -> Response:
+    ds = read_dataset(settings, instance)
+    try:
+        data = render_frame(ds, number, options)
+    except FrameError as exc:
+        status = 404 if "does not exist" in str(exc) else 400
+        raise DicomWebError(f"instance {instance.sop_instance_uid}: {exc}", status=status) \
+            from exc
+    return Response(content=data, media_type=options.media_type)
+
+
+# ---------------------------------------------------------------- instances
+
+
+def _retrieve(
+    settings: Settings, instances: list[StoredInstance], accept: str | None
+) -> Response:
+    ranges = parse_accept(accept)
+    single = len(instances) == 1
+    planned: list[tuple[StoredInstance, Callable[[], BinaryIO], InstanceChoice]] = []
+    for instance in instances:
+        open_stream = opener(settings, instance)
+        choice = choose_instance(ranges, instance.transfer_syntax_uid, single_part_ok=single)
+        if isinstance(choice, str):
+            raise NotAcceptableError(f"instance {instance.sop_instance_uid}: {choice}")
+        planned.append((instance, open_stream, choice))
+    if single and not planned[0][2].multipart:
+        instance, open_stream, choice = planned[0]
+        return StreamingResponse(
+            instance_body(open_stream, instance.transfer_syntax_uid, choice),
+            media_type=f"{DICOM}; transfer-syntax={choice.transfer_syntax_uid}",
+        )
+    boundary = new_boundary()
+    parts = (
+        Part(
+            f"{DICOM}; transfer-syntax={choice.transfer_syntax_uid}",
+            instance_body(open_stream, instance.transfer_syntax_uid, choice),
+        )
+        for instance, open_stream, choice in planned
+    )
+    return StreamingResponse(
+        encode_parts(parts, boundary), media_type=content_type(DICOM, boundary)
+    )
+
+
+@router.get(STUDY, summary="Retrieve a study")
+def retrieve_study(
+    study: str, catalog: CatalogDep, settings: SettingsDep, accept: AcceptHeader = None
+) -> Response:
+    return _retrieve(settings, lookup(catalog, study), accept)
+
+
+@router.get(SERIES, summary="Retrieve a series")
+def retrieve_series(
+    study: str, series: str, catalog: CatalogDep, settings: SettingsDep,
+    accept: AcceptHeader = None,
+) -> Response:
+    return _retrieve(settings, lookup(catalog, study, series), accept)
+
+
+@router.get(INSTANCE, summary="Retrieve an instance")
+def retrieve_instance(
+    study: str, series: str, instance: str, catalog: CatalogDep, settings: SettingsDep,
+    accept: AcceptHeader = None,
+) -> Response:
+    return _retrieve(settings, lookup(catalog, study, series, instance), accept)
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _base_url(request: Request) -> str:
+    """The service root as an absolute path (whatever prefix the app is mounted under)."""
+    path = request.url.path
+    return path[: path.index("/studies/")]
+
+
+def _metadata(
+    request: Request, catalog: CatalogDep, accept: str | None, study: str,
+    series: str | None = None, instance: str | None = None,
+) -> Response:
+    media_type = choose_metadata(parse_accept(accept))
+    if media_type is None:
+        raise NotAcceptableError(f"metadata is application/dicom+json; accepted: {accept}")
+    check_uids(study, series, instance)
+    rows = iter_headers(catalog, study, series, instance)
+    first = next(rows, None)
+    if first is None:
+        lookup(catalog, study, series, instance)  # raises the 404 with its reason
+    assert first is not None
+    base = _base_url(request)
+
+    def body() -> Iterator[bytes]:
+        yield b"["
+        separator = b""
+        for stored, header in _chain(first, rows):
+            url = (
+                f"{base}/studies/{stored.study_instance_uid}/series/"
+                f"{stored.series_instance_uid}/instances/{stored.sop_instance_uid}"
+            )
+            attributes = fill_bulk_data_uris(json.loads(header), url)
+            yield separator + json.dumps(attributes, separators=(",", ":")).encode("utf-8")
+            separator = b","
+        yield b"]"
+
+    return StreamingResponse(body(), media_type=media_type)
+
+
+def _chain(
+    first: tuple[StoredInstance, str], rest: Iterator[tuple[StoredInstance, str]]
+) -> Iterator[tuple[StoredInstance, str]]:
+    yield first
+    yield from rest
+
+
+@router.get(STUDY + "/metadata", summary="Retrieve study metadata")
+def study_metadata(
+    request: Request, study: str, catalog: CatalogDep, accept: AcceptHeader = None
+) -> Response:
+    return _metadata(request, catalog, accept, study)
+
+
+@router.get(SERIES + "/metadata", summary="Retrieve series metadata")
+def series_metadata(
+    request: Request, study: str, series: str, catalog: CatalogDep, accept: AcceptHeader = None
+) -> Response:
+    return _metadata(request, catalog, accept, study, series)
+
+
+@router.get(INSTANCE + "/metadata", summary="Retrieve instance metadata")
+def instance_metadata(
+    request: Request, study: str, series: str, instance: str, catalog: CatalogDep,
+    accept: AcceptHeader = None,
+) -> Response:
+    return _metadata(request, catalog, accept, study, series, instance)
+
+
+# ---------------------------------------------------------------- frames and bulk data
+
+
+def _frames_response(
+    stored: StoredInstance, ds: Dataset, numbers: list[int], accept: str | None
+) -> Response:
+    choice = choose_frames(parse_accept(accept), stored.transfer_syntax_uid, len(numbers))
+    if isinstance(choice, str):
+        raise NotAcceptableError(f"instance {stored.sop_instance_uid}: {choice}")
+    try:
+        check_frames(ds, numbers)
+    except FrameError as exc:
+        status = 404 if "does not exist" in str(exc) else 400
+        raise DicomWebError(f"instance {stored.sop_instance_uid}: {exc}", status=status) \
+            from exc
+
+    def frame(number: int, how: FrameChoice) -> bytes:
+        return decoded_frame(ds, number) if how.decode else stored_frame(ds, number)
+
+    if not choice.multipart:
+        return Response(content=frame(numbers[0], choice), media_type=choice.part_content_type)
+    boundary = new_boundary()
+    parts = (Part(choice.part_content_type, _lazy(frame, n, choice)) for n in numbers)
+    return StreamingResponse(
+        encode_parts(parts, boundary), media_type=content_type(choice.media_type, boundary)
+    )
+
+
+def _lazy(
+    make: Callable[[int, FrameChoice], bytes], number: int, choice: FrameChoice
+) -> Iterator[bytes]:
+    yield make(number, choice)
+
+
+@router.get(INSTANCE + "/frames/{frames}", summary="Retrieve frames")
+def retrieve_frames(
+    study: str, series: str, instance: str, frames: str, catalog: CatalogDep,
+    settings: SettingsDep, accept: AcceptHeader = None,
+) -> Response:
+    try:
+        numbers = parse_frame_list(frames)
+    except FrameError as exc:
+        raise BadRequestError(str(exc)) from exc
+    stored = lookup(catalog, study, series, instance)[0]
+    return _frames_response(stored, read_dataset(settings, stored), numbers, accept)
+
+
+@router.get(INSTANCE + "/bulk/{path:path}", summary="Retrieve bulk data")
+def retrieve_bulk_data(
+    study: str, series: str, instance: str, path: str, catalog: CatalogDep,
+    settings: SettingsDep, accept: AcceptHeader = None,
+) -> Response:
+    try:
+        tags = parse_bulk_path(path)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from exc
+    stored = lookup(catalog, study, series, instance)[0]
+    ds = read_dataset(settings, stored)
+    if tags == [PIXEL_DATA_TAG]:
+        count = frame_count(ds)
+        return _frames_response(stored, ds, list(range(1, count + 1)), accept)
+    multipart = choose_bulk(parse_accept(accept))
+    if isinstance(multipart, str):
+        raise NotAcceptableError(multipart)
+    try:
+        data = bulk_value(ds, tags)
+    except KeyError as exc:
+        raise NotFoundError(f"instance {instance}: {exc.args[0]}") from exc
+    except ValueError as exc:
+        raise BadRequestError(f"instance {instance}: {exc}") from exc
+    if not multipart:
+        return Response(content=data, media_type=OCTET_STREAM)
+    boundary = new_boundary()
+    return StreamingResponse(
+        encode_parts([Part(OCTET_STREAM, [data])], boundary),
+        media_type=content_type(OCTET_STREAM, boundary),
+    )
+
+
+# ---------------------------------------------------------------- rendered and thumbnails
+
+WindowQuery = Annotated[str | None, Query(description="center,width[,function]")]
+ViewportQuery = Annotated[str | None, Query(description="width,height")]
+QualityQuery = Annotated[str | None, Query(description="JPEG quality 1..100")]
+AcceptQuery = Annotated[str | None, Query(alias="accept", description="overrides Accept")]
+
+
+def _frame_number(frames: str) -> int:
+    try:
+        numbers = parse_frame_list(frames)
+    except FrameError as exc:
+        raise BadRequestError(str(exc)) from exc
+    if len(numbers) != 1:
+        raise BadRequestError("rendered frames are asked one at a time")
+    return numbers[0]
+
+
+def _middle(instances: list[StoredInstance]) -> StoredInstance:
+    images = [i for i in instances if i.frames > 0]
+    if not images:
+        raise NotFoundError("no image instance to draw a thumbnail from")
+    series_uid = images[0].series_instance_uid  # the first series with images
+    images = [i for i in images if i.series_instance_uid == series_uid]
+    return images[len(images) // 2]
+
+
+@router.get(INSTANCE + "/rendered", summary="Retrieve a rendered instance (its first frame)")
+def rendered_instance(
+    study: str, series: str, instance: str, catalog: CatalogDep, settings: SettingsDep,
+    accept: AcceptHeader = None, window: WindowQuery = None, viewport: ViewportQuery = None,
+    quality: QualityQuery = None, accept_param: AcceptQuery = None,
+) -> Response:
+    options = render_options(accept, accept_param, window, viewport, quality)
+    return rendered_response(settings, lookup(catalog, study, series, instance)[0], 1, options)
+
+
+@router.get(INSTANCE + "/frames/{frames}/rendered", summary="Retrieve a rendered frame")
+def rendered_frame(
+    study: str, series: str, instance: str, frames: str, catalog: CatalogDep,
+    settings: SettingsDep, accept: AcceptHeader = None, window: WindowQuery = None,
+    viewport: ViewportQuery = None, quality: QualityQuery = None,
+    accept_param: AcceptQuery = None,
+) -> Response:
+    options = render_options(accept, accept_param, window, viewport, quality)
+    number = _frame_number(frames)
+    stored = lookup(catalog, study, series, instance)[0]
+    return rendered_response(settings, stored, number, options)
+
+
+@router.get(INSTANCE + "/thumbnail", summary="Retrieve an instance thumbnail")
+def instance_thumbnail(
+    study: str, series: str, instance: str, catalog: CatalogDep, settings: SettingsDep,
+    accept: AcceptHeader = None, viewport: ViewportQuery = None,
+    accept_param: AcceptQuery = None,
+) -> Response:
+    options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
+    return rendered_response(settings, lookup(catalog, study, series, instance)[0], 1, options)
+
+
+@router.get(INSTANCE + "/frames/{frames}/thumbnail", summary="Retrieve a frame thumbnail")
+def frame_thumbnail(
+    study: str, series: str, instance: str, frames: str, catalog: CatalogDep,
+    settings: SettingsDep, accept: AcceptHeader = None, viewport: ViewportQuery = None,
+    accept_param: AcceptQuery = None,
+) -> Response:
+    options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
+    number = _frame_number(frames)
+    stored = lookup(catalog, study, series, instance)[0]
+    return rendered_response(settings, stored, number, options)
+
+
+@router.get(SERIES + "/thumbnail", summary="Retrieve a series thumbnail (its middle image)")
+def series_thumbnail(
+    study: str, series: str, catalog: CatalogDep, settings: SettingsDep,
+    accept: AcceptHeader = None, viewport: ViewportQuery = None,
+    accept_param: AcceptQuery = None,
+) -> Response:
+    options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
+    middle = _middle(lookup(catalog, study, series))
+    return rendered_response(settings, middle, 1, options)
+
+
+@router.get(STUDY + "/thumbnail", summary="Retrieve a study thumbnail (a middle image)")
+def study_thumbnail(
+    study: str, catalog: CatalogDep, settings: SettingsDep, accept: AcceptHeader = None,
+    viewport: ViewportQuery = None, accept_param: AcceptQuery = None,
+) -> Response:
+    options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
+    middle = _middle(lookup(catalog, study))
+    return rendered_response(settings, middle, 1, options)
