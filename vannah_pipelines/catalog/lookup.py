@@ -116,12 +116,17 @@ def iter_headers(
     """(instance, header_json) pairs of a study / series / instance, `page` rows at a time
     (so a study of any size never sits in memory whole)."""
     where, params = _where(study_uid, series_uid, sop_uid)
-    sql = f"SELECT {_COLUMNS}, header_json FROM instances WHERE {where} {_ORDER} LIMIT ? OFFSET ?"
+    sql = (
+        f"SELECT {_COLUMNS}, source_file, checksum FROM instances WHERE {where} {_ORDER} "
+        "LIMIT ? OFFSET ?"
+    )
     offset = 0
     while True:
         rows = reader.query(sql, [*params, page, offset])
+        # Headers live in the catalog's Parquet files, not in the in-memory copy.
+        headers = reader.headers([(r[-2], r[2], r[-1]) for r in rows])
         for row in rows:
-            yield _instance(row), row[-1] or "{}"
+            yield _instance(row), headers.get((row[2], row[-1]), "{}")
         if len(rows) < page:
             return
         offset += page

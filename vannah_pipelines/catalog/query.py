@@ -144,17 +144,9 @@ def _resolve(key: str, level: Level) -> Attribute:
         raise InvalidQueryError(str(exc)) from exc
 
 
-def _json_path(attr: Attribute) -> str:
-    suffix = ".Alphabetic" if attr.vr == "PN" else ""
-    return f"json_extract_string(header_json, '$.\"{attr.tag}\".Value[0]{suffix}')"
-
-
-def _column(attr: Attribute) -> str:
-    return attr.column if attr.column is not None else _json_path(attr)
-
-
 def _condition(attr: Attribute, match: Match, fuzzy: bool) -> tuple[str, list[Any]]:
-    col = _column(attr)
+    assert attr.column is not None
+    col = attr.column
     pn_fuzzy = fuzzy and attr.vr == "PN"
     if isinstance(match, Single):
         if attr.vr in _INT_VRS:
@@ -258,6 +250,7 @@ class CompiledQuery:
     params: list[Any]
     returned: list[Attribute]
     ignored: list[str]  # includefield keys this level does not hold
+    unmatched: list[str]  # keys returned but matched universally (not indexed)
 
 
 def compile_query(spec: QuerySpec) -> CompiledQuery:
@@ -274,6 +267,7 @@ def compile_query(spec: QuerySpec) -> CompiledQuery:
     where: list[str] = []
     params: list[Any] = []
     matched: list[Attribute] = []
+    unmatched: list[str] = []
     for key, value in spec.filters:
         attr = _resolve(key, spec.level)
         matched.append(attr)
@@ -283,14 +277,19 @@ def compile_query(spec: QuerySpec) -> CompiledQuery:
             raise InvalidQueryError(f"{attr.keyword}: {exc}") from exc
         if isinstance(match, Universal):
             continue
+        if attr.column is None:
+            # PS3.4 C.2.2.1.3 / PS3.18 8.3.4: an optional key the catalog does not index
+            # is returned but matched universally, and the answer says so.
+            unmatched.append(attr.keyword)
+            continue
         sql, values = _condition(attr, match, spec.fuzzy)
         where.append(f"({sql})")
         params.extend(values)
     ignored: list[str] = []
     returned = _return_keys(spec, matched, ignored)
     columns = sorted({a.column for a in returned if a.column is not None})
-    if spec.level == Level.IMAGE:
-        columns.append("header_json")
+    if any(a.column is None for a in returned):
+        columns += ["source_file", "sop_instance_uid", "checksum"]
     order = _DEFAULT_ORDER[spec.level]
     if spec.order_by:
         terms = []
@@ -310,7 +309,7 @@ def compile_query(spec: QuerySpec) -> CompiledQuery:
     if spec.offset:
         sql += " OFFSET ?"
         params.append(spec.offset)
-    return CompiledQuery(sql, params, returned, ignored)
+    return CompiledQuery(sql, params, returned, ignored, unmatched)
 
 
 def _json_values(vr: str, value: Any) -> list[Any]:
@@ -343,7 +342,7 @@ def to_dicom_json(row: dict[str, Any], returned: Sequence[Attribute]) -> dict[st
     for attr in returned:
         if attr.column is None:
             if header is None:
-                header = json.loads(row.get("header_json") or "{}")
+                header = json.loads(row.get("_header") or "{}")
             out[attr.tag] = header.get(attr.tag, {"vr": attr.vr})
             continue
         value = row.get(attr.column)
@@ -364,5 +363,14 @@ def run_query(reader: CatalogReader, spec: QuerySpec) -> QueryResult:
     more = spec.limit is not None and len(rows) > spec.limit
     if more:
         rows = rows[: spec.limit]
+    if "source_file" in compiled.sql:
+        headers = reader.headers(
+            [(r["source_file"], r["sop_instance_uid"], r["checksum"]) for r in rows]
+        )
+        for r in rows:
+            r["_header"] = headers.get((r["sop_instance_uid"], r["checksum"]))
     answers = [to_dicom_json(r, compiled.returned) for r in rows]
-    return QueryResult(answers, more, [f"{k} not returned" for k in compiled.ignored])
+    warnings = [f"{k} not returned" for k in compiled.ignored] + [
+        f"{k} is not indexed: matched universally" for k in compiled.unmatched
+    ]
+    return QueryResult(answers, more, warnings)

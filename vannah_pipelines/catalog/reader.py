@@ -25,6 +25,17 @@ from vannah_pipelines.catalog.schema import (
 )
 
 _NEW = "_new_rows"
+# Columns held in memory: everything but the header JSON (read from the Parquet file on
+# demand, see headers()), plus the file each row came from.
+_LOADED = ", ".join(
+    [n for n in TABLES["instances"].names if n != "header_json"] + ["'' AS source_file"]
+)
+# The history of versions is kept slim: what identifies a version and where it is.
+_VERSION_COLUMNS = (
+    "sop_instance_uid, series_instance_uid, study_instance_uid, patient_id, checksum, "
+    "size_bytes, received_at, indexed_at, batch_id, storage_key, tier, source, calling_ae, "
+    "transfer_syntax_uid, source_file"
+)
 
 
 class CatalogReader:
@@ -41,12 +52,17 @@ class CatalogReader:
         self._lock = threading.Lock()
         self._loaded: dict[str, set[str]] = {t: set() for t in TABLES}
         con = self._con
-        for table, schema in TABLES.items():
-            con.register("_empty", schema.empty_table())
-            name = "instance_versions" if table == "instances" else table
-            con.execute(f"CREATE TABLE {name} AS SELECT * FROM _empty")
-            con.unregister("_empty")
-        con.execute(f"CREATE TABLE instances AS {current_select('instance_versions')} LIMIT 0")
+        con.register("_empty_q", TABLES["quarantine"].empty_table())
+        con.execute("CREATE TABLE quarantine AS SELECT * FROM _empty_q")
+        con.unregister("_empty_q")
+        con.register("_empty_i", TABLES["instances"].empty_table())
+        con.execute(f"CREATE TEMP VIEW _empty_rows AS SELECT {_LOADED} FROM _empty_i")
+        con.execute(f"CREATE TABLE instances AS {current_select('_empty_rows')} LIMIT 0")
+        con.execute(
+            f"CREATE TABLE instance_versions AS SELECT {_VERSION_COLUMNS} FROM _empty_rows LIMIT 0"
+        )
+        con.execute("DROP VIEW _empty_rows")
+        con.unregister("_empty_i")
         con.execute(f"CREATE TABLE series AS {series_select('instances')} LIMIT 0")
         con.execute(f"CREATE TABLE studies AS {study_select('instances')} LIMIT 0")
         con.execute(f"CREATE TABLE patients AS {patient_select('studies')} LIMIT 0")
@@ -101,35 +117,54 @@ class CatalogReader:
 
     @staticmethod
     def _add_instances(cur: duckdb.DuckDBPyConnection, files: list[str]) -> None:
-        cols = ", ".join(TABLES["instances"].names)
-        cur.execute(f"CREATE TEMP TABLE {_NEW} AS SELECT {cols} FROM read_parquet(?)", [files])
-        cur.execute(f"INSERT INTO instance_versions SELECT * FROM {_NEW}")
-        # Every version of a touched SOP UID decides its current row; every series and
-        # study any of those versions belongs to is re-derived (a re-send may move one).
-        touched = f"sop_instance_uid IN (SELECT sop_instance_uid FROM {_NEW})"
-        cur.execute(f"""CREATE TEMP TABLE _touched AS SELECT DISTINCT sop_instance_uid,
-                        series_instance_uid, study_instance_uid FROM instance_versions
-                        WHERE {touched}""")
-        cur.execute(f"DELETE FROM instances WHERE {touched}")
+        loaded = _LOADED.replace("'' AS source_file", "filename AS source_file")
         cur.execute(
-            f"INSERT INTO instances {current_select('instance_versions', 'WHERE ' + touched)}"
+            f"CREATE TEMP TABLE {_NEW} AS SELECT {loaded} FROM read_parquet(?, filename = true)",
+            [files],
         )
+        cur.execute(f"INSERT INTO instance_versions SELECT {_VERSION_COLUMNS} FROM {_NEW}")
+        # The current row of a touched SOP UID is the latest of its current row and the
+        # new versions; every series, study and patient either belongs to is re-derived.
+        touched = f"sop_instance_uid IN (SELECT sop_instance_uid FROM {_NEW})"
+        cur.execute(f"""CREATE TEMP TABLE _cand AS
+                        SELECT * EXCLUDE (instance_availability) FROM instances WHERE {touched}
+                        UNION ALL BY NAME SELECT * FROM {_NEW}""")
+        cur.execute("""CREATE TEMP TABLE _touched AS SELECT DISTINCT sop_instance_uid,
+                       series_instance_uid, study_instance_uid, patient_id FROM _cand""")
+        cur.execute(f"DELETE FROM instances WHERE {touched}")
+        cur.execute(f"INSERT INTO instances {current_select('_cand')}")
         in_series = "series_instance_uid IN (SELECT series_instance_uid FROM _touched)"
         in_studies = "study_instance_uid IN (SELECT study_instance_uid FROM _touched)"
         cur.execute(f"DELETE FROM series WHERE {in_series}")
         cur.execute(f"INSERT INTO series {series_select('instances', 'WHERE ' + in_series)}")
         cur.execute(f"DELETE FROM studies WHERE {in_studies}")
         cur.execute(f"INSERT INTO studies {study_select('instances', 'WHERE ' + in_studies)}")
-        # Patients of the touched studies, before and after (a study may change patient).
-        cur.execute("""CREATE TEMP TABLE _patients AS SELECT DISTINCT patient_id FROM
-                       instance_versions WHERE study_instance_uid IN
-                       (SELECT study_instance_uid FROM _touched)""")
-        in_patients = "WHERE patient_id IN (SELECT patient_id FROM _patients) OR patient_id IS NULL"
+        in_patients = "WHERE patient_id IN (SELECT patient_id FROM _touched) OR patient_id IS NULL"
         cur.execute(f"DELETE FROM patients {in_patients}")
         cur.execute(f"INSERT INTO patients {patient_select('studies', in_patients)}")
-        cur.execute(f"DROP TABLE {_NEW}")
-        cur.execute("DROP TABLE _touched")
-        cur.execute("DROP TABLE _patients")
+        for table in (_NEW, "_cand", "_touched"):
+            cur.execute(f"DROP TABLE {table}")
+
+    def headers(self, rows: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str], str]:
+        """Header JSON of instances given as (source_file, sop_instance_uid, checksum).
+
+        Read from their Parquet batch files (only the files named), so the in-memory copy
+        never holds the headers; keyed by (sop_instance_uid, checksum).
+        """
+        if not rows:
+            return {}
+        files = sorted({r[0] for r in rows})
+        wanted = {(r[1], r[2]) for r in rows}
+        cursor = self._con.cursor()
+        try:
+            found = cursor.execute(
+                "SELECT sop_instance_uid, checksum, header_json FROM read_parquet(?) "
+                "WHERE sop_instance_uid IN (SELECT unnest(?))",
+                [files, sorted({w[0] for w in wanted})],
+            ).fetchall()
+        finally:
+            cursor.close()
+        return {(sop, sha): header for sop, sha, header in found if (sop, sha) in wanted}
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Run `sql` with bound `params` on a cursor of its own (thread-safe)."""

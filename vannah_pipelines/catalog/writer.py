@@ -39,6 +39,8 @@ class CatalogWriter:
         """Write `rows` (already in the table's schema) as one batch file, atomically."""
         target = self.batch_path(table, day, batch_id)
         target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            stale.unlink(missing_ok=True)  # left by a writer killed mid-write
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             pq.write_table(rows.cast(TABLES[table]), tmp, compression="zstd")
