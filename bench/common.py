@@ -646,3 +646,149 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     print(f"\n### {title}\n")
     print(markdown_table(header, rows))
+
+
+# --------------------------------------------------------------------------- DICOMweb
+
+
+class DicomWebServer(Server):
+    """Our DICOMweb service, ``python -m dicomweb``, serving the data folder `data_dir`.
+
+    The service loads the whole catalog before it opens its port, so ``ready_seconds`` (from
+    spawning the process to the port accepting connections) is its startup and load time.
+    """
+
+    label = "vannah-dicomweb"
+
+    def __init__(
+        self,
+        workdir: Path,
+        data_dir: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        load_timeout: float = 900.0,
+    ) -> None:
+        super().__init__(workdir)
+        self.data_dir = data_dir
+        self.extra_env = extra_env or {}
+        self.load_timeout = load_timeout
+        self.http_port = 0
+        self.ready_seconds = 0.0
+        self._spawned = 0.0
+
+    def _command(self) -> list[str]:
+        if not (REPO_ROOT / "dicomweb" / "__main__.py").exists():
+            raise RuntimeError("dicomweb/__main__.py does not exist (python -m dicomweb)")
+        self.http_port = free_port()
+        self._spawned = time.monotonic()
+        return [sys.executable, "-m", "dicomweb"]
+
+    def _env(self) -> dict[str, str]:
+        env = {
+            **super()._env(),
+            "VANNAH_DATA_DIR": str(self.data_dir),
+            "VANNAH_DICOMWEB_PORT": str(self.http_port),
+            **self.extra_env,
+        }
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+        return env
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        wait_for_port(self.http_port, self.proc, timeout=self.load_timeout)
+        self.ready_seconds = time.monotonic() - self._spawned
+
+    def stored_instances(self) -> int:
+        raise NotImplementedError("ask the catalog")
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    """One timed HTTP exchange: status, headers, body size and wall time to the last byte."""
+
+    status: int
+    headers: dict[str, str]
+    nbytes: int
+    seconds: float
+    body: bytes | None  # kept only when asked for
+
+
+class HttpClient:
+    """A keep-alive HTTP/1.1 client to 127.0.0.1:`port` that times whole exchanges.
+
+    The clock runs from sending the request to reading the last byte of the body.
+    """
+
+    def __init__(self, port: int, timeout: float = 600.0) -> None:
+        import http.client
+
+        self._factory = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self._conn = self._factory()
+
+    def get(
+        self,
+        path: str,
+        headers: dict[str, str] | None = None,
+        *,
+        keep_body: bool = True,
+        on_chunk: object = None,
+        on_response: object = None,
+        chunk_size: int = 1 << 20,
+    ) -> HttpResult:
+        """GET `path`; `on_response(response)` sees the status and headers before the body,
+        `on_chunk(bytes)` sees the body as it streams when not keeping it."""
+        for attempt in (0, 1):
+            try:
+                started = time.perf_counter()
+                self._conn.request("GET", path, headers=headers or {})
+                response = self._conn.getresponse()
+                break
+            except (ConnectionError, OSError):
+                self._conn.close()
+                self._conn = self._factory()  # the server closed an idle keep-alive connection
+                if attempt:
+                    raise
+        if callable(on_response):
+            on_response(response)
+        if keep_body:
+            body: bytes | None = response.read()
+            nbytes = len(body or b"")
+        else:
+            body, nbytes = None, 0
+            while chunk := response.read(chunk_size):
+                nbytes += len(chunk)
+                if callable(on_chunk):
+                    on_chunk(chunk)
+        seconds = time.perf_counter() - started
+        return HttpResult(
+            response.status, {k.lower(): v for k, v in response.getheaders()}, nbytes, seconds, body
+        )
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The `q` quantile (0..1) of `values`, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def peak_rss_reset(pid: int) -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of `pid`; False if not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The kernel's peak RSS (VmHWM) of `pid` since start or the last reset."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0

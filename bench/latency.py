@@ -38,7 +38,7 @@ from pynetdicom import AE
 
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.dicom.synthetic import MODALITIES, make_instance, to_part10
-from vannah_pipelines.platform import prepare_data_dir
+from vannah_pipelines.platform import dagster_daemon_argv, prepare_data_dir
 from vannah_pipelines.settings import load_settings
 
 
@@ -59,12 +59,7 @@ def main() -> int:
         env = prepare_data_dir(load_settings(data_dir=receiver.data_dir))
         log = (root / "daemon.log").open("wb")
         daemon = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "dagster-daemon"),
-                "run",
-                "-w",
-                str(REPO_ROOT / "workspace.yaml"),
-            ],
+            dagster_daemon_argv(),
             env=env,
             cwd=REPO_ROOT,
             stdout=log,

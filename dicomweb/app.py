@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicomweb.errors import DicomWebError
-from dicomweb.routes import qido, stow_rs, wado_rs, wado_uri
+from dicomweb.routes import qido, stow_rs, wado_rs, wado_uri, worklist
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.settings import Settings
 
@@ -63,7 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         CORSMiddleware,
         allow_origins=list(settings.dicomweb_cors_origins),
-        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
         allow_headers=["*"],
         expose_headers=["Content-Type", "Content-Length", "Warning", "Location",
                         "Content-Location"],
@@ -71,6 +71,6 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_exception_handler(DicomWebError, _dicomweb_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for module in (qido, wado_rs, stow_rs, wado_uri):
+    for module in (qido, wado_rs, stow_rs, wado_uri, worklist):
         app.include_router(module.router, prefix=PREFIX)
     return app

@@ -31,8 +31,9 @@ from typing import Any
 from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
+from receiver import retrieve
 from receiver.contexts import supported_contexts
-from receiver.handlers import AssociationLog, Landing, event_handlers
+from receiver.handlers import Archive, AssociationLog, Landing, event_handlers
 from vannah_pipelines.landing.layout import LandingZone, RollingBatch, write_atomic
 from vannah_pipelines.settings import Settings
 
@@ -62,15 +63,22 @@ def configure_logging(level: int | str = logging.INFO) -> None:
 
 
 def build_ae(settings: Settings) -> AE:
-    """Return the receiver's AE: Verification and every storage SOP class, any called AE."""
+    """Return the receiver's AE: Verification, every storage SOP class (role selection
+    accepted, for C-GET), Patient/Study Root Q/R FIND, MOVE and GET; any called AE."""
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         # pynetdicom's standard event handlers summarise every PDU and DIMSE message for
         # INFO/DEBUG records that would be dropped anyway (about 5% of a C-STORE's CPU
         # in a profile); errors and warnings are still logged.
         _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=settings.dicom_aet)
-    for abstract_syntax, transfer_syntaxes in supported_contexts():
-        ae.add_supported_context(abstract_syntax, list(transfer_syntaxes))
+    retrieve.install()
+    for cx in supported_contexts():
+        if cx.accepts_role_selection:
+            ae.add_supported_context(
+                cx.abstract_syntax, list(cx.transfer_syntaxes), scu_role=True, scp_role=True
+            )
+        else:
+            ae.add_supported_context(cx.abstract_syntax, list(cx.transfer_syntaxes))
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = MAX_PDU_SIZE
     ae.require_called_aet = False  # logged by the handlers instead
@@ -161,10 +169,11 @@ def _run_worker(
         )
     )
     associations = AssociationLog()
+    archive = Archive(settings)
     ae = build_ae(settings)
     server = ae.make_server(
         (settings.bind_host, port),
-        evt_handlers=event_handlers(landing, associations),
+        evt_handlers=event_handlers(landing, associations, archive),
         server_class=ReusePortAssociationServer,
     )
     acceptor = threading.Thread(
@@ -181,6 +190,7 @@ def _run_worker(
     _drain(server)
     landing.close()
     ae.shutdown()
+    archive.close()
     log.info("worker %d stopped", index)
 
 

@@ -1,6 +1,9 @@
-"""Presentation contexts the receiver accepts: Verification and every standard storage SOP class."""
+"""Presentation contexts the receiver accepts: Verification, every standard storage SOP class,
+and the Patient Root and Study Root Query/Retrieve FIND, MOVE and GET SOP classes."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pydicom.uid
 from pynetdicom import AllStoragePresentationContexts
@@ -35,10 +38,48 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
 )
 
 VERIFICATION_SOP_CLASS: str = "1.2.840.10008.1.1"  # PS3.4 A.4
+MODALITY_WORKLIST_FIND: str = "1.2.840.10008.5.1.4.31"  # PS3.4 K.6.1
+
+# PS3.4 C.6.1.3 and C.6.2.3: the Q/R information models' SOP classes.
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+PATIENT_ROOT = frozenset({PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET})
+QR_SOP_CLASSES: tuple[str, ...] = (
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_MOVE,
+    PATIENT_ROOT_GET,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_MOVE,
+    STUDY_ROOT_GET,
+)
+RETRIEVE_SOP_CLASSES = frozenset(
+    {PATIENT_ROOT_MOVE, PATIENT_ROOT_GET, STUDY_ROOT_MOVE, STUDY_ROOT_GET}
+)
 
 
-def supported_contexts() -> list[tuple[str, tuple[str, ...]]]:
-    """Return ``(abstract syntax, transfer syntaxes)`` pairs the receiver supports."""
-    pairs = [(VERIFICATION_SOP_CLASS, TRANSFER_SYNTAXES[:3])]
-    pairs.extend((sop_class, TRANSFER_SYNTAXES) for sop_class in STORAGE_SOP_CLASSES)
-    return pairs
+@dataclass(frozen=True)
+class SupportedContext:
+    """One abstract syntax, its transfer syntaxes, and whether SCP/SCU role selection
+    proposals are accepted (a C-GET SCU asks to act as Storage SCP on its association)."""
+
+    abstract_syntax: str
+    transfer_syntaxes: tuple[str, ...]
+    accepts_role_selection: bool = False
+
+
+def supported_contexts() -> list[SupportedContext]:
+    """The presentation contexts the receiver supports."""
+    contexts = [SupportedContext(VERIFICATION_SOP_CLASS, TRANSFER_SYNTAXES[:3])]
+    # C-STORE behaviour is unchanged; role selection only lets a C-GET SCU receive.
+    contexts.extend(
+        SupportedContext(sop_class, TRANSFER_SYNTAXES, accepts_role_selection=True)
+        for sop_class in STORAGE_SOP_CLASSES
+    )
+    # Identifiers are small: the uncompressed syntaxes suffice.
+    contexts.extend(SupportedContext(sop, TRANSFER_SYNTAXES[:3]) for sop in QR_SOP_CLASSES)
+    contexts.append(SupportedContext(MODALITY_WORKLIST_FIND, TRANSFER_SYNTAXES[:3]))
+    return contexts

@@ -23,6 +23,17 @@ PURE = [
     "vannah_pipelines.storage.local",
     "vannah_pipelines.platform",
     "vannah_pipelines.cli",
+    "vannah_pipelines.dicom.inspection",
+    "vannah_pipelines.dicom.keys",
+    "vannah_pipelines.dicom.matching",
+    "vannah_pipelines.dicom.json_model",
+    "vannah_pipelines.catalog.query",
+    "vannah_pipelines.catalog.lookup",
+    "vannah_pipelines.worklist.store",
+    "vannah_pipelines.worklist.find",
+    "vannah_pipelines.worklist.hl7",
+    "vannah_pipelines.worklist.files",
+    "vannah_pipelines.worklist.cli",
 ]
 
 
@@ -38,10 +49,17 @@ def test_pure_module_imports_no_framework(module: str) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_dicomweb_imports_no_dagster_or_pynetdicom() -> None:
+    code = ("import sys\nsys.modules['dagster'] = None\nsys.modules['pynetdicom'] = None\n"
+            "import dicomweb.app\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_receiver_imports_no_dagster() -> None:
     code = (
         "import sys\nsys.modules['dagster'] = None\nsys.modules['fastapi'] = None\n"
-        "import receiver.handlers, receiver.app\n"
+        "import receiver.handlers, receiver.app, receiver.query_retrieve\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

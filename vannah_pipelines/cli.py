@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vannah_pipelines.errors import VannahError
 from vannah_pipelines.settings import Settings, load_settings
+from vannah_pipelines.worklist.cli import add_subparsers as add_worklist_commands
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "ingest", help="index every sealed landing batch now, without Dagster"
     ).set_defaults(func=cmd_ingest)
+    add_worklist_commands(sub)
     p = sub.add_parser("catalog", help="print the DuckDB catalog's path, or run --sql on it")
     p.add_argument("--sql", help="a query, e.g. 'FROM studies LIMIT 10'")
     p.add_argument("--max-rows", type=int, default=40)

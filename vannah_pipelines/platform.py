@@ -53,6 +53,13 @@ def prepare_data_dir(settings: Settings) -> dict[str, str]:
     return env
 
 
+def dagster_daemon_argv(log_level: str = "info") -> list[str]:
+    """The daemon (sensors, run queue) on this project's workspace."""
+    daemon = Path(sys.executable).parent / "dagster-daemon"
+    workspace = PROJECT_DIR / "workspace.yaml"
+    return [str(daemon), "run", "-w", str(workspace), "--log-level", log_level]
+
+
 def services(settings: Settings) -> list[Service]:
     py = sys.executable
     bin_dir = Path(py).parent
@@ -61,10 +68,7 @@ def services(settings: Settings) -> list[Service]:
         Service("receiver", [py, "-m", "receiver"]),
         Service("dicomweb", [py, "-m", "dicomweb"]),
         # The sensor logs every tick at INFO; runs and their logs are in the UI.
-        Service(
-            "dagster-daemon",
-            [str(bin_dir / "dagster-daemon"), "run", "-w", workspace, "--log-level", "warning"],
-        ),
+        Service("dagster-daemon", dagster_daemon_argv("warning")),
         Service(
             "dagster-webserver",
             [

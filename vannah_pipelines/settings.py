@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,6 +31,7 @@ ORTHANC_KEYS: dict[str, str] = {
     "AuthenticationEnabled": "authentication_enabled",
     "DicomTlsEnabled": "dicom_tls_enabled",
     "rules": "routing_rules",
+    "DicomModalities": "dicom_modalities",
 }
 
 # Accepted and documented, but refused when switched on until the feature exists.
@@ -78,6 +79,29 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
+class RemoteModality(BaseModel):
+    """A known DICOM peer (a C-MOVE destination): AE title, host and port."""
+
+    model_config = ConfigDict(frozen=True)
+
+    aet: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+
+def _modality(name: str, value: Any) -> Any:
+    """Orthanc's ``DicomModalities`` entry: ``["AET", "host", port(, manufacturer)]`` or
+    ``{"AET": ..., "Host": ..., "Port": ...}`` (other Orthanc keys are ignored)."""
+    if isinstance(value, list | tuple):
+        if len(value) < 3:
+            raise ValueError(f"DicomModalities.{name}: expected [AET, host, port]")
+        return {"aet": value[0], "host": value[1], "port": value[2]}
+    if isinstance(value, dict):
+        lower = {str(k).lower(): v for k, v in value.items()}
+        return {"aet": lower.get("aet"), "host": lower.get("host"), "port": lower.get("port")}
+    return value
+
+
 class Settings(BaseSettings):
     """Everything the receiver, the pipelines and the HTTP service are told."""
 
@@ -113,6 +137,37 @@ class Settings(BaseSettings):
     )
     dicomweb_max_limit: int = Field(default=1000, ge=1, description="QIDO-RS limit ceiling")
     stow_max_bytes: int = Field(default=2 * 1024**3, ge=1, description="STOW-RS body limit")
+    worklist_past_due_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="MWL C-FIND stops returning an open step this long after its scheduled "
+        "start (0: never)",
+    )
+    worklist_mllp_port: int = Field(
+        default=2575, ge=0, le=65535, description="HL7 v2 MLLP listener of `vannah worklist mllp`"
+    )
+    dicom_modalities: dict[str, RemoteModality] = Field(
+        default_factory=dict,
+        description="known peers (C-MOVE destinations), Orthanc's DicomModalities format",
+    )
+    qr_catalog_refresh_seconds: float = Field(
+        default=0.5, ge=0, description="a Q/R request reloads the catalog at most this often"
+    )
+
+    @field_validator("dicom_modalities", mode="before")
+    @classmethod
+    def _orthanc_modalities(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(name): _modality(str(name), entry) for name, entry in value.items()}
+        return value
+
+    def modality_by_aet(self, aet: str) -> RemoteModality | None:
+        """The known peer whose AE title is `aet` (trailing spaces ignored), or None."""
+        wanted = aet.strip()
+        for modality in self.dicom_modalities.values():
+            if modality.aet.strip() == wanted:
+                return modality
+        return None
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self) -> Settings:

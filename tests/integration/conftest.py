@@ -6,7 +6,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vannah_pipelines.catalog.reader import CatalogReader
-from vannah_pipelines.platform import PROJECT_DIR, prepare_data_dir
+from vannah_pipelines.platform import PROJECT_DIR, dagster_daemon_argv, prepare_data_dir
 from vannah_pipelines.settings import load_settings
 
 
@@ -129,12 +128,7 @@ def start_daemon(
         shutil.copyfile(instance_yaml, home / "dagster.yaml")
     log = (data_dir / "daemon.log").open("wb")
     process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "dagster-daemon"),
-            "run",
-            "-w",
-            str(PROJECT_DIR / "workspace.yaml"),
-        ],
+        dagster_daemon_argv(),
         env=env,
         cwd=PROJECT_DIR,
         stdout=log,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
 from datetime import date
 from pathlib import Path
@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vannah_pipelines.catalog.schema import TABLES, view_sql
-from vannah_pipelines.landing.layout import fsync_dir
+from vannah_pipelines.landing.layout import fsync_dir, write_atomic
 
 CATALOG_DB = "catalog.duckdb"
 # A zero-row file per table keeps globs valid on an empty catalog; its partition sorts first.
@@ -39,22 +39,11 @@ class CatalogWriter:
         """Write `rows` (already in the table's schema) as one batch file, atomically."""
         target = self.batch_path(table, day, batch_id)
         target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        for stale in target.parent.glob(f".tmp-{target.name}.*"):
             stale.unlink(missing_ok=True)  # left by a writer killed mid-write
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            pq.write_table(rows.cast(TABLES[table]), tmp, compression="zstd")
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            tmp.replace(target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        fsync_dir(target.parent)
+        buffer = io.BytesIO()
+        pq.write_table(rows.cast(TABLES[table]), buffer, compression="zstd")
+        write_atomic(target, buffer.getbuffer())
         return target
 
     def ensure(self) -> None:

@@ -1,0 +1,732 @@
+"""Query/Retrieve against a real ``python -m receiver``: DCMTK findscu, movescu, getscu and a
+storescp destination, on an archive built by storescu + ingest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from receiver_support import (
+    DCMTK_ENV,
+    TEST_FILES,
+    ReceiverProcess,
+    dataset_bytes_of_file,
+    free_port,
+    wait_sealed,
+)
+
+from receiver.status import FindStatus, RetrieveStatus
+from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
+from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.dicom.synthetic import make_instance, to_part10, write_study
+from vannah_pipelines.landing.layout import LandingZone
+from vannah_pipelines.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+AEC = "VANNAHCLOUD"
+DEST_AET = "MOVEDEST"
+STRICT_AET = "STRICTDEST"  # a storescp accepting uncompressed syntaxes only
+PYDICOM_FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "rtplan.dcm")
+NON_ASCII_NAME = "Müller^Jürgen"
+
+
+@dataclass
+class Archive:
+    receiver: ReceiverProcess
+    data_dir: Path
+    studies: dict[str, list[Path]]  # study uid -> files sent
+    patients: dict[str, str]  # study uid -> patient id
+    dest_port: int
+    strict_port: int
+
+    @property
+    def hot(self) -> Path:
+        return self.data_dir / "hot"
+
+    def stored(self) -> dict[str, Path]:
+        """SOP Instance UID -> hot-tier file, from the catalog."""
+        reader = CatalogReader(self.data_dir / "catalog")
+        try:
+            rows = reader.query("SELECT sop_instance_uid, storage_key FROM instances")
+        finally:
+            reader.close()
+        return {uid: self.hot / key for uid, key in rows}
+
+
+def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+    root = tmp_path_factory.mktemp("qr-archive")
+    data_dir = root / "data"
+    dest_port, strict_port = free_port(), free_port()
+    modalities = {
+        "dest": [DEST_AET, "127.0.0.1", dest_port],
+        "strict": {"AET": STRICT_AET, "Host": "127.0.0.1", "Port": strict_port},
+    }
+    rx = ReceiverProcess(
+        data_dir=data_dir,
+        port=free_port(),
+        workers=2,
+        env={"VANNAH_DICOM_MODALITIES": json.dumps(modalities)},
+    ).start()
+    studies: dict[str, list[Path]] = {}
+    patients: dict[str, str] = {}
+    src = root / "src"
+    plan = [
+        ("CT", "QR-PAT-1", "20240110", 2),
+        ("MR", "QR-PAT-1", "20240115", 1),
+        ("US", "QR-PAT-2", "20240201", 1),
+        ("CT", "QR-PAT-3", "20240305", 1),
+    ]
+    for index, (modality, patient, date, series) in enumerate(plan):
+        study = write_study(
+            src / f"s{index}",
+            modality,
+            series=series,
+            instances_per_series=2,
+            patient_id=patient,
+            study_date=date,
+        )
+        studies[study.study_uid] = study.files
+        patients[study.study_uid] = patient
+    # One study with a non-ASCII patient name (UTF-8).
+    ds = make_instance("CR", patient_id="QR-PAT-UTF8", patient_name=NON_ASCII_NAME)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    utf8 = src / "utf8" / f"{ds.SOPInstanceUID}.dcm"
+    utf8.parent.mkdir(parents=True)
+    utf8.write_bytes(to_part10(ds))
+    studies[str(ds.StudyInstanceUID)] = [utf8]
+    patients[str(ds.StudyInstanceUID)] = "QR-PAT-UTF8"
+    for name in PYDICOM_FILES:
+        path = TEST_FILES / name
+        meta = pydicom.dcmread(path, stop_before_pixels=True)
+        studies.setdefault(str(meta.StudyInstanceUID), []).append(path)
+        patients[str(meta.StudyInstanceUID)] = str(meta.get("PatientID", ""))
+    files = [p for paths in studies.values() for p in paths]
+    jpeg2000 = TEST_FILES / "JPEG2000.dcm"
+    implicit = [str(p) for u, ps in studies.items() if patients[u] == "QR-PAT-2" for p in ps]
+    plain = [str(p) for p in files if p != jpeg2000 and str(p) not in implicit]
+    # storescu proposes a compressed syntax only when told to: the JPEG 2000 file alone;
+    # QR-PAT-2's study is stored in Implicit VR Little Endian (what C-GET peers get first).
+    for options, paths in (([], plain), (["-xw"], [str(jpeg2000)]), (["-xi"], implicit)):
+        result = _run(["storescu", "-aec", AEC, *options, "127.0.0.1", str(rx.port), *paths])
+        assert result.returncode == 0, result.stderr
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    landed = wait_sealed(data_dir, uids)
+    assert uids <= landed.keys(), rx.log()
+    settings = load_settings(data_dir=data_dir)
+    zone = LandingZone(settings.landing_dir)
+    ingest_batches(
+        IngestPaths(
+            settings.landing_dir, settings.hot_dir, settings.catalog_dir, settings.quarantine_dir
+        ),
+        [b.batch_id for b in zone.sealed_batches()],
+    )
+    yield Archive(rx, data_dir, studies, patients, dest_port, strict_port)
+    if rx.proc is not None and rx.proc.poll() is None:
+        rx.stop()
+
+
+def _findscu(
+    archive: Archive, out: Path, keys: list[str], *, root: str = "-S", extra: list[str] = ()
+) -> tuple[subprocess.CompletedProcess[str], list[Dataset]]:
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["findscu", "-v", root, "-aec", AEC, "-X", "-od", str(out), *extra]
+    for key in keys:
+        args += ["-k", key]
+    result = _run([*args, "127.0.0.1", str(archive.receiver.port)])
+    answers = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    return result, answers
+
+
+def _keywords(ds: Dataset) -> set[str]:
+    return {e.keyword for e in ds}
+
+
+# --- C-FIND -------------------------------------------------------------------------------
+
+
+def test_findscu_study_root_study_level_returns_exactly_requested_keys(
+    archive: Archive, tmp_path: Path
+) -> None:
+    result, answers = _findscu(
+        archive,
+        tmp_path,
+        ["QueryRetrieveLevel=STUDY", "PatientID=QR-PAT-1", "StudyDate", "ModalitiesInStudy"],
+    )
+    assert result.returncode == 0, result.stderr
+    expected = {u for u, p in archive.patients.items() if p == "QR-PAT-1"}
+    assert {str(a.StudyInstanceUID) for a in answers} == expected
+    for answer in answers:
+        assert _keywords(answer) == {
+            "QueryRetrieveLevel",
+            "PatientID",
+            "StudyDate",
+            "ModalitiesInStudy",
+            "StudyInstanceUID",
+        }
+        assert answer.QueryRetrieveLevel == "STUDY"
+        assert answer.PatientID == "QR-PAT-1"
+    assert sorted(a.StudyDate for a in answers) == ["20240110", "20240115"]
+
+
+def test_findscu_date_range_wildcard_and_uid_list(archive: Archive, tmp_path: Path) -> None:
+    _, answers = _findscu(
+        archive,
+        tmp_path / "range",
+        ["QueryRetrieveLevel=STUDY", "StudyDate=20240112-20240301", "PatientID=QR-PAT-?"],
+    )
+    assert sorted(str(a.PatientID) for a in answers) == ["QR-PAT-1", "QR-PAT-2"]
+    wanted = sorted(u for u, p in archive.patients.items() if p in ("QR-PAT-2", "QR-PAT-3"))
+    _, answers = _findscu(
+        archive,
+        tmp_path / "list",
+        ["QueryRetrieveLevel=STUDY", "StudyInstanceUID=" + "\\".join(wanted)],
+    )
+    assert sorted(str(a.StudyInstanceUID) for a in answers) == wanted
+    assert all(_keywords(a) == {"QueryRetrieveLevel", "StudyInstanceUID"} for a in answers)
+
+
+def test_findscu_series_and_image_levels(archive: Archive, tmp_path: Path) -> None:
+    study = next(
+        u for u, p in archive.patients.items() if p == "QR-PAT-1" and len(archive.studies[u]) == 4
+    )
+    _, series = _findscu(
+        archive,
+        tmp_path / "series",
+        [
+            "QueryRetrieveLevel=SERIES",
+            f"StudyInstanceUID={study}",
+            "Modality",
+            "SeriesNumber",
+            "NumberOfSeriesRelatedInstances",
+        ],
+    )
+    assert len(series) == 2
+    for answer in series:
+        assert _keywords(answer) == {
+            "QueryRetrieveLevel",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "Modality",
+            "SeriesNumber",
+            "NumberOfSeriesRelatedInstances",
+        }
+        assert answer.Modality == "CT"
+        assert int(answer.NumberOfSeriesRelatedInstances) == 2
+    one = str(series[0].SeriesInstanceUID)
+    _, images = _findscu(
+        archive,
+        tmp_path / "image",
+        [
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={study}",
+            f"SeriesInstanceUID={one}",
+            "SOPClassUID",
+            "InstanceNumber",
+        ],
+    )
+    assert sorted(int(a.InstanceNumber) for a in images) == [1, 2]
+    for answer in images:
+        assert _keywords(answer) == {
+            "QueryRetrieveLevel",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "SOPClassUID",
+            "InstanceNumber",
+        }
+
+
+def test_findscu_patient_root_every_level(archive: Archive, tmp_path: Path) -> None:
+    _, patients = _findscu(
+        archive,
+        tmp_path / "p",
+        ["QueryRetrieveLevel=PATIENT", "PatientID=QR-PAT-?", "NumberOfPatientRelatedStudies"],
+        root="-P",
+    )
+    counts = {str(a.PatientID): int(a.NumberOfPatientRelatedStudies) for a in patients}
+    assert counts == {"QR-PAT-1": 2, "QR-PAT-2": 1, "QR-PAT-3": 1}
+    _, studies = _findscu(
+        archive,
+        tmp_path / "s",
+        ["QueryRetrieveLevel=STUDY", "PatientID=QR-PAT-2", "StudyDate"],
+        root="-P",
+    )
+    assert len(studies) == 1
+    study = str(studies[0].StudyInstanceUID)
+    _, series = _findscu(
+        archive,
+        tmp_path / "se",
+        ["QueryRetrieveLevel=SERIES", "PatientID=QR-PAT-2", f"StudyInstanceUID={study}"],
+        root="-P",
+    )
+    assert len(series) == 1
+    assert _keywords(series[0]) == {
+        "QueryRetrieveLevel",
+        "PatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+    }
+    _, images = _findscu(
+        archive,
+        tmp_path / "i",
+        [
+            "QueryRetrieveLevel=IMAGE",
+            "PatientID=QR-PAT-2",
+            f"StudyInstanceUID={study}",
+            f"SeriesInstanceUID={series[0].SeriesInstanceUID}",
+        ],
+        root="-P",
+    )
+    assert len(images) == 2
+
+
+def test_findscu_non_ascii_answer_is_utf8(archive: Archive, tmp_path: Path) -> None:
+    _, answers = _findscu(
+        archive,
+        tmp_path,
+        ["QueryRetrieveLevel=STUDY", "PatientID=QR-PAT-UTF8", "PatientName"],
+    )
+    assert len(answers) == 1
+    assert answers[0].SpecificCharacterSet == "ISO_IR 192"
+    assert str(answers[0].PatientName) == NON_ASCII_NAME
+
+
+def test_findscu_cancel_stops_answers(archive: Archive, tmp_path: Path) -> None:
+    result, answers = _findscu(
+        archive,
+        tmp_path / "c",
+        ["QueryRetrieveLevel=STUDY", "StudyInstanceUID"],
+        extra=["--cancel", "1"],
+    )
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "Sending C-CANCEL" in output or "Cancel" in output, output
+    # The archive is small: every answer may be on the wire before the C-CANCEL arrives.
+    if "Received Final Find Response (Matching terminated due to Cancel request)" in output:
+        assert len(answers) < len(archive.studies)
+
+
+def _study_of(archive: Archive, patient: str, files: int) -> str:
+    return next(
+        u for u, p in archive.patients.items() if p == patient and len(archive.studies[u]) == files
+    )
+
+
+def _pynetdicom_find(
+    archive: Archive, identifier: Dataset, model: str
+) -> list[tuple[int, Dataset | None]]:
+    ae = AE(ae_title="QRTEST")
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.receiver.port, ae_title=AEC)
+    assert assoc.is_established
+    try:
+        return [
+            (int(status.Status), ident)
+            for status, ident in assoc.send_c_find(identifier, model)
+            if status is not None and "Status" in status
+        ]
+    finally:
+        assoc.release()
+
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+
+
+@pytest.mark.parametrize(
+    ("model", "elements", "status"),
+    [
+        # QueryRetrieveLevel missing
+        (STUDY_ROOT_FIND, {"StudyInstanceUID": ""}, FindStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),
+        # invalid level
+        (
+            STUDY_ROOT_FIND,
+            {"QueryRetrieveLevel": "FOO"},
+            FindStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        ),
+        # PATIENT level is not in the Study Root model
+        (
+            STUDY_ROOT_FIND,
+            {"QueryRetrieveLevel": "PATIENT"},
+            FindStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        ),
+        # Patient Root STUDY level without the PatientID unique key
+        (
+            PATIENT_ROOT_FIND,
+            {"QueryRetrieveLevel": "STUDY"},
+            FindStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        ),
+        # SERIES level without the study's unique key
+        (
+            STUDY_ROOT_FIND,
+            {"QueryRetrieveLevel": "SERIES", "Modality": "CT"},
+            FindStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        ),
+        # a UID list for a higher level's unique key
+        (
+            STUDY_ROOT_FIND,
+            {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": "1.2.3\\1.2.4"},
+            FindStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        ),
+        # a malformed UID, a malformed date range
+        (
+            STUDY_ROOT_FIND,
+            {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.abc"},
+            FindStatus.UNABLE_TO_PROCESS,
+        ),
+        (
+            STUDY_ROOT_FIND,
+            {"QueryRetrieveLevel": "STUDY", "StudyDate": "2024-01-01"},
+            FindStatus.UNABLE_TO_PROCESS,
+        ),
+    ],
+)
+def test_malformed_find_identifiers_are_refused(
+    archive: Archive, model: str, elements: dict[str, str], status: int
+) -> None:
+    before = sorted(p.relative_to(archive.data_dir) for p in archive.data_dir.rglob("*"))
+    identifier = Dataset()
+    for keyword, value in elements.items():
+        setattr(identifier, keyword, value)
+    responses = _pynetdicom_find(archive, identifier, model)
+    assert [s for s, _ in responses] == [status]
+    after = sorted(p.relative_to(archive.data_dir) for p in archive.data_dir.rglob("*"))
+    assert before == after
+
+
+def test_pynetdicom_c_cancel_during_find(archive: Archive) -> None:
+    ae = AE(ae_title="QRTEST")
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate("127.0.0.1", archive.receiver.port, ae_title=AEC)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.StudyInstanceUID = _study_of(archive, "QR-PAT-1", 4)
+    identifier.SeriesInstanceUID = ""
+    statuses = []
+    try:
+        for status, _ident in assoc.send_c_find(identifier, STUDY_ROOT_FIND, msg_id=7):
+            statuses.append(int(status.Status))
+            if len(statuses) == 1:
+                assoc.send_c_cancel(7, query_model=STUDY_ROOT_FIND)
+                time.sleep(0.2)
+    finally:
+        assoc.release()
+    assert statuses[0] == FindStatus.PENDING
+    assert statuses[-1] in (FindStatus.CANCEL, FindStatus.SUCCESS)
+
+
+# --- C-MOVE ------------------------------------------------------------------------------
+
+
+@dataclass
+class StoreSCP:
+    proc: subprocess.Popen[bytes]
+    out: Path
+
+    def received(self) -> dict[str, Path]:
+        files = {}
+        for path in self.out.rglob("*"):
+            if path.is_file():
+                try:
+                    uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+                except Exception:
+                    continue
+                files[uid] = path
+        return files
+
+
+@pytest.fixture
+def storescp(tmp_path: Path, archive: Archive) -> Iterator[StoreSCP]:
+    out = tmp_path / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen(
+        ["storescp", "-aet", DEST_AET, "+xa", "+B", "-od", str(out), str(archive.dest_port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_port(archive.dest_port)
+    yield StoreSCP(proc, out)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _wait_port(port: int) -> None:
+    import socket
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def _movescu(archive: Archive, keys: list[str], dest: str = DEST_AET, root: str = "-S") -> str:
+    args = ["movescu", "-v", root, "-aec", AEC, "-aem", dest]
+    for key in keys:
+        args += ["-k", key]
+    result = _run([*args, "127.0.0.1", str(archive.receiver.port)])
+    return result.stdout + result.stderr
+
+
+def _assert_identical(received: dict[str, Path], stored: dict[str, Path], uids: set[str]) -> None:
+    assert set(received) == uids
+    for uid in uids:
+        assert dataset_bytes_of_file(received[uid]) == dataset_bytes_of_file(stored[uid]), uid
+
+
+def test_movescu_study_series_image_levels_byte_identical(
+    archive: Archive, storescp: StoreSCP
+) -> None:
+    stored = archive.stored()
+    study = _study_of(archive, "QR-PAT-1", 4)
+    uids = {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in archive.studies[study]
+    }
+    output = _movescu(archive, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"])
+    assert "Received Final Move Response (Success)" in output, output
+    deadline = time.monotonic() + 10
+    while len(storescp.received()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _assert_identical(storescp.received(), stored, uids)
+
+    # series level (patient root), then image level
+    for path in storescp.out.iterdir():
+        path.unlink()
+    ds = pydicom.dcmread(archive.studies[study][0], stop_before_pixels=True)
+    series_uids = {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+        for p in archive.studies[study]
+        if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID == ds.SeriesInstanceUID
+    }
+    output = _movescu(
+        archive,
+        [
+            "QueryRetrieveLevel=SERIES",
+            "PatientID=QR-PAT-1",
+            f"StudyInstanceUID={study}",
+            f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+        ],
+        root="-P",
+    )
+    deadline = time.monotonic() + 10
+    while len(storescp.received()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _assert_identical(storescp.received(), stored, series_uids)
+
+    for path in storescp.out.iterdir():
+        path.unlink()
+    output = _movescu(
+        archive,
+        [
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={study}",
+            f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+            f"SOPInstanceUID={ds.SOPInstanceUID}",
+        ],
+    )
+    deadline = time.monotonic() + 10
+    while not storescp.received() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _assert_identical(storescp.received(), stored, {str(ds.SOPInstanceUID)})
+
+
+def test_pynetdicom_move_counts_and_compressed_file_identical(
+    archive: Archive, storescp: StoreSCP
+) -> None:
+    jpeg = pydicom.dcmread(TEST_FILES / "JPEG2000.dcm", stop_before_pixels=True)
+    responses = _pynetdicom_move(archive, str(jpeg.StudyInstanceUID), DEST_AET)
+    final = responses[-1][0]
+    assert final.Status == RetrieveStatus.SUCCESS
+    assert final.NumberOfCompletedSuboperations == len(archive.studies[str(jpeg.StudyInstanceUID)])
+    assert final.NumberOfFailedSuboperations == 0
+    stored = archive.stored()
+    received = storescp.received()
+    assert dataset_bytes_of_file(received[str(jpeg.SOPInstanceUID)]) == dataset_bytes_of_file(
+        stored[str(jpeg.SOPInstanceUID)]
+    )
+
+
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+
+
+def _pynetdicom_move(
+    archive: Archive, study: str, dest: str
+) -> list[tuple[Dataset, Dataset | None]]:
+    ae = AE(ae_title="QRTEST")
+    ae.add_requested_context(STUDY_ROOT_MOVE)
+    assoc = ae.associate("127.0.0.1", archive.receiver.port, ae_title=AEC)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+    try:
+        return list(assoc.send_c_move(identifier, dest, STUDY_ROOT_MOVE))
+    finally:
+        assoc.release()
+
+
+def test_move_to_unknown_destination_is_a801(archive: Archive) -> None:
+    study = _study_of(archive, "QR-PAT-2", 2)
+    responses = _pynetdicom_move(archive, study, "NOBODY")
+    assert [int(s.Status) for s, _ in responses] == [RetrieveStatus.MOVE_DESTINATION_UNKNOWN]
+    output = _movescu(
+        archive, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"], dest="NOBODY"
+    )
+    assert "Refused: MoveDestinationUnknown" in output, output
+
+
+def test_move_with_refused_syntax_and_missing_file_is_b000(
+    archive: Archive, tmp_path: Path
+) -> None:
+    out = tmp_path / "strict"
+    out.mkdir()
+    # storescp without +xa accepts uncompressed syntaxes only: JPEG 2000 is refused.
+    proc = subprocess.Popen(
+        ["storescp", "-aet", STRICT_AET, "+B", "-od", str(out), str(archive.strict_port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(archive.strict_port)
+        jpeg = pydicom.dcmread(TEST_FILES / "JPEG2000.dcm", stop_before_pixels=True)
+        study = str(jpeg.StudyInstanceUID)
+        responses = _pynetdicom_move(archive, study, STRICT_AET)
+        final, identifier = responses[-1]
+        total = len(archive.studies[study])
+        if total > 1:
+            assert final.Status == RetrieveStatus.SUBOPERATIONS_FAILED
+        else:
+            assert final.Status == RetrieveStatus.UNABLE_TO_PERFORM_SUBOPERATIONS
+        assert final.NumberOfFailedSuboperations == 1
+        assert identifier is not None
+        assert str(jpeg.SOPInstanceUID) in list(identifier.FailedSOPInstanceUIDList) or (
+            identifier.FailedSOPInstanceUIDList == jpeg.SOPInstanceUID
+        )
+        # a hot-tier file deleted before the move: that sub-operation fails
+        victim_study = _study_of(archive, "QR-PAT-3", 2)
+        stored = archive.stored()
+        victim = pydicom.dcmread(archive.studies[victim_study][0], stop_before_pixels=True)
+        hot_file = stored[str(victim.SOPInstanceUID)]
+        backup = tmp_path / "backup.dcm"
+        shutil.copy2(hot_file, backup)
+        hot_file.unlink()
+        try:
+            responses = _pynetdicom_move(archive, victim_study, STRICT_AET)
+        finally:
+            shutil.copy2(backup, hot_file)
+        final, identifier = responses[-1]
+        assert final.Status == RetrieveStatus.SUBOPERATIONS_FAILED
+        assert final.NumberOfCompletedSuboperations == 1
+        assert final.NumberOfFailedSuboperations == 1
+        assert identifier is not None
+        assert str(identifier.FailedSOPInstanceUIDList) == str(victim.SOPInstanceUID)
+        pending = [s for s, _ in responses[:-1]]
+        assert all(int(s.Status) == RetrieveStatus.PENDING for s in pending)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# --- C-GET -------------------------------------------------------------------------------
+
+
+def _getscu(archive: Archive, out: Path, keys: list[str]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    # +xe: getscu proposes Explicit VR Little Endian first, the stored syntax.
+    args = ["getscu", "-v", "-S", "+xe", "-aec", AEC, "-od", str(out)]
+    for key in keys:
+        args += ["-k", key]
+    result = _run([*args, "127.0.0.1", str(archive.receiver.port)])
+    return result.stdout + result.stderr
+
+
+def test_getscu_study_and_series_levels(archive: Archive, tmp_path: Path) -> None:
+    stored = archive.stored()
+    # Stored in Implicit VR Little Endian, the syntax we accept first: byte-identical.
+    study = _study_of(archive, "QR-PAT-2", 2)
+    uids = {_sop_uid(p) for p in archive.studies[study]}
+    output = _getscu(
+        archive, tmp_path / "study", ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"]
+    )
+    received = {_sop_uid(p): p for p in (tmp_path / "study").iterdir()}
+    assert set(received) == uids, output
+    for uid in uids:
+        assert dataset_bytes_of_file(received[uid]) == dataset_bytes_of_file(stored[uid]), uid
+    # Stored in Explicit VR Little Endian, negotiated Implicit: same elements, re-encoded.
+    study = _study_of(archive, "QR-PAT-1", 4)
+    first = pydicom.dcmread(archive.studies[study][0], stop_before_pixels=True)
+    output = _getscu(
+        archive,
+        tmp_path / "series",
+        [
+            "QueryRetrieveLevel=SERIES",
+            f"StudyInstanceUID={study}",
+            f"SeriesInstanceUID={first.SeriesInstanceUID}",
+        ],
+    )
+    received = {_sop_uid(p): p for p in (tmp_path / "series").iterdir()}
+    assert len(received) == 2, output
+    for uid, path in received.items():
+        got, want = pydicom.dcmread(path), pydicom.dcmread(stored[uid])
+        assert got.SeriesInstanceUID == first.SeriesInstanceUID
+        assert got.PixelData == want.PixelData
+        assert [e.tag for e in got] == [e.tag for e in want]
+
+
+def _sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_get_unknown_study_succeeds_with_no_suboperations(archive: Archive) -> None:
+    ae = AE(ae_title="QRTEST")
+    ae.add_requested_context(STUDY_ROOT_GET)
+    assoc = ae.associate("127.0.0.1", archive.receiver.port, ae_title=AEC)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = "1.2.3.4.5.6.7"
+    try:
+        responses = list(assoc.send_c_get(identifier, STUDY_ROOT_GET))
+    finally:
+        assoc.release()
+    assert [int(s.Status) for s, _ in responses] == [RetrieveStatus.SUCCESS]
+
+
+def test_get_without_unique_key_is_refused(archive: Archive) -> None:
+    ae = AE(ae_title="QRTEST")
+    ae.add_requested_context(STUDY_ROOT_GET)
+    assoc = ae.associate("127.0.0.1", archive.receiver.port, ae_title=AEC)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.SeriesInstanceUID = "1.2.3"
+    try:
+        responses = list(assoc.send_c_get(identifier, STUDY_ROOT_GET))
+    finally:
+        assoc.release()
+    assert [int(s.Status) for s, _ in responses] == [
+        RetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    ]

@@ -1,0 +1,1 @@
+"""Modality Worklist: scheduled procedure steps, their store, C-FIND matching and feeds."""
