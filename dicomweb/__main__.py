@@ -13,15 +13,21 @@ from vannah_pipelines.settings import load_settings
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         settings = load_settings()
     except ConfigError as exc:
         logging.getLogger("dicomweb").error("%s", exc)
         return 2
-    uvicorn.run(create_app(settings), host=settings.bind_host, port=settings.dicomweb_port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.bind_host,
+        port=settings.dicomweb_port,
+        log_level="warning",
+        access_log=False,
+    )
     return 0
 
 

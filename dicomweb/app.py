@@ -50,14 +50,18 @@ def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     # Starlette's own 404/405 (no route matched) get a DICOM JSON reason like ours.
     assert isinstance(exc, StarletteHTTPException)
     body = DicomWebError(str(exc.detail), status=exc.status_code).body()
-    return JSONResponse(status_code=exc.status_code, content=body,
-                        headers=getattr(exc, "headers", None))
+    return JSONResponse(
+        status_code=exc.status_code, content=body, headers=getattr(exc, "headers", None)
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the service for `settings` (no global state: tests build as many as they like)."""
-    app = FastAPI(title="VannahHealthCloud DICOMweb", docs_url=f"{PREFIX}/docs",
-                  openapi_url=f"{PREFIX}/openapi.json")
+    app = FastAPI(
+        title="VannahHealthCloud DICOMweb",
+        docs_url=f"{PREFIX}/docs",
+        openapi_url=f"{PREFIX}/openapi.json",
+    )
     app.state.settings = settings
     app.state.catalog = LiveCatalog(CatalogReader(settings.catalog_dir))
     app.add_middleware(
@@ -65,8 +69,13 @@ def create_app(settings: Settings) -> FastAPI:
         allow_origins=list(settings.dicomweb_cors_origins),
         allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
         allow_headers=["*"],
-        expose_headers=["Content-Type", "Content-Length", "Warning", "Location",
-                        "Content-Location"],
+        expose_headers=[
+            "Content-Type",
+            "Content-Length",
+            "Warning",
+            "Location",
+            "Content-Location",
+        ],
         max_age=600,
     )
     app.add_exception_handler(DicomWebError, _dicomweb_error)

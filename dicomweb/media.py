@@ -27,8 +27,12 @@ WRITABLE_NATIVE = frozenset({EXPLICIT_LE, IMPLICIT_LE})
 
 # Encapsulated syntaxes we may encode to (given an encoder): lossless ones only.
 LOSSLESS_ENCODINGS = frozenset(
-    {"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80",
-     "1.2.840.10008.1.2.4.201"}
+    {
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.201",
+    }
 )
 
 DICOM = "application/dicom"
@@ -48,8 +52,7 @@ FRAME_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
     "image/jls": ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"),
     "image/jp2": ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"),
     "image/jpx": ("1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"),
-    "image/jphc": ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
-                   "1.2.840.10008.1.2.4.203"),
+    "image/jphc": ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"),
     "image/dicom-rle": ("1.2.840.10008.1.2.5",),
     "image/x-dicom-rle": ("1.2.840.10008.1.2.5",),
 }
@@ -249,9 +252,7 @@ def choose_instance(
                 return InstanceChoice(multipart, target)
             reasons.append(f"{media_range}: {reason}")
     if not reasons:
-        return (
-            'none of the accepted media types is multipart/related; type="application/dicom"'
-        )
+        return 'none of the accepted media types is multipart/related; type="application/dicom"'
     return "; ".join(dict.fromkeys(reasons))
 
 
@@ -293,8 +294,9 @@ def _frame_candidate(media_range: MediaRange, stored: str, count: int) -> FrameC
         if ts in (None, EXPLICIT_LE, IMPLICIT_LE):
             if not can_decode(stored):
                 return f"{media_range}: no decoder here for the stored transfer syntax {stored}"
-            return FrameChoice(OCTET_STREAM, EXPLICIT_LE, decode=stored != EXPLICIT_LE,
-                               multipart=multipart)
+            return FrameChoice(
+                OCTET_STREAM, EXPLICIT_LE, decode=stored != EXPLICIT_LE, multipart=multipart
+            )
         return f"{media_range}: frames are stored as {stored} and not transcoded to {ts}"
     if part is not None and part in FRAME_MEDIA_TYPES:
         family = FRAME_MEDIA_TYPES[part]
@@ -324,7 +326,7 @@ def choose_bulk(ranges: list[MediaRange]) -> bool | str:
             return True
         if media_range.part_type in (OCTET_STREAM, "application/*"):
             return media_range.multipart
-    return "bulk data is sent as multipart/related; type=\"application/octet-stream\""
+    return 'bulk data is sent as multipart/related; type="application/octet-stream"'
 
 
 def choose_metadata(ranges: list[MediaRange]) -> str | None:

@@ -80,7 +80,8 @@ def parse_qido(
             if keyword in filters and scope and keyword in scope:
                 if filters[keyword] != value:
                     raise InvalidQidoParameterError(
-                        f"{keyword} in the query differs from the one in the path")
+                        f"{keyword} in the query differs from the one in the path"
+                    )
                 continue
             _, _, vr = resolve(keyword)
             # PS3.18 8.3.4.1: a UID list may be comma-separated.

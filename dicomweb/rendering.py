@@ -59,8 +59,8 @@ def frame_count(ds: Dataset) -> int:
 
 def _native_frame_size(ds: Dataset) -> int:
     """Bits per frame of native pixel data."""
-    return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(
-        ds.BitsAllocated
+    return (
+        int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated)
     )
 
 
@@ -198,8 +198,9 @@ def apply_window(values: np.ndarray[Any, Any], window: Window) -> np.ndarray[Any
     return np.clip(out, 0.0, 1.0) * 255.0
 
 
-def to_display(ds: Dataset, arr: np.ndarray[Any, Any],
-               window: Window | None) -> np.ndarray[Any, Any]:
+def to_display(
+    ds: Dataset, arr: np.ndarray[Any, Any], window: Window | None
+) -> np.ndarray[Any, Any]:
     """A frame's stored values -> 8-bit grey (H, W) or RGB (H, W, 3) display values."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
@@ -262,8 +263,13 @@ def render_frame(ds: Dataset, number: int, options: RenderOptions) -> bytes:
 
 def thumbnail_options(options: RenderOptions) -> RenderOptions:
     viewport = options.viewport or (DEFAULT_THUMBNAIL, DEFAULT_THUMBNAIL)
-    return RenderOptions(options.media_type, options.window, viewport, options.quality,
-                         enlarge=options.viewport is not None)
+    return RenderOptions(
+        options.media_type,
+        options.window,
+        viewport,
+        options.quality,
+        enlarge=options.viewport is not None,
+    )
 
 
 # ---------------------------------------------------------------- bulk data

@@ -144,7 +144,10 @@ def instance_body(
 
 
 def render_options(
-    accept: str | None, accept_param: str | None, window: str | None, viewport: str | None,
+    accept: str | None,
+    accept_param: str | None,
+    window: str | None,
+    viewport: str | None,
     quality: str | None,
 ) -> RenderOptions:
     media_type = choose_rendered(parse_accept(accept_param or accept))
@@ -169,17 +172,14 @@ def rendered_response(
         data = render_frame(ds, number, options)
     except FrameError as exc:
         status = 404 if "does not exist" in str(exc) else 400
-        raise DicomWebError(f"instance {instance.sop_instance_uid}: {exc}", status=status) \
-            from exc
+        raise DicomWebError(f"instance {instance.sop_instance_uid}: {exc}", status=status) from exc
     return Response(content=data, media_type=options.media_type)
 
 
 # ---------------------------------------------------------------- instances
 
 
-def _retrieve(
-    settings: Settings, instances: list[StoredInstance], accept: str | None
-) -> Response:
+def _retrieve(settings: Settings, instances: list[StoredInstance], accept: str | None) -> Response:
     ranges = parse_accept(accept)
     single = len(instances) == 1
     planned: list[tuple[StoredInstance, Callable[[], BinaryIO], InstanceChoice]] = []
@@ -217,7 +217,10 @@ def retrieve_study(
 
 @router.get(SERIES, summary="Retrieve a series")
 def retrieve_series(
-    study: str, series: str, catalog: CatalogDep, settings: SettingsDep,
+    study: str,
+    series: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
     accept: AcceptHeader = None,
 ) -> Response:
     return _retrieve(settings, lookup(catalog, study, series), accept)
@@ -225,7 +228,11 @@ def retrieve_series(
 
 @router.get(INSTANCE, summary="Retrieve an instance")
 def retrieve_instance(
-    study: str, series: str, instance: str, catalog: CatalogDep, settings: SettingsDep,
+    study: str,
+    series: str,
+    instance: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
     accept: AcceptHeader = None,
 ) -> Response:
     return _retrieve(settings, lookup(catalog, study, series, instance), accept)
@@ -241,8 +248,12 @@ def _base_url(request: Request) -> str:
 
 
 def _metadata(
-    request: Request, catalog: CatalogDep, accept: str | None, study: str,
-    series: str | None = None, instance: str | None = None,
+    request: Request,
+    catalog: CatalogDep,
+    accept: str | None,
+    study: str,
+    series: str | None = None,
+    instance: str | None = None,
 ) -> Response:
     media_type = choose_metadata(parse_accept(accept))
     if media_type is None:
@@ -294,7 +305,11 @@ def series_metadata(
 
 @router.get(INSTANCE + "/metadata", summary="Retrieve instance metadata")
 def instance_metadata(
-    request: Request, study: str, series: str, instance: str, catalog: CatalogDep,
+    request: Request,
+    study: str,
+    series: str,
+    instance: str,
+    catalog: CatalogDep,
     accept: AcceptHeader = None,
 ) -> Response:
     return _metadata(request, catalog, accept, study, series, instance)
@@ -313,8 +328,7 @@ def _frames_response(
         check_frames(ds, numbers)
     except FrameError as exc:
         status = 404 if "does not exist" in str(exc) else 400
-        raise DicomWebError(f"instance {stored.sop_instance_uid}: {exc}", status=status) \
-            from exc
+        raise DicomWebError(f"instance {stored.sop_instance_uid}: {exc}", status=status) from exc
 
     def frame(number: int, how: FrameChoice) -> bytes:
         return decoded_frame(ds, number) if how.decode else stored_frame(ds, number)
@@ -336,8 +350,13 @@ def _lazy(
 
 @router.get(INSTANCE + "/frames/{frames}", summary="Retrieve frames")
 def retrieve_frames(
-    study: str, series: str, instance: str, frames: str, catalog: CatalogDep,
-    settings: SettingsDep, accept: AcceptHeader = None,
+    study: str,
+    series: str,
+    instance: str,
+    frames: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
 ) -> Response:
     try:
         numbers = parse_frame_list(frames)
@@ -349,8 +368,13 @@ def retrieve_frames(
 
 @router.get(INSTANCE + "/bulk/{path:path}", summary="Retrieve bulk data")
 def retrieve_bulk_data(
-    study: str, series: str, instance: str, path: str, catalog: CatalogDep,
-    settings: SettingsDep, accept: AcceptHeader = None,
+    study: str,
+    series: str,
+    instance: str,
+    path: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
 ) -> Response:
     try:
         tags = parse_bulk_path(path)
@@ -408,9 +432,16 @@ def _middle(instances: list[StoredInstance]) -> StoredInstance:
 
 @router.get(INSTANCE + "/rendered", summary="Retrieve a rendered instance (its first frame)")
 def rendered_instance(
-    study: str, series: str, instance: str, catalog: CatalogDep, settings: SettingsDep,
-    accept: AcceptHeader = None, window: WindowQuery = None, viewport: ViewportQuery = None,
-    quality: QualityQuery = None, accept_param: AcceptQuery = None,
+    study: str,
+    series: str,
+    instance: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
+    window: WindowQuery = None,
+    viewport: ViewportQuery = None,
+    quality: QualityQuery = None,
+    accept_param: AcceptQuery = None,
 ) -> Response:
     options = render_options(accept, accept_param, window, viewport, quality)
     return rendered_response(settings, lookup(catalog, study, series, instance)[0], 1, options)
@@ -418,9 +449,16 @@ def rendered_instance(
 
 @router.get(INSTANCE + "/frames/{frames}/rendered", summary="Retrieve a rendered frame")
 def rendered_frame(
-    study: str, series: str, instance: str, frames: str, catalog: CatalogDep,
-    settings: SettingsDep, accept: AcceptHeader = None, window: WindowQuery = None,
-    viewport: ViewportQuery = None, quality: QualityQuery = None,
+    study: str,
+    series: str,
+    instance: str,
+    frames: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
+    window: WindowQuery = None,
+    viewport: ViewportQuery = None,
+    quality: QualityQuery = None,
     accept_param: AcceptQuery = None,
 ) -> Response:
     options = render_options(accept, accept_param, window, viewport, quality)
@@ -431,8 +469,13 @@ def rendered_frame(
 
 @router.get(INSTANCE + "/thumbnail", summary="Retrieve an instance thumbnail")
 def instance_thumbnail(
-    study: str, series: str, instance: str, catalog: CatalogDep, settings: SettingsDep,
-    accept: AcceptHeader = None, viewport: ViewportQuery = None,
+    study: str,
+    series: str,
+    instance: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
+    viewport: ViewportQuery = None,
     accept_param: AcceptQuery = None,
 ) -> Response:
     options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
@@ -441,8 +484,14 @@ def instance_thumbnail(
 
 @router.get(INSTANCE + "/frames/{frames}/thumbnail", summary="Retrieve a frame thumbnail")
 def frame_thumbnail(
-    study: str, series: str, instance: str, frames: str, catalog: CatalogDep,
-    settings: SettingsDep, accept: AcceptHeader = None, viewport: ViewportQuery = None,
+    study: str,
+    series: str,
+    instance: str,
+    frames: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
+    viewport: ViewportQuery = None,
     accept_param: AcceptQuery = None,
 ) -> Response:
     options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
@@ -453,8 +502,12 @@ def frame_thumbnail(
 
 @router.get(SERIES + "/thumbnail", summary="Retrieve a series thumbnail (its middle image)")
 def series_thumbnail(
-    study: str, series: str, catalog: CatalogDep, settings: SettingsDep,
-    accept: AcceptHeader = None, viewport: ViewportQuery = None,
+    study: str,
+    series: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
+    viewport: ViewportQuery = None,
     accept_param: AcceptQuery = None,
 ) -> Response:
     options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
@@ -464,8 +517,12 @@ def series_thumbnail(
 
 @router.get(STUDY + "/thumbnail", summary="Retrieve a study thumbnail (a middle image)")
 def study_thumbnail(
-    study: str, catalog: CatalogDep, settings: SettingsDep, accept: AcceptHeader = None,
-    viewport: ViewportQuery = None, accept_param: AcceptQuery = None,
+    study: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    accept: AcceptHeader = None,
+    viewport: ViewportQuery = None,
+    accept_param: AcceptQuery = None,
 ) -> Response:
     options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
     middle = _middle(lookup(catalog, study))

@@ -34,8 +34,11 @@ def _content_type(value: str | None, is_image: bool) -> str:
             return "image/jpeg"
     raise NotAcceptableError(
         f"contentType {value[:100]!r}: this object is sent as "
-        + ("application/dicom, image/jpeg, image/png or image/gif" if is_image
-           else "application/dicom")
+        + (
+            "application/dicom, image/jpeg, image/png or image/gif"
+            if is_image
+            else "application/dicom"
+        )
     )
 
 
@@ -96,8 +99,9 @@ def wado(
         )
     height = _int("rows", rows, 1, _MAX_SIZE)
     width = _int("columns", columns, 1, _MAX_SIZE)
-    viewport = None if height is None and width is None else (width or _MAX_SIZE,
-                                                              height or _MAX_SIZE)
+    viewport = (
+        None if height is None and width is None else (width or _MAX_SIZE, height or _MAX_SIZE)
+    )
     options = RenderOptions(
         media_type,
         _window(window_center, window_width),

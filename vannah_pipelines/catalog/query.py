@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,48 +312,75 @@ def compile_query(spec: QuerySpec) -> CompiledQuery:
     return CompiledQuery(sql, params, returned, ignored, unmatched)
 
 
-def _json_values(vr: str, value: Any) -> list[Any]:
-    if isinstance(value, int | float):
-        return [value]
-    parts = str(value).split("\\")
-    if vr == "PN":
-        names = []
-        for part in parts:
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def _person_names(value: Any) -> list[Any]:
+    names: list[Any] = []
+    for part in str(value).split("\\"):
+        if "=" not in part:
+            names.append({"Alphabetic": part} if part else {})
+        else:
             groups = part.split("=")
-            names.append(
-                {
-                    k: g
-                    for k, g in zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False)
-                    if g
-                }
-            )
-        return names
+            names.append({k: g for k, g in zip(_PN_GROUPS, groups, strict=False) if g})
+    return names
+
+
+def _numbers(kind: type) -> Callable[[Any], list[Any]]:
+    def convert(value: Any) -> list[Any]:
+        if isinstance(value, int | float):
+            return [value]
+        return [kind(p) for p in str(value).split("\\")]
+
+    return convert
+
+
+def _strings(value: Any) -> list[Any]:
+    text = str(value)
+    return text.split("\\") if "\\" in text else [text]
+
+
+def _converter(vr: str) -> Callable[[Any], list[Any]]:
+    """Catalog value -> DICOM JSON "Value" list for `vr` (PS3.18 F.2.3)."""
+    if vr == "PN":
+        return _person_names
     if vr in _INT_VRS:
-        return [int(p) for p in parts]
+        return _numbers(int)
     if vr in _FLOAT_VRS:
-        return [float(p) for p in parts]
-    return parts
+        return _numbers(float)
+    return _strings
 
 
 def to_dicom_json(row: dict[str, Any], returned: Sequence[Attribute]) -> dict[str, Any]:
     """One answer in the DICOM JSON model (PS3.18 F.2), every returned key present."""
-    header: dict[str, Any] | None = None
-    out: dict[str, Any] = {}
-    for attr in returned:
-        if attr.column is None:
-            if header is None:
-                header = json.loads(row.get("_header") or "{}")
-            out[attr.tag] = header.get(attr.tag, {"vr": attr.vr})
-            continue
-        value = row.get(attr.column)
-        if value is None or value == "":
-            out[attr.tag] = {"vr": attr.vr}
-        else:
+    return _Encoder(returned)(row)
+
+
+class _Encoder:
+    """Rows -> DICOM JSON for one set of returned attributes (converters chosen once)."""
+
+    def __init__(self, returned: Sequence[Attribute]) -> None:
+        ordered = sorted(returned, key=lambda a: a.tag)
+        self.fields = [(a.tag, a.vr, a.column, _converter(a.vr)) for a in ordered]
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        header: dict[str, Any] | None = None
+        out: dict[str, Any] = {}
+        for tag, vr, column, convert in self.fields:
+            if column is None:
+                if header is None:
+                    header = json.loads(row.get("_header") or "{}")
+                out[tag] = header.get(tag, {"vr": vr})
+                continue
+            value = row.get(column)
+            if value is None or value == "":
+                out[tag] = {"vr": vr}
+                continue
             try:
-                out[attr.tag] = {"vr": attr.vr, "Value": _json_values(attr.vr, value)}
+                out[tag] = {"vr": vr, "Value": convert(value)}
             except ValueError:
-                out[attr.tag] = {"vr": attr.vr}  # an invalid stored number: say nothing
-    return dict(sorted(out.items()))
+                out[tag] = {"vr": vr}  # an invalid stored number: say nothing
+        return out
 
 
 def run_query(reader: CatalogReader, spec: QuerySpec) -> QueryResult:
@@ -369,7 +396,8 @@ def run_query(reader: CatalogReader, spec: QuerySpec) -> QueryResult:
         )
         for r in rows:
             r["_header"] = headers.get((r["sop_instance_uid"], r["checksum"]))
-    answers = [to_dicom_json(r, compiled.returned) for r in rows]
+    encode = _Encoder(compiled.returned)
+    answers = [encode(r) for r in rows]
     warnings = [f"{k} not returned" for k in compiled.ignored] + [
         f"{k} is not indexed: matched universally" for k in compiled.unmatched
     ]

@@ -30,19 +30,14 @@ _NEW = "_new_rows"
 _LOADED = ", ".join(
     [n for n in TABLES["instances"].names if n != "header_json"] + ["'' AS source_file"]
 )
-# The history of versions is kept slim: what identifies a version and where it is.
-_VERSION_COLUMNS = (
-    "sop_instance_uid, series_instance_uid, study_instance_uid, patient_id, checksum, "
-    "size_bytes, received_at, indexed_at, batch_id, storage_key, tier, source, calling_ae, "
-    "transfer_syntax_uid, source_file"
-)
 
 
 class CatalogReader:
     """A consistent, refreshable in-memory view of the catalog under `root`.
 
-    Tables: ``instance_versions`` (every ingested file), ``instances`` (current version of
-    each SOP Instance UID), ``series``, ``studies``, ``patients``, ``quarantine``; the same
+    Tables: ``instances`` (current version of each SOP Instance UID, without the header
+    JSON: see :meth:`headers`), ``series``, ``studies``, ``patients``, ``quarantine``; and
+    ``instance_versions`` (every ingested file), a view over the Parquet files. The same
     names and columns as the views documented in docs/catalog.md.
     """
 
@@ -58,23 +53,17 @@ class CatalogReader:
         con.register("_empty_i", TABLES["instances"].empty_table())
         con.execute(f"CREATE TEMP VIEW _empty_rows AS SELECT {_LOADED} FROM _empty_i")
         con.execute(f"CREATE TABLE instances AS {current_select('_empty_rows')} LIMIT 0")
-        con.execute(
-            f"CREATE TABLE instance_versions AS SELECT {_VERSION_COLUMNS} FROM _empty_rows LIMIT 0"
-        )
         con.execute("DROP VIEW _empty_rows")
         con.unregister("_empty_i")
         con.execute(f"CREATE TABLE series AS {series_select('instances')} LIMIT 0")
         con.execute(f"CREATE TABLE studies AS {study_select('instances')} LIMIT 0")
         con.execute(f"CREATE TABLE patients AS {patient_select('studies')} LIMIT 0")
-        for table, column in (
-            ("instances", "sop_instance_uid"),
-            ("instances", "series_instance_uid"),
-            ("instances", "study_instance_uid"),
-            ("series", "series_instance_uid"),
-            ("series", "study_instance_uid"),
-            ("studies", "study_instance_uid"),
-        ):
-            con.execute(f"CREATE INDEX {table}_{column} ON {table} ({column})")
+        # Every version of every instance, with its header: read from the Parquet files
+        # when asked (rarely), never held in memory.
+        self._versions_view = False
+        con.register("_empty_v", TABLES["instances"].empty_table())
+        con.execute("CREATE TABLE instance_versions AS SELECT * FROM _empty_v")
+        con.unregister("_empty_v")
         self.refresh()
 
     def _new_files(self, table: str) -> list[str]:
@@ -103,8 +92,17 @@ class CatalogReader:
                     cur.execute(
                         f"INSERT INTO quarantine SELECT {cols} FROM read_parquet(?)", [quarantine]
                     )
-                if instances:
+                if instances and not self._loaded["instances"]:
+                    self._load_all(cur, instances)
+                elif instances:
                     self._add_instances(cur, instances)
+                if instances and not self._versions_view:
+                    glob = str(self.root.resolve() / "instances" / "*" / "*.parquet")
+                    cur.execute("DROP TABLE instance_versions")
+                    cur.execute(
+                        "CREATE VIEW instance_versions AS SELECT * FROM "
+                        f"read_parquet('{glob.replace(chr(39), chr(39) * 2)}')"
+                    )
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
@@ -113,7 +111,18 @@ class CatalogReader:
                 cur.close()
             self._loaded["quarantine"].update(quarantine)
             self._loaded["instances"].update(instances)
+            self._versions_view = self._versions_view or bool(instances)
             return len(quarantine) + len(instances)
+
+    @staticmethod
+    def _load_all(cur: duckdb.DuckDBPyConnection, files: list[str]) -> None:
+        """First load: derive every table straight from the files (no per-batch bookkeeping)."""
+        loaded = _LOADED.replace("'' AS source_file", "filename AS source_file")
+        source = f"(SELECT {loaded} FROM read_parquet(?, filename = true))"
+        cur.execute(f"INSERT INTO instances {current_select(source)}", [files])
+        cur.execute(f"INSERT INTO series {series_select('instances')}")
+        cur.execute(f"INSERT INTO studies {study_select('instances')}")
+        cur.execute(f"INSERT INTO patients {patient_select('studies')}")
 
     @staticmethod
     def _add_instances(cur: duckdb.DuckDBPyConnection, files: list[str]) -> None:
@@ -122,7 +131,6 @@ class CatalogReader:
             f"CREATE TEMP TABLE {_NEW} AS SELECT {loaded} FROM read_parquet(?, filename = true)",
             [files],
         )
-        cur.execute(f"INSERT INTO instance_versions SELECT {_VERSION_COLUMNS} FROM {_NEW}")
         # The current row of a touched SOP UID is the latest of its current row and the
         # new versions; every series, study and patient either belongs to is re-derived.
         touched = f"sop_instance_uid IN (SELECT sop_instance_uid FROM {_NEW})"
