@@ -67,6 +67,7 @@ def services(settings: Settings) -> list[Service]:
     return [
         Service("receiver", [py, "-m", "receiver"]),
         Service("dicomweb", [py, "-m", "dicomweb"]),
+        Service("hl7-mllp", [str(bin_dir / "vannah"), "worklist", "mllp"]),
         # The sensor logs every tick at INFO; runs and their logs are in the UI.
         Service("dagster-daemon", dagster_daemon_argv("warning")),
         Service(
@@ -94,6 +95,8 @@ def banner(settings: Settings) -> str:
             f"   (echoscu -aec {settings.dicom_aet} {host} {settings.dicom_port})",
             f"  DICOMweb         http://{host}:{settings.dicomweb_port}/dicom-web"
             f"   (QIDO-RS, WADO-RS, STOW-RS, WADO-URI)",
+            f"  HL7 v2 (MLLP)    {host}:{settings.worklist_mllp_port}"
+            "   (ORM^O01 orders -> Modality Worklist)",
             f"  Dagster UI       http://{host}:{settings.dagster_port}",
             f"  catalog (DuckDB) {(settings.catalog_dir / CATALOG_DB).resolve()}",
             f"  data folder      {settings.data_dir.resolve()}",

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,11 @@ def _get(url: str) -> int:
         return int(response.status)
 
 
+def _connects(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        return True
+
+
 def _group_alive(pgid: int) -> list[str]:
     alive = []
     for proc in Path("/proc").iterdir():
@@ -39,6 +45,7 @@ def test_vannah_up_serves_everything_and_stops_cleanly(tmp_path: Path) -> None:
         "VANNAH_DICOM_PORT": free_port(),
         "VANNAH_DAGSTER_PORT": free_port(),
         "VANNAH_DICOMWEB_PORT": free_port(),
+        "VANNAH_WORKLIST_MLLP_PORT": free_port(),
     }
     env = {
         **os.environ,
@@ -78,6 +85,7 @@ def test_vannah_up_serves_everything_and_stops_cleanly(tmp_path: Path) -> None:
             "dagster": lambda: (
                 _get(f"http://127.0.0.1:{ports['VANNAH_DAGSTER_PORT']}/server_info") == 200
             ),
+            "hl7-mllp": lambda: _connects(ports["VANNAH_WORKLIST_MLLP_PORT"]),
         }
         pending = dict(checks)
         while pending:
