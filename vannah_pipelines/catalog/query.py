@@ -375,11 +375,13 @@ class _Encoder:
             value = row.get(column)
             if value is None or value == "":
                 out[tag] = {"vr": vr}
-                continue
-            try:
-                out[tag] = {"vr": vr, "Value": convert(value)}
-            except ValueError:
-                out[tag] = {"vr": vr}  # an invalid stored number: say nothing
+            elif convert is _strings and "\\" not in value:
+                out[tag] = {"vr": vr, "Value": [value]}  # the common case, inlined
+            else:
+                try:
+                    out[tag] = {"vr": vr, "Value": convert(value)}
+                except ValueError:
+                    out[tag] = {"vr": vr}  # an invalid stored number: say nothing
         return out
 
 
