@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 CHUNK_SIZE = 256 * 1024
+COALESCE_SIZE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,19 @@ def chunked(data: bytes, size: int = CHUNK_SIZE) -> Iterator[bytes]:
 
 
 def encode_parts(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
-    """Stream the body of a multipart/related message made of `parts`."""
+    """Stream the body of a multipart/related message made of `parts`, in blocks of about
+    COALESCE_SIZE bytes (each block the server sends costs a hop to the event loop)."""
+    pending = bytearray()
+    for piece in _pieces(parts, boundary):
+        pending += piece
+        if len(pending) >= COALESCE_SIZE:
+            yield bytes(pending)
+            pending.clear()
+    if pending:
+        yield bytes(pending)
+
+
+def _pieces(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
     first = True
     for part in parts:
         head = b"" if first else b"\r\n"

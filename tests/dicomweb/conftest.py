@@ -76,9 +76,7 @@ class Archive:
         """Every file of the data folder (to show a request changed nothing)."""
         root = self.settings.data_dir
         return {
-            str(p.relative_to(root)): p.read_bytes()
-            for p in sorted(root.rglob("*"))
-            if p.is_file()
+            str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
         }
 
 
@@ -116,8 +114,12 @@ def build_archive(data_dir: Path) -> Archive:
     def add(name: str, ds: pydicom.Dataset) -> None:
         data = to_part10(ds) if name.startswith("synthetic") else _save(ds)
         stored = Stored(
-            name, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-            str(ds.SOPInstanceUID), data, str(ds.file_meta.TransferSyntaxUID),
+            name,
+            str(ds.StudyInstanceUID),
+            str(ds.SeriesInstanceUID),
+            str(ds.SOPInstanceUID),
+            data,
+            str(ds.file_meta.TransferSyntaxUID),
         )
         archive.instances[name] = stored
         archive.studies.setdefault(stored.study, []).append(stored)
@@ -127,13 +129,20 @@ def build_archive(data_dir: Path) -> Archive:
     for s, series in enumerate(ct_series, start=1):
         for i in range(1, 4):
             ds = make_instance(
-                "CT", study_uid=ct_study, series_uid=series, series_number=s,
-                instance_number=i, rows=64, columns=64,
+                "CT",
+                study_uid=ct_study,
+                series_uid=series,
+                series_number=s,
+                instance_number=i,
+                rows=64,
+                columns=64,
             )
             add(f"synthetic-ct-{s}-{i}", ds)
     add("synthetic-us", make_instance("US", rows=48, columns=64))
-    add("synthetic-mono1", make_instance("CR", rows=32, columns=32,
-                                         PhotometricInterpretation="MONOCHROME1"))
+    add(
+        "synthetic-mono1",
+        make_instance("CR", rows=32, columns=32, PhotometricInterpretation="MONOCHROME1"),
+    )
     files_study = generate_uid()
     for name in PYDICOM_FILES:
         add(name.removesuffix(".dcm"), _renamed(TEST_FILES / name, files_study))
@@ -168,8 +177,9 @@ class RunningServer:
 
 def start_server(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, int]:
     """uvicorn on 127.0.0.1:0 in a thread; returns it, the thread and the bound port."""
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0,
-                            log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

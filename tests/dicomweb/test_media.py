@@ -105,8 +105,9 @@ def test_choose_frames_star_returns_frames_as_stored(header: str) -> None:
 
 
 def test_choose_frames_defaults_to_decoded_octet_stream() -> None:
-    choice = choose_frames(parse_accept("multipart/related; type=application/octet-stream"),
-                           JPEG, 2)
+    choice = choose_frames(
+        parse_accept("multipart/related; type=application/octet-stream"), JPEG, 2
+    )
     assert choice == FrameChoice("application/octet-stream", EXPLICIT_LE, decode=True)
 
 
@@ -128,13 +129,17 @@ def test_choose_metadata_and_rendered() -> None:
     assert choose_rendered(parse_accept("application/dicom")) is None
 
 
-def test_multipart_round_trip_streams_parts_in_chunks() -> None:
+def test_multipart_round_trip_streams_parts_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomweb.multipart
+
+    monkeypatch.setattr(dicomweb.multipart, "COALESCE_SIZE", 16)
     parts = [
         Part("application/dicom", iter([b"abc", b"", b"def"])),
         Part("application/dicom", iter([b"\r\n--not-the-boundary\r\n"])),
     ]
     chunks = list(encode_parts(parts, "B0UND"))
-    assert len(chunks) > 3
+    assert len(chunks) > 3  # streamed in blocks, never the whole body at once
+    assert max(len(c) for c in chunks) < 16 + 64
     decoded = decode_parts(b"".join(chunks), content_type("application/dicom", "B0UND"))
     assert [c for _, c in decoded] == [b"abcdef", b"\r\n--not-the-boundary\r\n"]
     assert decoded[0][0]["content-type"] == "application/dicom"

@@ -26,8 +26,14 @@ from vannah_pipelines.storage.local import LocalStorage
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 STAR = "multipart/related; type=application/dicom; transfer-syntax=*"
 LOSSLESS = (
-    "CT_small", "MR_small_implicit", "MR_small_bigendian", "MR_small_RLE",
-    "MR_small_jp2klossless", "MR_small_jpeg_ls_lossless", "SC_rgb_rle_2frame", "rtdose",
+    "CT_small",
+    "MR_small_implicit",
+    "MR_small_bigendian",
+    "MR_small_RLE",
+    "MR_small_jp2klossless",
+    "MR_small_jpeg_ls_lossless",
+    "SC_rgb_rle_2frame",
+    "rtdose",
 )
 
 
@@ -59,8 +65,9 @@ def test_retrieve_study_as_stored_is_byte_identical(client: TestClient, archive:
     got = parts(response)
     expected = archive.studies[study]
     assert len(got) == len(expected)
-    by_sop = {pydicom.dcmread(BytesIO(c), stop_before_pixels=True).SOPInstanceUID: (h, c)
-              for h, c in got}
+    by_sop = {
+        pydicom.dcmread(BytesIO(c), stop_before_pixels=True).SOPInstanceUID: (h, c) for h, c in got
+    }
     for stored in expected:
         headers, content = by_sop[stored.sop]
         assert content == stored.data == archive.hot_file(stored.sop)
@@ -73,8 +80,12 @@ def test_retrieve_series_default_is_explicit_vr_little_endian(
     client: TestClient, archive: Archive
 ) -> None:
     ct = archive.instances["synthetic-ct-1-1"]
-    got = parts(client.get(f"/dicom-web/studies/{ct.study}/series/{ct.series}",
-                           headers={"Accept": 'multipart/related; type="application/dicom"'}))
+    got = parts(
+        client.get(
+            f"/dicom-web/studies/{ct.study}/series/{ct.series}",
+            headers={"Accept": 'multipart/related; type="application/dicom"'},
+        )
+    )
     assert len(got) == 3
     sent = {archive.instances[f"synthetic-ct-1-{i}"].data for i in range(1, 4)}
     assert {c for _, c in got} == sent  # stored explicit LE: sent as is
@@ -128,8 +139,9 @@ def test_retrieve_takes_first_acceptable_of_several(client: TestClient, archive:
 def test_retrieve_unacceptable_is_406_with_reason(client: TestClient, archive: Archive) -> None:
     stored = archive.instances["synthetic-ct-1-1"]
     accept = "multipart/related; type=application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50"
-    assert_dicom_error(client.get(url(stored), headers={"Accept": accept}), 406,
-                       "1.2.840.10008.1.2.4.50")
+    assert_dicom_error(
+        client.get(url(stored), headers={"Accept": accept}), 406, "1.2.840.10008.1.2.4.50"
+    )
     assert_dicom_error(client.get(url(stored), headers={"Accept": "text/html"}), 406)
 
 
@@ -196,14 +208,14 @@ def test_metadata_comes_from_catalog_with_bulk_data_uris(
 
     monkeypatch.setattr(LocalStorage, "open", no_files)
     study = archive.instances["CT_small"].study
-    response = client.get(f"/dicom-web/studies/{study}/metadata",
-                          headers={"Accept": "application/dicom+json"})
+    response = client.get(
+        f"/dicom-web/studies/{study}/metadata", headers={"Accept": "application/dicom+json"}
+    )
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/dicom+json"
     items = response.json()
     assert len(items) == len(archive.studies[study])
-    ct = next(i for i in items
-              if i["00080018"]["Value"][0] == archive.instances["CT_small"].sop)
+    ct = next(i for i in items if i["00080018"]["Value"][0] == archive.instances["CT_small"].sop)
     assert ct["7FE00010"]["BulkDataURI"] == url(archive.instances["CT_small"], "/bulk/7FE00010")
     for item in items:
         for element in item.values():
@@ -243,8 +255,9 @@ def test_bulk_data_uri_returns_the_element_bytes(client: TestClient, archive: Ar
         'multipart/related; type="application/octet-stream"; transfer-syntax="*"',
     ],
 )
-@pytest.mark.parametrize("name", ["SC_rgb_rle_2frame", "examples_ybr_color", "CT_small",
-                                  "MR_small_jp2klossless"])
+@pytest.mark.parametrize(
+    "name", ["SC_rgb_rle_2frame", "examples_ybr_color", "CT_small", "MR_small_jp2klossless"]
+)
 def test_frames_as_stored_for_ohif(
     client: TestClient, archive: Archive, accept: str, name: str
 ) -> None:
@@ -252,8 +265,11 @@ def test_frames_as_stored_for_ohif(
     ds = pydicom.dcmread(BytesIO(stored.data))
     frames = int(ds.get("NumberOfFrames") or 1)
     numbers = [1, frames] if frames > 1 else [1]
-    got = parts(client.get(url(stored, f"/frames/{','.join(map(str, numbers))}"),
-                           headers={"Accept": accept}))
+    got = parts(
+        client.get(
+            url(stored, f"/frames/{','.join(map(str, numbers))}"), headers={"Accept": accept}
+        )
+    )
     assert len(got) == len(numbers)
     for (headers, content), number in zip(got, numbers, strict=True):
         assert headers["content-type"] == (
@@ -266,8 +282,9 @@ def test_frames_as_stored_for_ohif(
             assert content == ds.PixelData[(number - 1) * size : number * size]
 
 
-@pytest.mark.parametrize("name", ["SC_rgb_rle_2frame", "MR_small_jp2klossless", "rtdose",
-                                  "MR_small_bigendian"])
+@pytest.mark.parametrize(
+    "name", ["SC_rgb_rle_2frame", "MR_small_jp2klossless", "rtdose", "MR_small_bigendian"]
+)
 def test_frames_default_is_uncompressed_little_endian(
     client: TestClient, archive: Archive, name: str
 ) -> None:
@@ -275,8 +292,12 @@ def test_frames_default_is_uncompressed_little_endian(
     ds = pydicom.dcmread(BytesIO(stored.data))
     arr = ds.pixel_array
     frames = int(ds.get("NumberOfFrames") or 1)
-    got = parts(client.get(url(stored, "/frames/1"),
-                           headers={"Accept": "multipart/related; type=application/octet-stream"}))
+    got = parts(
+        client.get(
+            url(stored, "/frames/1"),
+            headers={"Accept": "multipart/related; type=application/octet-stream"},
+        )
+    )
     ((headers, content),) = got
     assert headers["content-type"].endswith(EXPLICIT_LE)
     first = arr[0] if frames > 1 else arr
@@ -285,8 +306,11 @@ def test_frames_default_is_uncompressed_little_endian(
 
 def test_frames_in_stored_compressed_media_type(client: TestClient, archive: Archive) -> None:
     stored = archive.instances["examples_ybr_color"]
-    got = parts(client.get(url(stored, "/frames/3"),
-                           headers={"Accept": 'multipart/related; type="image/jpeg"'}))
+    got = parts(
+        client.get(
+            url(stored, "/frames/3"), headers={"Accept": 'multipart/related; type="image/jpeg"'}
+        )
+    )
     ((headers, content),) = got
     assert headers["content-type"] == "image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.50"
     assert content[:2] == b"\xff\xd8"
@@ -294,7 +318,9 @@ def test_frames_in_stored_compressed_media_type(client: TestClient, archive: Arc
     j2k = archive.instances["MR_small_jp2klossless"]
     assert_dicom_error(
         client.get(url(j2k, "/frames/1"), headers={"Accept": "multipart/related; type=image/jpeg"}),
-        406, "image/jpeg")
+        406,
+        "image/jpeg",
+    )
 
 
 def test_frames_out_of_range_or_malformed(client: TestClient, archive: Archive) -> None:
@@ -319,8 +345,7 @@ def test_rendered_instance_jpeg_default_png_on_request(
 ) -> None:
     stored = archive.instances["CT_small"]
     assert _image(client.get(url(stored, "/rendered")), "image/jpeg").size == (128, 128)
-    png = _image(client.get(url(stored, "/rendered"), headers={"Accept": "image/png"}),
-                 "image/png")
+    png = _image(client.get(url(stored, "/rendered"), headers={"Accept": "image/png"}), "image/png")
     assert png.mode == "L"
     assert _image(client.get(url(stored, "/rendered?accept=image/png")), "image/png")
     sized = _image(client.get(url(stored, "/rendered?viewport=64,32")), "image/jpeg")
@@ -329,13 +354,15 @@ def test_rendered_instance_jpeg_default_png_on_request(
 
 def test_rendered_window_and_monochrome1(client: TestClient, archive: Archive) -> None:
     stored = archive.instances["CT_small"]
-    narrow = _image(client.get(url(stored, "/rendered?window=-10000,1&accept=image/png")),
-                    "image/png")
+    narrow = _image(
+        client.get(url(stored, "/rendered?window=-10000,1&accept=image/png")), "image/png"
+    )
     assert set(np.asarray(narrow).flatten()) == {255}  # everything above the window
     assert_dicom_error(client.get(url(stored, "/rendered?window=1")), 400)
     mono1 = archive.instances["synthetic-mono1"]
-    inverted = np.asarray(_image(client.get(url(mono1, "/rendered?accept=image/png")),
-                                 "image/png")).astype(int)
+    inverted = np.asarray(
+        _image(client.get(url(mono1, "/rendered?accept=image/png")), "image/png")
+    ).astype(int)
     ds = pydicom.dcmread(BytesIO(mono1.data))
     arr = ds.pixel_array.astype(float)
     expected_bright = arr == arr.min()  # MONOCHROME1: lowest values are white
@@ -344,21 +371,29 @@ def test_rendered_window_and_monochrome1(client: TestClient, archive: Archive) -
 
 def test_rendered_colour_frames_and_thumbnails(client: TestClient, archive: Archive) -> None:
     ybr = archive.instances["examples_ybr_color"]
-    frame = _image(client.get(url(ybr, "/frames/30/rendered"), headers={"Accept": "image/png"}),
-                   "image/png")
+    frame = _image(
+        client.get(url(ybr, "/frames/30/rendered"), headers={"Accept": "image/png"}), "image/png"
+    )
     assert frame.mode == "RGB" and frame.size == (320, 240)
-    assert _image(client.get(url(archive.instances["examples_palette"], "/rendered")),
-                  "image/jpeg").mode == "RGB"
+    assert (
+        _image(
+            client.get(url(archive.instances["examples_palette"], "/rendered")), "image/jpeg"
+        ).mode
+        == "RGB"
+    )
     thumb = _image(client.get(url(ybr, "/thumbnail")), "image/jpeg")
     assert max(thumb.size) == 128
     ct = archive.instances["synthetic-ct-1-2"]
-    series = _image(client.get(f"/dicom-web/studies/{ct.study}/series/{ct.series}/thumbnail"),
-                    "image/jpeg")
+    series = _image(
+        client.get(f"/dicom-web/studies/{ct.study}/series/{ct.series}/thumbnail"), "image/jpeg"
+    )
     assert series.size == (64, 64)
-    assert _image(client.get(f"/dicom-web/studies/{ct.study}/thumbnail?viewport=32,32"),
-                  "image/jpeg").size == (32, 32)
-    assert_dicom_error(client.get(url(ybr, "/rendered"), headers={"Accept": "application/pdf"}),
-                       406)
+    assert _image(
+        client.get(f"/dicom-web/studies/{ct.study}/thumbnail?viewport=32,32"), "image/jpeg"
+    ).size == (32, 32)
+    assert_dicom_error(
+        client.get(url(ybr, "/rendered"), headers={"Accept": "application/pdf"}), 406
+    )
     assert_dicom_error(client.get(url(ybr, "/frames/31/rendered")), 404)
 
 
@@ -376,12 +411,14 @@ def test_dicomweb_client_against_uvicorn(live_url: str, archive: Archive) -> Non
     assert contents == {archive.hot_file(s.sop) for s in archive.studies[ct.study]}
     series = dw.retrieve_series(ct.study, ct.series)
     assert [str(d.SOPInstanceUID) for d in series] == [ct.sop]
-    instance = dw.retrieve_instance(ct.study, ct.series, ct.sop,
-                                    media_types=(("application/dicom", "*"),))
+    instance = dw.retrieve_instance(
+        ct.study, ct.series, ct.sop, media_types=(("application/dicom", "*"),)
+    )
     assert instance.SOPInstanceUID == ct.sop
     jpeg = archive.instances["SC_rgb_jpeg_dcmtk"]
-    decoded = dw.retrieve_instance(jpeg.study, jpeg.series, jpeg.sop,
-                                   media_types=(("application/dicom", EXPLICIT_LE),))
+    decoded = dw.retrieve_instance(
+        jpeg.study, jpeg.series, jpeg.sop, media_types=(("application/dicom", EXPLICIT_LE),)
+    )
     assert decoded.file_meta.TransferSyntaxUID == EXPLICIT_LE
     # metadata
     meta = dw.retrieve_study_metadata(ct.study)
@@ -399,12 +436,14 @@ def test_dicomweb_client_against_uvicorn(live_url: str, archive: Archive) -> Non
     ds = pydicom.dcmread(BytesIO(rle.data))
     assert stored_frames == [get_frame(ds.PixelData, 1, number_of_frames=2)]
     # rendered
-    rendered = dw.retrieve_instance_rendered(ct.study, ct.series, ct.sop,
-                                             media_types=("image/png",))
+    rendered = dw.retrieve_instance_rendered(
+        ct.study, ct.series, ct.sop, media_types=("image/png",)
+    )
     assert Image.open(BytesIO(rendered)).size == (128, 128)
     # bulk data through the URI the metadata gives
-    bulk = dw.retrieve_bulkdata(live_url.removesuffix("/dicom-web")
-                                + one["7FE00010"]["BulkDataURI"])
+    bulk = dw.retrieve_bulkdata(
+        live_url.removesuffix("/dicom-web") + one["7FE00010"]["BulkDataURI"]
+    )
     assert bulk == [pydicom.dcmread(BytesIO(ct.data)).PixelData]
 
 
@@ -463,8 +502,10 @@ def test_retrieve_large_series_streams_one_file_at_a_time(
     server, thread, port = start_server(settings)
     try:
         with httpx.stream(
-            "GET", f"http://127.0.0.1:{port}/dicom-web/studies/{study}/series/{series}",
-            headers={"Accept": STAR}, timeout=60,
+            "GET",
+            f"http://127.0.0.1:{port}/dicom-web/studies/{study}/series/{series}",
+            headers={"Accept": STAR},
+            timeout=60,
         ) as response:
             assert response.status_code == 200
             assert "content-length" not in response.headers

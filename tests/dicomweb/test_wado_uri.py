@@ -15,8 +15,13 @@ from tests.dicomweb.conftest import Archive, Stored
 
 
 def wado(client: TestClient, s: Stored, **params: str) -> httpx.Response:
-    query = {"requestType": "WADO", "studyUID": s.study, "seriesUID": s.series,
-             "objectUID": s.sop, **params}
+    query = {
+        "requestType": "WADO",
+        "studyUID": s.study,
+        "seriesUID": s.series,
+        "objectUID": s.sop,
+        **params,
+    }
     response: httpx.Response = client.get("/dicom-web/wado", params=query)
     return response
 
@@ -44,14 +49,16 @@ def test_wado_uri_application_dicom_is_the_file_as_stored(
 
 def test_wado_uri_transfer_syntax_transcodes(client: TestClient, archive: Archive) -> None:
     stored = archive.instances["MR_small_RLE"]
-    response = wado(client, stored, contentType="application/dicom",
-                    transferSyntax="1.2.840.10008.1.2.1")
+    response = wado(
+        client, stored, contentType="application/dicom", transferSyntax="1.2.840.10008.1.2.1"
+    )
     ds = pydicom.dcmread(BytesIO(response.content))
     assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert ds.SOPInstanceUID == stored.sop
     assert np.array_equal(ds.pixel_array, pydicom.dcmread(BytesIO(stored.data)).pixel_array)
-    refused = wado(client, stored, contentType="application/dicom",
-                   transferSyntax="1.2.840.10008.1.2.4.50")
+    refused = wado(
+        client, stored, contentType="application/dicom", transferSyntax="1.2.840.10008.1.2.4.50"
+    )
     assert refused.status_code == 406
     assert "1.2.840.10008.1.2.4.50" in reason(refused)
 
