@@ -9,28 +9,40 @@ import pydicom.uid
 from pynetdicom import AllStoragePresentationContexts
 
 # Data sets are stored exactly as received, so any of these is accepted and never re-encoded.
+# In order of preference: pynetdicom accepts, for each proposed context, the first of these
+# the peer proposed. Explicit VR Little Endian first (what most files are, so a sender need
+# not convert, and C-GET sends them as stored), then implicit, then the lossless compressed
+# syntaxes, and lossy ones last, so a sender offering several is never pushed into lossy
+# compression of an uncompressed image.
 _TRANSFER_SYNTAX_NAMES = (
-    "ImplicitVRLittleEndian",
     "ExplicitVRLittleEndian",
-    "ExplicitVRBigEndian",
-    "DeflatedExplicitVRLittleEndian",
-    "JPEGBaseline8Bit",
-    "JPEGExtended12Bit",
-    "JPEGLossless",  # Process 14
+    "ImplicitVRLittleEndian",
     "JPEGLosslessSV1",  # Process 14, selection value 1
+    "JPEGLossless",  # Process 14
     "JPEGLSLossless",
-    "JPEGLSNearLossless",
     "JPEG2000Lossless",
-    "JPEG2000",
     "RLELossless",
     "HTJ2KLossless",
     "HTJ2KLosslessRPCL",
+    "DeflatedExplicitVRLittleEndian",
+    "ExplicitVRBigEndian",
+    "JPEGBaseline8Bit",
+    "JPEGExtended12Bit",
+    "JPEGLSNearLossless",
+    "JPEG2000",
     "HTJ2K",
 )
 
 # HTJ2K only exists in recent pydicom versions; take what this pydicom knows.
 TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
     str(getattr(pydicom.uid, name)) for name in _TRANSFER_SYNTAX_NAMES if hasattr(pydicom.uid, name)
+)
+
+# Verification, query/retrieve and worklist identifiers: the uncompressed syntaxes.
+UNCOMPRESSED_SYNTAXES: tuple[str, ...] = (
+    str(pydicom.uid.ExplicitVRLittleEndian),
+    str(pydicom.uid.ImplicitVRLittleEndian),
+    str(pydicom.uid.ExplicitVRBigEndian),
 )
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
@@ -73,13 +85,13 @@ class SupportedContext:
 
 def supported_contexts() -> list[SupportedContext]:
     """The presentation contexts the receiver supports."""
-    contexts = [SupportedContext(VERIFICATION_SOP_CLASS, TRANSFER_SYNTAXES[:3])]
+    contexts = [SupportedContext(VERIFICATION_SOP_CLASS, UNCOMPRESSED_SYNTAXES)]
     # C-STORE behaviour is unchanged; role selection only lets a C-GET SCU receive.
     contexts.extend(
         SupportedContext(sop_class, TRANSFER_SYNTAXES, accepts_role_selection=True)
         for sop_class in STORAGE_SOP_CLASSES
     )
     # Identifiers are small: the uncompressed syntaxes suffice.
-    contexts.extend(SupportedContext(sop, TRANSFER_SYNTAXES[:3]) for sop in QR_SOP_CLASSES)
-    contexts.append(SupportedContext(MODALITY_WORKLIST_FIND, TRANSFER_SYNTAXES[:3]))
+    contexts.extend(SupportedContext(sop, UNCOMPRESSED_SYNTAXES) for sop in QR_SOP_CLASSES)
+    contexts.append(SupportedContext(MODALITY_WORKLIST_FIND, UNCOMPRESSED_SYNTAXES))
     return contexts

@@ -12,6 +12,7 @@ that sub-operation.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -201,7 +202,11 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
         if not contexts:  # nothing sendable: every sub-operation fails without a peer
             contexts = [build_context("1.2.840.10008.1.1")]
         store_assoc = self.ae.associate(
-            destination.host, destination.port, contexts=contexts, ae_title=destination.aet
+            destination.host,
+            destination.port,
+            contexts=contexts,
+            ae_title=destination.aet,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)],
         )
         if not store_assoc.is_established:
             log.warning(
@@ -305,6 +310,14 @@ def _service_class_for(uid: str) -> type[ServiceClass]:
     if uid in RETRIEVE_SOP_CLASSES:
         return ArchiveQueryRetrieveService
     return uid_to_service_class(uid)
+
+
+def _no_delay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: turn Nagle off on the outgoing connection (PS3.8 peers answer each
+    C-STORE before the next; with Nagle every sub-operation waits for a delayed ACK)."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def install() -> None:
