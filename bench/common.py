@@ -354,9 +354,16 @@ class OrthancServer(Server):
     label = "orthanc"
     aet = ORTHANC_AET
 
-    def __init__(self, workdir: Path, *, dicomweb: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        dicomweb: bool = False,
+        extra_config: dict[str, object] | None = None,
+    ) -> None:
         super().__init__(workdir)
         self.dicomweb = dicomweb
+        self.extra_config = extra_config or {}  # merged over the reference configuration
         self.http_port = 0
 
     def config(self) -> dict[str, object]:
@@ -382,6 +389,7 @@ class OrthancServer(Server):
         if self.dicomweb:
             config["Plugins"] = [str(dicomweb_plugin_path())]
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        config.update(self.extra_config)
         return config
 
     def _command(self) -> list[str]:

@@ -1,0 +1,555 @@
+"""C-FIND study-level latency, our receiver and Orthanc side by side.
+
+The archive is the one bench/qido_latency.py builds (bench/catalog_synth.py plan: 100
+instances per study, patients with 1-5 studies, varied name initials, dates over 2019-2023)
+and the same three study-level queries: a PatientID match (a patient with one study), a
+StudyDate range of one month, and a PatientName wildcard ``A*``. Its caches are reused (and
+built through qido_latency.py's functions when missing):
+
+* 100,000 instances: Orthanc (BASELINES.md configuration, plus ``DicomAlwaysAllowFind``)
+  on its cached storage + SQLite index, and our receiver on the data folder made by
+  ``vannah import --ingest`` of the same files.
+* 1,000,000 instances: ours only, on the catalog written directly by catalog_synth.py.
+  Orthanc is not loaded at this size: by C-STORE at ~540 inst/s it takes 30+ minutes and
+  its SQLite index slows as it grows.
+
+Two clients, both with Nagle off (``TCP_NODELAY=1`` in the environment of findscu and
+Orthanc; our receiver sets it on its sockets):
+
+* ``findscu``: the whole DCMTK process per query (start, associate, C-FIND, read every
+  answer, release, exit), as BASELINES.md measured Orthanc's 40 ms.
+* ``pynetdicom``: one association per server kept open in this process, time from sending
+  the C-FIND to the final response (the server's own latency, without process and
+  association setup).
+
+Our receiver loads its catalog on the first C-FIND in each worker process, so it is warmed
+up (PatientID queries) until answers come back fast 8 times in a row; the first answer's
+time is reported as the load time. Then per query: `--warmup` untimed and `--requests`
+timed runs per server, interleaved (the order alternates). Prints p50 / p95 / min-max and
+the ratios ours/Orthanc, the studies each side answered (they must agree at 100,000: the
+counts and the StudyInstanceUID sets are compared) and the plan's count.
+
+    .venv/bin/python bench/cfind_latency.py                     # 100k (both) + 1M (ours)
+    .venv/bin/python bench/cfind_latency.py --quick             # 2k (both) + 20k, smoke
+    .venv/bin/python bench/cfind_latency.py --requests 50 --json bench/out/cfind.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catalog_synth import QueryKind, plan_archive, query_kinds
+from common import (
+    CALLING_AET,
+    NODELAY_ENV,
+    OrthancServer,
+    ReceiverServer,
+    Server,
+    format_ratio,
+    install_signal_handlers,
+    print_table,
+    quantile,
+    run_dir,
+    signals_deferred,
+)
+from qido_latency import (
+    cache_root,
+    ensure_files,
+    ensure_orthanc,
+    ensure_vannah_ingested,
+    ensure_vannah_synth,
+)
+
+ORTHANC_QR = {
+    "DicomAlwaysAllowFind": True,
+    "DicomAlwaysAllowMove": True,
+    "DicomAlwaysAllowGet": True,
+}
+# Return keys of a typical viewer study list.
+RETURN_KEYS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyDescription",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
+CLIENTS = ("findscu", "pynetdicom")
+UID_LINE = re.compile(r"\(0020,000d\) UI \[([0-9.]+)")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Side:
+    """What one server answered to one query through one client."""
+
+    times_ms: list[float] = field(default_factory=list)
+    count: int | None = None
+    uids: set[str] | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def p(self, q: float) -> float:
+        return quantile(self.times_ms, q) if self.times_ms else float("nan")
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"count": self.count, "errors": self.errors[:5]}
+        if self.times_ms:
+            out.update(
+                p50_ms=self.p(0.5),
+                p95_ms=self.p(0.95),
+                min_ms=min(self.times_ms),
+                max_ms=max(self.times_ms),
+                times_ms=self.times_ms,
+            )
+        return out
+
+
+@dataclass
+class SizeResult:
+    instances: int
+    with_orthanc: bool
+    studies: int
+    kinds: list[QueryKind]
+    results: dict[tuple[str, str, str], Side] = field(default_factory=dict)  # client, target, kind
+    facts: dict[str, float | str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def findscu(
+    server: Server, params: dict[str, str], timeout: float = 900.0
+) -> tuple[float, int, set[str], str]:
+    """Run one findscu process; return (seconds, answers, StudyInstanceUIDs, error)."""
+    keys = ["-k", "QueryRetrieveLevel=STUDY"]
+    for keyword in RETURN_KEYS:
+        value = params.get(keyword)
+        keys += ["-k", f"{keyword}={value}" if value else keyword]
+    cmd = [
+        "findscu", "-v", "-S",
+        "-aet", CALLING_AET, "-aec", server.aet,
+        "-td", str(int(timeout)),
+        *keys,
+        "127.0.0.1", str(server.dicom_port),
+    ]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run(
+        cmd,
+        env={**os.environ, **NODELAY_ENV},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 30,
+        check=False,
+    )
+    seconds = time.perf_counter() - started
+    text = proc.stdout + proc.stderr
+    error = ""
+    if proc.returncode != 0 or "Final Find Response (Success)" not in text:
+        bad = [ln for ln in text.splitlines() if ln.startswith(("E:", "F:")) or "Final" in ln]
+        error = f"findscu exit {proc.returncode}: " + "; ".join(bad[:3])
+    return seconds, text.count("(Pending)"), set(UID_LINE.findall(text)), error
+
+
+class PynetdicomClient:
+    """One Study Root C-FIND association kept open, Nagle off."""
+
+    def __init__(self, server: Server) -> None:
+        import logging
+
+        from pynetdicom import AE, _config
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        _config.LOG_HANDLER_LEVEL = "none"
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        ae = AE(ae_title=CALLING_AET)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.dimse_timeout = 900
+        ae.acse_timeout = 60
+        self.model = StudyRootQueryRetrieveInformationModelFind
+        self.assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.aet)
+        if not self.assoc.is_established:
+            raise RuntimeError(f"cannot associate with {server.label}")
+        sock = self.assoc.dul.socket.socket if self.assoc.dul.socket else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def find(self, params: dict[str, str]) -> tuple[float, int, set[str], str]:
+        from pydicom.dataset import Dataset
+
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        for keyword in RETURN_KEYS:
+            setattr(ds, keyword, params.get(keyword, ""))
+        count, uids, error = 0, set(), ""
+        started = time.perf_counter()
+        for status, identifier in self.assoc.send_c_find(ds, self.model):
+            code = int(status.Status) if status and "Status" in status else -1
+            if code in (0xFF00, 0xFF01):
+                count += 1
+                if identifier is not None and "StudyInstanceUID" in identifier:
+                    uids.add(str(identifier.StudyInstanceUID))
+            elif code != 0:
+                error = f"C-FIND status 0x{code:04X}" if code >= 0 else "no response"
+        seconds = time.perf_counter() - started
+        return seconds, count, uids, error
+
+    def close(self) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def record(side: Side, outcome: tuple[float, int, set[str], str], timed: bool) -> None:
+    seconds, count, uids, error = outcome
+    if error:
+        side.errors.append(error)
+        return
+    if side.count is not None and side.count != count:
+        side.errors.append(f"answer changed: {side.count} then {count} studies")
+    side.count = count
+    if side.uids is None:
+        side.uids = uids
+    if timed:
+        side.times_ms.append(seconds * 1e3)
+
+
+def warm_up_receiver(
+    server: ReceiverServer, kind: QueryKind, facts: dict[str, float | str]
+) -> None:
+    """C-FIND until every worker has loaded its catalog: 8 fast answers in a row."""
+    started = time.monotonic()
+    first: float | None = None
+    fast = 0
+    best = float("inf")
+    attempts = 0
+    while fast < 8:
+        attempts += 1
+        seconds, count, _uids, error = findscu(server, kind.params)
+        if error or count == 0:
+            raise RuntimeError(
+                f"warm-up C-FIND failed ({count} answers): {error}\n{server.log_tail()}"
+            )
+        if first is None:
+            first = seconds
+            log(f"  first answer after {seconds:.1f} s (catalog load in one worker)")
+        best = min(best, seconds)
+        fast = fast + 1 if seconds < max(1.0, 3 * best) else 0
+        if attempts > 200:
+            raise RuntimeError("warm-up did not settle after 200 C-FINDs")
+    facts["ours_first_cfind_s"] = first or 0.0
+    facts["ours_warmup_s"] = time.monotonic() - started
+    facts["ours_warmup_cfinds"] = attempts
+    log(f"  warm: {attempts} C-FINDs in {facts['ours_warmup_s']:.1f} s")
+
+
+def measure(size: SizeResult, servers: dict[str, Server], args: argparse.Namespace) -> None:
+    targets = list(servers)
+    for client_name in CLIENTS:
+        clients: dict[str, PynetdicomClient] = {}
+        try:
+            if client_name == "pynetdicom":
+                clients = {t: PynetdicomClient(servers[t]) for t in targets}
+            for kind in size.kinds:
+                sides = {
+                    t: size.results.setdefault((client_name, t, kind.label), Side())
+                    for t in targets
+                }
+                for i in range(args.warmup + args.requests):
+                    order = targets if i % 2 == 0 else targets[::-1]
+                    for target in order:
+                        if client_name == "findscu":
+                            outcome = findscu(servers[target], kind.params)
+                        else:
+                            outcome = clients[target].find(kind.params)
+                        record(sides[target], outcome, timed=i >= args.warmup)
+                summary = ", ".join(
+                    f"{t} p50 {sides[t].p(0.5):.1f} ms ({sides[t].count} studies)" for t in targets
+                )
+                log(f"  {client_name} {kind.label}: {summary}; plan says {kind.expected}")
+        finally:
+            for client in clients.values():
+                client.close()
+
+
+def run_size(instances: int, args: argparse.Namespace) -> SizeResult:
+    with_orthanc = instances <= args.orthanc_max and not args.ours_only
+    plan = plan_archive(instances, args.per_study, args.seed)
+    size = SizeResult(instances, with_orthanc, len(plan), query_kinds(plan))
+    root = cache_root(instances, args.per_study, args.seed)
+    root.mkdir(parents=True, exist_ok=True)
+    log(
+        f"== {instances:,} instances ({len(plan):,} studies), "
+        f"{'ours and Orthanc' if with_orthanc else 'ours only'}; cache {root}"
+    )
+    orthanc_dir = None
+    if with_orthanc:
+        data = ensure_files(root, args, instances)
+        orthanc_dir = ensure_orthanc(root, data, size.facts)
+        data_dir = ensure_vannah_ingested(root, data, size.facts)
+        size.facts["ours_catalog"] = "vannah import --ingest of the same files"
+    else:
+        data_dir = ensure_vannah_synth(root, instances, args, size.facts)
+        size.facts["ours_catalog"] = "catalog_synth.py Parquet batch files"
+
+    servers: dict[str, Server] = {}
+    with run_dir(f"cfind-{instances}") as workdir:
+        try:
+            log("starting our receiver (loads the catalog on the first C-FIND per worker)")
+            ours = ReceiverServer(
+                workdir / "vannah",
+                extra_env={"VANNAH_DATA_DIR": str(data_dir), **dict(args.receiver_env)},
+            )
+            servers["vannah"] = ours
+            ours.start()
+            assert ours.memory is not None
+            warm_up_receiver(ours, size.kinds[0], size.facts)
+            size.facts["ours_rss_after_load"] = ours.memory.sample()
+            if orthanc_dir is not None:
+                log("starting Orthanc on the cached storage")
+                orthanc = OrthancServer(orthanc_dir, extra_config=ORTHANC_QR)
+                servers["orthanc"] = orthanc
+                orthanc.start()
+            measure(size, servers, args)
+            size.facts["ours_peak_rss"] = ours.memory.peak_bytes
+            if "orthanc" in servers:
+                memory = servers["orthanc"].memory
+                assert memory is not None
+                size.facts["orthanc_peak_rss"] = memory.peak_bytes
+        finally:
+            with signals_deferred():
+                for server in servers.values():
+                    server.stop()
+    return size
+
+
+# --------------------------------------------------------------------------- report
+
+
+def ms(value: float) -> str:
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def report(sizes: list[SizeResult], args: argparse.Namespace) -> list[str]:
+    """Print the tables; return the problems found (errors, count or UID mismatches)."""
+    header = [
+        "catalog",
+        "client",
+        "query",
+        "studies ours / Orthanc / plan",
+        "ours p50 ms",
+        "ours p95 ms",
+        "ours min-max",
+        "Orthanc p50 ms",
+        "Orthanc p95 ms",
+        "Orthanc min-max",
+        "p50 ours/Orthanc",
+        "p95 ours/Orthanc",
+    ]
+    rows: list[list[str]] = []
+    for size in sizes:
+        for client in CLIENTS:
+            for kind in size.kinds:
+                ours = size.results[(client, "vannah", kind.label)]
+                ref = size.results.get((client, "orthanc", kind.label))
+                row = [
+                    f"{size.instances:,} inst." + ("" if size.with_orthanc else " (ours only)"),
+                    client,
+                    kind.label,
+                    f"{ours.count} / {ref.count if ref else '-'} / {kind.expected}",
+                ]
+                if ours.times_ms:
+                    row += [
+                        ms(ours.p(0.5)),
+                        ms(ours.p(0.95)),
+                        f"{ms(min(ours.times_ms))}-{ms(max(ours.times_ms))}",
+                    ]
+                else:
+                    row += ["failed", "-", "-"]
+                if ref and ref.times_ms:
+                    row += [
+                        ms(ref.p(0.5)),
+                        ms(ref.p(0.95)),
+                        f"{ms(min(ref.times_ms))}-{ms(max(ref.times_ms))}",
+                        format_ratio(ours.p(0.5), ref.p(0.5)) if ours.times_ms else "-",
+                        format_ratio(ours.p(0.95), ref.p(0.95)) if ours.times_ms else "-",
+                    ]
+                else:
+                    row += ["not measured"] + ["-"] * 4
+                rows.append(row)
+    print_table(
+        f"C-FIND study level latency, {args.requests} queries per query kind and client after "
+        f"{args.warmup} warm-up, interleaved ours/Orthanc. findscu: the whole DCMTK process "
+        "per query; pynetdicom: one association reused, C-FIND request to final response",
+        header,
+        rows,
+    )
+    mib = lambda v: f"{float(v) / 2**20:.0f} MiB" if v else "-"  # noqa: E731
+    rows = []
+    for size in sizes:
+        f = size.facts
+        rows.append(
+            [
+                f"{size.instances:,} inst. ({size.studies:,} studies)",
+                str(f.get("ours_catalog", "-")),
+                f"{float(f.get('ours_first_cfind_s', 0)):.1f} s",
+                f"{int(f.get('ours_warmup_cfinds', 0))} in "
+                f"{float(f.get('ours_warmup_s', 0)):.1f} s",
+                mib(f.get("ours_rss_after_load")),
+                mib(f.get("ours_peak_rss")),
+                mib(f.get("orthanc_peak_rss")) if size.with_orthanc else "not run",
+            ]
+        )
+    print_table(
+        "Servers: our receiver's catalog load (first C-FIND) and memory (RSS of the process "
+        "tree: supervisor + workers, each worker holds its own catalog)",
+        [
+            "catalog",
+            "our catalog built by",
+            "first C-FIND (load)",
+            "warm-up C-FINDs",
+            "our RSS after load",
+            "our peak RSS",
+            "Orthanc peak RSS",
+        ],
+        rows,
+    )
+    if any(not s.with_orthanc for s in sizes):
+        without = ", ".join(f"{s.instances:,}" for s in sizes if not s.with_orthanc)
+        print(
+            "\nOrthanc is measured at "
+            f"{max((s.instances for s in sizes if s.with_orthanc), default=0):,} instances "
+            f"only: it was not loaded at {without} because loading it by C-STORE takes too "
+            "long (~540 inst/s: 1,000,000 is 30+ minutes, and its SQLite index slows as it "
+            "grows)."
+        )
+    problems: list[str] = []
+    for s in sizes:
+        for (client, target, kind), side in s.results.items():
+            problems += [
+                f"{s.instances:,} / {client} / {target} / {kind}: {e}" for e in side.errors[:3]
+            ]
+        if not s.with_orthanc:
+            continue
+        for client in CLIENTS:
+            for k in s.kinds:
+                ours = s.results[(client, "vannah", k.label)]
+                ref = s.results[(client, "orthanc", k.label)]
+                if ours.count != ref.count:
+                    problems.append(
+                        f"count mismatch {s.instances:,} / {client} / {k.label}: "
+                        f"ours {ours.count}, Orthanc {ref.count}"
+                    )
+                elif ours.uids != ref.uids:
+                    problems.append(
+                        f"StudyInstanceUID sets differ {s.instances:,} / {client} / {k.label}"
+                    )
+    if problems:
+        print("\n**Problems:**\n")
+        for problem in problems:
+            print(f"- {problem}")
+    else:
+        print(
+            "\nAt every size with Orthanc, both sides returned the same number of studies and "
+            "the same StudyInstanceUIDs for every query and client."
+        )
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="archive sizes"
+    )
+    parser.add_argument(
+        "--orthanc-max", type=int, default=100_000, help="largest size Orthanc is measured at"
+    )
+    parser.add_argument("--ours-only", action="store_true", help="skip Orthanc at every size")
+    parser.add_argument("--requests", type=int, default=30, help="timed queries per kind")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed queries per kind")
+    parser.add_argument("--per-study", type=int, default=100, help="instances per study")
+    parser.add_argument(
+        "--files", type=int, default=100, help="Parquet files of a directly written catalog"
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--receiver-env",
+        action="append",
+        default=[],
+        type=lambda s: tuple(s.split("=", 1)),
+        metavar="NAME=VALUE",
+        help="extra VANNAH_* setting for our receiver (repeatable)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 2,000 (both) + 20,000 (ours), 5 queries"
+    )
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.orthanc_max, args.requests, args.warmup = [2000, 20_000], 2000, 5, 1
+    install_signal_handlers()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sizes: list[SizeResult] = []
+    try:
+        for instances in args.sizes:
+            sizes.append(run_size(instances, args))
+    except KeyboardInterrupt:
+        log("interrupted: servers stopped")
+        return 130
+    problems = report(sizes, args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "requests": args.requests,
+            "warmup": args.warmup,
+            "return_keys": list(RETURN_KEYS),
+            "problems": problems,
+            "sizes": [
+                {
+                    "instances": s.instances,
+                    "studies": s.studies,
+                    "with_orthanc": s.with_orthanc,
+                    "facts": s.facts,
+                    "queries": [
+                        {
+                            "label": k.label,
+                            "params": k.params,
+                            "expected": k.expected,
+                            **{
+                                f"{client}/{target}": side.as_dict()
+                                for (client, target, label), side in s.results.items()
+                                if label == k.label
+                            },
+                        }
+                        for k in s.kinds
+                    ],
+                }
+                for s in sizes
+            ],
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
