@@ -1,0 +1,79 @@
+"""C-CANCEL cuts a long C-FIND answer short (PS3.4 C.4.1.3.1 and K.4.1.3.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from receiver_support import ReceiverProcess
+
+from receiver.status import FindStatus
+from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
+from vannah_pipelines.dicom.synthetic import make_instance, to_part10
+from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
+from vannah_pipelines.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDIES = 600
+
+
+@pytest.fixture(scope="module")
+def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReceiverProcess]:
+    """A receiver over an archive of many small studies (built through the real ingest)."""
+    data_dir = tmp_path_factory.mktemp("cancel") / "data"
+    settings = load_settings(data_dir=data_dir)
+    batch = LandingZone(settings.landing_dir).open_batch("import")
+    for i in range(STUDIES):
+        ds = make_instance("CT", rows=8, columns=8, patient_id=f"CANCEL-{i:04d}")
+        batch.write_instance(
+            to_part10(ds),
+            ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", "import"),
+        )
+    sealed = batch.seal()
+    assert sealed is not None
+    ingest_batches(
+        IngestPaths(
+            settings.landing_dir, settings.hot_dir, settings.catalog_dir, settings.quarantine_dir
+        ),
+        [sealed.batch_id],
+    )
+    rx = ReceiverProcess(data_dir=Path(data_dir), port=0, workers=1).start()
+    yield rx
+    rx.stop()
+
+
+def _find_all(rx: ReceiverProcess, cancel_after: int | None) -> list[int]:
+    ae = AE(ae_title="CANCELSCU")
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="VANNAHCLOUD")
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    identifier.PatientID = "CANCEL-*"
+    statuses: list[int] = []
+    try:
+        for status, _ in assoc.send_c_find(identifier, STUDY_ROOT_FIND, msg_id=11):
+            statuses.append(int(status.Status))
+            if cancel_after is not None and len(statuses) == cancel_after:
+                assoc.send_c_cancel(11, query_model=STUDY_ROOT_FIND)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def test_c_find_without_cancel_returns_every_match(receiver: ReceiverProcess) -> None:
+    statuses = _find_all(receiver, cancel_after=None)
+    assert statuses.count(FindStatus.PENDING) == STUDIES
+    assert statuses[-1] == FindStatus.SUCCESS
+
+
+def test_c_cancel_stops_the_answer_early(receiver: ReceiverProcess) -> None:
+    statuses = _find_all(receiver, cancel_after=1)
+    assert statuses[-1] == FindStatus.CANCEL  # 0xFE00: matching terminated due to cancel
+    assert statuses.count(FindStatus.PENDING) < STUDIES
