@@ -34,6 +34,8 @@ PURE = [
     "vannah_pipelines.worklist.hl7",
     "vannah_pipelines.worklist.files",
     "vannah_pipelines.worklist.cli",
+    "vannah_pipelines.worklist.model",
+    "vannah_pipelines.worklist.mllp",
 ]
 
 
@@ -50,8 +52,10 @@ def test_pure_module_imports_no_framework(module: str) -> None:
 
 
 def test_dicomweb_imports_no_dagster_or_pynetdicom() -> None:
-    code = ("import sys\nsys.modules['dagster'] = None\nsys.modules['pynetdicom'] = None\n"
-            "import dicomweb.app\n")
+    code = (
+        "import sys\nsys.modules['dagster'] = None\nsys.modules['pynetdicom'] = None\n"
+        "import dicomweb.app\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -25,4 +25,7 @@ def test_configuration_documents_every_setting() -> None:
     for name in Settings.model_fields:
         assert f"`{name}`" in text, name
         assert f"`VANNAH_{name.upper()}`" in text or name in {
-            "authentication_enabled", "dicom_tls_enabled", "routing_rules"}, name
+            "authentication_enabled",
+            "dicom_tls_enabled",
+            "routing_rules",
+        }, name

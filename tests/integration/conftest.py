@@ -4,7 +4,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,15 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.receiver.receiver_support import free_port
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.platform import PROJECT_DIR, dagster_daemon_argv, prepare_data_dir
 from vannah_pipelines.settings import load_settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pg_bin() -> Path:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port
-from tests.receiver.receiver_support import DCMTK_ENV
+from tests.receiver.receiver_support import DCMTK_ENV, free_ports
 from vannah_pipelines.platform import PROJECT_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -41,12 +40,13 @@ def _group_alive(pgid: int) -> list[str]:
 
 
 def test_vannah_up_serves_everything_and_stops_cleanly(tmp_path: Path) -> None:
-    ports = {
-        "VANNAH_DICOM_PORT": free_port(),
-        "VANNAH_DAGSTER_PORT": free_port(),
-        "VANNAH_DICOMWEB_PORT": free_port(),
-        "VANNAH_WORKLIST_MLLP_PORT": free_port(),
-    }
+    names = (
+        "VANNAH_DICOM_PORT",
+        "VANNAH_DAGSTER_PORT",
+        "VANNAH_DICOMWEB_PORT",
+        "VANNAH_WORKLIST_MLLP_PORT",
+    )
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     env = {
         **os.environ,
         "VANNAH_DATA_DIR": str(tmp_path / "data"),

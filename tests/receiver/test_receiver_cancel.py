@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,7 +49,7 @@ def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReceiverProce
     rx.stop()
 
 
-def _find_all(rx: ReceiverProcess, cancel_after: int | None) -> list[int]:
+def _find_all(rx: ReceiverProcess, cancel_after: float | None) -> list[int]:
     ae = AE(ae_title="CANCELSCU")
     ae.add_requested_context(STUDY_ROOT_FIND)
     assoc = ae.associate("127.0.0.1", rx.port, ae_title="VANNAHCLOUD")
@@ -57,11 +59,18 @@ def _find_all(rx: ReceiverProcess, cancel_after: int | None) -> list[int]:
     identifier.StudyInstanceUID = ""
     identifier.PatientID = "CANCEL-*"
     statuses: list[int] = []
+    if cancel_after is not None:
+        # C-CANCEL may come any time after the request (PS3.7 9.3.2.3). Sent from another
+        # thread right after it, not after reading an answer: the 600 answers would all be
+        # in the socket buffers before a loaded client read the first one.
+        def cancel() -> None:
+            time.sleep(cancel_after)
+            assoc.send_c_cancel(11, query_model=STUDY_ROOT_FIND)
+
+        threading.Thread(target=cancel, daemon=True).start()
     try:
         for status, _ in assoc.send_c_find(identifier, STUDY_ROOT_FIND, msg_id=11):
             statuses.append(int(status.Status))
-            if cancel_after is not None and len(statuses) == cancel_after:
-                assoc.send_c_cancel(11, query_model=STUDY_ROOT_FIND)
     finally:
         assoc.release()
     return statuses
@@ -74,6 +83,6 @@ def test_c_find_without_cancel_returns_every_match(receiver: ReceiverProcess) ->
 
 
 def test_c_cancel_stops_the_answer_early(receiver: ReceiverProcess) -> None:
-    statuses = _find_all(receiver, cancel_after=1)
+    statuses = _find_all(receiver, cancel_after=0.05)
     assert statuses[-1] == FindStatus.CANCEL  # 0xFE00: matching terminated due to cancel
     assert statuses.count(FindStatus.PENDING) < STUDIES

@@ -20,7 +20,7 @@ from receiver_support import (
     TEST_FILES,
     ReceiverProcess,
     dataset_bytes_of_file,
-    free_port,
+    free_ports,
     wait_sealed,
 )
 
@@ -73,14 +73,14 @@ def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[s
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     root = tmp_path_factory.mktemp("qr-archive")
     data_dir = root / "data"
-    dest_port, strict_port = free_port(), free_port()
+    dest_port, strict_port, port = free_ports(3)
     modalities = {
         "dest": [DEST_AET, "127.0.0.1", dest_port],
         "strict": {"AET": STRICT_AET, "Host": "127.0.0.1", "Port": strict_port},
     }
     rx = ReceiverProcess(
         data_dir=data_dir,
-        port=free_port(),
+        port=port,
         workers=2,
         env={"VANNAH_DICOM_MODALITIES": json.dumps(modalities)},
     ).start()

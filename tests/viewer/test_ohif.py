@@ -44,9 +44,12 @@ def _ohif_dist() -> Path:
     dist = CACHE / f"ohif-{OHIF_VERSION}" / "dist"
     if not (dist / "index.html").exists():
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run(["npm", "pack", f"@ohif/app@{OHIF_VERSION}", "--silent",
-                            "--pack-destination", tmp], check=True, capture_output=True,
-                           timeout=600)
+            subprocess.run(
+                ["npm", "pack", f"@ohif/app@{OHIF_VERSION}", "--silent", "--pack-destination", tmp],
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
             [tarball] = Path(tmp).glob("*.tgz")
             with tarfile.open(tarball) as tar:
                 tar.extractall(tmp, filter="data")
@@ -60,16 +63,28 @@ def _node_modules() -> Path:
     prefix = CACHE / "node"
     if not (prefix / "node_modules" / "playwright-core").exists():
         prefix.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(prefix),
-                        f"playwright-core@{PLAYWRIGHT_VERSION}"], check=True,
-                       capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                "npm",
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+                str(prefix),
+                f"playwright-core@{PLAYWRIGHT_VERSION}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     return prefix / "node_modules"
 
 
 class _Server:
     def __init__(self, app: object) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -103,18 +118,31 @@ def _app_config(dicomweb: str) -> str:
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
         "sourceName": "vannah",
         "configuration": {
-            "friendlyName": "VannahHealthCloud", "name": "vannah",
-            "wadoUriRoot": f"{dicomweb}/dicom-web/wado", "qidoRoot": f"{dicomweb}/dicom-web",
-            "wadoRoot": f"{dicomweb}/dicom-web", "qidoSupportsIncludeField": True,
-            "imageRendering": "wadors", "thumbnailRendering": "wadors",
-            "enableStudyLazyLoad": True, "supportsFuzzyMatching": True,
-            "supportsWildcard": True, "omitQuotationForMultipartRequest": True,
+            "friendlyName": "VannahHealthCloud",
+            "name": "vannah",
+            "wadoUriRoot": f"{dicomweb}/dicom-web/wado",
+            "qidoRoot": f"{dicomweb}/dicom-web",
+            "wadoRoot": f"{dicomweb}/dicom-web",
+            "qidoSupportsIncludeField": True,
+            "imageRendering": "wadors",
+            "thumbnailRendering": "wadors",
+            "enableStudyLazyLoad": True,
+            "supportsFuzzyMatching": True,
+            "supportsWildcard": True,
+            "omitQuotationForMultipartRequest": True,
             "bulkDataURI": {"enabled": True},
         },
     }
-    config = {"routerBasename": "/", "extensions": [], "modes": [], "showStudyList": True,
-              "showWarningMessageForCrossOrigin": False, "showCPUFallbackMessage": False,
-              "dataSources": [source], "defaultDataSourceName": "vannah"}
+    config = {
+        "routerBasename": "/",
+        "extensions": [],
+        "modes": [],
+        "showStudyList": True,
+        "showWarningMessageForCrossOrigin": False,
+        "showCPUFallbackMessage": False,
+        "dataSources": [source],
+        "defaultDataSourceName": "vannah",
+    }
     return f"window.config = {json.dumps(config)};\n"
 
 
@@ -124,17 +152,33 @@ def study(tmp_path: Path) -> Iterator[tuple[str, object]]:
     batch = LandingZone(settings.landing_dir).open_batch("stow")
     first = make_instance("CT", rows=256, columns=256)
     for i in range(5):
-        ds = make_instance("CT", study_uid=first.StudyInstanceUID,
-                           series_uid=first.SeriesInstanceUID, rows=256, columns=256,
-                           instance_number=i + 1, seed=i, ImagePositionPatient=[0, 0, i],
-                           ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=[1, 1],
-                           SliceThickness=1, RescaleSlope=1, RescaleIntercept=0)
-        batch.write_instance(to_part10(ds), ReceiveFacts(
-            ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", "stow"))
+        ds = make_instance(
+            "CT",
+            study_uid=first.StudyInstanceUID,
+            series_uid=first.SeriesInstanceUID,
+            rows=256,
+            columns=256,
+            instance_number=i + 1,
+            seed=i,
+            ImagePositionPatient=[0, 0, i],
+            ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+            PixelSpacing=[1, 1],
+            SliceThickness=1,
+            RescaleSlope=1,
+            RescaleIntercept=0,
+        )
+        batch.write_instance(
+            to_part10(ds),
+            ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", "stow"),
+        )
     sealed = batch.seal()
     assert sealed is not None
-    ingest_batches(IngestPaths(settings.landing_dir, settings.hot_dir, settings.catalog_dir,
-                               settings.quarantine_dir), [sealed.batch_id])
+    ingest_batches(
+        IngestPaths(
+            settings.landing_dir, settings.hot_dir, settings.catalog_dir, settings.quarantine_dir
+        ),
+        [sealed.batch_id],
+    )
     yield str(first.StudyInstanceUID), create_app(settings)
 
 
@@ -152,11 +196,18 @@ def test_ohif_opens_a_study_and_the_image_is_not_blank(
         with _Server(viewer) as ohif:
             shot = tmp_path / "ohif.png"
             result = subprocess.run(
-                ["node", str(REPO / "tests" / "viewer" / "ohif_open.js"),
-                 f"{ohif}/viewer?StudyInstanceUIDs={study_uid}", str(shot),
-                 str(tmp_path / "chromium-profile")],
+                [
+                    "node",
+                    str(REPO / "tests" / "viewer" / "ohif_open.js"),
+                    f"{ohif}/viewer?StudyInstanceUIDs={study_uid}",
+                    str(shot),
+                    str(tmp_path / "chromium-profile"),
+                ],
                 env={"NODE_PATH": str(node_modules), "PATH": "/usr/bin:/bin"},
-                capture_output=True, text=True, timeout=300)
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     requests = report["requests"]
@@ -167,8 +218,9 @@ def test_ohif_opens_a_study_and_the_image_is_not_blank(
     assert report["boxes"], "no viewport canvas"
     box = max(report["boxes"], key=lambda b: b["width"] * b["height"])
     image = Image.open(shot).convert("L")
-    viewport = image.crop((int(box["x"]), int(box["y"]), int(box["x"] + box["width"]),
-                           int(box["y"] + box["height"])))
+    viewport = image.crop(
+        (int(box["x"]), int(box["y"]), int(box["x"] + box["width"]), int(box["y"] + box["height"]))
+    )
     # Not blank: the CT slice (random pixels, windowed) gives a wide spread of grey levels.
     stats = ImageStat.Stat(viewport)
     assert stats.stddev[0] > 10, (stats.stddev, stats.mean)
