@@ -54,10 +54,10 @@ from common import (
     OrthancServer,
     ReceiverServer,
     Server,
+    Side,
     format_ratio,
     install_signal_handlers,
     print_table,
-    quantile,
     run_dir,
     signals_deferred,
 )
@@ -95,31 +95,6 @@ UID_LINE = re.compile(r"\(0020,000d\) UI \[([0-9.]+)")
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-@dataclass
-class Side:
-    """What one server answered to one query through one client."""
-
-    times_ms: list[float] = field(default_factory=list)
-    count: int | None = None
-    uids: set[str] | None = None
-    errors: list[str] = field(default_factory=list)
-
-    def p(self, q: float) -> float:
-        return quantile(self.times_ms, q) if self.times_ms else float("nan")
-
-    def as_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {"count": self.count, "errors": self.errors[:5]}
-        if self.times_ms:
-            out.update(
-                p50_ms=self.p(0.5),
-                p95_ms=self.p(0.95),
-                min_ms=min(self.times_ms),
-                max_ms=max(self.times_ms),
-                times_ms=self.times_ms,
-            )
-        return out
 
 
 @dataclass

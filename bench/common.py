@@ -800,3 +800,29 @@ def peak_rss_bytes(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+@dataclass
+class Side:
+    """What one server answered to one query kind (through one client): per-request
+    latencies, the number of answers, their UIDs when compared, and any errors."""
+
+    times_ms: list[float] = field(default_factory=list)
+    count: int | None = None
+    uids: set[str] | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def p(self, q: float) -> float:
+        return quantile(self.times_ms, q) if self.times_ms else float("nan")
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"count": self.count, "errors": self.errors[:5]}
+        if self.times_ms:
+            out.update(
+                p50_ms=self.p(0.5),
+                p95_ms=self.p(0.95),
+                min_ms=min(self.times_ms),
+                max_ms=max(self.times_ms),
+                times_ms=self.times_ms,
+            )
+        return out

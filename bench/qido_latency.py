@@ -47,10 +47,10 @@ from common import (
     DicomWebServer,
     HttpClient,
     OrthancServer,
+    Side,
     format_ratio,
     install_signal_handlers,
     print_table,
-    quantile,
     run_dir,
     run_storescu,
     signals_deferred,
@@ -63,30 +63,6 @@ OURS_ENV = {"VANNAH_DICOMWEB_MAX_LIMIT": "1000000"}
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-@dataclass
-class Side:
-    """What one server answered for one query kind."""
-
-    times_ms: list[float] = field(default_factory=list)
-    count: int | None = None
-    errors: list[str] = field(default_factory=list)
-
-    def p(self, q: float) -> float:
-        return quantile(self.times_ms, q) if self.times_ms else float("nan")
-
-    def as_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {"count": self.count, "errors": self.errors[:5]}
-        if self.times_ms:
-            out.update(
-                p50_ms=self.p(0.5),
-                p95_ms=self.p(0.95),
-                min_ms=min(self.times_ms),
-                max_ms=max(self.times_ms),
-                times_ms=self.times_ms,
-            )
-        return out
 
 
 @dataclass
