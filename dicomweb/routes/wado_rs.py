@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, BinaryIO
 
 import pydicom
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydicom.dataset import Dataset
 
@@ -411,6 +411,30 @@ QualityQuery = Annotated[str | None, Query(description="JPEG quality 1..100")]
 AcceptQuery = Annotated[str | None, Query(alias="accept", description="overrides Accept")]
 
 
+def _render_dep(
+    accept: AcceptHeader = None,
+    window: WindowQuery = None,
+    viewport: ViewportQuery = None,
+    quality: QualityQuery = None,
+    accept_param: AcceptQuery = None,
+) -> RenderOptions:
+    return render_options(accept, accept_param, window, viewport, quality)
+
+
+def _thumbnail_dep(
+    accept: AcceptHeader = None,
+    viewport: ViewportQuery = None,
+    accept_param: AcceptQuery = None,
+) -> RenderOptions:
+    return thumbnail_options(render_options(accept, accept_param, None, viewport, None))
+
+
+# The query parameters of /rendered (window, viewport, quality, accept) and /thumbnail
+# (viewport, accept), parsed once for every route.
+RenderDep = Annotated[RenderOptions, Depends(_render_dep)]
+ThumbnailDep = Annotated[RenderOptions, Depends(_thumbnail_dep)]
+
+
 def _frame_number(frames: str) -> int:
     try:
         numbers = parse_frame_list(frames)
@@ -437,13 +461,8 @@ def rendered_instance(
     instance: str,
     catalog: CatalogDep,
     settings: SettingsDep,
-    accept: AcceptHeader = None,
-    window: WindowQuery = None,
-    viewport: ViewportQuery = None,
-    quality: QualityQuery = None,
-    accept_param: AcceptQuery = None,
+    options: RenderDep,
 ) -> Response:
-    options = render_options(accept, accept_param, window, viewport, quality)
     return rendered_response(settings, lookup(catalog, study, series, instance)[0], 1, options)
 
 
@@ -455,13 +474,8 @@ def rendered_frame(
     frames: str,
     catalog: CatalogDep,
     settings: SettingsDep,
-    accept: AcceptHeader = None,
-    window: WindowQuery = None,
-    viewport: ViewportQuery = None,
-    quality: QualityQuery = None,
-    accept_param: AcceptQuery = None,
+    options: RenderDep,
 ) -> Response:
-    options = render_options(accept, accept_param, window, viewport, quality)
     number = _frame_number(frames)
     stored = lookup(catalog, study, series, instance)[0]
     return rendered_response(settings, stored, number, options)
@@ -474,11 +488,8 @@ def instance_thumbnail(
     instance: str,
     catalog: CatalogDep,
     settings: SettingsDep,
-    accept: AcceptHeader = None,
-    viewport: ViewportQuery = None,
-    accept_param: AcceptQuery = None,
+    options: ThumbnailDep,
 ) -> Response:
-    options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
     return rendered_response(settings, lookup(catalog, study, series, instance)[0], 1, options)
 
 
@@ -490,11 +501,8 @@ def frame_thumbnail(
     frames: str,
     catalog: CatalogDep,
     settings: SettingsDep,
-    accept: AcceptHeader = None,
-    viewport: ViewportQuery = None,
-    accept_param: AcceptQuery = None,
+    options: ThumbnailDep,
 ) -> Response:
-    options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
     number = _frame_number(frames)
     stored = lookup(catalog, study, series, instance)[0]
     return rendered_response(settings, stored, number, options)
@@ -506,11 +514,8 @@ def series_thumbnail(
     series: str,
     catalog: CatalogDep,
     settings: SettingsDep,
-    accept: AcceptHeader = None,
-    viewport: ViewportQuery = None,
-    accept_param: AcceptQuery = None,
+    options: ThumbnailDep,
 ) -> Response:
-    options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
     middle = _middle(lookup(catalog, study, series))
     return rendered_response(settings, middle, 1, options)
 
@@ -520,10 +525,7 @@ def study_thumbnail(
     study: str,
     catalog: CatalogDep,
     settings: SettingsDep,
-    accept: AcceptHeader = None,
-    viewport: ViewportQuery = None,
-    accept_param: AcceptQuery = None,
+    options: ThumbnailDep,
 ) -> Response:
-    options = thumbnail_options(render_options(accept, accept_param, None, viewport, None))
     middle = _middle(lookup(catalog, study))
     return rendered_response(settings, middle, 1, options)
