@@ -57,6 +57,7 @@ from common import (
     Side,
     format_ratio,
     install_signal_handlers,
+    log,
     print_table,
     run_dir,
     signals_deferred,
@@ -91,10 +92,6 @@ RETURN_KEYS = (
 )
 CLIENTS = ("findscu", "pynetdicom")
 UID_LINE = re.compile(r"\(0020,000d\) UI \[([0-9.]+)")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass

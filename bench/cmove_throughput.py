@@ -38,6 +38,7 @@ from pathlib import Path
 from common import (
     CALLING_AET,
     DATA_DIR,
+    LABELS,
     NODELAY_ENV,
     OUT_DIR,
     REPO_ROOT,
@@ -49,6 +50,7 @@ from common import (
     format_ratio,
     free_port,
     install_signal_handlers,
+    log,
     print_table,
     run_dir,
     run_storescu,
@@ -63,11 +65,6 @@ ORTHANC_QR = {
     "DicomAlwaysAllowMove": True,
     "DicomAlwaysAllowGet": True,
 }
-LABELS = {"vannah": "Vannah", "orthanc": "Orthanc"}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass

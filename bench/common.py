@@ -826,3 +826,36 @@ class Side:
                 times_ms=self.times_ms,
             )
         return out
+
+
+LABELS = {"vannah": "Vannah", "orthanc": "Orthanc"}
+
+
+def log(message: str) -> None:
+    """Progress to stderr (the tables go to stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def niced(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """Run a data-preparation command at low priority (the machine is shared)."""
+    log("  $ " + " ".join(cmd))
+    subprocess.run(
+        ["nice", "-n", "10", *cmd], check=True, cwd=REPO_ROOT, env=env, stdout=sys.stderr
+    )
+
+
+def vannah_import(data_dir: Path, folder: Path) -> None:
+    """Load `folder` into our data folder the real way: `vannah import --ingest`."""
+    niced(
+        [
+            sys.executable,
+            "-m",
+            "vannah_pipelines.cli",
+            "--data-dir",
+            str(data_dir),
+            "import",
+            "-q",
+            "--ingest",
+            str(folder),
+        ]
+    )

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -42,7 +41,6 @@ from catalog_synth import PLAN_VERSION, QueryKind, plan_archive, query_kinds
 from common import (
     BENCH_DIR,
     OUT_DIR,
-    REPO_ROOT,
     DataSet,
     DicomWebServer,
     HttpClient,
@@ -50,19 +48,18 @@ from common import (
     Side,
     format_ratio,
     install_signal_handlers,
+    log,
+    niced,
     print_table,
     run_dir,
     run_storescu,
     signals_deferred,
+    vannah_import,
 )
 
 CACHE_DIR = OUT_DIR / "cache"
 ACCEPT = {"Accept": "application/dicom+json"}
 OURS_ENV = {"VANNAH_DICOMWEB_MAX_LIMIT": "1000000"}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -80,13 +77,6 @@ class SizeResult:
 
 def cache_root(instances: int, per_study: int, seed: int) -> Path:
     return CACHE_DIR / f"qido-v{PLAN_VERSION}-{instances}-p{per_study}-seed{seed}"
-
-
-def niced(cmd: list[str], env: dict[str, str] | None = None) -> None:
-    """Run a data-generation command at low priority (the machine is shared)."""
-    full = ["nice", "-n", "10", *cmd]
-    log("  $ " + " ".join(cmd))
-    subprocess.run(full, check=True, cwd=REPO_ROOT, env=env, stdout=sys.stderr)
 
 
 def ensure_files(root: Path, args: argparse.Namespace, instances: int) -> DataSet:
@@ -146,19 +136,7 @@ def ensure_vannah_ingested(root: Path, data: DataSet, facts: dict[str, float | s
     shutil.rmtree(data_dir, ignore_errors=True)
     log(f"importing + ingesting {len(data.files):,} files into our data folder")
     started = time.monotonic()
-    niced(
-        [
-            sys.executable,
-            "-m",
-            "vannah_pipelines.cli",
-            "--data-dir",
-            str(data_dir),
-            "import",
-            "-q",
-            "--ingest",
-            str(data.folder / "files"),
-        ]
-    )
+    vannah_import(data_dir, data.folder / "files")
     facts["vannah_import_ingest_s"] = time.monotonic() - started
     log(f"  imported + ingested in {facts['vannah_import_ingest_s']:.0f} s")
     marker.touch()

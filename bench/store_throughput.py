@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (
+    LABELS,
     REPO_ROOT,
     DataSet,
     Series,
@@ -34,7 +35,6 @@ from common import (
 )
 
 TARGETS = ("orthanc", "vannah")
-LABELS = {"orthanc": "Orthanc", "vannah": "Vannah"}
 ASSOCIATIONS = (1, 4)
 
 

@@ -33,7 +33,6 @@ from common import (
     BENCH_DIR,
     DATA_DIR,
     OUT_DIR,
-    REPO_ROOT,
     DataSet,
     DicomWebServer,
     HttpClient,
@@ -42,6 +41,7 @@ from common import (
     Series,
     format_ratio,
     install_signal_handlers,
+    log,
     peak_rss_bytes,
     peak_rss_reset,
     print_table,
@@ -49,6 +49,7 @@ from common import (
     run_storescu,
     signals_deferred,
     synthetic_set,
+    vannah_import,
 )
 
 CACHE_DIR = OUT_DIR / "cache"
@@ -56,11 +57,6 @@ ACCEPT = {
     "vannah": 'multipart/related; type="application/dicom"; transfer-syntax=*',
     "orthanc": 'multipart/related; type="application/dicom"',
 }
-LABELS = {"vannah": "Vannah", "orthanc": "Orthanc"}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -112,25 +108,7 @@ def ensure_ours(sets: list[DataSet]) -> Path:
     for data in sets:
         log(f"importing + ingesting {data.name} into our data folder, niced")
         started = time.monotonic()
-        subprocess.run(
-            [
-                "nice",
-                "-n",
-                "10",
-                sys.executable,
-                "-m",
-                "vannah_pipelines.cli",
-                "--data-dir",
-                str(data_dir),
-                "import",
-                "-q",
-                "--ingest",
-                str(data.folder / "files"),
-            ],
-            cwd=REPO_ROOT,
-            check=True,
-            stdout=sys.stderr,
-        )
+        vannah_import(data_dir, data.folder / "files")
         log(f"  done in {time.monotonic() - started:.0f} s")
     marker.touch()
     return data_dir
