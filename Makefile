@@ -33,10 +33,15 @@ lint: install
 	$(BIN)/ruff check vannah_pipelines receiver dicomweb tests bench
 	$(BIN)/mypy
 
+# Every benchmark of docs/benchmarks.md, side by side with Orthanc (long: builds 100k/1M archives).
 bench: bootstrap-bench install
 	$(BIN)/python bench/store_throughput.py
 	$(BIN)/python bench/index_throughput.py
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/qido_latency.py
+	$(BIN)/python bench/wado_throughput.py
+	$(BIN)/python bench/cfind_latency.py
+	$(BIN)/python bench/cmove_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
