@@ -28,6 +28,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass, ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from receiver import pynetdicom_fixes
 from receiver.contexts import RETRIEVE_SOP_CLASSES
 from receiver.status import RetrieveStatus
 
@@ -323,6 +324,7 @@ def _no_delay(event: evt.Event) -> None:
 def install() -> None:
     """Route the C-GET / C-MOVE SOP classes to :class:`ArchiveQueryRetrieveService` and send
     stored files without decoding them (process-wide pynetdicom settings)."""
+    pynetdicom_fixes.install()
     _config.STORE_SEND_CHUNKED_DATASET = True
     # pynetdicom picks a service class per SOP class with this module-level function and
     # has no registration for standard UIDs; wrapping it is the one hook needed.
