@@ -25,9 +25,14 @@ from pydicom.tag import BaseTag, Tag
 
 from receiver.contexts import PATIENT_ROOT
 from receiver.status import FindStatus
-from vannah_pipelines.catalog.lookup import StoredInstance, find_instances
+from vannah_pipelines.catalog.lookup import (
+    StoredInstance,
+    find_instances,
+    representative_headers,
+)
 from vannah_pipelines.catalog.query import InvalidQueryError, QuerySpec, run_query
 from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.dicom.identifier import IdentifierQuery, compile_identifier
 from vannah_pipelines.dicom.keys import Level, UnknownAttributeError, attribute_at
 from vannah_pipelines.dicom.matching import (
     InvalidMatchError,
@@ -55,10 +60,12 @@ UTF8 = "ISO_IR 192"
 
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 _FREE_TEXT_VRS = frozenset({"ST", "LT", "UT"})  # leading spaces are significant
-# VRs whose value in an identifier is not text: not matched (returned empty if asked).
+# VRs whose value in an identifier is not text: not matched by the engine.
 _UNMATCHABLE_VRS = frozenset(
     {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "AT", "US", "SS", "UL", "SL", "FL", "FD"}
 )
+# Binary VRs: never matched, returned empty if asked (PS3.4 C.2.2.2: no matching defined).
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "AT"})
 
 
 class QueryRefusedError(Exception):
@@ -96,6 +103,7 @@ class ParsedIdentifier:
     patient_root: bool
     keys: tuple[Key, ...]
     charset: tuple[str, ...] | None  # the request's SpecificCharacterSet values, if present
+    dataset: Dataset | None = field(default=None, compare=False)  # the identifier itself
 
     def key(self, keyword: str) -> Key | None:
         return next((k for k in self.keys if k.keyword == keyword), None)
@@ -184,7 +192,7 @@ def parse_identifier(
         except (ValueError, UnicodeError) as exc:
             raise _unprocessable(f"{keyword} cannot be decoded") from exc
         keys.append(Key(keyword, tag, vr, text))
-    parsed = ParsedIdentifier(level, patient_root, tuple(keys), charset)
+    parsed = ParsedIdentifier(level, patient_root, tuple(keys), charset, identifier)
     _check_unique_keys(parsed, levels, retrieve=retrieve)
     return parsed
 
@@ -218,36 +226,68 @@ def _check_unique_keys(
 
 @dataclass
 class FindPlan:
-    """What a C-FIND asks: the engine query and the elements each answer carries."""
+    """What a C-FIND asks: the engine query, the keys matched against stored headers, and
+    the elements each answer carries."""
 
     spec: QuerySpec
     returned: list[tuple[BaseTag, str, str]]  # (tag, keyword, VR), in tag order
     unsupported: list[str] = field(default_factory=list)  # keys with a value not matched
+    header_query: IdentifierQuery | None = None  # keys matched on a representative header
+    header_tags: frozenset[str] = frozenset()  # their tags, as 8 hex digits
+
+
+def _engine_matches(key: Key, level: Level) -> bool:
+    """Whether the engine matches `key` at `level` from a catalog column."""
+    if key.vr in _UNMATCHABLE_VRS:
+        return False
+    try:
+        return attribute_at(key.keyword, level).column is not None
+    except UnknownAttributeError:
+        return False
+
+
+def _header_query(identifier: Dataset | None, tags: list[BaseTag]) -> IdentifierQuery | None:
+    if identifier is None or not tags:
+        return None
+    keys = Dataset()
+    for tag in tags:
+        keys.add(identifier[tag])
+    return compile_identifier(keys)
 
 
 def plan_find(parsed: ParsedIdentifier) -> FindPlan:
     """Turn a parsed C-FIND identifier into engine filters and the keys to return.
 
-    Keys the catalog holds at this level are matched by the engine (empty: returned only);
-    other keys are returned empty and, if they carried a value, reported as unsupported.
+    Keys the catalog holds as columns at this level are matched by the engine (empty:
+    returned only). Sequence keys (PS3.4 C.2.2.2.6) and other attributes are matched and
+    returned from the stored header of each candidate (for a patient, study or series: of
+    its first instance). Binary keys are returned empty and, with a value, reported as
+    unsupported.
+
+    Raises
+    ------
+    QueryRefusedError
+        0xC000 when a header key cannot be matched (a malformed value, a sequence key with
+        several items).
     """
     filters: list[tuple[str, str]] = []
     returned: dict[BaseTag, tuple[BaseTag, str, str]] = {}
     unsupported: list[str] = []
+    from_header: list[BaseTag] = []
     for key in parsed.keys:
         returned[key.tag] = (key.tag, key.keyword, key.vr)
         if key.tag == RETRIEVE_AE_TITLE:
             continue
-        matchable = key.vr not in _UNMATCHABLE_VRS
-        if matchable:
-            try:
-                attribute_at(key.keyword, parsed.level)
-            except UnknownAttributeError:
-                matchable = False
-        if matchable:
+        if _engine_matches(key, parsed.level):
             filters.append((key.keyword, key.value))
+        elif key.vr not in _BINARY_VRS:
+            from_header.append(key.tag)
         elif key.value:
             unsupported.append(key.keyword)
+    try:
+        header_query = _header_query(parsed.dataset, from_header)
+    except (InvalidMatchError, ValueError) as exc:
+        raise _unprocessable(str(exc)) from exc
     levels = _levels(parsed.patient_root)
     for level in levels[: levels.index(parsed.level) + 1]:
         keyword = UNIQUE_KEYS[level]
@@ -256,7 +296,13 @@ def plan_find(parsed: ParsedIdentifier) -> FindPlan:
             returned[tag] = (tag, keyword, dictionary_VR(tag))
             filters.append((keyword, ""))
     spec = QuerySpec(parsed.level, filters=tuple(filters))
-    return FindPlan(spec, [returned[t] for t in sorted(returned)], unsupported)
+    return FindPlan(
+        spec,
+        [returned[t] for t in sorted(returned)],
+        unsupported,
+        header_query,
+        frozenset(f"{int(t):08X}" for t in from_header),
+    )
 
 
 def _python_codecs(charset: tuple[str, ...]) -> list[str]:
@@ -290,14 +336,21 @@ def _texts(value: Any) -> Iterator[str]:
 
 
 def answer_dataset(
-    row: dict[str, Any], plan: FindPlan, parsed: ParsedIdentifier, aet: str
+    row: dict[str, Any],
+    plan: FindPlan,
+    parsed: ParsedIdentifier,
+    aet: str,
+    from_header: dict[str, Any] | None = None,
 ) -> Dataset:
-    """One C-FIND answer: exactly the requested keys (and the required unique keys)."""
+    """One C-FIND answer: exactly the requested keys (and the required unique keys);
+    `from_header` holds the header-matched keys' answer as DICOM JSON."""
     selected: dict[str, Any] = {}
     for tag, _keyword, vr in plan.returned:
         hex_tag = f"{int(tag):08X}"
         if tag == RETRIEVE_AE_TITLE:
             selected[hex_tag] = {"vr": "AE", "Value": [aet]}
+        elif from_header is not None and hex_tag in from_header:
+            selected[hex_tag] = from_header[hex_tag]
         elif hex_tag in row and vr not in _UNMATCHABLE_VRS:
             selected[hex_tag] = row[hex_tag]
         else:
@@ -361,13 +414,43 @@ def find(view: CatalogView, parsed: ParsedIdentifier, aet: str) -> Answers:
         0xC000 when a value cannot be matched (a malformed UID, date or number).
     """
     plan = plan_find(parsed)
+    reader = view.reader()
     try:
-        result = run_query(view.reader(), plan.spec)
+        result = run_query(reader, plan.spec)
     except (InvalidQueryError, InvalidMatchError) as exc:
         raise _unprocessable(str(exc)) from exc
-    rows = result.rows
-    datasets = (answer_dataset(row, plan, parsed, aet) for row in rows)
-    return Answers(datasets, len(rows), tuple(plan.unsupported))
+    if plan.header_query is None:
+        rows = result.rows
+        datasets = (answer_dataset(row, plan, parsed, aet) for row in rows)
+        return Answers(datasets, len(rows), tuple(plan.unsupported))
+    matched = _match_headers(reader, plan, parsed.level, result.rows)
+    answers = (answer_dataset(row, plan, parsed, aet, extra) for row, extra in matched)
+    return Answers(answers, len(matched), tuple(plan.unsupported))
+
+
+def _match_headers(
+    reader: CatalogReader, plan: FindPlan, level: Level, rows: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The engine's rows whose representative header matches the header keys, each with
+    those keys' answer (DICOM JSON)."""
+    assert plan.header_query is not None
+    unique = f"{int(Tag(UNIQUE_KEYS[level])):08X}"
+    headers = representative_headers(
+        reader, level, [v for v in (_first(r, unique) for r in rows) if v]
+    )
+    matched = []
+    for row in rows:
+        header = headers.get(_first(row, unique) or "", {})
+        try:
+            stored = Dataset.from_json(
+                {t: v for t, v in header.items() if t in plan.header_tags}
+            )
+        except (ValueError, TypeError, KeyError):
+            stored = Dataset()  # a stored value pydicom cannot read: as if absent
+        answer = plan.header_query.apply(stored)
+        if answer is not None:
+            matched.append((row, answer.to_json_dict()))
+    return matched
 
 
 def retrieve_filters(parsed: ParsedIdentifier) -> tuple[tuple[str, str], ...]:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from receiver_support import (
     DCMTK_ENV,
@@ -112,6 +114,10 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     utf8.write_bytes(to_part10(ds))
     studies[str(ds.StudyInstanceUID)] = [utf8]
     patients[str(ds.StudyInstanceUID)] = "QR-PAT-UTF8"
+    for path in _sequence_study(src / "seq"):
+        meta = pydicom.dcmread(path, stop_before_pixels=True)
+        studies.setdefault(str(meta.StudyInstanceUID), []).append(path)
+        patients[str(meta.StudyInstanceUID)] = SEQ_PATIENT
     for name in PYDICOM_FILES:
         path = TEST_FILES / name
         meta = pydicom.dcmread(path, stop_before_pixels=True)
@@ -140,6 +146,63 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     yield Archive(rx, data_dir, studies, patients, dest_port, strict_port)
     if rx.proc is not None and rx.proc.poll() is None:
         rx.stop()
+
+
+SEQ_PATIENT = "QRSEQ-1"
+
+
+def _code(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = "99VHC"
+    item.CodeMeaning = meaning
+    return item
+
+
+def _request(procedure: str, step: str) -> Dataset:
+    item = Dataset()
+    item.RequestedProcedureID = procedure
+    item.ScheduledProcedureStepID = step
+    return item
+
+
+def _sequence_study(folder: Path) -> list[Path]:
+    """Two studies of one patient carrying sequences: a CT study (procedure code CTCHEST,
+    two series with two and one request items) and an MR study (MRBRAIN, no requests)."""
+    folder.mkdir(parents=True)
+    paths = []
+    ct_study, mr_study = generate_uid(), generate_uid()
+    plan = [
+        (
+            "CT",
+            ct_study,
+            1,
+            _code("CTCHEST", "CT Chest"),
+            [_request("RP1", "SPS1"), _request("RP2", "SPS2")],
+        ),
+        ("CT", ct_study, 2, _code("CTCHEST", "CT Chest"), [_request("RP3", "SPS3")]),
+        ("MR", mr_study, 1, _code("MRBRAIN", "MR Brain"), None),
+    ]
+    for modality, study, series_number, code, requests in plan:
+        overrides: dict[str, object] = {
+            "ProcedureCodeSequence": Sequence([code]),
+            "PatientAge": "045Y",
+        }
+        if requests is not None:
+            overrides["RequestAttributesSequence"] = Sequence(requests)
+        ds = make_instance(
+            modality,
+            study_uid=study,
+            series_uid=generate_uid(),
+            patient_id=SEQ_PATIENT,
+            study_date="20230601",
+            series_number=series_number,
+            **overrides,
+        )
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        path.write_bytes(to_part10(ds))
+        paths.append(path)
+    return paths
 
 
 def _findscu(
@@ -295,6 +358,153 @@ def test_findscu_patient_root_every_level(archive: Archive, tmp_path: Path) -> N
         root="-P",
     )
     assert len(images) == 2
+
+
+def _seq_studies(archive: Archive) -> dict[str, str]:
+    """Study UID -> modality of the two sequence studies."""
+    return {
+        u: str(pydicom.dcmread(ps[0], stop_before_pixels=True).Modality)
+        for u, ps in archive.studies.items()
+        if archive.patients[u] == SEQ_PATIENT
+    }
+
+
+def _codes(answer: Dataset) -> list[dict[str, str]]:
+    return [{e.keyword: str(e.value) for e in item} for item in answer.ProcedureCodeSequence]
+
+
+def test_findscu_sequence_matching_at_study_level(archive: Archive, tmp_path: Path) -> None:
+    """PS3.4 C.2.2.2.6: a sequence key with one item matches when a stored item matches all
+    of the item's keys; the answer carries the matching items with the requested keys."""
+    by_modality = {m: u for u, m in _seq_studies(archive).items()}
+    result, answers = _findscu(
+        archive,
+        tmp_path / "single",
+        [
+            "QueryRetrieveLevel=STUDY",
+            "ProcedureCodeSequence[0].CodeValue=CTCHEST",
+            "ProcedureCodeSequence[0].CodeMeaning",
+        ],
+    )
+    assert result.returncode == 0, result.stderr
+    assert [str(a.StudyInstanceUID) for a in answers] == [by_modality["CT"]]
+    assert _codes(answers[0]) == [{"CodeValue": "CTCHEST", "CodeMeaning": "CT Chest"}]
+    assert _keywords(answers[0]) == {
+        "QueryRetrieveLevel",
+        "StudyInstanceUID",
+        "ProcedureCodeSequence",
+    }
+    _, answers = _findscu(
+        archive,
+        tmp_path / "wildcard",
+        [
+            "QueryRetrieveLevel=STUDY",
+            f"PatientID={SEQ_PATIENT}",
+            "ProcedureCodeSequence[0].CodeMeaning=*Brain",
+            "ProcedureCodeSequence[0].CodingSchemeDesignator=99VHC",
+        ],
+    )
+    assert [str(a.StudyInstanceUID) for a in answers] == [by_modality["MR"]]
+    assert _codes(answers[0]) == [{"CodingSchemeDesignator": "99VHC", "CodeMeaning": "MR Brain"}]
+    _, answers = _findscu(
+        archive,
+        tmp_path / "none",
+        ["QueryRetrieveLevel=STUDY", "ProcedureCodeSequence[0].CodeValue=NOSUCH"],
+    )
+    assert answers == []
+
+
+def _other_study_asking(archive: Archive, out: Path, key: str) -> Dataset:
+    """The one answer for QR-PAT-3's study (no sequences, no age) with `key` requested."""
+    other = next(u for u, p in archive.patients.items() if p == "QR-PAT-3")
+    _, answers = _findscu(
+        archive, out, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={other}", key]
+    )
+    assert len(answers) == 1
+    return answers[0]
+
+
+def test_findscu_empty_sequence_key_returns_every_item_whole(
+    archive: Archive, tmp_path: Path
+) -> None:
+    _, answers = _findscu(
+        archive,
+        tmp_path,
+        ["QueryRetrieveLevel=STUDY", f"PatientID={SEQ_PATIENT}", "ProcedureCodeSequence"],
+    )
+    found = {str(a.StudyInstanceUID): _codes(a) for a in answers}
+    codes = {"CT": ("CTCHEST", "CT Chest"), "MR": ("MRBRAIN", "MR Brain")}
+    assert found == {
+        uid: [
+            {
+                "CodeValue": codes[modality][0],
+                "CodingSchemeDesignator": "99VHC",
+                "CodeMeaning": codes[modality][1],
+            }
+        ]
+        for uid, modality in _seq_studies(archive).items()
+    }
+    # A study without the sequence still matches, with the sequence empty.
+    answer = _other_study_asking(archive, tmp_path / "other", "ProcedureCodeSequence")
+    assert "ProcedureCodeSequence" in answer
+    assert len(answer.ProcedureCodeSequence) == 0
+
+
+def test_findscu_sequence_matching_at_series_level_returns_matching_items_only(
+    archive: Archive, tmp_path: Path
+) -> None:
+    ct = next(u for u, m in _seq_studies(archive).items() if m == "CT")
+    _, answers = _findscu(
+        archive,
+        tmp_path,
+        [
+            "QueryRetrieveLevel=SERIES",
+            f"StudyInstanceUID={ct}",
+            "SeriesNumber",
+            "RequestAttributesSequence[0].RequestedProcedureID=RP2",
+            "RequestAttributesSequence[0].ScheduledProcedureStepID",
+        ],
+    )
+    assert [int(a.SeriesNumber) for a in answers] == [1]
+    items = answers[0].RequestAttributesSequence
+    assert [(i.RequestedProcedureID, i.ScheduledProcedureStepID) for i in items] == [
+        ("RP2", "SPS2")
+    ]
+    _, answers = _findscu(
+        archive,
+        tmp_path / "both",
+        [
+            "QueryRetrieveLevel=SERIES",
+            f"StudyInstanceUID={ct}",
+            "SeriesNumber",
+            "RequestAttributesSequence[0].ScheduledProcedureStepID=SPS*",
+        ],
+    )
+    steps = {
+        int(a.SeriesNumber): [str(i.ScheduledProcedureStepID) for i in a.RequestAttributesSequence]
+        for a in answers
+    }
+    assert steps == {1: ["SPS1", "SPS2"], 2: ["SPS3"]}
+
+
+def test_findscu_attribute_outside_the_catalog_columns_is_matched_from_headers(
+    archive: Archive, tmp_path: Path
+) -> None:
+    _, answers = _findscu(
+        archive, tmp_path, ["QueryRetrieveLevel=STUDY", "PatientAge=045Y", "ModalitiesInStudy"]
+    )
+    assert {str(a.StudyInstanceUID) for a in answers} == set(_seq_studies(archive))
+    assert all(a.PatientAge == "045Y" for a in answers)
+    answer = _other_study_asking(archive, tmp_path / "returned", "PatientAge")
+    assert answer.PatientAge in ("", None)
+
+
+def test_sequence_key_with_two_items_is_refused(archive: Archive) -> None:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.ProcedureCodeSequence = Sequence([_code("A", "a"), _code("B", "b")])
+    responses = _pynetdicom_find(archive, identifier, STUDY_ROOT_FIND)
+    assert [s for s, _ in responses] == [FindStatus.UNABLE_TO_PROCESS]
 
 
 def test_findscu_non_ascii_answer_is_utf8(archive: Archive, tmp_path: Path) -> None:

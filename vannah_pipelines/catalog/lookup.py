@@ -6,11 +6,13 @@ formatted into the statement.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.dicom.keys import Level
 from vannah_pipelines.dicom.uids import require_uid
 
 _COLUMNS = (
@@ -137,3 +139,34 @@ def instance_header(
 ) -> tuple[StoredInstance, str] | None:
     """The instance and its header JSON, or None."""
     return next(iter_headers(reader, study_uid, series_uid, sop_uid, page=1), None)
+
+
+_UNIQUE_COLUMNS = {
+    Level.PATIENT: "patient_id",
+    Level.STUDY: "study_instance_uid",
+    Level.SERIES: "series_instance_uid",
+    Level.IMAGE: "sop_instance_uid",
+}
+
+
+def representative_headers(
+    reader: CatalogReader, level: Level, keys: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """The DICOM JSON header of one instance for each unique key value in `keys` at `level`:
+    at IMAGE level the instance itself, above it the lowest-numbered instance of the
+    patient, study or series (whose attributes of that level all its instances share).
+
+    Values are bound as parameters; `level` picks a column name from a fixed table.
+    """
+    if not keys:
+        return {}
+    column = _UNIQUE_COLUMNS[level]
+    rows = reader.query(
+        f"SELECT {column}, source_file, sop_instance_uid, checksum FROM instances "
+        f"WHERE {column} IN (SELECT unnest(?)) "
+        f"QUALIFY row_number() OVER (PARTITION BY {column} "
+        "ORDER BY instance_number NULLS LAST, sop_instance_uid) = 1",
+        [sorted(set(keys))],
+    )
+    headers = reader.headers([(r[1], r[2], r[3]) for r in rows])
+    return {r[0]: json.loads(headers.get((r[2], r[3])) or "{}") for r in rows}
