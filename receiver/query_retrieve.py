@@ -442,9 +442,7 @@ def _match_headers(
     for row in rows:
         header = headers.get(_first(row, unique) or "", {})
         try:
-            stored = Dataset.from_json(
-                {t: v for t, v in header.items() if t in plan.header_tags}
-            )
+            stored = Dataset.from_json({t: v for t, v in header.items() if t in plan.header_tags})
         except (ValueError, TypeError, KeyError):
             stored = Dataset()  # a stored value pydicom cannot read: as if absent
         answer = plan.header_query.apply(stored)

@@ -4,39 +4,50 @@ pynetdicom's own Q/R service re-encodes every instance from a decoded Dataset, w
 byte-identical for every file. :class:`ArchiveQueryRetrieveService` keeps pynetdicom's C-FIND
 and replaces its C-GET / C-MOVE: the EVT_C_GET / EVT_C_MOVE handler returns a
 :class:`RetrievePlan` (instances with their stored file, or a refusal), and each file is
-sent with ``send_c_store(path)`` in its stored transfer syntax, never decoded
-(``_config.STORE_SEND_CHUNKED_DATASET``). A peer that does not accept that syntax fails
-that sub-operation.
+sent in its stored transfer syntax, never decoded: C-MOVE sub-operations on an association
+of our own (:mod:`receiver.store_scu`), C-GET ones on the C-GET association with
+``send_c_store(path)`` (``_config.STORE_SEND_CHUNKED_DATASET``). A peer that does not accept
+the stored syntax fails that sub-operation (an uncompressed file goes re-encoded in another
+accepted uncompressed syntax).
 """
 
 from __future__ import annotations
 
 import logging
-import socket
+import time
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import _config, evt
 from pynetdicom import association as _association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass, ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from receiver import pynetdicom_fixes
 from receiver.contexts import RETRIEVE_SOP_CLASSES
 from receiver.status import RetrieveStatus
+from receiver.store_scu import StoreAssociationError, StoreSCU, data_set_offset
+from vannah_pipelines.errors import InvalidDicomError
 
 log = logging.getLogger(__name__)
 
 MAX_SUBOPERATIONS = 65535  # the Number of ... Sub-operations are US (PS3.7 9.1.3)
 UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
+# PS3.4 C.4.2.1.4 / C.4.3.1.4: pending responses are optional; one per sub-operation cost a
+# response encode per instance, so they are sent at most this often (seconds).
+PENDING_INTERVAL = 0.2
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+UNCOMPRESSED_PREFERENCE = ("1.2.840.10008.1.2.1", IMPLICIT_VR_LE, "1.2.840.10008.1.2.2")
 
 
 @dataclass(frozen=True)
@@ -143,18 +154,17 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
         if not subops:
             self._final(rsp, cx_id, context, counts)
             return
-        sender = self.assoc
-        is_move = isinstance(req, C_MOVE)
-        if is_move:
+        scu: StoreSCU | None = None
+        if isinstance(req, C_MOVE):
             assert plan.destination is not None
-            opened = self._open_destination(plan.destination, subops)
-            if opened is None:
+            scu = self._open_destination(plan.destination, subops)
+            if scu is None:
                 counts.failed = counts.remaining
                 counts.remaining = 0
                 counts.failed_uids = [s.sop_instance_uid for s in subops]
                 self._final(rsp, cx_id, context, counts, comment="destination unreachable")
                 return
-            sender = opened
+        last_pending = -PENDING_INTERVAL  # the first sub-operation is always reported
         try:
             for index, subop in enumerate(subops):
                 if not self.assoc.is_established or self.assoc.acse.is_aborted():
@@ -164,7 +174,11 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                     rsp.NumberOfRemainingSuboperations = counts.remaining
                     self._final(rsp, cx_id, context, counts, cancelled=True)
                     return
-                kind = self._send(sender, subop, req, index, originator=is_move)
+                msg_id = (cast(int, req.MessageID) + index) % 65535 + 1
+                if scu is not None:
+                    kind = self._send_move(scu, subop, msg_id, cast(int, req.MessageID))
+                else:
+                    kind = self._send_get(subop, msg_id)
                 counts.remaining -= 1
                 if kind == "success":
                     counts.completed += 1
@@ -173,7 +187,9 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                 else:
                     counts.failed += 1
                     counts.failed_uids.append(subop.sop_instance_uid)
-                if counts.remaining:
+                now = time.monotonic()
+                if counts.remaining and now - last_pending >= PENDING_INTERVAL:
+                    last_pending = now
                     pending = type(rsp)()
                     pending.MessageIDBeingRespondedTo = req.MessageID
                     pending.AffectedSOPClassUID = req.AffectedSOPClassUID
@@ -184,71 +200,101 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                     pending.NumberOfWarningSuboperations = counts.warning
                     self.dimse.send_msg(pending, cx_id)
         finally:
-            if sender is not self.assoc and sender.is_established:
-                sender.release()
+            if scu is not None:
+                scu.release()
         self._final(rsp, cx_id, context, counts)
 
     def _open_destination(
         self, destination: Destination, subops: list[SubOperation]
-    ) -> _association.Association | None:
-        pairs = sorted({(s.sop_class_uid, s.transfer_syntax_uid) for s in subops if s.path})
-        if len(pairs) > MAX_CONTEXTS:
+    ) -> StoreSCU | None:
+        proposals = _proposals(subops)
+        if len(proposals) > MAX_CONTEXTS:
             log.warning(
                 "C-MOVE to %s needs %d presentation contexts; proposing the first %d",
                 destination.aet,
-                len(pairs),
+                len(proposals),
                 MAX_CONTEXTS,
             )
-        contexts = [build_context(sop, [ts]) for sop, ts in pairs[:MAX_CONTEXTS]]
-        if not contexts:  # nothing sendable: every sub-operation fails without a peer
-            contexts = [build_context("1.2.840.10008.1.1")]
-        store_assoc = self.ae.associate(
-            destination.host,
-            destination.port,
-            contexts=contexts,
-            ae_title=destination.aet,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)],
-        )
-        if not store_assoc.is_established:
+        try:
+            return StoreSCU.request(
+                destination.host,
+                destination.port,
+                calling_ae=self.ae.ae_title,
+                called_ae=destination.aet,
+                proposals=proposals[:MAX_CONTEXTS],
+                timeout=float(self.ae.dimse_timeout or 30),
+            )
+        except StoreAssociationError as exc:
             log.warning(
-                "C-MOVE: cannot associate with %s at %s:%d",
+                "C-MOVE: cannot associate with %s at %s:%d: %s",
                 destination.aet,
                 destination.host,
                 destination.port,
+                exc,
             )
             return None
-        return store_assoc
 
-    def _send(
-        self,
-        sender: _association.Association,
-        subop: SubOperation,
-        req: C_GET | C_MOVE,
-        index: int,
-        *,
-        originator: bool,
+    def _send_move(
+        self, scu: StoreSCU, subop: SubOperation, msg_id: int, originator_id: int
     ) -> str:
+        """One C-MOVE sub-operation on our own storage association."""
+        if subop.path is None:
+            log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, subop.problem)
+            return "failure"
+        try:
+            with subop.path.open("rb") as fp:
+                data_set_offset(fp)
+                data: BinaryIO = fp
+                syntax = subop.transfer_syntax_uid
+                if syntax not in scu.accepted_syntaxes(subop.sop_class_uid):
+                    # An uncompressed file may go in another uncompressed syntax the peer
+                    # accepted (pydicom re-encodes it: the same elements, not the same
+                    # bytes); anything else fails.
+                    others = [
+                        ts
+                        for ts in scu.accepted_syntaxes(subop.sop_class_uid)
+                        if ts in UNCOMPRESSED
+                    ]
+                    if syntax not in UNCOMPRESSED or not others:
+                        log.warning(
+                            "sub-operation for %s failed: %s not accepted by the destination",
+                            subop.sop_instance_uid,
+                            syntax,
+                        )
+                        return "failure"
+                    syntax = others[0]
+                    data = BytesIO(_reencode(subop.path, syntax))
+                    log.info("sub-operation for %s re-encoded", subop.sop_instance_uid)
+                result = scu.store(
+                    data,
+                    sop_class=subop.sop_class_uid,
+                    sop_instance=subop.sop_instance_uid,
+                    transfer_syntax=syntax,
+                    message_id=msg_id,
+                    originator_ae=self.ae.ae_title,
+                    originator_message_id=originator_id,
+                )
+        except (OSError, InvalidDicomError, StoreAssociationError) as exc:
+            log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
+            return "failure"
+        return self._outcome(subop, result.status)
+
+    def _send_get(self, subop: SubOperation, msg_id: int) -> str:
+        """One C-GET sub-operation, on the C-GET association itself (pynetdicom)."""
         if subop.path is None:
             log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, subop.problem)
             return "failure"
         if not subop.path.is_file():
             log.warning("sub-operation for %s failed: file missing", subop.sop_instance_uid)
             return "failure"
-        msg_id = (cast(int, req.MessageID) + index) % 65535 + 1
-        kwargs: dict[str, Any] = {"msg_id": msg_id}
-        if originator:
-            kwargs["originator_aet"] = self.ae.ae_title
-            kwargs["originator_id"] = req.MessageID
         try:
             try:
-                status = sender.send_c_store(subop.path, **kwargs)
+                status = self.assoc.send_c_store(subop.path, msg_id=msg_id)
             except ValueError:
-                # No context with the stored syntax. An uncompressed file may still go in
-                # another uncompressed syntax the peer accepted (pydicom re-encodes it:
-                # the same elements, not the same bytes); anything else fails.
+                # No context with the stored syntax: as in _send_move.
                 if subop.transfer_syntax_uid not in UNCOMPRESSED:
                     raise
-                status = sender.send_c_store(dcmread(subop.path), **kwargs)
+                status = self.assoc.send_c_store(dcmread(subop.path), msg_id=msg_id)
                 log.info("sub-operation for %s re-encoded", subop.sop_instance_uid)
         except (ValueError, AttributeError, OSError, RuntimeError) as exc:
             # No accepted context for the stored SOP class / transfer syntax, or I/O.
@@ -257,13 +303,13 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
         if "Status" not in status:
             log.warning("sub-operation for %s: no C-STORE response", subop.sop_instance_uid)
             return "failure"
-        kind = _status_kind(int(status.Status))
+        return self._outcome(subop, int(status.Status))
+
+    @staticmethod
+    def _outcome(subop: SubOperation, status: int) -> str:
+        kind = _status_kind(status)
         if kind != "success":
-            log.info(
-                "sub-operation for %s: C-STORE status 0x%04X",
-                subop.sop_instance_uid,
-                int(status.Status),
-            )
+            log.info("sub-operation for %s: C-STORE status 0x%04X", subop.sop_instance_uid, status)
         return kind
 
     def _final(
@@ -313,12 +359,26 @@ def _service_class_for(uid: str) -> type[ServiceClass]:
     return uid_to_service_class(uid)
 
 
-def _no_delay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN: turn Nagle off on the outgoing connection (PS3.8 peers answer each
-    C-STORE before the next; with Nagle every sub-operation waits for a delayed ACK)."""
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _proposals(subops: list[SubOperation]) -> list[tuple[str, tuple[str, ...]]]:
+    """The presentation contexts a C-MOVE proposes: each (SOP class, stored syntax) alone,
+    then, for SOP classes with uncompressed files, every uncompressed syntax in one context
+    (a fallback the file is re-encoded into if the peer refuses its stored syntax)."""
+    pairs = sorted({(s.sop_class_uid, s.transfer_syntax_uid) for s in subops if s.path})
+    exact: list[tuple[str, tuple[str, ...]]] = [(sop, (ts,)) for sop, ts in pairs]
+    fallback = sorted({sop for sop, ts in pairs if ts in UNCOMPRESSED})
+    proposals = exact + [(sop, UNCOMPRESSED_PREFERENCE) for sop in fallback]
+    if not proposals:  # nothing sendable: every sub-operation fails without a peer
+        proposals = [(VERIFICATION, (IMPLICIT_VR_LE,))]
+    return proposals
+
+
+def _reencode(path: Path, syntax: str) -> bytes:
+    """The data set of `path` encoded in the uncompressed `syntax`."""
+    ts = UID(syntax)
+    data = encode(dcmread(path), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    if data is None:
+        raise OSError(f"cannot encode in {syntax}")
+    return data
 
 
 def install() -> None:

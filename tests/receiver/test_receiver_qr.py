@@ -3,20 +3,24 @@ storescp destination, on an archive built by storescu + ingest."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
-from pynetdicom import AE
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from receiver_support import (
     DCMTK_ENV,
     TEST_FILES,
@@ -38,6 +42,7 @@ pytestmark = pytest.mark.integration
 AEC = "VANNAHCLOUD"
 DEST_AET = "MOVEDEST"
 STRICT_AET = "STRICTDEST"  # a storescp accepting uncompressed syntaxes only
+PICKY_AET = "PICKYDEST"  # a pynetdicom storage SCP answering the statuses a test sets
 PYDICOM_FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "rtplan.dcm")
 NON_ASCII_NAME = "Müller^Jürgen"
 
@@ -50,6 +55,7 @@ class Archive:
     patients: dict[str, str]  # study uid -> patient id
     dest_port: int
     strict_port: int
+    picky_port: int
 
     @property
     def hot(self) -> Path:
@@ -75,10 +81,11 @@ def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[s
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     root = tmp_path_factory.mktemp("qr-archive")
     data_dir = root / "data"
-    dest_port, strict_port, port = free_ports(3)
+    dest_port, strict_port, picky_port, port = free_ports(4)
     modalities = {
         "dest": [DEST_AET, "127.0.0.1", dest_port],
         "strict": {"AET": STRICT_AET, "Host": "127.0.0.1", "Port": strict_port},
+        "picky": [PICKY_AET, "127.0.0.1", picky_port],
     }
     rx = ReceiverProcess(
         data_dir=data_dir,
@@ -143,7 +150,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         ),
         [b.batch_id for b in zone.sealed_batches()],
     )
-    yield Archive(rx, data_dir, studies, patients, dest_port, strict_port)
+    yield Archive(rx, data_dir, studies, patients, dest_port, strict_port, picky_port)
     if rx.proc is not None and rx.proc.poll() is None:
         rx.stop()
 
@@ -782,8 +789,9 @@ STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 
 def _pynetdicom_move(
-    archive: Archive, study: str, dest: str
+    archive: Archive, study: str, dest: str, *, cancel: bool = False
 ) -> list[tuple[Dataset, Dataset | None]]:
+    """The C-MOVE responses; with `cancel`, a C-CANCEL follows the first pending one."""
     ae = AE(ae_title="QRTEST")
     ae.add_requested_context(STUDY_ROOT_MOVE)
     assoc = ae.associate("127.0.0.1", archive.receiver.port, ae_title=AEC)
@@ -791,8 +799,13 @@ def _pynetdicom_move(
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = study
+    responses = []
     try:
-        return list(assoc.send_c_move(identifier, dest, STUDY_ROOT_MOVE))
+        for status, answer in assoc.send_c_move(identifier, dest, STUDY_ROOT_MOVE, msg_id=9):
+            responses.append((status, answer))
+            if cancel and len(responses) == 1:
+                assoc.send_c_cancel(9, query_model=STUDY_ROOT_MOVE)
+        return responses
     finally:
         assoc.release()
 
@@ -940,3 +953,138 @@ def test_get_without_unique_key_is_refused(archive: Archive) -> None:
     assert [int(s.Status) for s, _ in responses] == [
         RetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
     ]
+
+
+@dataclass
+class PickySCP:
+    """A pynetdicom storage SCP answering `statuses` in turn (then success), recording each
+    request's command fields and data set bytes."""
+
+    statuses: list[int]
+    received: list[tuple[str, str, int, str, bytes]] = field(default_factory=list)
+    delay: float = 0.0  # seconds each C-STORE takes
+    abort_at: int | None = None  # abort the association on this C-STORE (0: the first)
+
+    def handle(self, event: Any) -> int:
+        time.sleep(self.delay)
+        if self.abort_at == len(self.received):
+            event.assoc.abort()
+        request = event.request
+        self.received.append(
+            (
+                str(request.AffectedSOPInstanceUID),
+                str(request.MoveOriginatorApplicationEntityTitle).strip(),
+                int(request.MoveOriginatorMessageID),
+                str(event.context.transfer_syntax),
+                request.DataSet.getvalue(),
+            )
+        )
+        return self.statuses.pop(0) if self.statuses else 0x0000
+
+
+@contextlib.contextmanager
+def _picky_scp(
+    archive: Archive, statuses: list[int], syntaxes: list[str] | None = None
+) -> Iterator[PickySCP]:
+    scp = PickySCP(list(statuses))
+    ae = AE(ae_title=PICKY_AET)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, syntaxes or ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server(
+        ("127.0.0.1", archive.picky_port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, scp.handle)],
+    )
+    try:
+        yield scp
+    finally:
+        server.shutdown()
+
+
+def test_move_counts_each_status_the_destination_answers(archive: Archive) -> None:
+    """Our own storage association (receiver/store_scu.py) sends the stored bytes with the
+    move originator, and reads back success, warning and failure statuses."""
+    study = _study_of(archive, "QR-PAT-1", 4)
+    with _picky_scp(archive, [0x0000, 0xB007, 0xA700, 0x0000]) as scp:
+        responses = _pynetdicom_move(archive, study, PICKY_AET)
+    final, identifier = responses[-1]
+    assert final.Status == RetrieveStatus.SUBOPERATIONS_FAILED
+    assert (
+        final.NumberOfCompletedSuboperations,
+        final.NumberOfWarningSuboperations,
+        final.NumberOfFailedSuboperations,
+    ) == (2, 1, 1)
+    assert identifier is not None
+    assert str(identifier.FailedSOPInstanceUIDList) == scp.received[2][0]
+    # Pending responses: after the first sub-operation, then at most every 0.2 s.
+    pending = [s for s, _ in responses[:-1]]
+    assert pending and int(pending[0].NumberOfRemainingSuboperations) == 3
+    for status in pending:
+        assert int(status.Status) == RetrieveStatus.PENDING
+        done = (
+            status.NumberOfCompletedSuboperations
+            + status.NumberOfWarningSuboperations
+            + status.NumberOfFailedSuboperations
+        )
+        assert done + status.NumberOfRemainingSuboperations == 4
+    stored = archive.stored()
+    assert {r[0] for r in scp.received} == {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in archive.studies[study]
+    }
+    for uid, originator, originator_id, _syntax, data in scp.received:
+        assert (originator, originator_id) == (AEC, 9)
+        assert data == dataset_bytes_of_file(stored[uid])
+
+
+def test_move_re_encodes_an_uncompressed_file_the_destination_cannot_take_as_stored(
+    archive: Archive,
+) -> None:
+    study = _study_of(archive, "QR-PAT-2", 2)  # stored in Implicit VR Little Endian
+    with _picky_scp(archive, [], [ExplicitVRLittleEndian]) as scp:
+        responses = _pynetdicom_move(archive, study, PICKY_AET)
+    assert responses[-1][0].Status == RetrieveStatus.SUCCESS
+    assert len(scp.received) == 2
+    stored = archive.stored()
+    for uid, _originator, _id, syntax, data in scp.received:
+        assert syntax == ExplicitVRLittleEndian
+        original = pydicom.dcmread(stored[uid])
+        assert original.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        received = read_dataset(BytesIO(data), is_implicit_VR=False, is_little_endian=True)
+        assert received.SOPInstanceUID == uid
+        assert received.PixelData == original.PixelData
+
+
+def test_move_cancel_stops_the_sub_operations(archive: Archive) -> None:
+    study = _study_of(archive, "QR-PAT-1", 4)
+    with _picky_scp(archive, []) as scp:
+        scp.delay = 0.3
+        responses = _pynetdicom_move(archive, study, PICKY_AET, cancel=True)
+    final = responses[-1][0]
+    assert final.Status == RetrieveStatus.CANCEL
+    assert final.NumberOfRemainingSuboperations > 0
+    assert final.NumberOfCompletedSuboperations == len(scp.received) < 4
+
+
+def test_move_to_a_destination_not_listening_fails_every_sub_operation(
+    archive: Archive,
+) -> None:
+    study = _study_of(archive, "QR-PAT-1", 4)
+    responses = _pynetdicom_move(archive, study, PICKY_AET)  # nothing on its port
+    final, identifier = responses[-1]
+    assert final.Status == RetrieveStatus.UNABLE_TO_PERFORM_SUBOPERATIONS
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, 4)
+    assert identifier is not None and len(identifier.FailedSOPInstanceUIDList) == 4
+
+
+def test_move_to_a_destination_that_aborts_midway_fails_the_rest(archive: Archive) -> None:
+    study = _study_of(archive, "QR-PAT-1", 4)
+    with _picky_scp(archive, []) as scp:
+        scp.abort_at = 1
+        responses = _pynetdicom_move(archive, study, PICKY_AET)
+    final = responses[-1][0]
+    assert final.Status == RetrieveStatus.SUBOPERATIONS_FAILED
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 3)
+    # The receiver goes on serving.
+    again = _pynetdicom_move(archive, _study_of(archive, "QR-PAT-2", 2), DEST_AET + "X")
+    assert int(again[-1][0].Status) == RetrieveStatus.MOVE_DESTINATION_UNKNOWN
