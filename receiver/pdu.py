@@ -230,3 +230,31 @@ def encode_request(
         elements.append(_element(_MOVE_ORIGINATOR_AE, aet.ljust(16)[:16]))
         elements.append(_element(_MOVE_ORIGINATOR_MESSAGE_ID, _US.pack(originator_id)))
     return _command_set(elements)
+
+
+C_GET_RSP = 0x8010
+C_MOVE_RSP = 0x8021
+_NUMBER_OF_SUBOPERATIONS = (0x1020, 0x1021, 0x1022, 0x1023)  # remaining/completed/failed/warning
+
+
+def retrieve_pending(
+    command_field: int,
+    message_id: int,
+    sop_class_uid: bytes,
+    counts: tuple[int, int, int, int],
+) -> bytes:
+    """Encode a pending (0xFF00) C-GET-RSP or C-MOVE-RSP command set without a data set,
+    with the Number of Remaining, Completed, Failed and Warning Sub-operations (PS3.7
+    9.3.3.2, 9.3.4.2)."""
+    elements = [
+        _ui(_AFFECTED_SOP_CLASS_UID, sop_class_uid),
+        _element(_COMMAND_FIELD, _US.pack(command_field)),
+        _element(_MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(message_id)),
+        _element(_COMMAND_DATA_SET_TYPE, _US.pack(NO_DATA_SET)),
+        _element(_STATUS, _US.pack(0xFF00)),
+    ]
+    elements += [
+        _element(tag, _US.pack(count))
+        for tag, count in zip(_NUMBER_OF_SUBOPERATIONS, counts, strict=True)
+    ]
+    return _command_set(elements)

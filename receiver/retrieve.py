@@ -4,16 +4,19 @@ pynetdicom's own Q/R service re-encodes every instance from a decoded Dataset, w
 byte-identical for every file. :class:`ArchiveQueryRetrieveService` keeps pynetdicom's C-FIND
 and replaces its C-GET / C-MOVE: the EVT_C_GET / EVT_C_MOVE handler returns a
 :class:`RetrievePlan` (instances with their stored file, or a refusal), and each file is
-sent in its stored transfer syntax, never decoded: C-MOVE sub-operations on an association
-of our own (:mod:`receiver.store_scu`), C-GET ones on the C-GET association with
-``send_c_store(path)`` (``_config.STORE_SEND_CHUNKED_DATASET``). A peer that does not accept
-the stored syntax fails that sub-operation (an uncompressed file goes re-encoded in another
-accepted uncompressed syntax).
+sent in its stored transfer syntax, never decoded, its data set read from disk straight into
+P-DATA PDUs (:func:`receiver.store_scu.send_message`): C-MOVE sub-operations on an
+association of our own (:class:`receiver.store_scu.StoreSCU`), C-GET ones written to the
+C-GET association's socket by the thread pynetdicom runs the request on. pynetdicom's own
+sending passes every PDU through its DUL thread and queue, three times slower. A peer that
+does not accept the stored syntax fails that sub-operation (an uncompressed file goes
+re-encoded in another accepted uncompressed syntax).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -23,18 +26,18 @@ from typing import Any, BinaryIO, cast
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import _config, evt
 from pynetdicom import association as _association
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass, ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from receiver import pynetdicom_fixes
+from receiver import pdu, pynetdicom_fixes
 from receiver.contexts import RETRIEVE_SOP_CLASSES
 from receiver.status import RetrieveStatus
-from receiver.store_scu import StoreAssociationError, StoreSCU, data_set_offset
+from receiver.store_scu import StoreAssociationError, StoreSCU, data_set_offset, send_message
 from vannah_pipelines.errors import InvalidDicomError
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9
 # PS3.4 C.4.2.1.4 / C.4.3.1.4: pending responses are optional; one per sub-operation cost a
 # response encode per instance, so they are sent at most this often (seconds).
 PENDING_INTERVAL = 0.2
+GET_POLL_DELAY = 0.0001  # seconds between the DUL's socket checks during a C-GET
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 UNCOMPRESSED_PREFERENCE = ("1.2.840.10008.1.2.1", IMPLICIT_VR_LE, "1.2.840.10008.1.2.2")
@@ -165,6 +169,12 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                 self._final(rsp, cx_id, context, counts, comment="destination unreachable")
                 return
         last_pending = -PENDING_INTERVAL  # the first sub-operation is always reported
+        dul = self.assoc.dul
+        idle_delay = dul._run_loop_delay
+        if scu is None:
+            # C-GET responses come in through pynetdicom's DUL thread, which checks the
+            # socket every `_run_loop_delay` (1 ms) when idle: poll faster while we wait.
+            dul._run_loop_delay = GET_POLL_DELAY
         try:
             for index, subop in enumerate(subops):
                 if not self.assoc.is_established or self.assoc.acse.is_aborted():
@@ -190,16 +200,9 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                 now = time.monotonic()
                 if counts.remaining and now - last_pending >= PENDING_INTERVAL:
                     last_pending = now
-                    pending = type(rsp)()
-                    pending.MessageIDBeingRespondedTo = req.MessageID
-                    pending.AffectedSOPClassUID = req.AffectedSOPClassUID
-                    pending.Status = int(RetrieveStatus.PENDING)
-                    pending.NumberOfRemainingSuboperations = counts.remaining
-                    pending.NumberOfCompletedSuboperations = counts.completed
-                    pending.NumberOfFailedSuboperations = counts.failed
-                    pending.NumberOfWarningSuboperations = counts.warning
-                    self.dimse.send_msg(pending, cx_id)
+                    self._pending(req, cx_id, counts)
         finally:
+            dul._run_loop_delay = idle_delay
             if scu is not None:
                 scu.release()
         self._final(rsp, cx_id, context, counts)
@@ -279,31 +282,72 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
             return "failure"
         return self._outcome(subop, result.status)
 
+    def _pending(self, req: C_GET | C_MOVE, cx_id: int, counts: _Counts) -> None:
+        """A pending response, written straight to the socket like the C-GET
+        sub-operations (through pynetdicom's queue it could land inside one of them)."""
+        command = pdu.retrieve_pending(
+            pdu.C_MOVE_RSP if isinstance(req, C_MOVE) else pdu.C_GET_RSP,
+            cast(int, req.MessageID),
+            str(req.AffectedSOPClassUID).encode("ascii"),
+            (counts.remaining, counts.completed, counts.failed, counts.warning),
+        )
+        send_message(self._socket(), self.dimse.maximum_pdu_size, cx_id, command)
+
+    def _socket(self) -> socket.socket:
+        sock = self.assoc.dul.socket
+        if sock is None or sock.socket is None:
+            raise OSError("the association has no socket")
+        return sock.socket
+
     def _send_get(self, subop: SubOperation, msg_id: int) -> str:
-        """One C-GET sub-operation, on the C-GET association itself (pynetdicom)."""
+        """One C-GET sub-operation on the C-GET association: the C-STORE-RQ written to its
+        socket directly (this thread is the one pynetdicom runs the request on, so nothing
+        else writes meanwhile), the response read from pynetdicom's DIMSE queue."""
         if subop.path is None:
             log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, subop.problem)
             return "failure"
-        if not subop.path.is_file():
-            log.warning("sub-operation for %s failed: file missing", subop.sop_instance_uid)
-            return "failure"
         try:
-            try:
-                status = self.assoc.send_c_store(subop.path, msg_id=msg_id)
-            except ValueError:
-                # No context with the stored syntax: as in _send_move.
-                if subop.transfer_syntax_uid not in UNCOMPRESSED:
-                    raise
-                status = self.assoc.send_c_store(dcmread(subop.path), msg_id=msg_id)
-                log.info("sub-operation for %s re-encoded", subop.sop_instance_uid)
-        except (ValueError, AttributeError, OSError, RuntimeError) as exc:
+            with subop.path.open("rb") as fp:
+                data_set_offset(fp)
+                data: BinaryIO = fp
+                syntax = subop.transfer_syntax_uid
+                try:
+                    context = self.assoc._get_valid_context(
+                        subop.sop_class_uid, syntax, "scu", allow_conversion=False
+                    )
+                except ValueError:
+                    # As in _send_move: an uncompressed file may go re-encoded.
+                    if syntax not in UNCOMPRESSED:
+                        raise
+                    context = self.assoc._get_valid_context(subop.sop_class_uid, syntax, "scu")
+                    syntax = str(context.transfer_syntax[0])
+                    data = BytesIO(_reencode(subop.path, syntax))
+                    log.info("sub-operation for %s re-encoded", subop.sop_instance_uid)
+                command = pdu.encode_request(
+                    pdu.C_STORE_RQ,
+                    msg_id,
+                    subop.sop_class_uid.encode("ascii"),
+                    subop.sop_instance_uid.encode("ascii"),
+                    has_data_set=True,
+                )
+                send_message(
+                    self._socket(),
+                    self.dimse.maximum_pdu_size,
+                    cast(int, context.context_id),
+                    command,
+                    data,
+                )
+        except (ValueError, OSError, InvalidDicomError) as exc:
             # No accepted context for the stored SOP class / transfer syntax, or I/O.
             log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
             return "failure"
-        if "Status" not in status:
+        _cx, rsp = self.dimse.get_msg(block=True)
+        if not isinstance(rsp, C_STORE) or rsp.Status is None:
             log.warning("sub-operation for %s: no C-STORE response", subop.sop_instance_uid)
+            if self.assoc.is_established:
+                self.assoc.abort()
             return "failure"
-        return self._outcome(subop, int(status.Status))
+        return self._outcome(subop, int(rsp.Status))
 
     @staticmethod
     def _outcome(subop: SubOperation, status: int) -> str:
@@ -382,10 +426,9 @@ def _reencode(path: Path, syntax: str) -> bytes:
 
 
 def install() -> None:
-    """Route the C-GET / C-MOVE SOP classes to :class:`ArchiveQueryRetrieveService` and send
-    stored files without decoding them (process-wide pynetdicom settings)."""
+    """Route the C-GET / C-MOVE SOP classes to :class:`ArchiveQueryRetrieveService`
+    (process-wide pynetdicom settings)."""
     pynetdicom_fixes.install()
-    _config.STORE_SEND_CHUNKED_DATASET = True
     # pynetdicom picks a service class per SOP class with this module-level function and
     # has no registration for standard UIDs; wrapping it is the one hook needed.
     setattr(_association, "uid_to_service_class", _service_class_for)  # noqa: B010 (not exported)

@@ -188,9 +188,7 @@ class StoreSCU:
             move_originator=(originator_ae.encode("ascii"), originator_message_id),
         )
         try:
-            for piece in pdu.command_pdus(context_id, command, self._max_pdu):
-                self._sock.sendall(piece)
-            self._send_data_set(context_id, data)
+            send_message(self._sock, self._max_pdu, context_id, command, data)
             return self._read_store_response(message_id)
         except (OSError, struct.error) as exc:
             self.abort()
@@ -198,28 +196,6 @@ class StoreSCU:
         except StoreAssociationError:
             self.abort()
             raise
-
-    def _send_data_set(self, context_id: int, data: BinaryIO) -> None:
-        start = data.tell()
-        size = os.fstat(data.fileno()).st_size - start if _has_fileno(data) else None
-        if size is None:
-            data.seek(0, os.SEEK_END)
-            size = data.tell() - start
-            data.seek(start)
-        room = (1 << 20) if self._max_pdu == 0 else max(1, self._max_pdu - pdu.PDV_HEADER.size)
-        buffer = bytearray(min(room, max(size, 1)))
-        view = memoryview(buffer)
-        sent = 0
-        while True:
-            count = data.readinto(view) or 0  # type: ignore[attr-defined]
-            sent += count
-            last = sent >= size or count == 0
-            flags = pdu.PDV_LAST if last else 0
-            header = pdu.PDU_HEADER.pack(pdu.P_DATA_TF, count + pdu.PDV_HEADER.size)
-            pdv = pdu.PDV_HEADER.pack(count + 2, context_id, flags)
-            _send_parts(self._sock, [header, pdv, view[:count]])
-            if last:
-                return
 
     def _read_store_response(self, message_id: int) -> StoreResult:
         command = bytearray()
@@ -282,6 +258,46 @@ class StoreSCU:
             if was_open:
                 self._sock.sendall(pdu.abort())
         self._sock.close()
+
+
+def send_message(
+    sock: socket.socket,
+    max_pdu: int,
+    context_id: int,
+    command: bytes,
+    data: BinaryIO | None = None,
+) -> None:
+    """Write a DIMSE message as P-DATA-TF PDUs: the command set, then the data set read
+    from `data` (from its current position to the end), each PDU within the peer's
+    maximum length (`max_pdu`, 0: no limit). Blocking; the caller owns the socket.
+
+    Raises
+    ------
+    OSError
+        If the socket fails or times out.
+    """
+    for piece in pdu.command_pdus(context_id, command, max_pdu):
+        sock.sendall(piece)
+    if data is None:
+        return
+    start = data.tell()
+    size = os.fstat(data.fileno()).st_size - start if _has_fileno(data) else None
+    if size is None:
+        data.seek(0, os.SEEK_END)
+        size = data.tell() - start
+        data.seek(start)
+    room = (1 << 20) if max_pdu == 0 else max(1, max_pdu - pdu.PDV_HEADER.size)
+    view = memoryview(bytearray(min(room, max(size, 1))))
+    sent = 0
+    while True:
+        count = data.readinto(view) or 0  # type: ignore[attr-defined]
+        sent += count
+        last = sent >= size or count == 0
+        header = pdu.PDU_HEADER.pack(pdu.P_DATA_TF, count + pdu.PDV_HEADER.size)
+        pdv = pdu.PDV_HEADER.pack(count + 2, context_id, pdu.PDV_LAST if last else 0)
+        _send_parts(sock, [header, pdv, view[:count]])
+        if last:
+            return
 
 
 def _has_fileno(data: BinaryIO) -> bool:

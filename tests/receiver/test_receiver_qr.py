@@ -20,7 +20,14 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    StoragePresentationContexts,
+    build_role,
+    evt,
+)
 from receiver_support import (
     DCMTK_ENV,
     TEST_FILES,
@@ -796,15 +803,33 @@ def _pynetdicom_move(
     ae.add_requested_context(STUDY_ROOT_MOVE)
     assoc = ae.associate("127.0.0.1", archive.receiver.port, ae_title=AEC)
     assert assoc.is_established
+    answers = assoc.send_c_move(_study_key(study), dest, STUDY_ROOT_MOVE, msg_id=9)
+    return _collect(assoc, answers, STUDY_ROOT_MOVE, 9, cancel=cancel)
+
+
+def _study_key(study: str) -> Dataset:
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = study
+    return identifier
+
+
+def _collect(
+    assoc: Any,
+    answers: Iterator[tuple[Dataset, Dataset | None]],
+    model: str,
+    msg_id: int,
+    *,
+    cancel: bool,
+) -> list[tuple[Dataset, Dataset | None]]:
+    """Every response of a C-MOVE / C-GET, a C-CANCEL sent after the first with `cancel`;
+    releases the association."""
     responses = []
     try:
-        for status, answer in assoc.send_c_move(identifier, dest, STUDY_ROOT_MOVE, msg_id=9):
+        for status, answer in answers:
             responses.append((status, answer))
             if cancel and len(responses) == 1:
-                assoc.send_c_cancel(9, query_model=STUDY_ROOT_MOVE)
+                assoc.send_c_cancel(msg_id, query_model=model)
         return responses
     finally:
         assoc.release()
@@ -973,8 +998,8 @@ class PickySCP:
         self.received.append(
             (
                 str(request.AffectedSOPInstanceUID),
-                str(request.MoveOriginatorApplicationEntityTitle).strip(),
-                int(request.MoveOriginatorMessageID),
+                str(request.MoveOriginatorApplicationEntityTitle or "").strip(),
+                int(request.MoveOriginatorMessageID or 0),
                 str(event.context.transfer_syntax),
                 request.DataSet.getvalue(),
             )
@@ -1007,6 +1032,18 @@ def test_move_counts_each_status_the_destination_answers(archive: Archive) -> No
     study = _study_of(archive, "QR-PAT-1", 4)
     with _picky_scp(archive, [0x0000, 0xB007, 0xA700, 0x0000]) as scp:
         responses = _pynetdicom_move(archive, study, PICKY_AET)
+    _assert_counted(archive, study, responses, scp, originator=(AEC, 9))
+
+
+def _assert_counted(
+    archive: Archive,
+    study: str,
+    responses: list[tuple[Dataset, Dataset | None]],
+    scp: PickySCP,
+    originator: tuple[str, int],
+) -> None:
+    """The responses to a retrieve of `study`'s 4 instances answered success, warning,
+    failure, success: counts, failed UID, pending responses, bytes sent as stored."""
     final, identifier = responses[-1]
     assert final.Status == RetrieveStatus.SUBOPERATIONS_FAILED
     assert (
@@ -1032,8 +1069,8 @@ def test_move_counts_each_status_the_destination_answers(archive: Archive) -> No
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
         for p in archive.studies[study]
     }
-    for uid, originator, originator_id, _syntax, data in scp.received:
-        assert (originator, originator_id) == (AEC, 9)
+    for uid, sent_by, sent_id, _syntax, data in scp.received:
+        assert (sent_by, sent_id) == originator
         assert data == dataset_bytes_of_file(stored[uid])
 
 
@@ -1088,3 +1125,42 @@ def test_move_to_a_destination_that_aborts_midway_fails_the_rest(archive: Archiv
     # The receiver goes on serving.
     again = _pynetdicom_move(archive, _study_of(archive, "QR-PAT-2", 2), DEST_AET + "X")
     assert int(again[-1][0].Status) == RetrieveStatus.MOVE_DESTINATION_UNKNOWN
+
+
+def _pynetdicom_get(
+    archive: Archive, study: str, scp: PickySCP, *, cancel: bool = False
+) -> list[tuple[Dataset, Dataset | None]]:
+    """C-GET responses; the sub-operations answered by `scp` on the same association."""
+    ae = AE(ae_title="QRTEST")
+    ae.add_requested_context(STUDY_ROOT_GET)
+    roles = []
+    for context in StoragePresentationContexts[:120]:
+        ae.add_requested_context(context.abstract_syntax, ExplicitVRLittleEndian)
+        roles.append(build_role(context.abstract_syntax, scp_role=True))
+    assoc = ae.associate(
+        "127.0.0.1",
+        archive.receiver.port,
+        ae_title=AEC,
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, scp.handle)],
+    )
+    assert assoc.is_established
+    answers = assoc.send_c_get(_study_key(study), STUDY_ROOT_GET, msg_id=5)
+    return _collect(assoc, answers, STUDY_ROOT_GET, 5, cancel=cancel)
+
+
+def test_get_counts_each_status_and_sends_stored_bytes(archive: Archive) -> None:
+    study = _study_of(archive, "QR-PAT-1", 4)
+    scp = PickySCP([0x0000, 0xB007, 0xA700, 0x0000])
+    responses = _pynetdicom_get(archive, study, scp)
+    _assert_counted(archive, study, responses, scp, originator=("", 0))  # not a C-MOVE
+
+
+def test_get_cancel_stops_the_sub_operations(archive: Archive) -> None:
+    study = _study_of(archive, "QR-PAT-1", 4)
+    scp = PickySCP([], delay=0.3)
+    responses = _pynetdicom_get(archive, study, scp, cancel=True)
+    final = responses[-1][0]
+    assert final.Status == RetrieveStatus.CANCEL
+    assert final.NumberOfRemainingSuboperations > 0
+    assert final.NumberOfCompletedSuboperations == len(scp.received) < 4
