@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import orjson
 from fastapi import APIRouter, Request, Response
 
 from dicomweb.deps import CatalogDep, SettingsDep
 from dicomweb.errors import BadRequestError
 from dicomweb.qido_params import InvalidQidoParameterError, parse_qido
-from vannah_pipelines.catalog.query import InvalidQueryError, run_query
+from vannah_pipelines.catalog.query import InvalidQueryError, run_query_json
 from vannah_pipelines.dicom.keys import Level
 from vannah_pipelines.dicom.uids import is_uid
 
 router = APIRouter(tags=["QIDO-RS"])
-
-_RETRIEVE_URL = "00081190"
-
-
-def _retrieve_url(base: str, row: dict[str, dict[str, list[str]]], level: Level) -> str:
-    def uid(tag: str) -> str:
-        return str(row.get(tag, {}).get("Value", [""])[0])
-
-    url = f"{base}/studies/{uid('0020000D')}"
-    if level in (Level.SERIES, Level.IMAGE):
-        url += f"/series/{uid('0020000E')}"
-    if level == Level.IMAGE:
-        url += f"/instances/{uid('00080018')}"
-    return url
 
 
 def _search(
@@ -50,18 +35,16 @@ def _search(
             max_limit=settings.dicomweb_max_limit,
             scope=scope,
         )
-        result = run_query(catalog, spec)
+        base = str(request.base_url).rstrip("/") + "/dicom-web"
+        result = run_query_json(catalog, spec, retrieve_base=base)
     except (InvalidQidoParameterError, InvalidQueryError) as exc:
         raise BadRequestError(str(exc)) from exc
-    base = str(request.base_url).rstrip("/") + "/dicom-web"
-    for row in result.rows:
-        row[_RETRIEVE_URL] = {"vr": "UR", "Value": [_retrieve_url(base, row, level)]}
     warnings.extend(result.warnings)
     if result.more:
         warnings.append("There are additional results that can be requested")
     headers = {"Warning": ", ".join(f'299 vannah "{w}"' for w in warnings)} if warnings else {}
     # An empty answer is 200 with [] (PS3.18 allows 204; 200 is what viewers handle best).
-    return Response(orjson.dumps(result.rows), media_type="application/dicom+json", headers=headers)
+    return Response(result.body, media_type="application/dicom+json", headers=headers)
 
 
 @router.get("/studies")

@@ -8,7 +8,7 @@ import pydicom
 import pydicom.data
 import pytest
 
-from vannah_pipelines.dicom.headers import json_int, json_text
+from vannah_pipelines.dicom.headers import json_int, json_text, read_header
 from vannah_pipelines.dicom.json_model import to_dicom_json
 from vannah_pipelines.dicom.synthetic import MODALITIES, make_instance, to_part10
 
@@ -46,3 +46,24 @@ def test_json_text_and_int_read_catalog_values() -> None:
     assert json_text(attrs, "00080008") == "ORIGINAL\\PRIMARY"
     assert json_int(attrs, "00280010") == 512
     assert json_text(attrs, "00181030") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Trailing\\", [{"Alphabetic": "Trailing"}, None]),
+        ("\\b", [None, {"Alphabetic": "b"}]),
+        ("a==c", [{"Alphabetic": "a", "Phonetic": "c"}]),
+    ],
+)
+def test_person_names_with_empty_values_are_read_not_refused(
+    tmp_path: Path, name: str, value: list[object]
+) -> None:
+    """pydicom's own conversion raises IndexError on an empty value among several person
+    names (PS3.18 F.2.5 encodes it as null); ingest must index such a file."""
+    path = tmp_path / "pn.dcm"
+    path.write_bytes(to_part10(make_instance("CT", patient_name=name)))
+    header = read_header(path)
+    assert header.attributes["00100010"] == {"vr": "PN", "Value": value}
+    roundtrip = pydicom.dataset.Dataset.from_json({"00100010": header.attributes["00100010"]})
+    assert str(roundtrip.PatientName) == str(header.dataset.PatientName)

@@ -1,5 +1,5 @@
 """The one query engine: QIDO-RS and C-FIND (and worklist C-FIND) requests become
-parameterised DuckDB SQL over the catalog tables, and rows become DICOM JSON.
+parameterised DuckDB SQL over the catalog tables, whose answers DuckDB writes as DICOM JSON.
 
 Request values are only ever bound as parameters; SQL text is built from the attribute
 registry (``dicom.keys``), never from request input.
@@ -8,8 +8,9 @@ registry (``dicom.keys``), never from request input.
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,7 +247,7 @@ def _visible(attr: Attribute, level: Level) -> bool:
 
 @dataclass(frozen=True)
 class CompiledQuery:
-    sql: str
+    source: str  # FROM ... WHERE ... ORDER BY ... [LIMIT ?] [OFFSET ?]: the SELECT list is added
     params: list[Any]
     returned: list[Attribute]
     ignored: list[str]  # includefield keys this level does not hold
@@ -254,7 +255,8 @@ class CompiledQuery:
 
 
 def compile_query(spec: QuerySpec) -> CompiledQuery:
-    """SQL, its parameters, and the attributes to return, for `spec`.
+    """The rows to answer `spec` (SQL after the SELECT list), its parameters, and the
+    attributes to return.
 
     Raises
     ------
@@ -287,9 +289,6 @@ def compile_query(spec: QuerySpec) -> CompiledQuery:
         params.extend(values)
     ignored: list[str] = []
     returned = _return_keys(spec, matched, ignored)
-    columns = sorted({a.column for a in returned if a.column is not None})
-    if any(a.column is None for a in returned):
-        columns += ["source_file", "sop_instance_uid", "checksum"]
     order = _DEFAULT_ORDER[spec.level]
     if spec.order_by:
         terms = []
@@ -299,7 +298,7 @@ def compile_query(spec: QuerySpec) -> CompiledQuery:
                 raise InvalidQueryError(f"cannot order by {attr.keyword}")
             terms.append(f"{attr.column} {'DESC' if descending else 'ASC'} NULLS LAST")
         order = ", ".join([*terms, order])
-    sql = f"SELECT {', '.join(columns)} FROM {table}"
+    sql = f"FROM {table}"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += f" ORDER BY {order}"
@@ -313,31 +312,47 @@ def compile_query(spec: QuerySpec) -> CompiledQuery:
 
 
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+_RETRIEVE_URL = "00081190"
+# DuckDB column types whose values Python hands to the encoder as int.
+_INT_TYPES = frozenset(
+    {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT"}
+    | {"UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT"}
+)
+_HEADER_COLUMNS = ("source_file", "sop_instance_uid", "checksum")
+# PS3.18 10.6.3.3: the RetrieveURL path of an answer at each level, from its UIDs.
+_RETRIEVE_PATH = {
+    Level.STUDY: (("studies", "StudyInstanceUID"),),
+    Level.SERIES: (("studies", "StudyInstanceUID"), ("series", "SeriesInstanceUID")),
+    Level.IMAGE: (
+        ("studies", "StudyInstanceUID"),
+        ("series", "SeriesInstanceUID"),
+        ("instances", "SOPInstanceUID"),
+    ),
+}
 
 
 def _person_names(value: Any) -> list[Any]:
     names: list[Any] = []
     for part in str(value).split("\\"):
-        if "=" not in part:
-            names.append({"Alphabetic": part} if part else {})
-        else:
-            groups = part.split("=")
-            names.append({k: g for k, g in zip(_PN_GROUPS, groups, strict=False) if g})
+        groups = part.split("=")
+        names.append({k: g for k, g in zip(_PN_GROUPS, groups, strict=False) if g})
     return names
 
 
 def _numbers(kind: type) -> Callable[[Any], list[Any]]:
     def convert(value: Any) -> list[Any]:
         if isinstance(value, int | float):
-            return [value]
-        return [kind(p) for p in str(value).split("\\")]
+            numbers = [value]
+        else:
+            numbers = [kind(p) for p in str(value).split("\\")]
+        # NaN and infinities have no JSON number: null, as orjson writes them.
+        return [None if isinstance(n, float) and not math.isfinite(n) else n for n in numbers]
 
     return convert
 
 
 def _strings(value: Any) -> list[Any]:
-    text = str(value)
-    return text.split("\\") if "\\" in text else [text]
+    return str(value).split("\\")
 
 
 def _converter(vr: str) -> Callable[[Any], list[Any]]:
@@ -351,56 +366,252 @@ def _converter(vr: str) -> Callable[[Any], list[Any]]:
     return _strings
 
 
-def to_dicom_json(row: dict[str, Any], returned: Sequence[Attribute]) -> dict[str, Any]:
-    """One answer in the DICOM JSON model (PS3.18 F.2), every returned key present."""
-    return _Encoder(returned)(row)
+def _json_sql(value: str) -> str:
+    """SQL for the JSON text of the string (or list of strings) `value`."""
+    return f"to_json({value})::VARCHAR"
 
 
-class _Encoder:
-    """Rows -> DICOM JSON for one set of returned attributes (converters chosen once)."""
+def _value_sql(attr: Attribute, column_type: str | None) -> str | None:
+    """SQL for the DICOM JSON text of `attr` from its column (PS3.18 F.2), or None when
+    DuckDB cannot write it exactly as the Python converters would (Python writes it)."""
+    col, vr = attr.column, attr.vr
+    if col is None:
+        return None
+    empty = f"""'{{"vr":"{vr}"}}'"""
+    head = f"""'{{"vr":"{vr}","Value":'"""
+    if column_type in _INT_TYPES and vr in _INT_VRS:
+        number = f"{col}::VARCHAR"
+        return f"CASE WHEN {col} IS NULL THEN {empty} ELSE concat({head}, '[', {number}, ']}}') END"
+    if column_type != "VARCHAR" or vr in _INT_VRS or vr in _FLOAT_VRS:
+        return None
+    if vr == "PN":
+        # PS3.18 F.2.2: each value an object of its non-empty component groups. Most
+        # names are one value of one group; the general case (a map keeps key order) is
+        # slower to run, so it runs only for the values that need it.
+        keys = ", ".join(f"'{k}'" for k in _PN_GROUPS)
+        groups = (
+            f"list_transform(string_split({col}, '\\'), lambda _pn: map_from_entries("
+            f"list_filter(list_zip([{keys}], string_split(_pn, '=')[1:3]), "
+            "lambda _g: _g[2] <> '')))"
+        )
+        values = (
+            f"CASE WHEN contains({col}, '=') OR contains({col}, '\\') "
+            f"THEN {_json_sql(groups)} "
+            f"""ELSE concat('[{{"{_PN_GROUPS[0]}":', {_json_sql(col)}, '}}]') END"""
+        )
+    else:
+        values = _json_sql(f"string_split({col}, '\\')")
+    filled = f"concat({head}, {values}, '}}')"
+    return f"CASE WHEN {col} IS NULL OR {col} = '' THEN {empty} ELSE {filled} END"
 
-    def __init__(self, returned: Sequence[Attribute]) -> None:
-        ordered = sorted(returned, key=lambda a: a.tag)
-        self.fields = [(a.tag, a.vr, a.column, _converter(a.vr)) for a in ordered]
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        header: dict[str, Any] | None = None
-        out: dict[str, Any] = {}
-        for tag, vr, column, convert in self.fields:
-            if column is None:
-                if header is None:
-                    header = json.loads(row.get("_header") or "{}")
-                out[tag] = header.get(tag, {"vr": vr})
+def _retrieve_url_sql(level: Level) -> str:
+    """SQL for the RetrieveURL text of an answer: the base URL (bound) and its UIDs."""
+    path = _RETRIEVE_PATH.get(level)
+    if path is None:
+        raise InvalidQueryError(f"{level} level answers have no RetrieveURL")
+    url = "?::VARCHAR"
+    for segment, keyword in path:
+        column = attribute_at(keyword, level).column
+        # The UID's first value, as a client reads it from the answer ("" when empty).
+        url += f" || '/{segment}/' || coalesce(split_part({column}, '\\', 1), '')"
+    return f"""'{{"vr":"UR","Value":[' || {_json_sql(url)} || ']}}'"""
+
+
+@dataclass(frozen=True)
+class _PythonMember:
+    """An answer attribute Python writes: from a raw column, or from the header JSON."""
+
+    tag: str
+    vr: str
+    convert: Callable[[Any], list[Any]]
+    index: int | None  # position of its column in the SELECT list; None: header JSON
+
+
+class AnswerEncoder:
+    """Catalog rows -> DICOM JSON text of each answer (PS3.18 F.2), mostly written by DuckDB.
+
+    ``select`` is the SELECT list (built from the attribute registry only) and
+    ``params`` its bound values; :meth:`texts` turns the fetched rows into one JSON object
+    text per answer, members in tag order. Column-backed attributes are written in SQL;
+    the others (header-only attributes, column types SQL does not write exactly) in
+    Python, merged in place. With `retrieve_base`, every answer also carries its
+    RetrieveURL (0008,1190): in place if it was asked for, else last.
+    """
+
+    def __init__(
+        self,
+        returned: Sequence[Attribute],
+        column_types: Mapping[str, str],
+        level: Level,
+        retrieve_base: str | None = None,
+    ) -> None:
+        self.select: list[str] = []
+        self.params: list[Any] = []
+        self._parts: list[int | _PythonMember] = []  # SELECT position of SQL text, or Python
+        self.header_at: int | None = None  # SELECT position of the header columns
+        segments: list[list[str]] = []  # SQL pieces of each run of members SQL writes
+        run: list[str] = []
+
+        def flush() -> None:
+            if run:
+                self._parts.append(len(self.select))
+                self.select.append("")  # concat(...) of the pieces, below
+                segments.append(run[:])
+                run.clear()
+
+        def add(tag: str, value_sql: str) -> None:
+            run.extend([f"'{',' if run else ''}\"{tag}\":'", value_sql])
+
+        pending_url = retrieve_base is not None
+        for attr in sorted(returned, key=lambda a: a.tag):
+            if attr.tag == _RETRIEVE_URL and pending_url:
+                self.params.append(retrieve_base)
+                add(attr.tag, _retrieve_url_sql(level))
+                pending_url = False
                 continue
-            value = row.get(column)
-            if value is None or value == "":
-                out[tag] = {"vr": vr}
-            elif convert is _strings and "\\" not in value:
-                out[tag] = {"vr": vr, "Value": [value]}  # the common case, inlined
-            else:
-                try:
-                    out[tag] = {"vr": vr, "Value": convert(value)}
-                except ValueError:
-                    out[tag] = {"vr": vr}  # an invalid stored number: say nothing
+            sql = _value_sql(attr, column_types.get(attr.column or ""))
+            if sql is not None:
+                add(attr.tag, sql)
+                continue
+            flush()
+            index = None
+            if attr.column is not None:
+                index = len(self.select)
+                self.select.append(attr.column)
+            self._parts.append(_PythonMember(attr.tag, attr.vr, _converter(attr.vr), index))
+        if pending_url:
+            self.params.append(retrieve_base)
+            add(_RETRIEVE_URL, _retrieve_url_sql(level))
+        flush()
+        self._whole = self._parts == [0]  # SQL writes the whole object
+        if self._whole:
+            segments[0] = ["'{'", *segments[0], "'}'"]
+        at = [p for p in self._parts if isinstance(p, int)]
+        for i, segment in zip(at, segments, strict=True):
+            # One concat() of every piece: chained || copies the growing text each time.
+            self.select[i] = f"concat({', '.join(segment)})"
+        if any(isinstance(p, _PythonMember) and p.index is None for p in self._parts):
+            self.header_at = len(self.select)
+            self.select += _HEADER_COLUMNS
+        if not self.select:
+            self.select.append("'{}'")
+            self._whole = True
+        self.select = [f"{s} AS _a{i}" for i, s in enumerate(self.select)]
+
+    def header_keys(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, str, str]]:
+        """(source_file, sop_instance_uid, checksum) of each row, to fetch their headers."""
+        at = self.header_at
+        assert at is not None
+        return [(r[at], r[at + 1], r[at + 2]) for r in rows]
+
+    def texts(
+        self,
+        rows: Sequence[tuple[Any, ...]],
+        headers: Mapping[tuple[str, str], str] | None = None,
+    ) -> list[str]:
+        """The DICOM JSON object text of each row (`headers` as from CatalogReader.headers)."""
+        if self._whole:
+            return [r[0] for r in rows]
+        out: list[str] = []
+        for row in rows:
+            header: dict[str, Any] | None = None
+            members: list[str] = []
+            for part in self._parts:
+                if isinstance(part, int):
+                    members.append(row[part])
+                    continue
+                if part.index is None:
+                    if header is None:
+                        header = self._header(row, headers or {})
+                    member = header.get(part.tag, {"vr": part.vr})
+                else:
+                    member = _python_member(part, row[part.index])
+                members.append(f'"{part.tag}":{_dumps(member)}')
+            out.append("{" + ",".join(members) + "}")
         return out
 
+    def _header(
+        self, row: tuple[Any, ...], headers: Mapping[tuple[str, str], str]
+    ) -> dict[str, Any]:
+        assert self.header_at is not None
+        text = headers.get((row[self.header_at + 1], row[self.header_at + 2]))
+        # NaN and infinities (FL/FD) have no JSON number: null, as orjson writes them.
+        found: dict[str, Any] = json.loads(text or "{}", parse_constant=lambda _: None)
+        return found
 
-def run_query(reader: CatalogReader, spec: QuerySpec) -> QueryResult:
-    """Answer `spec` from the catalog alone (never opens a DICOM file)."""
+
+def _python_member(part: _PythonMember, value: Any) -> dict[str, Any]:
+    if value is None or value == "":
+        return {"vr": part.vr}
+    try:
+        return {"vr": part.vr, "Value": part.convert(value)}
+    except ValueError:
+        return {"vr": part.vr}  # an invalid stored number: say nothing
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class JsonAnswers:
+    """A query's answers as one DICOM JSON array (PS3.18 F.2), UTF-8."""
+
+    body: bytes
+    count: int
+    more: bool  # the limit cut the answer short
+    warnings: list[str]
+
+
+def _answer_texts(
+    reader: CatalogReader, spec: QuerySpec, retrieve_base: str | None
+) -> tuple[list[str], bool, list[str]]:
     compiled = compile_query(spec)
-    rows = reader.query_dicts(compiled.sql, compiled.params)
+    encoder = AnswerEncoder(
+        compiled.returned,
+        reader.column_types(_TABLES[spec.level]),
+        spec.level,
+        retrieve_base,
+    )
+    sql = f"SELECT {', '.join(encoder.select)} {compiled.source}"
+    rows = reader.query(sql, [*encoder.params, *compiled.params])
     more = spec.limit is not None and len(rows) > spec.limit
     if more:
         rows = rows[: spec.limit]
-    if "source_file" in compiled.sql:
-        headers = reader.headers(
-            [(r["source_file"], r["sop_instance_uid"], r["checksum"]) for r in rows]
-        )
-        for r in rows:
-            r["_header"] = headers.get((r["sop_instance_uid"], r["checksum"]))
-    encode = _Encoder(compiled.returned)
-    answers = [encode(r) for r in rows]
+    headers = reader.headers(encoder.header_keys(rows)) if encoder.header_at is not None else None
     warnings = [f"{k} not returned" for k in compiled.ignored] + [
         f"{k} is not indexed: matched universally" for k in compiled.unmatched
     ]
-    return QueryResult(answers, more, warnings)
+    return encoder.texts(rows, headers), more, warnings
+
+
+def run_query(reader: CatalogReader, spec: QuerySpec) -> QueryResult:
+    """Answer `spec` from the catalog alone (never opens a DICOM file), as DICOM JSON dicts."""
+    texts, more, warnings = _answer_texts(reader, spec, None)
+    return QueryResult([json.loads(t) for t in texts], more, warnings)
+
+
+def run_query_json(
+    reader: CatalogReader, spec: QuerySpec, retrieve_base: str | None = None
+) -> JsonAnswers:
+    """Answer `spec` as one DICOM JSON array, with no per-answer Python objects.
+
+    Parameters
+    ----------
+    reader
+        The catalog.
+    spec
+        The query.
+    retrieve_base
+        The DICOMweb base URL (bound as a parameter): each answer then carries its
+        RetrieveURL (0008,1190), ``<base>/studies/<uid>[/series/<uid>[/instances/<uid>]]``.
+
+    Raises
+    ------
+    InvalidQueryError
+        As :func:`compile_query`.
+    """
+    texts, more, warnings = _answer_texts(reader, spec, retrieve_base)
+    body = ("[" + ",".join(texts) + "]").encode()
+    return JsonAnswers(body, len(texts), more, warnings)

@@ -64,6 +64,12 @@ class CatalogReader:
         con.register("_empty_v", TABLES["instances"].empty_table())
         con.execute("CREATE TABLE instance_versions AS SELECT * FROM _empty_v")
         con.unregister("_empty_v")
+        # Refreshes add rows, never columns: the types are known from here on.
+        self._types: dict[str, dict[str, str]] = {}
+        for table, column, type_ in con.execute(
+            "SELECT table_name, column_name, data_type FROM duckdb_columns()"
+        ).fetchall():
+            self._types.setdefault(table, {})[column] = type_
         self.refresh()
 
     def _new_files(self, table: str) -> list[str]:
@@ -173,6 +179,10 @@ class CatalogReader:
         finally:
             cursor.close()
         return {(sop, sha): header for sop, sha, header in found if (sop, sha) in wanted}
+
+    def column_types(self, table: str) -> dict[str, str]:
+        """DuckDB type of each column of `table` (``{"series_number": "INTEGER", ...}``)."""
+        return self._types[table]
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Run `sql` with bound `params` on a cursor of its own (thread-safe)."""

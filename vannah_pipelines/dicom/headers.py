@@ -99,6 +99,7 @@ def read_header(path: Path, data: bytes | None = None) -> InstanceHeader:
         ValueError,
         TypeError,
         KeyError,
+        IndexError,
         AttributeError,
         OverflowError,
         NotImplementedError,

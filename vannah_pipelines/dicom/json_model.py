@@ -63,11 +63,15 @@ def _values(raw: RawDataElement, vr: str) -> list[Any] | None:
         text = _strip(_text(value, vr), vr)
         return [text] if text else None
     if vr == "PN":
-        names = []
-        for part in _text(value, vr).split("\\"):
+        names: list[Any] = []
+        parts = _text(value, vr).split("\\")
+        for part in parts:
             groups = part.strip(" \0").split("=")
             if groups == [""]:
-                raise _FallbackError
+                if len(parts) == 1:
+                    raise _FallbackError
+                names.append(None)  # PS3.18 F.2.5: an empty value of several is null
+                continue
             name = {
                 k: g
                 for k, g in zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False)
@@ -138,6 +142,6 @@ def to_dicom_json(ds: Dataset, threshold: int, bulk: BulkHandler) -> dict[str, A
                 }
             else:
                 out[key] = elem.to_json_dict(bulk, threshold)
-        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, IndexError):
             continue  # an invalid value pydicom cannot encode: left out, as pydicom does
     return out
