@@ -9,6 +9,8 @@ server's peak memory (summed RSS of its process tree) under the 4-association lo
     .venv/bin/python bench/store_throughput.py                  # 1,000 CT x 3 repeats
     .venv/bin/python bench/store_throughput.py --quick          # 50 CT x 1 repeat (smoke)
     .venv/bin/python bench/store_throughput.py --only orthanc --json bench/out/store.json
+    # the receiver without its storage fast path (every association through pynetdicom):
+    .venv/bin/python bench/store_throughput.py --receiver-env VANNAH_RECEIVER_FAST_STORE=false
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from common import (
     REPO_ROOT,
     DataSet,
     Series,
+    Server,
     format_mb,
     format_ratio,
     install_signal_handlers,
@@ -80,6 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def count_stored(server: Server, expected: int, settle_s: float = 5.0) -> int:
+    """Instances the server holds after the run (not part of the timing). A receiver batch
+    renamed from ``open/`` to ``sealed/`` while the landing folder is scanned is missed by
+    that scan, so rescan for a few seconds until `expected` are seen."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        stored = server.stored_instances()
+        if stored >= expected or time.monotonic() > deadline:
+            return stored
+        time.sleep(0.1)
+
+
 def run_once(
     target: str, data: DataSet, associations: int, args: argparse.Namespace
 ) -> tuple[float, float, int]:
@@ -99,7 +115,7 @@ def run_once(
                 associations=associations,
                 logdir=workdir,
             )
-            stored = server.stored_instances()
+            stored = count_stored(server, len(data.files))
             assert server.memory is not None
             peak = max(server.memory.peak_bytes, server.memory.sample())
         if stored != len(data.files):

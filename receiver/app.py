@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from receiver import retrieve
 from receiver.contexts import supported_contexts
+from receiver.fast_store import FastStore
 from receiver.handlers import Archive, AssociationLog, Landing, event_handlers
 from vannah_pipelines.landing.layout import LandingZone, RollingBatch, write_atomic
 from vannah_pipelines.settings import Settings
@@ -86,12 +87,47 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+class RunningAssociation(Protocol):
+    """What the worker's drain needs of an association, pynetdicom's or the fast path's."""
+
+    def abort(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
 class ReusePortAssociationServer(ThreadedAssociationServer):
     """A threaded association server sharing its port (``SO_REUSEPORT``) with the other
-    workers, with Nagle off on every accepted socket."""
+    workers, with Nagle off on every accepted socket.
+
+    With :attr:`fast_store` set, each connection's thread first peeks at the
+    A-ASSOCIATE-RQ: a storage/verification-only association is served by the fast path
+    (``receiver.fast_store``), anything else by pynetdicom as usual.
+    """
 
     daemon_threads = True
     block_on_close = False  # the worker drains associations itself
+    fast_store: FastStore | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        fast_store = self.fast_store
+        if fast_store is None:
+            super().finish_request(request, client_address)
+            return
+        fast_store.serve(
+            request,
+            client_address,
+            others=lambda: len(self.active_associations),
+            hand_off=lambda: super(ReusePortAssociationServer, self).finish_request(
+                request, client_address
+            ),
+        )
+
+    def running_associations(self) -> list[RunningAssociation]:
+        """Every association in progress on this server, on either path."""
+        running: list[RunningAssociation] = list(self.active_associations)
+        if self.fast_store is not None:
+            running.extend(self.fast_store.running())
+        return running
 
     def server_bind(self) -> None:
         sock = self.socket
@@ -109,6 +145,27 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
         """Stop accepting and close the listening socket (running associations go on)."""
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+def build_server(
+    ae: AE,
+    settings: Settings,
+    address: tuple[str, int],
+    landing: Landing,
+    associations: AssociationLog,
+    archive: Archive | None = None,
+) -> ReusePortAssociationServer:
+    """A worker's association server on `address` (not yet serving): pynetdicom with the
+    handler table, plus the storage fast path unless ``settings.receiver_fast_store`` is off."""
+    server = ae.make_server(
+        address,
+        evt_handlers=event_handlers(landing, associations, archive),
+        server_class=ReusePortAssociationServer,
+    )
+    assert isinstance(server, ReusePortAssociationServer)
+    if settings.receiver_fast_store:
+        server.fast_store = FastStore(ae, server.ae_title, server.contexts, landing, associations)
+    return server
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -171,11 +228,7 @@ def _run_worker(
     associations = AssociationLog()
     archive = Archive(settings)
     ae = build_ae(settings)
-    server = ae.make_server(
-        (settings.bind_host, port),
-        evt_handlers=event_handlers(landing, associations, archive),
-        server_class=ReusePortAssociationServer,
-    )
+    server = build_server(ae, settings, (settings.bind_host, port), landing, associations, archive)
     acceptor = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.25}, name="accept", daemon=True
     )
@@ -194,12 +247,12 @@ def _run_worker(
     log.info("worker %d stopped", index)
 
 
-def _drain(server: ThreadedAssociationServer) -> None:
-    """Let running associations finish for a while, then abort them."""
+def _drain(server: ReusePortAssociationServer) -> None:
+    """Let running associations (both paths) finish for a while, then abort them."""
     deadline = time.monotonic() + DRAIN_SECONDS
-    while server.active_associations and time.monotonic() < deadline:
+    while server.running_associations() and time.monotonic() < deadline:
         time.sleep(0.05)
-    remaining = server.active_associations
+    remaining = server.running_associations()
     for assoc in remaining:
         log.warning("aborting an association still running at shutdown")
         with contextlib.suppress(Exception):

@@ -129,9 +129,13 @@ def _peer(event: Event) -> str:
 def _failure(status: int, comment: str) -> Dataset:
     rsp = Dataset()
     rsp.Status = int(status)
-    # PS3.7 C.4: Error Comment is LO, at most 64 characters, no patient data.
-    rsp.ErrorComment = comment.replace("\\", "/")[:64]
+    rsp.ErrorComment = error_comment(comment)
     return rsp
+
+
+def error_comment(comment: str) -> str:
+    """PS3.7 C.4: Error Comment is LO, at most 64 characters (never patient data)."""
+    return comment.replace("\\", "/")[:64]
 
 
 def handle_echo(event: Event) -> int:
@@ -143,66 +147,100 @@ def handle_store(event: Event, landing: Landing, associations: AssociationLog) -
     """EVT_C_STORE: land the Part-10 bytes as received; success only after the commit."""
     assoc_id = id(event.assoc)
     try:
-        status = _store(event, landing)
+        request: Any = event.request
+        store = StoreRequest(
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            transfer_syntax=str(event.context.transfer_syntax),
+            calling_ae=event.assoc.requestor.ae_title,
+            called_ae=_called_ae(event),
+            peer=_peer(event),
+        )
+        received: memoryview = request.DataSet.getbuffer()  # the bytes as received, not copied
     except Exception:
         log.exception("C-STORE failed unexpectedly")
-        status = _failure(StoreStatus.PROCESSING_FAILURE, "internal error")
-    succeeded = status == StoreStatus.SUCCESS
-    associations.record(assoc_id, stored=succeeded)
-    return status
+        associations.record(assoc_id, stored=False)
+        return _failure(StoreStatus.PROCESSING_FAILURE, "internal error")
+    with received as dataset:
+        status, comment = receive_instance(landing, associations, assoc_id, store, dataset)
+    return _failure(status, comment) if comment else status
 
 
-def _store(event: Event, landing: Landing) -> int | Dataset:
-    request: Any = event.request
-    calling_ae = event.assoc.requestor.ae_title
-    transfer_syntax = str(event.context.transfer_syntax)
-    with request.DataSet.getbuffer() as dataset:  # the bytes as received, not copied
-        return _land(event, landing, request, dataset, calling_ae, transfer_syntax)
+@dataclass(frozen=True)
+class StoreRequest:
+    """What a C-STORE-RQ and its association say about one data set (no patient data)."""
+
+    sop_class_uid: str  # the command's Affected SOP Class UID
+    sop_instance_uid: str  # the command's Affected SOP Instance UID
+    transfer_syntax: str  # the presentation context's
+    calling_ae: str
+    called_ae: str
+    peer: str  # "host:port"
 
 
-def _land(
-    event: Event,
+def receive_instance(
     landing: Landing,
-    request: Any,
-    dataset: memoryview,
-    calling_ae: str,
-    transfer_syntax: str,
-) -> int | Dataset:
+    associations: AssociationLog,
+    assoc_id: int,
+    request: StoreRequest,
+    dataset: Buffer,
+) -> tuple[int, str]:
+    """Land one received data set and count it; the C-STORE of both DIMSE paths.
+
+    Returns ``(status, error comment)``; the comment is empty on success. Never raises:
+    an unexpected fault is logged and answered 0x0110.
+    """
     try:
-        ids = read_instance_ids(dataset, transfer_syntax)
+        status, comment = land_instance(landing, request, dataset)
+    except Exception:
+        log.exception("C-STORE failed unexpectedly")
+        status, comment = int(StoreStatus.PROCESSING_FAILURE), "internal error"
+    associations.record(assoc_id, stored=status == StoreStatus.SUCCESS)
+    return status, comment
+
+
+def land_instance(landing: Landing, request: StoreRequest, dataset: Buffer) -> tuple[int, str]:
+    """Validate `dataset` against `request` and commit it; success only after the write.
+
+    Returns ``(status, error comment)``: 0xA900 for missing, malformed or mismatched UIDs,
+    0xC000 for a data set that cannot be parsed, 0xA700 when the write fails (nothing is
+    left behind), else 0x0000 with an empty comment.
+    """
+    try:
+        ids = read_instance_ids(memoryview(dataset), request.transfer_syntax)
         _check_request_matches(request, ids)
     except UnsafeUidError as exc:
-        log.warning("refused C-STORE from %s: %s", calling_ae, exc.attribute)
-        return _failure(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"invalid {exc.attribute}")
+        log.warning("refused C-STORE from %s: %s", request.calling_ae, exc.attribute)
+        return int(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS), f"invalid {exc.attribute}"
     except InvalidDicomError as exc:
-        log.warning("refused C-STORE from %s: %s", calling_ae, exc)
-        return _failure(StoreStatus.CANNOT_UNDERSTAND, "data set cannot be parsed")
+        log.warning("refused C-STORE from %s: %s", request.calling_ae, exc)
+        return int(StoreStatus.CANNOT_UNDERSTAND), "data set cannot be parsed"
 
     facts = ReceiveFacts(
         sop_instance_uid=ids.sop_instance_uid,
         sop_class_uid=ids.sop_class_uid,
-        transfer_syntax_uid=transfer_syntax,
+        transfer_syntax_uid=request.transfer_syntax,
         source=SOURCE,
-        calling_ae=calling_ae,
-        called_ae=_called_ae(event),
-        peer=_peer(event),
+        calling_ae=request.calling_ae,
+        called_ae=request.called_ae,
+        peer=request.peer,
     )
     try:
         # The same file as event.encoded_dataset(include_meta=True), without building it.
-        header = file_header(ids.sop_class_uid, ids.sop_instance_uid, transfer_syntax)
+        header = file_header(ids.sop_class_uid, ids.sop_instance_uid, request.transfer_syntax)
         landing.write_instance((header, dataset), facts)
     except OSError:
         log.exception("landing write of %s failed", ids.sop_instance_uid)
-        return _failure(StoreStatus.OUT_OF_RESOURCES, "cannot store the instance")
-    return int(StoreStatus.SUCCESS)
+        return int(StoreStatus.OUT_OF_RESOURCES), "cannot store the instance"
+    return int(StoreStatus.SUCCESS), ""
 
 
-def _check_request_matches(request: Any, ids: InstanceIds) -> None:
+def _check_request_matches(request: StoreRequest, ids: InstanceIds) -> None:
     """The DIMSE command's UIDs must name the data set sent (PS3.4 B.2.3: else 0xA900)."""
-    if str(request.AffectedSOPInstanceUID) != ids.sop_instance_uid:
-        raise UnsafeUidError(request.AffectedSOPInstanceUID, "AffectedSOPInstanceUID")
-    if str(request.AffectedSOPClassUID) != ids.sop_class_uid:
-        raise UnsafeUidError(request.AffectedSOPClassUID, "AffectedSOPClassUID")
+    if request.sop_instance_uid != ids.sop_instance_uid:
+        raise UnsafeUidError(request.sop_instance_uid, "AffectedSOPInstanceUID")
+    if request.sop_class_uid != ids.sop_class_uid:
+        raise UnsafeUidError(request.sop_class_uid, "AffectedSOPClassUID")
 
 
 def handle_established(event: Event, associations: AssociationLog) -> None:

@@ -87,20 +87,7 @@ def parse_command(data: bytes | bytearray | memoryview) -> Command:
     >>> cmd.command_field == C_ECHO_RQ, cmd.message_id, cmd.has_data_set
     (True, 7, False)
     """
-    view = memoryview(data)
-    values: dict[int, bytes] = {}
-    pos, end = 0, len(view)
-    while pos < end:
-        if end - pos < _ELEMENT.size:
-            raise CommandError("truncated command element header")
-        group, element, length = _ELEMENT.unpack_from(view, pos)
-        pos += _ELEMENT.size
-        if group != 0x0000:
-            raise CommandError(f"element ({group:04X},{element:04X}) in a command set")
-        if length > end - pos:
-            raise CommandError(f"command element (0000,{element:04X}) is truncated")
-        values[element] = bytes(view[pos : pos + length])
-        pos += length
+    values = command_elements(data)
     try:
         command_field = _us(values[_COMMAND_FIELD])
         message_id = _us(values[_MESSAGE_ID])
@@ -116,6 +103,31 @@ def parse_command(data: bytes | bytearray | memoryview) -> Command:
         affected_sop_instance_uid=_strip(values.get(_AFFECTED_SOP_INSTANCE_UID, b"")),
         priority=priority,
     )
+
+
+def command_elements(data: bytes | bytearray | memoryview) -> dict[int, bytes]:
+    """The values of an implicit VR little endian command set, by element number.
+
+    Raises
+    ------
+    CommandError
+        If an element runs past the end or is not in group 0000.
+    """
+    view = memoryview(data)
+    values: dict[int, bytes] = {}
+    pos, end = 0, len(view)
+    while pos < end:
+        if end - pos < _ELEMENT.size:
+            raise CommandError("truncated command element header")
+        group, element, length = _ELEMENT.unpack_from(view, pos)
+        pos += _ELEMENT.size
+        if group != 0x0000:
+            raise CommandError(f"element ({group:04X},{element:04X}) in a command set")
+        if length > end - pos:
+            raise CommandError(f"command element (0000,{element:04X}) is truncated")
+        values[element] = bytes(view[pos : pos + length])
+        pos += length
+    return values
 
 
 def _us(value: bytes) -> int:

@@ -78,20 +78,6 @@ def _associate_rq(
     return bytes(request.encode())
 
 
-def _response_fields(data: bytes) -> dict[int, bytes]:
-    """The elements of an implicit VR little endian command set, by element number."""
-    fields: dict[int, bytes] = {}
-    pos = 0
-    while pos + 8 <= len(data):
-        group, element, length = struct.unpack_from("<HHL", data, pos)
-        pos += 8
-        if group != 0x0000 or pos + length > len(data):
-            raise StoreAssociationError("malformed command set in a response")
-        fields[element] = data[pos : pos + length]
-        pos += length
-    return fields
-
-
 class StoreSCU:
     """One storage association to a peer, used from one thread."""
 
@@ -215,7 +201,10 @@ class StoreSCU:
                     continue  # a C-STORE-RSP has no data set; ignore stray fragments
                 command += fragment
                 if flags & pdu.PDV_LAST:
-                    fields = _response_fields(bytes(command))
+                    try:
+                        fields = pdu.command_elements(command)
+                    except pdu.CommandError as exc:
+                        raise StoreAssociationError(f"bad C-STORE-RSP: {exc}") from exc
                     responded = fields.get(0x0120, b"")
                     if len(responded) == 2 and struct.unpack("<H", responded)[0] != message_id:
                         command.clear()

@@ -126,6 +126,11 @@ class Settings(BaseSettings):
         description="receiver processes sharing the DIMSE port",
     )
     max_associations: int = Field(default=16, ge=1, description="per receiver process")
+    receiver_fast_store: bool = Field(
+        default=True,
+        description="serve storage/verification-only associations with the receiver's own "
+        "DIMSE acceptor instead of pynetdicom",
+    )
     landing_batch_max_files: int = Field(default=500, ge=1)
     landing_batch_max_age_seconds: float = Field(default=1.0, gt=0)
     ingest_run_max_files: int = Field(default=20_000, ge=1)

@@ -54,6 +54,99 @@ def _command(sop_class: str, sop_instance: str, message_id: int) -> bytes:
     return _element(0x0000, 0x0000, struct.pack("<L", len(body))) + body
 
 
+def associate_rq(
+    contexts: list[tuple[int, str, list[str]]],
+    *,
+    calling_ae: str = "RAWSCU",
+    called_ae: str = "VANNAHCLOUD",
+    max_pdu: int = 0,
+    user_items: bytes = b"",
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing `contexts` as (context ID, abstract syntax, transfer
+    syntaxes); `user_items` are extra user information sub-items (role selection, ...)."""
+    items = b""
+    for context_id, abstract_syntax, transfer_syntaxes in contexts:
+        payload = struct.pack(">BBBB", context_id, 0, 0, 0) + _item(
+            0x30, abstract_syntax.encode("ascii")
+        )
+        payload += b"".join(_item(0x40, ts.encode("ascii")) for ts in transfer_syntaxes)
+        items += _item(0x20, payload)
+    user_info = _item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, _IMPLEMENTATION_UID)
+    body = (
+        struct.pack(">HH", 1, 0)
+        + _pad_ae(called_ae)
+        + _pad_ae(calling_ae)
+        + b"\x00" * 32
+        + _item(0x10, _APPLICATION_CONTEXT)
+        + items
+        + _item(0x50, user_info + user_items)
+    )
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def role_selection_item(sop_class: str, scu: bool, scp: bool) -> bytes:
+    """An SCP/SCU Role Selection sub-item (PS3.7 D.3.3.4) for `associate_rq(user_items=...)`."""
+    uid = sop_class.encode("ascii")
+    return _item(0x54, struct.pack(">H", len(uid)) + uid + bytes((int(scu), int(scp))))
+
+
+def pdata(pdvs: list[tuple[int, int, bytes]]) -> bytes:
+    """One P-DATA-TF PDU holding `pdvs` as (context ID, control header, fragment)."""
+    body = b"".join(struct.pack(">LBB", len(d) + 2, cx, flags) + d for cx, flags, d in pdvs)
+    return struct.pack(">BBL", 0x04, 0, len(body)) + body
+
+
+def store_command(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
+    """A C-STORE-RQ command set (implicit VR little endian), a data set to follow."""
+    return _command(sop_class, sop_instance, message_id)
+
+
+class RawAssociation:
+    """A hand-driven association: send any bytes, read PDUs back (hostile-input tests)."""
+
+    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def associate(self, request: bytes) -> tuple[int, bytes]:
+        """Send an A-ASSOCIATE-RQ PDU; return the answer's (PDU type, whole PDU bytes)."""
+        self.sock.sendall(request)
+        pdu_type, body = _recv_pdu(self.sock)
+        return pdu_type, struct.pack(">BBL", pdu_type, 0, len(body)) + body
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_pdu(self) -> tuple[int, bytes]:
+        return _recv_pdu(self.sock)
+
+    def command_status(self) -> int | None:
+        """Read P-DATA-TF PDUs up to the end of one command set; return its Status."""
+        answered, status = _read_command_status(self.sock)
+        if not answered:
+            raise ConnectionError("another PDU instead of a response")
+        return status
+
+    def release(self) -> int:
+        """Send A-RELEASE-RQ; return the type of the PDU that answers it."""
+        self.sock.sendall(struct.pack(">BBL", 0x05, 0, 4) + b"\x00\x00\x00\x00")
+        return _recv_pdu(self.sock)[0]
+
+    def abort(self) -> None:
+        self.sock.sendall(struct.pack(">BBL", 0x07, 0, 4) + b"\x00\x00\x00\x00")
+
+    def read_until_closed(self) -> bytes:
+        """Read until the peer closes the connection; return what it sent meanwhile."""
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := self.sock.recv(65536):
+                data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
     chunks = []
     while size:
@@ -99,24 +192,12 @@ def send_raw_c_store(
     timeout: float = 30.0,
 ) -> StoreResult:
     """Associate, send one C-STORE whose data set is exactly `dataset`, release."""
-    context = (
-        struct.pack(">BBBB", _CONTEXT_ID, 0, 0, 0)
-        + _item(0x30, sop_class.encode("ascii"))
-        + _item(0x40, transfer_syntax.encode("ascii"))
-    )
-    user_info = _item(0x51, struct.pack(">L", 0)) + _item(0x52, _IMPLEMENTATION_UID)
-    body = (
-        struct.pack(">HH", 1, 0)
-        + _pad_ae(called_ae)
-        + _pad_ae(calling_ae)
-        + b"\x00" * 32
-        + _item(0x10, _APPLICATION_CONTEXT)
-        + _item(0x20, context)
-        + _item(0x50, user_info)
+    request = associate_rq(
+        [(_CONTEXT_ID, sop_class, [transfer_syntax])], calling_ae=calling_ae, called_ae=called_ae
     )
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(struct.pack(">BBL", 0x01, 0, len(body)) + body)
+        sock.sendall(request)
         pdu_type, payload = _recv_pdu(sock)
         if pdu_type != 0x02:
             return StoreResult(accepted=False, status=None)
@@ -136,20 +217,25 @@ def send_raw_c_store(
         for start in range(0, len(dataset), max_pdv):
             last = start + max_pdv >= len(dataset)
             sock.sendall(_pdata(0x02 if last else 0x00, dataset[start : start + max_pdv]))
-        status: int | None = None
-        command = b""
-        while status is None:
-            pdu_type, payload = _recv_pdu(sock)
-            if pdu_type != 0x04:
-                break
-            pos = 0
-            while pos + 6 <= len(payload):
-                length, _cx, flags = struct.unpack_from(">LBB", payload, pos)
-                command += payload[pos + 6 : pos + 4 + length]
-                pos += 4 + length
-                if flags & 0x03 == 0x03:
-                    status = _status_of(command)
+        _answered, status = _read_command_status(sock)
         sock.sendall(struct.pack(">BBL", 0x05, 0, 4) + b"\x00\x00\x00\x00")  # A-RELEASE-RQ
         with contextlib.suppress(ConnectionError, OSError):
             _recv_pdu(sock)
         return StoreResult(accepted=True, status=status)
+
+
+def _read_command_status(sock: socket.socket) -> tuple[bool, int | None]:
+    """Read P-DATA-TF PDUs up to the end of one command set: (True, its Status), or
+    (False, None) if another PDU comes first."""
+    command = b""
+    while True:
+        pdu_type, payload = _recv_pdu(sock)
+        if pdu_type != 0x04:
+            return False, None
+        pos = 0
+        while pos + 6 <= len(payload):
+            length, _cx, flags = struct.unpack_from(">LBB", payload, pos)
+            command += payload[pos + 6 : pos + 4 + length]
+            pos += 4 + length
+            if flags & 0x03 == 0x03:
+                return True, _status_of(command)
