@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from receiver import retrieve
@@ -66,11 +66,6 @@ def configure_logging(level: int | str = logging.INFO) -> None:
 def build_ae(settings: Settings) -> AE:
     """Return the receiver's AE: Verification, every storage SOP class (role selection
     accepted, for C-GET), Patient/Study Root Q/R FIND, MOVE and GET; any called AE."""
-    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-        # pynetdicom's standard event handlers summarise every PDU and DIMSE message for
-        # INFO/DEBUG records that would be dropped anyway (about 5% of a C-STORE's CPU
-        # in a profile); errors and warnings are still logged.
-        _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=settings.dicom_aet)
     retrieve.install()
     for cx in supported_contexts():

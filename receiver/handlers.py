@@ -6,36 +6,29 @@ No handler lets an exception escape (pynetdicom would answer 0xC211 with no cont
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 
-from receiver.contexts import MODALITY_WORKLIST_FIND
 from receiver.part10 import file_header
-from receiver.query_retrieve import (
-    CatalogView,
-    ParsedIdentifier,
-    QueryRefusedError,
-    find,
-    match_instances,
-    parse_identifier,
-)
-from receiver.retrieve import Destination, RetrievePlan, SubOperation
-from receiver.status import FindStatus, RetrieveStatus, StoreStatus, VerificationStatus
-from receiver.worklist import handle_worklist_find
+from receiver.status import StoreStatus, VerificationStatus
 from vannah_pipelines.dicom.inspection import InstanceIds, read_instance_ids
-from vannah_pipelines.errors import InvalidDicomError, StorageError, UnsafeUidError
+from vannah_pipelines.errors import InvalidDicomError, UnsafeUidError
 from vannah_pipelines.landing.layout import Buffer, ReceiveFacts, RollingBatch
 from vannah_pipelines.settings import RemoteModality, Settings
 from vannah_pipelines.storage.base import Tier
 from vannah_pipelines.storage.local import LocalStorage
-from vannah_pipelines.worklist.store import WorklistStore
+
+if TYPE_CHECKING:
+    from receiver.query_retrieve import CatalogView
+    from vannah_pipelines.worklist.store import WorklistStore
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +119,7 @@ def _peer(event: Event) -> str:
     return f"{requestor.address}:{requestor.port}"
 
 
-def _failure(status: int, comment: str) -> Dataset:
+def failure(status: int, comment: str) -> Dataset:
     rsp = Dataset()
     rsp.Status = int(status)
     rsp.ErrorComment = error_comment(comment)
@@ -160,10 +153,10 @@ def handle_store(event: Event, landing: Landing, associations: AssociationLog) -
     except Exception:
         log.exception("C-STORE failed unexpectedly")
         associations.record(assoc_id, stored=False)
-        return _failure(StoreStatus.PROCESSING_FAILURE, "internal error")
+        return failure(StoreStatus.PROCESSING_FAILURE, "internal error")
     with received as dataset:
         status, comment = receive_instance(landing, associations, assoc_id, store, dataset)
-    return _failure(status, comment) if comment else status
+    return failure(status, comment) if comment else status
 
 
 @dataclass(frozen=True)
@@ -273,132 +266,62 @@ def handle_ended(event: Event, associations: AssociationLog) -> None:
 
 
 class Archive:
-    """What the Q/R handlers read: the worker's catalog copy, the hot tier, known peers."""
+    """What the Q/R handlers read: the worker's catalog copy, the hot tier, the worklist,
+    known peers. Each is opened on first use, so a worker that only stores never loads the
+    catalog stack (DuckDB, pyarrow)."""
 
     def __init__(self, settings: Settings) -> None:
         self.aet = settings.dicom_aet
-        self.catalog = CatalogView(settings.catalog_dir, settings.qr_catalog_refresh_seconds)
-        self.hot = LocalStorage(settings.hot_dir, Tier.HOT)
-        self.worklist = WorklistStore(settings.catalog_dir / "worklist")
         self.worklist_past_due_hours = settings.worklist_past_due_hours
         self._settings = settings
+        self._lock = threading.Lock()
+        self._catalog: CatalogView | None = None
+        self._worklist: WorklistStore | None = None
+
+    @property
+    def catalog(self) -> CatalogView:
+        with self._lock:
+            if self._catalog is None:
+                from receiver.query_retrieve import CatalogView  # lazy: see the docstring
+
+                settings = self._settings
+                self._catalog = CatalogView(
+                    settings.catalog_dir, settings.qr_catalog_refresh_seconds
+                )
+            return self._catalog
+
+    @property
+    def worklist(self) -> WorklistStore:
+        with self._lock:
+            if self._worklist is None:
+                from vannah_pipelines.worklist.store import WorklistStore  # lazy
+
+                self._worklist = WorklistStore(self._settings.catalog_dir / "worklist")
+            return self._worklist
+
+    @property
+    def hot(self) -> LocalStorage:
+        return LocalStorage(self._settings.hot_dir, Tier.HOT)
 
     def destination(self, aet: str) -> RemoteModality | None:
         return self._settings.modality_by_aet(aet)
 
     def close(self) -> None:
-        self.catalog.close()
+        with self._lock:
+            if self._catalog is not None:
+                self._catalog.close()
 
 
-def _identifier(event: Event, *, retrieve: bool) -> ParsedIdentifier:
-    sop_class = str(event.request.AffectedSOPClassUID)
-    try:
-        identifier = event.identifier
-    except Exception as exc:
-        raise QueryRefusedError(
-            FindStatus.UNABLE_TO_PROCESS, "identifier cannot be decoded"
-        ) from exc
-    return parse_identifier(identifier, sop_class, retrieve=retrieve)
+def _query_retrieve(name: str) -> Callable[[Event, Archive], Any]:
+    """The handler `name` of :mod:`receiver.qr_handlers`, imported on the first call: the
+    Q/R stack (DuckDB, pyarrow) costs a worker ~60 MiB that storage alone never needs."""
 
+    def handler(event: Event, archive: Archive) -> Any:
+        module = importlib.import_module("receiver.qr_handlers")
+        return getattr(module, name)(event, archive)
 
-def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """EVT_C_FIND: Patient Root / Study Root C-FIND through the shared query engine.
-
-    Yields one pending status per match (0xFF01 when a key with a value could not be
-    matched), then success; 0xFE00 once a C-CANCEL arrives; 0xA900 / 0xC000 with an
-    Error Comment for an identifier that cannot be answered.
-    """
-    if str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND:
-        # pynetdicom binds one C-FIND handler: Modality Worklist goes to its own.
-        yield from handle_worklist_find(event, archive.worklist, archive.worklist_past_due_hours)
-        return
-    calling_ae = event.assoc.requestor.ae_title
-    try:
-        parsed = _identifier(event, retrieve=False)
-        answers = find(archive.catalog, parsed, archive.aet)
-    except QueryRefusedError as exc:
-        log.info("refused C-FIND from %s: 0x%04X %s", calling_ae, exc.status, exc.comment)
-        yield _failure(exc.status, exc.comment), None
-        return
-    except Exception:
-        log.exception("C-FIND failed unexpectedly")
-        yield _failure(FindStatus.UNABLE_TO_PROCESS, "internal error"), None
-        return
-    log.info("C-FIND from %s at %s level: %d matches", calling_ae, parsed.level, answers.count)
-    pending = FindStatus.PENDING_WARNING if answers.unsupported else FindStatus.PENDING
-    if answers.unsupported:
-        log.info("C-FIND keys not matched: %s", ", ".join(answers.unsupported))
-    for sent, dataset in enumerate(answers.datasets):
-        if event.is_cancelled:
-            log.info("C-FIND from %s cancelled after %d matches", calling_ae, sent)
-            yield int(FindStatus.CANCEL), None
-            return
-        yield int(pending), dataset
-    yield int(FindStatus.SUCCESS), None
-
-
-def _retrieve_plan(event: Event, archive: Archive, *, move: bool) -> RetrievePlan:
-    calling_ae = event.assoc.requestor.ae_title
-    destination: Destination | None = None
-    if move:
-        request: Any = event.request
-        aet = str(request.MoveDestination or "").strip()
-        known = archive.destination(aet)
-        if known is None:
-            log.info("C-MOVE from %s to unknown destination %s", calling_ae, aet)
-            return RetrievePlan.refuse(
-                RetrieveStatus.MOVE_DESTINATION_UNKNOWN, "move destination unknown"
-            )
-        destination = Destination(known.aet, known.host, known.port)
-    try:
-        parsed = _identifier(event, retrieve=True)
-        instances = match_instances(archive.catalog, parsed)
-    except QueryRefusedError as exc:
-        log.info("refused retrieve from %s: 0x%04X %s", calling_ae, exc.status, exc.comment)
-        return RetrievePlan.refuse(RetrieveStatus(exc.status), exc.comment)
-    subops: list[SubOperation] = []
-    for inst in instances:
-        path = None
-        problem = ""
-        if inst.tier != Tier.HOT:
-            problem = f"stored in the {inst.tier or 'unknown'} tier"
-        else:
-            try:
-                path = archive.hot.path(inst.storage_key)
-            except StorageError:
-                problem = "unsafe storage key"
-        subops.append(
-            SubOperation(
-                inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax_uid, path, problem
-            )
-        )
-    log.info(
-        "%s from %s at %s level: %d instances%s",
-        "C-MOVE" if move else "C-GET",
-        calling_ae,
-        parsed.level,
-        len(subops),
-        f" to {destination.aet}" if destination else "",
-    )
-    return RetrievePlan(subops, destination)
-
-
-def handle_get(event: Event, archive: Archive) -> RetrievePlan:
-    """EVT_C_GET: the instances to send back on this association (see receiver.retrieve)."""
-    try:
-        return _retrieve_plan(event, archive, move=False)
-    except Exception:
-        log.exception("C-GET failed unexpectedly")
-        return RetrievePlan.refuse(RetrieveStatus.UNABLE_TO_PROCESS, "internal error")
-
-
-def handle_move(event: Event, archive: Archive) -> RetrievePlan:
-    """EVT_C_MOVE: the known destination and the instances to send it (see receiver.retrieve)."""
-    try:
-        return _retrieve_plan(event, archive, move=True)
-    except Exception:
-        log.exception("C-MOVE failed unexpectedly")
-        return RetrievePlan.refuse(RetrieveStatus.UNABLE_TO_PROCESS, "internal error")
+    handler.__name__ = name
+    return handler
 
 
 def event_handlers(
@@ -408,9 +331,9 @@ def event_handlers(
     qr: list[Any] = []
     if archive is not None:
         qr = [
-            (evt.EVT_C_FIND, handle_find, [archive]),
-            (evt.EVT_C_GET, handle_get, [archive]),
-            (evt.EVT_C_MOVE, handle_move, [archive]),
+            (evt.EVT_C_FIND, _query_retrieve("handle_find"), [archive]),
+            (evt.EVT_C_GET, _query_retrieve("handle_get"), [archive]),
+            (evt.EVT_C_MOVE, _query_retrieve("handle_move"), [archive]),
         ]
     return [
         *qr,

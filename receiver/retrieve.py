@@ -246,28 +246,7 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
             return "failure"
         try:
             with subop.path.open("rb") as fp:
-                data_set_offset(fp)
-                data: BinaryIO = fp
-                syntax = subop.transfer_syntax_uid
-                if syntax not in scu.accepted_syntaxes(subop.sop_class_uid):
-                    # An uncompressed file may go in another uncompressed syntax the peer
-                    # accepted (pydicom re-encodes it: the same elements, not the same
-                    # bytes); anything else fails.
-                    others = [
-                        ts
-                        for ts in scu.accepted_syntaxes(subop.sop_class_uid)
-                        if ts in UNCOMPRESSED
-                    ]
-                    if syntax not in UNCOMPRESSED or not others:
-                        log.warning(
-                            "sub-operation for %s failed: %s not accepted by the destination",
-                            subop.sop_instance_uid,
-                            syntax,
-                        )
-                        return "failure"
-                    syntax = others[0]
-                    data = BytesIO(_reencode(subop.path, syntax))
-                    log.info("sub-operation for %s re-encoded", subop.sop_instance_uid)
+                syntax, data = _prepare(subop, fp, scu.accepted_syntaxes(subop.sop_class_uid))
                 result = scu.store(
                     data,
                     sop_class=subop.sop_class_uid,
@@ -277,7 +256,7 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                     originator_ae=self.ae.ae_title,
                     originator_message_id=originator_id,
                 )
-        except (OSError, InvalidDicomError, StoreAssociationError) as exc:
+        except (OSError, InvalidDicomError, StoreAssociationError, NotAcceptedError) as exc:
             log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
             return "failure"
         return self._outcome(subop, result.status)
@@ -308,21 +287,13 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
             return "failure"
         try:
             with subop.path.open("rb") as fp:
-                data_set_offset(fp)
-                data: BinaryIO = fp
-                syntax = subop.transfer_syntax_uid
-                try:
-                    context = self.assoc._get_valid_context(
-                        subop.sop_class_uid, syntax, "scu", allow_conversion=False
-                    )
-                except ValueError:
-                    # As in _send_move: an uncompressed file may go re-encoded.
-                    if syntax not in UNCOMPRESSED:
-                        raise
-                    context = self.assoc._get_valid_context(subop.sop_class_uid, syntax, "scu")
-                    syntax = str(context.transfer_syntax[0])
-                    data = BytesIO(_reencode(subop.path, syntax))
-                    log.info("sub-operation for %s re-encoded", subop.sop_instance_uid)
+                # Contexts on which this association may send the SOP class (SCU role).
+                contexts = {
+                    str(cx.transfer_syntax[0]): cast(int, cx.context_id)
+                    for cx in reversed(self.assoc.accepted_contexts)
+                    if cx.abstract_syntax == subop.sop_class_uid and cx.as_scu
+                }
+                syntax, data = _prepare(subop, fp, list(contexts))
                 command = pdu.encode_request(
                     pdu.C_STORE_RQ,
                     msg_id,
@@ -333,11 +304,11 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                 send_message(
                     self._socket(),
                     self.dimse.maximum_pdu_size,
-                    cast(int, context.context_id),
+                    contexts[syntax],
                     command,
                     data,
                 )
-        except (ValueError, OSError, InvalidDicomError) as exc:
+        except (NotAcceptedError, OSError, InvalidDicomError) as exc:
             # No accepted context for the stored SOP class / transfer syntax, or I/O.
             log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
             return "failure"
@@ -414,6 +385,35 @@ def _proposals(subops: list[SubOperation]) -> list[tuple[str, tuple[str, ...]]]:
     if not proposals:  # nothing sendable: every sub-operation fails without a peer
         proposals = [(VERIFICATION, (IMPLICIT_VR_LE,))]
     return proposals
+
+
+class NotAcceptedError(Exception):
+    """The peer accepted no transfer syntax the file can be sent in."""
+
+
+def _prepare(subop: SubOperation, fp: BinaryIO, accepted: list[str]) -> tuple[str, BinaryIO]:
+    """The transfer syntax to send `subop` in and its data set, from the open file `fp`:
+    the stored bytes when the peer accepted the stored syntax; else, for an uncompressed
+    file, pydicom's re-encoding in an accepted uncompressed syntax (the same elements, not
+    the same bytes).
+
+    Raises
+    ------
+    NotAcceptedError
+        If neither is possible (a compressed file the peer does not accept as stored).
+    InvalidDicomError
+        If the file has no Part-10 header.
+    """
+    assert subop.path is not None
+    data_set_offset(fp)
+    syntax = subop.transfer_syntax_uid
+    if syntax in accepted:
+        return syntax, fp
+    others = [ts for ts in accepted if ts in UNCOMPRESSED]
+    if syntax not in UNCOMPRESSED or not others:
+        raise NotAcceptedError(f"{syntax} not accepted by the peer")
+    log.info("sub-operation for %s re-encoded", subop.sop_instance_uid)
+    return others[0], BytesIO(_reencode(subop.path, others[0]))
 
 
 def _reencode(path: Path, syntax: str) -> bytes:

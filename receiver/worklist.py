@@ -13,19 +13,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from receiver.handlers import failure
 from receiver.status import WorklistFindStatus
 from vannah_pipelines.worklist.errors import InvalidIdentifierError
 from vannah_pipelines.worklist.find import find_items
 from vannah_pipelines.worklist.store import WorklistStore
 
 log = logging.getLogger(__name__)
-
-
-def _failure(status: WorklistFindStatus, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = int(status)
-    ds.ErrorComment = comment[:64]
-    return ds
 
 
 def handle_worklist_find(
@@ -52,19 +46,19 @@ def handle_worklist_find(
         identifier.decode()
     except Exception as exc:  # a peer's undecodable bytes: any parse error means the same
         log.warning("undecodable MWL identifier from %s: %s", _peer_ae(event), type(exc).__name__)
-        yield _failure(WorklistFindStatus.UNABLE_TO_PROCESS, "cannot decode identifier"), None
+        yield failure(WorklistFindStatus.UNABLE_TO_PROCESS, "cannot decode identifier"), None
         return
     try:
         items = store.visible_items(now(), past_due_hours)
     except Exception:
         log.exception("worklist store unreadable")
-        yield _failure(WorklistFindStatus.OUT_OF_RESOURCES, "worklist unavailable"), None
+        yield failure(WorklistFindStatus.OUT_OF_RESOURCES, "worklist unavailable"), None
         return
     try:
         responses = find_items(items, identifier)
     except InvalidIdentifierError as exc:
         log.warning("malformed MWL identifier from %s", _peer_ae(event))
-        yield _failure(WorklistFindStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+        yield failure(WorklistFindStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
         return
     sent = 0
     try:
@@ -77,7 +71,7 @@ def handle_worklist_find(
             yield WorklistFindStatus.PENDING, response
     except Exception:
         log.exception("MWL matching failed")
-        yield _failure(WorklistFindStatus.UNABLE_TO_PROCESS, "matching failed"), None
+        yield failure(WorklistFindStatus.UNABLE_TO_PROCESS, "matching failed"), None
         return
     log.info("MWL C-FIND from %s: %d matches", _peer_ae(event), sent)
     yield WorklistFindStatus.SUCCESS, None

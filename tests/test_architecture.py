@@ -67,3 +67,17 @@ def test_receiver_imports_no_dagster() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_receiver_loads_the_catalog_stack_only_for_query_retrieve() -> None:
+    """A receiver worker that only stores never imports DuckDB or pyarrow (~60 MiB each
+    worker); the Q/R handlers bring them in on the first C-FIND / C-GET / C-MOVE."""
+    code = (
+        "import sys\n"
+        "import receiver.app, receiver.fast_store\n"
+        "assert 'duckdb' not in sys.modules and 'pyarrow' not in sys.modules, 'eager'\n"
+        "import receiver.qr_handlers\n"
+        "assert 'duckdb' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
