@@ -28,6 +28,7 @@ up: install
 
 test: bootstrap install
 	$(BIN)/pytest
+	$(BIN)/pytest -q --doctest-modules vannah_pipelines receiver dicomweb  # docstring examples
 
 lint: install
 	$(BIN)/ruff check vannah_pipelines receiver dicomweb tests bench

@@ -38,6 +38,9 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
+C_GET_RSP = 0x8010
+C_FIND_RSP = 0x8020
+C_MOVE_RSP = 0x8021
 NO_DATA_SET = 0x0101
 
 _ELEMENT = struct.Struct("<HHL")  # implicit VR little endian: group, element, length
@@ -54,6 +57,7 @@ _ERROR_COMMENT = 0x0902
 _AFFECTED_SOP_INSTANCE_UID = 0x1000
 _MOVE_ORIGINATOR_AE = 0x1030
 _MOVE_ORIGINATOR_MESSAGE_ID = 0x1031
+_NUMBER_OF_SUBOPERATIONS = (0x1020, 0x1021, 0x1022, 0x1023)  # remaining/completed/failed/warning
 
 
 class CommandError(ValueError):
@@ -152,38 +156,56 @@ def _command_set(elements: list[bytes]) -> bytes:
     return _element(0x0000, _UL.pack(len(body))) + body
 
 
-def store_response(command: Command, status: int, error_comment: str = "") -> bytes:
-    """Encode the C-STORE-RSP command set answering `command` (PS3.7 9.3.1.2).
-
-    The same elements, in the same order and encoding, as pynetdicom's: group length,
-    Affected SOP Class UID, CommandField, MessageIDBeingRespondedTo, CommandDataSetType
-    (none), Status, Error Comment (if any), Affected SOP Instance UID.
-    """
+def response(
+    command_field: int,
+    message_id: int,
+    sop_class_uid: bytes,
+    status: int,
+    *,
+    has_data_set: bool = False,
+    error_comment: str = "",
+    sop_instance_uid: bytes | None = None,
+    suboperations: tuple[int, int, int, int] | None = None,
+) -> bytes:
+    """Encode a DIMSE response command set (PS3.7 9.3): group length, Affected SOP Class
+    UID, CommandField, MessageIDBeingRespondedTo, CommandDataSetType, Status, then if given
+    Error Comment, Affected SOP Instance UID and the Number of Remaining, Completed, Failed
+    and Warning Sub-operations: the elements, order and encoding pynetdicom uses."""
     elements = [
-        _ui(_AFFECTED_SOP_CLASS_UID, command.affected_sop_class_uid),
-        _element(_COMMAND_FIELD, _US.pack(C_STORE_RSP)),
-        _element(_MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(command.message_id)),
-        _element(_COMMAND_DATA_SET_TYPE, _US.pack(NO_DATA_SET)),
+        _ui(_AFFECTED_SOP_CLASS_UID, sop_class_uid),
+        _element(_COMMAND_FIELD, _US.pack(command_field)),
+        _element(_MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(message_id)),
+        _element(_COMMAND_DATA_SET_TYPE, _US.pack(0x0000 if has_data_set else NO_DATA_SET)),
         _element(_STATUS, _US.pack(status)),
     ]
     if error_comment:
         comment = error_comment.encode("ascii", "replace")
         elements.append(_element(_ERROR_COMMENT, comment + b" " if len(comment) % 2 else comment))
-    elements.append(_ui(_AFFECTED_SOP_INSTANCE_UID, command.affected_sop_instance_uid))
+    if sop_instance_uid is not None:
+        elements.append(_ui(_AFFECTED_SOP_INSTANCE_UID, sop_instance_uid))
+    if suboperations is not None:
+        elements += [
+            _element(tag, _US.pack(count))
+            for tag, count in zip(_NUMBER_OF_SUBOPERATIONS, suboperations, strict=True)
+        ]
     return _command_set(elements)
+
+
+def store_response(command: Command, status: int, error_comment: str = "") -> bytes:
+    """Encode the C-STORE-RSP command set answering `command` (PS3.7 9.3.1.2)."""
+    return response(
+        C_STORE_RSP,
+        command.message_id,
+        command.affected_sop_class_uid,
+        status,
+        error_comment=error_comment,
+        sop_instance_uid=command.affected_sop_instance_uid,
+    )
 
 
 def echo_response(command: Command, status: int = 0x0000) -> bytes:
     """Encode the C-ECHO-RSP command set answering `command` (PS3.7 9.3.5.2)."""
-    return _command_set(
-        [
-            _ui(_AFFECTED_SOP_CLASS_UID, command.affected_sop_class_uid),
-            _element(_COMMAND_FIELD, _US.pack(C_ECHO_RSP)),
-            _element(_MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(command.message_id)),
-            _element(_COMMAND_DATA_SET_TYPE, _US.pack(NO_DATA_SET)),
-            _element(_STATUS, _US.pack(status)),
-        ]
-    )
+    return response(C_ECHO_RSP, command.message_id, command.affected_sop_class_uid, status)
 
 
 def command_pdus(context_id: int, command: bytes, max_pdu_length: int) -> Iterator[bytes]:
@@ -241,32 +263,4 @@ def encode_request(
         aet, originator_id = move_originator
         elements.append(_element(_MOVE_ORIGINATOR_AE, aet.ljust(16)[:16]))
         elements.append(_element(_MOVE_ORIGINATOR_MESSAGE_ID, _US.pack(originator_id)))
-    return _command_set(elements)
-
-
-C_GET_RSP = 0x8010
-C_MOVE_RSP = 0x8021
-_NUMBER_OF_SUBOPERATIONS = (0x1020, 0x1021, 0x1022, 0x1023)  # remaining/completed/failed/warning
-
-
-def retrieve_pending(
-    command_field: int,
-    message_id: int,
-    sop_class_uid: bytes,
-    counts: tuple[int, int, int, int],
-) -> bytes:
-    """Encode a pending (0xFF00) C-GET-RSP or C-MOVE-RSP command set without a data set,
-    with the Number of Remaining, Completed, Failed and Warning Sub-operations (PS3.7
-    9.3.3.2, 9.3.4.2)."""
-    elements = [
-        _ui(_AFFECTED_SOP_CLASS_UID, sop_class_uid),
-        _element(_COMMAND_FIELD, _US.pack(command_field)),
-        _element(_MESSAGE_ID_BEING_RESPONDED_TO, _US.pack(message_id)),
-        _element(_COMMAND_DATA_SET_TYPE, _US.pack(NO_DATA_SET)),
-        _element(_STATUS, _US.pack(0xFF00)),
-    ]
-    elements += [
-        _element(tag, _US.pack(count))
-        for tag, count in zip(_NUMBER_OF_SUBOPERATIONS, counts, strict=True)
-    ]
     return _command_set(elements)

@@ -43,8 +43,12 @@ def _identifier(event: Event, *, retrieve: bool) -> ParsedIdentifier:
     return parse_identifier(identifier, sop_class, retrieve=retrieve)
 
 
-def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """EVT_C_FIND: Patient Root / Study Root C-FIND through the shared query engine.
+def handle_find(
+    event: Event, archive: Archive
+) -> Iterator[tuple[int | Dataset, Dataset | dict[str, Any] | None]]:
+    """EVT_C_FIND: Patient Root / Study Root C-FIND through the shared query engine, each
+    answer as DICOM JSON (``receiver.retrieve.ArchiveQueryRetrieveService`` encodes it);
+    worklist answers as Datasets (pynetdicom's worklist service encodes them).
 
     Yields one pending status per match (0xFF01 when a key with a value could not be
     matched), then success; 0xFE00 once a C-CANCEL arrives; 0xA900 / 0xC000 with an
@@ -70,12 +74,12 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset,
     pending = FindStatus.PENDING_WARNING if answers.unsupported else FindStatus.PENDING
     if answers.unsupported:
         log.info("C-FIND keys not matched: %s", ", ".join(answers.unsupported))
-    for sent, dataset in enumerate(answers.datasets):
+    for sent, identifier in enumerate(answers.identifiers):
         if event.is_cancelled:
             log.info("C-FIND from %s cancelled after %d matches", calling_ae, sent)
             yield int(FindStatus.CANCEL), None
             return
-        yield int(pending), dataset
+        yield int(pending), identifier  # DICOM JSON: see ArchiveQueryRetrieveService
     yield int(FindStatus.SUCCESS), None
 
 

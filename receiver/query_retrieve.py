@@ -335,15 +335,16 @@ def _texts(value: Any) -> Iterator[str]:
             yield from _texts(item)
 
 
-def answer_dataset(
+def answer_json(
     row: dict[str, Any],
     plan: FindPlan,
     parsed: ParsedIdentifier,
     aet: str,
     from_header: dict[str, Any] | None = None,
-) -> Dataset:
-    """One C-FIND answer: exactly the requested keys (and the required unique keys);
-    `from_header` holds the header-matched keys' answer as DICOM JSON."""
+) -> dict[str, Any]:
+    """One C-FIND answer as DICOM JSON: exactly the requested keys (and the required unique
+    keys), QueryRetrieveLevel and SpecificCharacterSet; `from_header` holds the
+    header-matched keys' answer."""
     selected: dict[str, Any] = {}
     for tag, _keyword, vr in plan.returned:
         hex_tag = f"{int(tag):08X}"
@@ -356,22 +357,24 @@ def answer_dataset(
         else:
             selected[hex_tag] = {"vr": vr}
     texts = [t for t in _texts(selected) if not t.isascii()]
-    ds = Dataset()
+    charset_key = f"{int(SPECIFIC_CHARACTER_SET):08X}"
     if texts:
         charset = parsed.charset
-        ds.SpecificCharacterSet = list(charset) if charset and _encodable(texts, charset) else UTF8
+        values = list(charset) if charset and _encodable(texts, charset) else [UTF8]
+        selected[charset_key] = {"vr": "CS", "Value": values}
+    elif parsed.charset:
+        selected[charset_key] = {"vr": "CS", "Value": list(parsed.charset)}
     elif parsed.charset is not None:
-        ds.SpecificCharacterSet = list(parsed.charset) if parsed.charset else ""
-    ds.QueryRetrieveLevel = str(parsed.level)
-    ds.update(Dataset.from_json(selected))
-    return ds
+        selected[charset_key] = {"vr": "CS"}
+    selected[f"{int(QUERY_RETRIEVE_LEVEL):08X}"] = {"vr": "CS", "Value": [str(parsed.level)]}
+    return selected
 
 
 @dataclass(frozen=True)
 class Answers:
-    """C-FIND answers and whether some keys with values could not be matched."""
+    """C-FIND answers (DICOM JSON) and whether some keys with values could not be matched."""
 
-    datasets: Iterator[Dataset]
+    identifiers: Iterator[dict[str, Any]]
     count: int
     unsupported: tuple[str, ...]
 
@@ -421,10 +424,10 @@ def find(view: CatalogView, parsed: ParsedIdentifier, aet: str) -> Answers:
         raise _unprocessable(str(exc)) from exc
     if plan.header_query is None:
         rows = result.rows
-        datasets = (answer_dataset(row, plan, parsed, aet) for row in rows)
-        return Answers(datasets, len(rows), tuple(plan.unsupported))
+        identifiers = (answer_json(row, plan, parsed, aet) for row in rows)
+        return Answers(identifiers, len(rows), tuple(plan.unsupported))
     matched = _match_headers(reader, plan, parsed.level, result.rows)
-    answers = (answer_dataset(row, plan, parsed, aet, extra) for row, extra in matched)
+    answers = (answer_json(row, plan, parsed, aet, extra) for row, extra in matched)
     return Answers(answers, len(matched), tuple(plan.unsupported))
 
 

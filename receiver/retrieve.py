@@ -1,8 +1,10 @@
-"""C-MOVE and C-GET sub-operations that send each stored file as it is (PS3.4 C.4.2, C.4.3).
+"""The Q/R service: C-FIND answers, and C-MOVE and C-GET sub-operations that send each
+stored file as it is (PS3.4 C.4.1, C.4.2, C.4.3).
 
 pynetdicom's own Q/R service re-encodes every instance from a decoded Dataset, which is not
-byte-identical for every file. :class:`ArchiveQueryRetrieveService` keeps pynetdicom's C-FIND
-and replaces its C-GET / C-MOVE: the EVT_C_GET / EVT_C_MOVE handler returns a
+byte-identical for every file, and passes every message through its DUL thread and queue.
+:class:`ArchiveQueryRetrieveService` writes C-FIND answers to the socket itself and replaces
+C-GET / C-MOVE: the EVT_C_GET / EVT_C_MOVE handler returns a
 :class:`RetrievePlan` (instances with their stored file, or a refusal), and each file is
 sent in its stored transfer syntax, never decoded, its data set read from disk straight into
 P-DATA PDUs (:func:`receiver.store_scu.send_message`): C-MOVE sub-operations on an
@@ -15,9 +17,11 @@ re-encoded in another accepted uncompressed syntax).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -28,16 +32,17 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import association as _association
 from pynetdicom import evt
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass, ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from receiver import pdu, pynetdicom_fixes
-from receiver.contexts import RETRIEVE_SOP_CLASSES
+from receiver.contexts import PATIENT_ROOT_FIND, RETRIEVE_SOP_CLASSES, STUDY_ROOT_FIND
 from receiver.status import RetrieveStatus
 from receiver.store_scu import StoreAssociationError, StoreSCU, data_set_offset, send_message
+from vannah_pipelines.dicom.json_encode import NotEncodableError, encode_json_dataset
 from vannah_pipelines.errors import InvalidDicomError
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,10 @@ MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9
 PENDING_INTERVAL = 0.2
 GET_POLL_DELAY = 0.0001  # seconds between the DUL's socket checks during a C-GET
 VERIFICATION = "1.2.840.10008.1.1"
+QUERY_RETRIEVE_SOP_CLASSES = RETRIEVE_SOP_CLASSES | {PATIENT_ROOT_FIND, STUDY_ROOT_FIND}
+FIND_PENDING, FIND_PENDING_WARNING = 0xFF00, 0xFF01
+FIND_HANDLER_FAILED = 0xC311  # as pynetdicom answers an exception in the handler
+FIND_CANNOT_ENCODE = 0xC312  # as pynetdicom answers an identifier it cannot encode
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 UNCOMPRESSED_PREFERENCE = ("1.2.840.10008.1.2.1", IMPLICIT_VR_LE, "1.2.840.10008.1.2.2")
 
@@ -111,7 +120,47 @@ def _status_kind(status: int) -> str:
 
 
 class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
-    """pynetdicom's Q/R service with C-GET / C-MOVE sending stored files unchanged."""
+    """pynetdicom's Q/R service with C-GET / C-MOVE sending stored files unchanged, and
+    C-FIND answers written straight to the socket."""
+
+    def _c_find_scp(self, req: C_FIND, context: PresentationContext) -> None:
+        """C-FIND: the EVT_C_FIND handler's (status, identifier) pairs as C-FIND-RSPs.
+
+        pynetdicom formats every answer for its debug log and passes each through its DUL
+        thread and queue: about 1 ms an answer. Here each is encoded once (the identifier
+        with pydicom, the command by hand) and written by this thread, the one pynetdicom
+        runs the request on, so nothing else writes meanwhile; C-CANCEL still arrives
+        through pynetdicom (``event.is_cancelled`` in the handler).
+        """
+        cx_id = cast(int, context.context_id)
+        syntax = context.transfer_syntax[0]
+        respond = _FindResponder(self, req, cx_id)
+        try:
+            answers = evt.trigger(
+                self.assoc,
+                evt.EVT_C_FIND,
+                {"request": req, "context": context.as_tuple, "_is_cancelled": self.is_cancelled},
+            )
+            for status, identifier in answers or ():
+                if not self.assoc.is_established:
+                    return
+                code, comment = _status_and_comment(status)
+                if code in (FIND_PENDING, FIND_PENDING_WARNING) and identifier is not None:
+                    data = _encode_identifier(identifier, syntax)
+                    if not data:
+                        respond(FIND_CANNOT_ENCODE, comment="answer cannot be encoded")
+                        return
+                    respond(code, data)
+                    continue
+                respond(code, comment=comment)  # a final status ends the answers
+                return
+            respond(0x0000)
+        except OSError as exc:
+            log.warning("C-FIND response not sent: %s", exc)
+        except Exception:
+            log.exception("C-FIND failed unexpectedly")
+            with contextlib.suppress(OSError):
+                respond(FIND_HANDLER_FAILED, comment="internal error")
 
     def _get_scp(self, req: C_GET, context: PresentationContext) -> None:
         self._retrieve(req, context, C_GET(), evt.EVT_C_GET)
@@ -264,11 +313,12 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
     def _pending(self, req: C_GET | C_MOVE, cx_id: int, counts: _Counts) -> None:
         """A pending response, written straight to the socket like the C-GET
         sub-operations (through pynetdicom's queue it could land inside one of them)."""
-        command = pdu.retrieve_pending(
+        command = pdu.response(
             pdu.C_MOVE_RSP if isinstance(req, C_MOVE) else pdu.C_GET_RSP,
             cast(int, req.MessageID),
             str(req.AffectedSOPClassUID).encode("ascii"),
-            (counts.remaining, counts.completed, counts.failed, counts.warning),
+            int(RetrieveStatus.PENDING),
+            suboperations=(counts.remaining, counts.completed, counts.failed, counts.warning),
         )
         send_message(self._socket(), self.dimse.maximum_pdu_size, cx_id, command)
 
@@ -368,8 +418,56 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
         self.dimse.send_msg(rsp, cx_id)
 
 
+class _FindResponder:
+    """Writes the C-FIND-RSPs of one request to its association's socket."""
+
+    def __init__(self, service: ArchiveQueryRetrieveService, req: C_FIND, cx_id: int) -> None:
+        self._service = service
+        self._message_id = cast(int, req.MessageID)
+        self._sop_class = str(req.AffectedSOPClassUID).encode("ascii")
+        self._cx_id = cx_id
+
+    def __call__(self, status: int, identifier: bytes | None = None, comment: str = "") -> None:
+        command = pdu.response(
+            pdu.C_FIND_RSP,
+            self._message_id,
+            self._sop_class,
+            status,
+            has_data_set=identifier is not None,
+            error_comment=comment,
+        )
+        service = self._service
+        send_message(
+            service._socket(),
+            service.dimse.maximum_pdu_size,
+            self._cx_id,
+            command,
+            None if identifier is None else BytesIO(identifier),
+        )
+
+
+def _encode_identifier(identifier: Dataset | Mapping[str, Any], syntax: UID) -> bytes | None:
+    """An answer's bytes in the context's transfer syntax: DICOM JSON written directly when
+    it is plain (:mod:`vannah_pipelines.dicom.json_encode`), else through pydicom."""
+    if isinstance(identifier, Mapping):
+        if syntax.is_little_endian and not syntax.is_deflated:
+            try:
+                return encode_json_dataset(identifier, implicit=syntax.is_implicit_VR)
+            except NotEncodableError:
+                pass
+        identifier = Dataset.from_json(dict(identifier))
+    return encode(identifier, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+
+
+def _status_and_comment(status: Any) -> tuple[int, str]:
+    """A handler's yielded status (an int, or a Dataset with Status and ErrorComment)."""
+    if isinstance(status, Dataset):
+        return int(status.Status), str(status.get("ErrorComment", ""))
+    return int(status), ""
+
+
 def _service_class_for(uid: str) -> type[ServiceClass]:
-    if uid in RETRIEVE_SOP_CLASSES:
+    if uid in QUERY_RETRIEVE_SOP_CLASSES:
         return ArchiveQueryRetrieveService
     return uid_to_service_class(uid)
 
@@ -426,8 +524,8 @@ def _reencode(path: Path, syntax: str) -> bytes:
 
 
 def install() -> None:
-    """Route the C-GET / C-MOVE SOP classes to :class:`ArchiveQueryRetrieveService`
-    (process-wide pynetdicom settings)."""
+    """Route the Patient / Study Root FIND, MOVE and GET SOP classes to
+    :class:`ArchiveQueryRetrieveService` (a process-wide pynetdicom setting)."""
     pynetdicom_fixes.install()
     # pynetdicom picks a service class per SOP class with this module-level function and
     # has no registration for standard UIDs; wrapping it is the one hook needed.

@@ -27,6 +27,8 @@ PURE = [
     "vannah_pipelines.dicom.keys",
     "vannah_pipelines.dicom.matching",
     "vannah_pipelines.dicom.json_model",
+    "vannah_pipelines.dicom.json_encode",
+    "vannah_pipelines.dicom.identifier",
     "vannah_pipelines.catalog.query",
     "vannah_pipelines.catalog.lookup",
     "vannah_pipelines.worklist.store",

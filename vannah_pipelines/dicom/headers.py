@@ -167,7 +167,7 @@ def json_text(attributes: dict[str, Any], tag: str) -> str | None:
     >>> json_text({"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^J"}]}}, "00100010")
     'Doe^J'
     >>> json_text({"00080008": {"vr": "CS", "Value": ["ORIGINAL", "PRIMARY"]}}, "00080008")
-    'ORIGINAL\\PRIMARY'
+    'ORIGINAL\\\\PRIMARY'
     """
     element = attributes.get(tag)
     if not element or "Value" not in element:
