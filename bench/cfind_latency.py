@@ -55,20 +55,15 @@ from common import (
     ReceiverServer,
     Server,
     Side,
-    format_ratio,
     install_signal_handlers,
+    latency_cells,
     log,
+    mib,
     print_table,
     run_dir,
     signals_deferred,
 )
-from qido_latency import (
-    cache_root,
-    ensure_files,
-    ensure_orthanc,
-    ensure_vannah_ingested,
-    ensure_vannah_synth,
-)
+from qido_latency import prepare_archive
 
 ORTHANC_QR = {
     "DicomAlwaysAllowFind": True,
@@ -268,21 +263,7 @@ def run_size(instances: int, args: argparse.Namespace) -> SizeResult:
     with_orthanc = instances <= args.orthanc_max and not args.ours_only
     plan = plan_archive(instances, args.per_study, args.seed)
     size = SizeResult(instances, with_orthanc, len(plan), query_kinds(plan))
-    root = cache_root(instances, args.per_study, args.seed)
-    root.mkdir(parents=True, exist_ok=True)
-    log(
-        f"== {instances:,} instances ({len(plan):,} studies), "
-        f"{'ours and Orthanc' if with_orthanc else 'ours only'}; cache {root}"
-    )
-    orthanc_dir = None
-    if with_orthanc:
-        data = ensure_files(root, args, instances)
-        orthanc_dir = ensure_orthanc(root, data, size.facts)
-        data_dir = ensure_vannah_ingested(root, data, size.facts)
-        size.facts["ours_catalog"] = "vannah import --ingest of the same files"
-    else:
-        data_dir = ensure_vannah_synth(root, instances, args, size.facts)
-        size.facts["ours_catalog"] = "catalog_synth.py Parquet batch files"
+    data_dir, orthanc_dir = prepare_archive(instances, len(plan), with_orthanc, args, size.facts)
 
     servers: dict[str, Server] = {}
     with run_dir(f"cfind-{instances}") as workdir:
@@ -318,10 +299,6 @@ def run_size(instances: int, args: argparse.Namespace) -> SizeResult:
 # --------------------------------------------------------------------------- report
 
 
-def ms(value: float) -> str:
-    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
-
-
 def report(sizes: list[SizeResult], args: argparse.Namespace) -> list[str]:
     """Print the tables; return the problems found (errors, count or UID mismatches)."""
     header = [
@@ -350,24 +327,7 @@ def report(sizes: list[SizeResult], args: argparse.Namespace) -> list[str]:
                     kind.label,
                     f"{ours.count} / {ref.count if ref else '-'} / {kind.expected}",
                 ]
-                if ours.times_ms:
-                    row += [
-                        ms(ours.p(0.5)),
-                        ms(ours.p(0.95)),
-                        f"{ms(min(ours.times_ms))}-{ms(max(ours.times_ms))}",
-                    ]
-                else:
-                    row += ["failed", "-", "-"]
-                if ref and ref.times_ms:
-                    row += [
-                        ms(ref.p(0.5)),
-                        ms(ref.p(0.95)),
-                        f"{ms(min(ref.times_ms))}-{ms(max(ref.times_ms))}",
-                        format_ratio(ours.p(0.5), ref.p(0.5)) if ours.times_ms else "-",
-                        format_ratio(ours.p(0.95), ref.p(0.95)) if ours.times_ms else "-",
-                    ]
-                else:
-                    row += ["not measured"] + ["-"] * 4
+                row += latency_cells(ours, ref)
                 rows.append(row)
     print_table(
         f"C-FIND study level latency, {args.requests} queries per query kind and client after "
@@ -376,7 +336,6 @@ def report(sizes: list[SizeResult], args: argparse.Namespace) -> list[str]:
         header,
         rows,
     )
-    mib = lambda v: f"{float(v) / 2**20:.0f} MiB" if v else "-"  # noqa: E731
     rows = []
     for size in sizes:
         f = size.facts

@@ -828,6 +828,36 @@ class Side:
         return out
 
 
+def ms(value: float) -> str:
+    """Milliseconds for a table: one decimal below 100."""
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def mib(value: object) -> str:
+    """Bytes as MiB for a table ("-" when not measured)."""
+    return f"{float(str(value)) / 2**20:.0f} MiB" if value else "-"
+
+
+def latency_cells(ours: Side, ref: Side | None) -> list[str]:
+    """Table cells: our p50, p95 and min-max, then the reference's and the p50 / p95
+    ratios ours/reference ("failed" / "not measured" where there are no timings)."""
+    cells = (
+        [ms(ours.p(0.5)), ms(ours.p(0.95)), f"{ms(min(ours.times_ms))}-{ms(max(ours.times_ms))}"]
+        if ours.times_ms
+        else ["failed", "-", "-"]
+    )
+    if ref is None or not ref.times_ms:
+        return [*cells, "not measured", "-", "-", "-", "-"]
+    return [
+        *cells,
+        ms(ref.p(0.5)),
+        ms(ref.p(0.95)),
+        f"{ms(min(ref.times_ms))}-{ms(max(ref.times_ms))}",
+        format_ratio(ours.p(0.5), ref.p(0.5)) if ours.times_ms else "-",
+        format_ratio(ours.p(0.95), ref.p(0.95)) if ours.times_ms else "-",
+    ]
+
+
 LABELS = {"vannah": "Vannah", "orthanc": "Orthanc"}
 
 

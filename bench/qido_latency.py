@@ -46,9 +46,10 @@ from common import (
     HttpClient,
     OrthancServer,
     Side,
-    format_ratio,
     install_signal_handlers,
+    latency_cells,
     log,
+    mib,
     niced,
     print_table,
     run_dir,
@@ -216,25 +217,36 @@ def measure(size: SizeResult, clients: dict[str, HttpClient], args: argparse.Nam
         log(f"  {kind.label}: {summary}; plan says {kind.expected}")
 
 
+def prepare_archive(
+    instances: int,
+    studies: int,
+    with_orthanc: bool,
+    args: argparse.Namespace,
+    facts: dict[str, float | str],
+) -> tuple[Path, Path | None]:
+    """The cached archive of `instances` (also used by cfind_latency.py): our data folder,
+    and Orthanc's storage when it is measured at this size (None otherwise)."""
+    root = cache_root(instances, args.per_study, args.seed)
+    root.mkdir(parents=True, exist_ok=True)
+    log(
+        f"== {instances:,} instances ({studies:,} studies), "
+        f"{'ours and Orthanc' if with_orthanc else 'ours only'}; cache {root}"
+    )
+    if not with_orthanc:
+        facts["ours_catalog"] = "catalog_synth.py Parquet batch files"
+        return ensure_vannah_synth(root, instances, args, facts), None
+    data = ensure_files(root, args, instances)
+    orthanc_dir = ensure_orthanc(root, data, facts)
+    data_dir = ensure_vannah_ingested(root, data, facts)
+    facts["ours_catalog"] = "vannah import --ingest of the same files"
+    return data_dir, orthanc_dir
+
+
 def run_size(instances: int, args: argparse.Namespace) -> SizeResult:
     with_orthanc = instances <= args.orthanc_max and not args.ours_only
     plan = plan_archive(instances, args.per_study, args.seed)
     size = SizeResult(instances, with_orthanc, len(plan), query_kinds(plan))
-    root = cache_root(instances, args.per_study, args.seed)
-    root.mkdir(parents=True, exist_ok=True)
-    log(
-        f"== {instances:,} instances ({len(plan):,} studies), "
-        f"{'ours and Orthanc' if with_orthanc else 'ours only'}; cache {root}"
-    )
-    orthanc_dir = None
-    if with_orthanc:
-        data = ensure_files(root, args, instances)
-        orthanc_dir = ensure_orthanc(root, data, size.facts)
-        data_dir = ensure_vannah_ingested(root, data, size.facts)
-        size.facts["ours_catalog"] = "vannah import --ingest of the same files"
-    else:
-        data_dir = ensure_vannah_synth(root, instances, args, size.facts)
-        size.facts["ours_catalog"] = "catalog_synth.py Parquet batch files"
+    data_dir, orthanc_dir = prepare_archive(instances, len(plan), with_orthanc, args, size.facts)
 
     servers: list[OrthancServer | DicomWebServer] = []
     clients: dict[str, HttpClient] = {}
@@ -279,10 +291,6 @@ def run_size(instances: int, args: argparse.Namespace) -> SizeResult:
 # --------------------------------------------------------------------------- report
 
 
-def ms(value: float) -> str:
-    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
-
-
 def report(sizes: list[SizeResult], args: argparse.Namespace) -> None:
     header = [
         "catalog",
@@ -307,21 +315,7 @@ def report(sizes: list[SizeResult], args: argparse.Namespace) -> None:
                 kind.label,
                 f"{ours.count} / {ref.count if ref else '-'} / {kind.expected}",
             ]
-            row += [
-                ms(ours.p(0.5)),
-                ms(ours.p(0.95)),
-                f"{ms(min(ours.times_ms))}-{ms(max(ours.times_ms))}",
-            ]
-            if ref and ref.times_ms:
-                row += [
-                    ms(ref.p(0.5)),
-                    ms(ref.p(0.95)),
-                    f"{ms(min(ref.times_ms))}-{ms(max(ref.times_ms))}",
-                    format_ratio(ours.p(0.5), ref.p(0.5)),
-                    format_ratio(ours.p(0.95), ref.p(0.95)),
-                ]
-            else:
-                row += ["not measured"] + ["-"] * 4
+            row += latency_cells(ours, ref)
             rows.append(row)
     print_table(
         f"QIDO-RS /studies latency, {args.requests} requests per query after {args.warmup} "
@@ -329,7 +323,6 @@ def report(sizes: list[SizeResult], args: argparse.Namespace) -> None:
         header,
         rows,
     )
-    mib = lambda v: f"{float(v) / 2**20:.0f} MiB" if v else "-"  # noqa: E731
     rows = []
     for size in sizes:
         f = size.facts
