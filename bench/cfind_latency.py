@@ -50,6 +50,7 @@ from pathlib import Path
 from catalog_synth import QueryKind, plan_archive, query_kinds
 from common import (
     CALLING_AET,
+    LATENCY_HEADER,
     NODELAY_ENV,
     OrthancServer,
     ReceiverServer,
@@ -306,14 +307,7 @@ def report(sizes: list[SizeResult], args: argparse.Namespace) -> list[str]:
         "client",
         "query",
         "studies ours / Orthanc / plan",
-        "ours p50 ms",
-        "ours p95 ms",
-        "ours min-max",
-        "Orthanc p50 ms",
-        "Orthanc p95 ms",
-        "Orthanc min-max",
-        "p50 ours/Orthanc",
-        "p95 ours/Orthanc",
+        *LATENCY_HEADER,
     ]
     rows: list[list[str]] = []
     for size in sizes:

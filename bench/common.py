@@ -838,9 +838,21 @@ def mib(value: object) -> str:
     return f"{float(str(value)) / 2**20:.0f} MiB" if value else "-"
 
 
+LATENCY_HEADER = (
+    "ours p50 ms",
+    "ours p95 ms",
+    "ours min-max",
+    "Orthanc p50 ms",
+    "Orthanc p95 ms",
+    "Orthanc min-max",
+    "p50 ours/Orthanc",
+    "p95 ours/Orthanc",
+)
+
+
 def latency_cells(ours: Side, ref: Side | None) -> list[str]:
-    """Table cells: our p50, p95 and min-max, then the reference's and the p50 / p95
-    ratios ours/reference ("failed" / "not measured" where there are no timings)."""
+    """Table cells under LATENCY_HEADER: our p50, p95 and min-max, then the reference's
+    and the p50 / p95 ratios ("failed" / "not measured" where there are no timings)."""
     cells = (
         [ms(ours.p(0.5)), ms(ours.p(0.95)), f"{ms(min(ours.times_ms))}-{ms(max(ours.times_ms))}"]
         if ours.times_ms

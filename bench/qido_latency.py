@@ -40,6 +40,7 @@ from pathlib import Path
 from catalog_synth import PLAN_VERSION, QueryKind, plan_archive, query_kinds
 from common import (
     BENCH_DIR,
+    LATENCY_HEADER,
     OUT_DIR,
     DataSet,
     DicomWebServer,
@@ -296,14 +297,7 @@ def report(sizes: list[SizeResult], args: argparse.Namespace) -> None:
         "catalog",
         "query",
         "studies ours / Orthanc / plan",
-        "ours p50 ms",
-        "ours p95 ms",
-        "ours min-max",
-        "Orthanc p50 ms",
-        "Orthanc p95 ms",
-        "Orthanc min-max",
-        "p50 ours/Orthanc",
-        "p95 ours/Orthanc",
+        *LATENCY_HEADER,
     ]
     rows: list[list[str]] = []
     for size in sizes:
