@@ -42,3 +42,7 @@ class StorageError(VannahError):
 
 class NotFoundError(StorageError):
     """The object does not exist in the storage tier asked."""
+
+
+class InsufficientSpaceError(LandingError):
+    """Writing would eat into the free-space reserve (or the disk is full): refuse, retry later."""

@@ -138,10 +138,95 @@ class Settings(BaseSettings):
     dagster_port: int = Field(default=3000, ge=0, le=65535)
     dicomweb_port: int = Field(default=8042, ge=0, le=65535)
     dicomweb_cors_origins: tuple[str, ...] = Field(
-        default=("*",), description="origins a browser may call the DICOMweb API from"
+        default=(),
+        description="origins a browser may call the DICOMweb API from (none until configured; "
+        "docs/viewers.md)",
+    )
+    dicomweb_allowed_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="Host header values the DICOMweb service answers (host names, no port); "
+        "empty: localhost, 127.0.0.1 and ::1, plus any host when remote access is allowed",
     )
     dicomweb_max_limit: int = Field(default=1000, ge=1, description="QIDO-RS limit ceiling")
+    dicomweb_max_offset: int = Field(
+        default=1_000_000_000, ge=0, description="QIDO-RS offset above this: 400"
+    )
+    dicomweb_max_body_bytes: int = Field(
+        default=1024**2, ge=1, description="request body limit of every route but STOW-RS"
+    )
+    dicomweb_max_decoded_bytes: int = Field(
+        default=256 * 1024**2,
+        ge=1,
+        description="pixel budget of one rendered, thumbnail, frames or transcoding request: "
+        "Rows x Columns x SamplesPerPixel x bytes per sample x frames decoded, checked from "
+        "the header before any decode",
+    )
+    dicomweb_max_frames: int = Field(
+        default=1000, ge=1, description="frame numbers in one WADO-RS frames request"
+    )
+    dicomweb_max_concurrency: int = Field(
+        default=64, ge=1, description="connections the DICOMweb service serves at once (503 past)"
+    )
+    dicomweb_keep_alive_seconds: float = Field(default=5.0, gt=0)
     stow_max_bytes: int = Field(default=2 * 1024**3, ge=1, description="STOW-RS body limit")
+    stow_max_parts: int = Field(
+        default=10_000, ge=1, description="parts of one STOW-RS request (413 past)"
+    )
+    free_space_reserve_mb: int = Field(
+        default=512,
+        ge=0,
+        description="free disk space kept in reserve: the receiver answers 0xA700 and STOW-RS "
+        "507 rather than write into it",
+    )
+    max_instance_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=1024,
+        description="largest data set accepted over DIMSE, inflated size for deflated ones "
+        "(0xA700 past)",
+    )
+    dimse_max_pdu_bytes: int = Field(
+        default=262_144,
+        ge=4096,
+        le=2**32 - 1,
+        description="Maximum Length Received the receiver advertises; a longer PDU is aborted",
+    )
+    dimse_min_bytes_per_second: int = Field(
+        default=8192,
+        ge=0,
+        description="a peer in mid-PDU slower than this (over 10 s windows) is aborted (0: off)",
+    )
+    dimse_association_max_seconds: float = Field(
+        default=3600.0, gt=0, description="an association lasting longer is aborted"
+    )
+    dimse_max_pending_connections: int = Field(
+        default=32,
+        ge=1,
+        description="connections per receiver process that have not yet sent A-ASSOCIATE-RQ",
+    )
+    mllp_max_message_bytes: int = Field(default=1024**2, ge=1024)
+    mllp_max_connections: int = Field(default=16, ge=1)
+    mllp_idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    ingest_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="failed ingest runs of a batch before it is split so one file cannot "
+        "hold the others",
+    )
+    ingest_retry_base_seconds: float = Field(
+        default=10.0, ge=0, description="backoff before re-requesting a failed batch (doubles)"
+    )
+    dicom_host: str | None = Field(
+        default=None,
+        description="the receiver's bind address (default: 127.0.0.1, or 0.0.0.0 with "
+        "RemoteAccessAllowed)",
+    )
+    dicomweb_host: str | None = Field(default=None, description="DICOMweb bind address")
+    mllp_host: str | None = Field(default=None, description="HL7 MLLP bind address")
+    dagster_host: str = Field(
+        default="127.0.0.1",
+        description="Dagster webserver bind address (loopback whatever RemoteAccessAllowed says; "
+        "the webserver has no authentication)",
+    )
     worklist_past_due_hours: float = Field(
         default=24.0,
         ge=0,
@@ -196,8 +281,24 @@ class Settings(BaseSettings):
 
     @property
     def bind_host(self) -> str:
-        """Address the services listen on."""
+        """Default address of the DIMSE, DICOMweb and MLLP services."""
         return "0.0.0.0" if self.remote_access_allowed else "127.0.0.1"
+
+    @property
+    def dicom_bind_host(self) -> str:
+        return self.dicom_host or self.bind_host
+
+    @property
+    def dicomweb_bind_host(self) -> str:
+        return self.dicomweb_host or self.bind_host
+
+    @property
+    def mllp_bind_host(self) -> str:
+        return self.mllp_host or self.bind_host
+
+    @property
+    def free_space_reserve_bytes(self) -> int:
+        return self.free_space_reserve_mb * 1024**2
 
     @property
     def landing_dir(self) -> Path:
