@@ -37,6 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.dagster_home import prepare_dagster_home
 from vannah_pipelines.dicom.synthetic import MODALITIES, make_instance, to_part10
 from vannah_pipelines.platform import dagster_daemon_argv, prepare_data_dir
 from vannah_pipelines.settings import load_settings
@@ -57,6 +58,7 @@ def main() -> int:
         receiver = ReceiverServer(root)
         receiver.start()
         env = prepare_data_dir(load_settings(data_dir=receiver.data_dir))
+        prepare_dagster_home(Path(env["DAGSTER_HOME"]), env)
         log = (root / "daemon.log").open("wb")
         daemon = subprocess.Popen(
             dagster_daemon_argv(),

@@ -21,7 +21,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_up(args: argparse.Namespace) -> int:
     from vannah_pipelines.platform import run_platform
 
-    return run_platform(_settings(args))
+    return run_platform(_settings(args), Path(args.config) if args.config else None)
 
 
 def _exec_service(args: argparse.Namespace, module: str) -> int:

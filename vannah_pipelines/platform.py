@@ -1,7 +1,13 @@
 """Run the whole embedded platform as child processes: receiver, Dagster webserver and daemon.
 
 Stdlib only: the services are separate processes, started with the same interpreter and
-the same ``VANNAH_*`` environment, stopped together (no orphans) on Ctrl-C or SIGTERM.
+the same ``VANNAH_*`` environment (``VANNAH_CONFIG`` included, so a ``--config`` file reaches
+every one of them), stopped together (no orphans) on Ctrl-C or SIGTERM.
+
+Start-up order: Dagster's storage is initialised (or repaired) once, then the Dagster daemon
+and webserver start, and only once the webserver says the code location loaded and the
+landing sensor ticks do the receiver, DICOMweb and MLLP listeners start: a platform that
+cannot ingest never acknowledges an image.
 """
 
 from __future__ import annotations
@@ -11,13 +17,21 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from vannah_pipelines.catalog.writer import CATALOG_DB, CatalogWriter
+from vannah_pipelines.dagster_home import (
+    PlatformNotReadyError,
+    prepare_dagster_home,
+    wait_until_ingesting,
+)
+from vannah_pipelines.errors import VannahError
 from vannah_pipelines.landing.layout import LandingZone
 from vannah_pipelines.settings import Settings
 
@@ -33,8 +47,12 @@ class Service:
     process: subprocess.Popen[bytes] | None = None
 
 
-def prepare_data_dir(settings: Settings) -> dict[str, str]:
-    """Create the data folders and the Dagster home; return the services' environment."""
+def prepare_data_dir(settings: Settings, config_file: Path | None = None) -> dict[str, str]:
+    """Create the data folders and the Dagster home; return the services' environment.
+
+    `config_file` (else ``$VANNAH_CONFIG``) is passed on as an absolute ``VANNAH_CONFIG``:
+    the services run in the project folder, where a relative path would name another file.
+    """
     data = settings.data_dir.resolve()
     LandingZone(settings.landing_dir).ensure()
     for folder in (settings.hot_dir, settings.quarantine_dir, settings.catalog_dir):
@@ -44,6 +62,9 @@ def prepare_data_dir(settings: Settings) -> dict[str, str]:
     dagster_home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(PROJECT_DIR / "dagster.yaml", dagster_home / "dagster.yaml")
     env = dict(os.environ)
+    config = config_file or (Path(env["VANNAH_CONFIG"]) if env.get("VANNAH_CONFIG") else None)
+    if config is not None:
+        env["VANNAH_CONFIG"] = str(config.resolve())
     env.update(
         VANNAH_DATA_DIR=str(data),
         DAGSTER_HOME=str(dagster_home),
@@ -60,14 +81,11 @@ def dagster_daemon_argv(log_level: str = "info") -> list[str]:
     return [str(daemon), "run", "-w", str(workspace), "--log-level", log_level]
 
 
-def services(settings: Settings) -> list[Service]:
-    py = sys.executable
-    bin_dir = Path(py).parent
+def dagster_services(settings: Settings) -> list[Service]:
+    """The Dagster daemon and webserver: started first, on an initialised storage."""
+    bin_dir = Path(sys.executable).parent
     workspace = str(PROJECT_DIR / "workspace.yaml")
     return [
-        Service("receiver", [py, "-m", "receiver"]),
-        Service("dicomweb", [py, "-m", "dicomweb"]),
-        Service("hl7-mllp", [str(bin_dir / "vannah"), "worklist", "mllp"]),
         # The sensor logs every tick at INFO; runs and their logs are in the UI.
         Service("dagster-daemon", dagster_daemon_argv("warning")),
         Service(
@@ -77,7 +95,7 @@ def services(settings: Settings) -> list[Service]:
                 "-w",
                 workspace,
                 "-h",
-                settings.bind_host,
+                settings.dagster_host,
                 "-p",
                 str(settings.dagster_port),
             ],
@@ -85,19 +103,34 @@ def services(settings: Settings) -> list[Service]:
     ]
 
 
+def intake_services() -> list[Service]:
+    """The services that take images and orders: started once ingest is known to work."""
+    py = sys.executable
+    return [
+        Service("receiver", [py, "-m", "receiver"]),
+        Service("dicomweb", [py, "-m", "dicomweb"]),
+        Service("hl7-mllp", [str(Path(py).parent / "vannah"), "worklist", "mllp"]),
+    ]
+
+
+def _shown(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def banner(settings: Settings) -> str:
     """Where everything answers."""
-    host = "127.0.0.1" if settings.bind_host == "127.0.0.1" else settings.bind_host
+    dicom = _shown(settings.dicom_bind_host)
+    web = _shown(settings.dicomweb_bind_host)
     return "\n".join(
         [
-            "VannahHealthCloud is up:",
-            f"  DIMSE receiver   {settings.dicom_aet}@{host}:{settings.dicom_port}"
-            f"   (echoscu -aec {settings.dicom_aet} {host} {settings.dicom_port})",
-            f"  DICOMweb         http://{host}:{settings.dicomweb_port}/dicom-web"
+            "VannahHealthCloud is up (ingest checked: code location loaded, sensor running):",
+            f"  DIMSE receiver   {settings.dicom_aet}@{dicom}:{settings.dicom_port}"
+            f"   (echoscu -aec {settings.dicom_aet} {dicom} {settings.dicom_port})",
+            f"  DICOMweb         http://{web}:{settings.dicomweb_port}/dicom-web"
             f"   (QIDO-RS, WADO-RS, STOW-RS, WADO-URI)",
-            f"  HL7 v2 (MLLP)    {host}:{settings.worklist_mllp_port}"
+            f"  HL7 v2 (MLLP)    {_shown(settings.mllp_bind_host)}:{settings.worklist_mllp_port}"
             "   (ORM^O01 orders -> Modality Worklist)",
-            f"  Dagster UI       http://{host}:{settings.dagster_port}",
+            f"  Dagster UI       http://{_shown(settings.dagster_host)}:{settings.dagster_port}",
             f"  catalog (DuckDB) {(settings.catalog_dir / CATALOG_DB).resolve()}",
             f"  data folder      {settings.data_dir.resolve()}",
             "Ctrl-C stops everything.",
@@ -105,10 +138,15 @@ def banner(settings: Settings) -> str:
     )
 
 
-def run_platform(settings: Settings) -> int:
-    """Start every service, supervise them, stop them all on a signal or if one exits."""
-    env = prepare_data_dir(settings)
-    procs = services(settings)
+def run_platform(
+    settings: Settings, config_file: Path | None = None, ready_timeout: float = 300.0
+) -> int:
+    """Start every service, supervise them, stop them all on a signal or if one exits.
+
+    Returns 0 after a requested stop; non-zero, with the reason logged, if a service exits
+    or if ingest does not work within `ready_timeout` seconds of the Dagster start.
+    """
+    env = prepare_data_dir(settings, config_file)
     stopping = False
 
     def stop(_signum: int, _frame: object) -> None:
@@ -117,28 +155,88 @@ def run_platform(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    exit_code = 0
-    try:
-        for service in procs:
+    started: list[Service] = []
+
+    def start(group: list[Service]) -> None:
+        for service in group:
             # Own process group, so a stop reaches the service's own children too.
             service.process = subprocess.Popen(
                 service.argv, env=env, cwd=PROJECT_DIR, start_new_session=True
             )
+            started.append(service)
             log.info("started %s (pid %d)", service.name, service.process.pid)
+
+    def exited() -> str | None:
+        if stopping:
+            return "the platform (stop requested)"
+        for service in started:
+            assert service.process is not None
+            if service.process.poll() is not None:
+                return f"{service.name} (exit code {service.process.returncode})"
+        return None
+
+    exit_code = 0
+    try:
+        prepare_dagster_home(Path(env["DAGSTER_HOME"]), env)  # logs any repair
+        since = time.time()
+        start(dagster_services(settings))
+        graphql = f"http://{_shown(settings.dagster_host)}:{settings.dagster_port}/graphql"
+        wait_until_ingesting(graphql, since, ready_timeout, exited)
+        if stopping:
+            return 0
+        start(intake_services())
+        for host, port in (
+            (settings.dicom_bind_host, settings.dicom_port),
+            (settings.dicomweb_bind_host, settings.dicomweb_port),
+            (settings.mllp_bind_host, settings.worklist_mllp_port),
+        ):
+            wait_listening(_shown(host), port, ready_timeout, exited)
         sys.stdout.write(banner(settings) + "\n")
         sys.stdout.flush()
         while not stopping:
-            for service in procs:
-                assert service.process is not None
-                code = service.process.poll()
-                if code is not None:
-                    log.error("%s exited with %s; stopping the platform", service.name, code)
-                    exit_code = code or 1
-                    stopping = True
+            dead = exited()
+            if dead and not stopping:
+                log.error("%s exited; stopping the platform", dead)
+                exit_code = 1
+                break
             time.sleep(0.5)
+    except PlatformNotReadyError as exc:
+        if stopping:
+            return 0
+        sys.stderr.write(
+            f"vannah up: ERROR: {exc}\n"
+            "  Every service is stopped: nothing takes images it could not index.\n"
+            "  The logs above say why; docs/deployment.md, 'Start-up checks'.\n"
+        )
+        exit_code = 3
+    except VannahError as exc:
+        sys.stderr.write(f"vannah up: ERROR: {exc}\n")
+        exit_code = 3
     finally:
-        stop_services(procs)
+        stop_services(started)
     return exit_code
+
+
+def wait_listening(host: str, port: int, timeout: float, exited: Callable[[], str | None]) -> None:
+    """Wait until `host`:`port` accepts a connection.
+
+    Raises
+    ------
+    PlatformNotReadyError
+        If a service exits first or `timeout` passes.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = exited()
+        if dead:
+            raise PlatformNotReadyError(f"{dead} exited while the platform was starting")
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise PlatformNotReadyError(f"nothing listens on {host}:{port}") from None
+        time.sleep(0.1)
 
 
 def stop_services(procs: list[Service], grace: float = 15.0) -> None:

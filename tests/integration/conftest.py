@@ -15,6 +15,7 @@ import pytest
 
 from tests.receiver.receiver_support import free_port
 from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.dagster_home import prepare_dagster_home
 from vannah_pipelines.platform import PROJECT_DIR, dagster_daemon_argv, prepare_data_dir
 from vannah_pipelines.settings import load_settings
 
@@ -120,6 +121,7 @@ def start_daemon(
     home = Path(env["DAGSTER_HOME"])
     if instance_yaml is not None:
         shutil.copyfile(instance_yaml, home / "dagster.yaml")
+    prepare_dagster_home(home, env)  # as `vannah up` does: once, before the daemon
     log = (data_dir / "daemon.log").open("wb")
     process = subprocess.Popen(
         dagster_daemon_argv(),
