@@ -369,6 +369,25 @@ def _swap_to_little_endian(ds: pydicom.Dataset) -> None:
     ds.set_original_encoding(False, True)
 
 
+def check_decompress(ds: pydicom.Dataset, max_decoded_bytes: int) -> None:
+    """Refuse decompressing every frame of `ds` when its header, frame count or
+    codestreams say it would decode over `max_decoded_bytes` or more than the data holds.
+
+    Raises
+    ------
+    PixelError
+        DecodeBudgetError or PixelDataMismatchError, before anything is decoded.
+    """
+    if "PixelData" not in ds:
+        return
+    stored = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE))
+    frames = frames_present(ds)
+    header = pixel_header(ds)
+    require_budget(header, frames, max_decoded_bytes)
+    if stored not in NATIVE:
+        check_codestreams(generate_frames(ds.PixelData, number_of_frames=frames), stored, header)
+
+
 def transcode(source: BinaryIO, target: str, max_decoded_bytes: int) -> bytes:
     """Read a Part-10 instance from `source` and write it in transfer syntax `target`.
 
@@ -386,12 +405,7 @@ def transcode(source: BinaryIO, target: str, max_decoded_bytes: int) -> bytes:
     stored = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE))
     try:
         if stored not in NATIVE and "PixelData" in ds:
-            frames = frames_present(ds)
-            header = pixel_header(ds)
-            require_budget(header, frames, max_decoded_bytes)
-            check_codestreams(
-                generate_frames(ds.PixelData, number_of_frames=frames), stored, header
-            )
+            check_decompress(ds, max_decoded_bytes)
             ds.decompress(generate_instance_uid=False)
         if stored == EXPLICIT_BE:
             _swap_to_little_endian(ds)

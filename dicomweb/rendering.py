@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
+from pydicom.encaps import generate_frames, get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
 from pydicom.pixels.utils import pack_bits, pixel_array
@@ -25,6 +25,7 @@ from dicomweb.pixel_limits import (
     DecodeBudgetError,
     PixelError,
     check_codestream,
+    check_codestreams,
     frames_present,
     pixel_header,
     require_budget,
@@ -138,6 +139,28 @@ def check_decode(ds: Dataset, frames: int, max_decoded_bytes: int) -> None:
         If it would decode more than `max_decoded_bytes`.
     """
     require_budget(pixel_header(ds), frames, max_decoded_bytes)
+
+
+def check_frame_codestreams(ds: Dataset, numbers: Sequence[int]) -> None:
+    """Check the codestreams of the frames `numbers` against the header before any of them
+    is decoded (so a lying frame is refused before the answer starts, not in the middle).
+
+    Raises
+    ------
+    PixelDataMismatchError
+        If a frame's codestream describes a larger image than the header.
+    """
+    stored = _stored_syntax(ds)
+    if not stored or stored in NATIVE:
+        return
+    header = pixel_header(ds)
+    count = declared_frames(ds)
+    if isinstance(numbers, range) and len(numbers) == count:  # every frame: one pass
+        frames = generate_frames(ds.PixelData, number_of_frames=count)
+        check_codestreams(frames, stored, header)
+        return
+    for number in numbers:
+        check_codestream(stored_frame(ds, number), stored, header)
 
 
 def stored_frame(ds: Dataset, number: int) -> bytes:

@@ -23,6 +23,7 @@ from dicomweb.media import (
     OCTET_STREAM,
     FrameChoice,
     InstanceChoice,
+    check_decompress,
     choose_bulk,
     choose_frames,
     choose_instance,
@@ -47,6 +48,7 @@ from dicomweb.rendering import (
     RenderOptions,
     bulk_value,
     check_decode,
+    check_frame_codestreams,
     check_frames,
     declared_frames,
     decoded_frame,
@@ -151,22 +153,30 @@ def instance_body(
 
 
 def check_transcode(
-    settings: Settings, instance: StoredInstance, open_stream: Callable[[], BinaryIO]
+    settings: Settings,
+    instance: StoredInstance,
+    open_stream: Callable[[], BinaryIO],
+    *,
+    whole: bool = True,
 ) -> None:
-    """Before the answer starts: refuse (400) transcoding an instance whose pixel data would
-    decode over ``dicomweb_max_decoded_bytes``, from its header alone."""
+    """Before the answer starts: refuse (400) transcoding an instance whose pixel data
+    would decode over ``dicomweb_max_decoded_bytes``, or promises more than it holds
+    (nothing is decoded). `whole`: read the pixel data too, to check the frame count and
+    codestreams; else (one of many instances) the header's budget only, the rest being
+    checked again by :func:`~dicomweb.media.transcode` just before it decodes."""
     try:
         with open_stream() as stream:
-            header = pydicom.dcmread(stream, force=True, stop_before_pixels=True)
+            ds = pydicom.dcmread(stream, force=True, stop_before_pixels=not whole)
     except StorageNotFoundError as exc:
         log.error("catalogued object missing from storage: %s", exc)
         raise DicomWebError(
             f"the stored object of instance {instance.sop_instance_uid} is missing", status=500
         ) from exc
-    if "Rows" not in header:
-        return  # no image pixels to decode
     try:
-        check_decode(header, declared_frames(header), settings.dicomweb_max_decoded_bytes)
+        if whole:
+            check_decompress(ds, settings.dicomweb_max_decoded_bytes)
+        elif "Rows" in ds:
+            check_decode(ds, declared_frames(ds), settings.dicomweb_max_decoded_bytes)
     except PixelError as exc:
         raise pixel_error(instance, exc) from exc
 
@@ -224,7 +234,7 @@ def _retrieve(settings: Settings, instances: list[StoredInstance], accept: str |
         if isinstance(choice, str):
             raise NotAcceptableError(f"instance {instance.sop_instance_uid}: {choice}")
         if choice.transcode(instance.transfer_syntax_uid):
-            check_transcode(settings, instance, open_stream)
+            check_transcode(settings, instance, open_stream, whole=single)
         planned.append((instance, open_stream, choice))
     budget = settings.dicomweb_max_decoded_bytes
     if single and not planned[0][2].multipart:
@@ -370,6 +380,7 @@ def _frames_response(
         check_frames(ds, numbers)
         if choice.decode and needs_decode(ds):
             check_decode(ds, len(numbers), max_decoded_bytes)
+            check_frame_codestreams(ds, numbers)
     except PixelError as exc:
         raise pixel_error(stored, exc) from exc
 
