@@ -67,6 +67,11 @@ class MllpFramer:
         self._in_message = False
         self._scan = 0  # where the search for END resumes
 
+    @property
+    def held(self) -> int:
+        """Bytes held for a message not complete yet."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[bytes]:
         """The messages `data` completes.
 
