@@ -273,3 +273,59 @@ def test_jpeg_sof_larger_than_the_header_is_refused() -> None:
     small = PixelHeader(int(ds.Rows) // 2, int(ds.Columns), 3, 8, 1)
     with pytest.raises(PixelDataMismatchError, match="codestream"):
         check_codestream(frame, syntax, small)
+
+
+# --- server limits and logs ----------------------------------------------------------------
+
+
+def test_uvicorn_config_applies_the_limits(tmp_path: Path) -> None:
+    from dicomweb.__main__ import MAX_HEADER_BYTES, uvicorn_config
+
+    config = uvicorn_config(
+        Settings(
+            data_dir=tmp_path / "data",
+            dicomweb_max_concurrency=7,
+            dicomweb_keep_alive_seconds=3,
+            dicomweb_host="127.0.0.2",
+        )
+    )
+    assert (config.host, config.limit_concurrency, config.timeout_keep_alive) == (
+        "127.0.0.2",
+        7,
+        3,
+    )
+    assert config.http == "h11" and config.h11_max_incomplete_event_size == MAX_HEADER_BYTES
+    assert uvicorn_config(Settings(data_dir=tmp_path, remote_access_allowed=True)).host == (
+        "0.0.0.0"
+    )
+
+
+def test_logs_carry_no_patient_data_at_info(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = _client(tmp_path, free_space_reserve_mb=0)
+    good = make_instance("CT", patient_name="Zola^Emile", patient_id="PAT-SECRET-7")
+    good.AccessionNumber = "ACC-SECRET-9"
+    bad = make_instance("CT", patient_name="Zola^Emile", patient_id="PAT-SECRET-7")
+    bad.StudyInstanceUID = "1.2.3/../../etc"
+    body = b"".join(
+        b"--b\r\nContent-Type: application/dicom\r\n\r\n" + to_part10(ds) + b"\r\n"
+        for ds in (good, bad)
+    )
+    body += b"--b--\r\n"
+    with caplog.at_level("INFO"):
+        stow = client.post("/dicom-web/studies", content=body, headers={"Content-Type": STOW_TYPE})
+        assert stow.status_code == 202, stow.text
+        client.get(
+            "/dicom-web/studies", params={"PatientName": "Zola*", "PatientID": "PAT-SECRET-7"}
+        )
+        client.get("/dicom-web/studies", params={"AccessionNumber": "ACC-SECRET-9", "offset": "x"})
+    # The service's own records (the test's HTTP client logs its URLs, query and all).
+    text = "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith(("dicomweb", "vannah_pipelines", "uvicorn", "starlette"))
+    )
+    assert "STOW-RS" in text  # something was logged
+    for secret in ("Zola", "PAT-SECRET-7", "ACC-SECRET-9", "../"):
+        assert secret not in text, secret

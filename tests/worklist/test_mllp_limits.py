@@ -144,3 +144,19 @@ def test_framer_refuses_at_the_limit_not_before() -> None:
     with pytest.raises(MessageTooLargeError):
         for chunk in chunks:
             framer.feed(chunk)
+
+
+def test_mllp_logs_carry_no_patient_data_at_info(
+    server: MllpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO"), _connect(server) as sock:
+        sock.sendall(frame(_orm(accession="ACCSECRET")))
+        assert parse_message(_ack(sock)).get("MSA", 1) == "AA"
+        sock.sendall(frame(_orm(accession="ACCSECRET").replace("PID100", "")))
+        assert parse_message(_ack(sock)).get("MSA", 1) == "AE"
+        sock.sendall(frame(_orm(accession="ACCSECRET", padding=2 * LIMIT)))
+        assert parse_message(_ack(sock)).get("MSA", 1) == "AR"
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("vannah"))
+    assert "MSG0042" in text  # the control id is logged
+    for secret in ("DOE", "JOHN", "PID100", "ACCSECRET"):
+        assert secret not in text, secret
