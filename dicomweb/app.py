@@ -28,7 +28,7 @@ PREFIX = "/dicom-web"
 _STOW_PATH = re.compile(re.escape(PREFIX) + r"/studies(/[^/]+)?/?")
 # CORS: the methods the API has, and the request headers a viewer sends beyond the
 # CORS-safelisted ones.
-CORS_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE")
+CORS_METHODS = ("GET", "POST", "PUT", "DELETE")
 CORS_HEADERS = ("Accept", "Authorization", "Content-Type", "Range", "Cache-Control")
 
 

@@ -103,7 +103,7 @@ def test_cors_preflight_from_a_configured_origin_is_allowed(tmp_path: Path) -> N
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == "https://viewer.example"
     allowed = {m.strip() for m in response.headers["access-control-allow-methods"].split(",")}
-    assert allowed == {"GET", "HEAD", "POST", "PUT", "DELETE"}
+    assert allowed == {"GET", "POST", "PUT", "DELETE"}
     assert client.options("/dicom-web/studies", headers=PREFLIGHT).status_code == 400
 
 
