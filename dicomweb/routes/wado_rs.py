@@ -41,7 +41,7 @@ from dicomweb.multipart import (
     new_boundary,
     read_chunks,
 )
-from dicomweb.pixel_limits import PixelError
+from dicomweb.pixel_limits import PixelError, is_encapsulated
 from dicomweb.rendering import (
     PIXEL_DATA_TAG,
     FrameError,
@@ -378,7 +378,8 @@ def _frames_response(
         raise NotAcceptableError(f"instance {stored.sop_instance_uid}: {choice}")
     try:
         check_frames(ds, numbers)
-        if choice.decode and needs_decode(ds):
+        # Native 1-bit frames are unpacked even when asked as stored (stored_frame).
+        if needs_decode(ds) and (choice.decode or not is_encapsulated(ds)):
             check_decode(ds, len(numbers), max_decoded_bytes)
             check_frame_codestreams(ds, numbers)
     except PixelError as exc:
