@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -10,8 +11,10 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from dicomweb.errors import DicomWebError
+from dicomweb.guards import BodyLimitGuard, TrustedHostGuard, allowed_hosts
 from dicomweb.routes import qido, stow_rs, wado_rs, wado_uri, worklist
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.settings import Settings
@@ -19,6 +22,19 @@ from vannah_pipelines.settings import Settings
 log = logging.getLogger(__name__)
 
 PREFIX = "/dicom-web"
+
+# The STOW-RS routes (POST /studies, POST /studies/{study}) stream their body to disk under
+# their own limit (stow_max_bytes); every other route is held to dicomweb_max_body_bytes.
+_STOW_PATH = re.compile(re.escape(PREFIX) + r"/studies(/[^/]+)?/?")
+# CORS: the methods the API has, and the request headers a viewer sends beyond the
+# CORS-safelisted ones.
+CORS_METHODS = ("GET", "POST", "PUT", "DELETE")
+CORS_HEADERS = ("Accept", "Authorization", "Content-Type", "Range", "Cache-Control")
+
+
+def is_stow(scope: Scope) -> bool:
+    """Whether an ASGI request scope is a STOW-RS request."""
+    return scope.get("method") == "POST" and bool(_STOW_PATH.fullmatch(str(scope.get("path"))))
 
 
 class LiveCatalog:
@@ -64,11 +80,13 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.catalog = LiveCatalog(CatalogReader(settings.catalog_dir))
+    # Added innermost first: the Host check runs before CORS, CORS before the body limit.
+    app.add_middleware(BodyLimitGuard, max_bytes=settings.dicomweb_max_body_bytes, exempt=is_stow)
     app.add_middleware(
         CORSMiddleware,
-        allow_origins=list(settings.dicomweb_cors_origins),
-        allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-        allow_headers=["*"],
+        allow_origins=list(settings.dicomweb_cors_origins),  # none until configured
+        allow_methods=list(CORS_METHODS),
+        allow_headers=list(CORS_HEADERS),
         expose_headers=[
             "Content-Type",
             "Content-Length",
@@ -77,6 +95,10 @@ def create_app(settings: Settings) -> FastAPI:
             "Content-Location",
         ],
         max_age=600,
+    )
+    app.add_middleware(
+        TrustedHostGuard,
+        hosts=allowed_hosts(settings.dicomweb_allowed_hosts, settings.remote_access_allowed),
     )
     app.add_exception_handler(DicomWebError, _dicomweb_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

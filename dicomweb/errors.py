@@ -42,3 +42,9 @@ class PayloadTooLargeError(DicomWebError):
 
 class UnsupportedMediaTypeError(DicomWebError):
     status = 415
+
+
+class InsufficientStorageError(DicomWebError):
+    """RFC 4918 11.5: the archive would eat into its free-space reserve."""
+
+    status = 507

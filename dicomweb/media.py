@@ -13,9 +13,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
+from pydicom.encaps import generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import UID
+
+from dicomweb.pixel_limits import check_codestreams, frames_present, pixel_header, require_budget
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -366,18 +369,43 @@ def _swap_to_little_endian(ds: pydicom.Dataset) -> None:
     ds.set_original_encoding(False, True)
 
 
-def transcode(source: BinaryIO, target: str) -> bytes:
+def check_decompress(ds: pydicom.Dataset, max_decoded_bytes: int) -> None:
+    """Refuse decompressing every frame of `ds` when its header, frame count or
+    codestreams say it would decode over `max_decoded_bytes` or more than the data holds.
+
+    Raises
+    ------
+    PixelError
+        DecodeBudgetError or PixelDataMismatchError, before anything is decoded.
+    """
+    if "PixelData" not in ds:
+        return
+    stored = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE))
+    frames = frames_present(ds)
+    header = pixel_header(ds)
+    require_budget(header, frames, max_decoded_bytes)
+    if stored not in NATIVE:
+        check_codestreams(generate_frames(ds.PixelData, number_of_frames=frames), stored, header)
+
+
+def transcode(source: BinaryIO, target: str, max_decoded_bytes: int) -> bytes:
     """Read a Part-10 instance from `source` and write it in transfer syntax `target`.
+
+    Compressed pixel data is decoded only once its header, frame count and codestreams
+    fit `max_decoded_bytes` (:mod:`dicomweb.pixel_limits`).
 
     Raises
     ------
     ValueError
-        If it cannot be done (see :func:`transcode_reason` to ask first).
+        If it cannot be done (see :func:`transcode_reason` to ask first); a
+        :class:`~dicomweb.pixel_limits.PixelError` if the pixel data is over the budget or
+        promises more than it holds.
     """
     ds = pydicom.dcmread(source, force=True)
     stored = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE))
     try:
         if stored not in NATIVE and "PixelData" in ds:
+            check_decompress(ds, max_decoded_bytes)
             ds.decompress(generate_instance_uid=False)
         if stored == EXPLICIT_BE:
             _swap_to_little_endian(ds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from vannah_pipelines.catalog.query import QuerySpec
@@ -14,13 +15,16 @@ class InvalidQidoParameterError(ValueError):
     """A QIDO-RS parameter that is unknown or malformed (answered with 400)."""
 
 
-def _int(name: str, value: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except ValueError as exc:
-        raise InvalidQidoParameterError(f"{name} must be an integer, not {value[:32]!r}") from exc
+def _int(name: str, value: str, minimum: int, maximum: int | None = None) -> int:
+    text = value.strip()
+    # ASCII digits only, and few of them: int() would take "٣" or 4000 digits.
+    if not re.fullmatch(r"[+-]?[0-9]{1,19}", text):
+        raise InvalidQidoParameterError(f"{name} must be an integer, not {value[:32]!r}")
+    number = int(text)
     if number < minimum:
         raise InvalidQidoParameterError(f"{name} must be at least {minimum}")
+    if maximum is not None and number > maximum:
+        raise InvalidQidoParameterError(f"{name} must be at most {maximum}")
     return number
 
 
@@ -33,9 +37,13 @@ def parse_qido(
     level: Level,
     *,
     max_limit: int,
+    max_offset: int = 1_000_000_000,
     scope: dict[str, str] | None = None,
 ) -> tuple[QuerySpec, list[str]]:
     """Turn query parameters into a QuerySpec plus warnings for the Warning header.
+
+    A `limit` over `max_limit` is cut to it (with a warning); an `offset` over `max_offset`
+    is refused, as is any number that is not a plain decimal integer.
 
     >>> spec, warnings = parse_qido([("00100020", "X"), ("limit", "5"),
     ...     ("includefield", "00081030,00080060")], Level.STUDY, max_limit=100)
@@ -60,7 +68,7 @@ def parse_qido(
         if lower == "limit":
             limit = _int("limit", value, 0)
         elif lower == "offset":
-            offset = _int("offset", value, 0)
+            offset = _int("offset", value, 0, max_offset)
         elif lower == "fuzzymatching":
             if value.lower() not in _BOOLEAN:
                 raise InvalidQidoParameterError("fuzzymatching must be true or false")

@@ -6,6 +6,8 @@ Pure (pydicom + numpy + Pillow): data sets in, bytes out.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -13,44 +15,78 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
+from pydicom.encaps import generate_frames, get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
 from pydicom.pixels.utils import pack_bits, pixel_array
 
 from dicomweb.media import EXPLICIT_BE, NATIVE
+from dicomweb.pixel_limits import (
+    DecodeBudgetError,
+    PixelError,
+    check_codestream,
+    check_codestreams,
+    frames_present,
+    pixel_header,
+    require_budget,
+)
 
 DEFAULT_THUMBNAIL = 128
 _FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+_FRAME_NUMBER = re.compile(r"0*[1-9][0-9]{0,9}")
 
 
-class FrameError(ValueError):
+class FrameError(PixelError):
     """A frame asked for does not exist or cannot be produced."""
 
 
 # ---------------------------------------------------------------- frames
 
 
-def parse_frame_list(text: str) -> list[int]:
+def parse_frame_list(text: str, max_frames: int = 1000) -> list[int]:
     """PS3.18 frame list: comma-separated 1-based frame numbers.
 
     >>> parse_frame_list("1,3, 2")
     [1, 3, 2]
+
+    Repeated numbers are answered once, in the order first asked; more than `max_frames`
+    distinct numbers are refused.
+
+    >>> parse_frame_list("1,3,1")
+    [1, 3]
+
+    Raises
+    ------
+    FrameError
+        For a piece that is not a frame number, or too many frames.
     """
-    numbers: list[int] = []
-    for piece in text.split(","):
+    pieces = text.split(",")
+    if len(pieces) > 4 * max_frames:  # refuse before parsing a huge list
+        raise FrameError(f"at most {max_frames} frames per request")
+    numbers: dict[int, None] = {}
+    for piece in pieces:
         piece = piece.strip()
-        if not piece.isdigit() or int(piece) < 1:
+        if not _FRAME_NUMBER.fullmatch(piece):
             raise FrameError(f"not a frame number: {piece[:20]!r}")
-        numbers.append(int(piece))
-    if not numbers:
-        raise FrameError("no frame numbers")
-    return numbers
+        numbers[int(piece)] = None
+        if len(numbers) > max_frames:
+            raise FrameError(f"at most {max_frames} frames per request")
+    return list(numbers)
 
 
 def frame_count(ds: Dataset) -> int:
-    if "PixelData" not in ds:
-        return 0
+    """Frames of `ds` (0: no pixel data), checked against the pixel data present.
+
+    Raises
+    ------
+    PixelDataMismatchError
+        If NumberOfFrames promises more frames than the data holds.
+    """
+    return frames_present(ds)
+
+
+def declared_frames(ds: Dataset) -> int:
+    """NumberOfFrames as declared (use once :func:`frame_count` has checked it)."""
     try:
         return max(1, int(ds.get("NumberOfFrames") or 1))
     except (TypeError, ValueError):
@@ -69,13 +105,62 @@ def _stored_syntax(ds: Dataset) -> str:
     return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
 
 
-def check_frames(ds: Dataset, numbers: list[int]) -> None:
+def check_frames(ds: Dataset, numbers: Sequence[int]) -> int:
+    """Check that the frames `numbers` exist; return the instance's frame count.
+
+    Raises
+    ------
+    FrameError
+        If the instance has no pixel data or one of the frames does not exist.
+    PixelDataMismatchError
+        If NumberOfFrames promises more frames than the data holds.
+    """
     count = frame_count(ds)
     if count == 0:
         raise FrameError("the instance has no pixel data")
-    bad = [n for n in numbers if n > count]
-    if bad:
-        raise FrameError(f"frame {bad[0]} does not exist: the instance has {count} frame(s)")
+    highest = numbers[-1] if isinstance(numbers, range) else max(numbers)
+    if highest > count:
+        raise FrameError(f"frame {highest} does not exist: the instance has {count} frame(s)")
+    return count
+
+
+def needs_decode(ds: Dataset) -> bool:
+    """Whether :func:`decoded_frame` decodes (rather than slices stored native bytes)."""
+    stored = _stored_syntax(ds)
+    return not (stored in NATIVE and stored != EXPLICIT_BE and _native_frame_size(ds) % 8 == 0)
+
+
+def check_decode(ds: Dataset, frames: int, max_decoded_bytes: int) -> None:
+    """Refuse a decode of `frames` frames of `ds` over the budget, from the header alone.
+
+    Raises
+    ------
+    DecodeBudgetError
+        If it would decode more than `max_decoded_bytes`.
+    """
+    require_budget(pixel_header(ds), frames, max_decoded_bytes)
+
+
+def check_frame_codestreams(ds: Dataset, numbers: Sequence[int]) -> None:
+    """Check the codestreams of the frames `numbers` against the header before any of them
+    is decoded (so a lying frame is refused before the answer starts, not in the middle).
+
+    Raises
+    ------
+    PixelDataMismatchError
+        If a frame's codestream describes a larger image than the header.
+    """
+    stored = _stored_syntax(ds)
+    if not stored or stored in NATIVE:
+        return
+    header = pixel_header(ds)
+    count = declared_frames(ds)
+    if isinstance(numbers, range) and len(numbers) == count:  # every frame: one pass
+        frames = generate_frames(ds.PixelData, number_of_frames=count)
+        check_codestreams(frames, stored, header)
+        return
+    for number in numbers:
+        check_codestream(stored_frame(ds, number), stored, header)
 
 
 def stored_frame(ds: Dataset, number: int) -> bytes:
@@ -83,7 +168,7 @@ def stored_frame(ds: Dataset, number: int) -> bytes:
     stored = _stored_syntax(ds)
     data: bytes = ds.PixelData
     if stored and stored not in NATIVE:
-        return bytes(get_frame(data, number - 1, number_of_frames=frame_count(ds)))
+        return bytes(get_frame(data, number - 1, number_of_frames=declared_frames(ds)))
     bits = _native_frame_size(ds)
     if bits % 8 == 0:
         size = bits // 8
@@ -93,9 +178,9 @@ def stored_frame(ds: Dataset, number: int) -> bytes:
 
 def decoded_frame(ds: Dataset, number: int) -> bytes:
     """Frame `number` (1-based) decoded to native little endian bytes (colour as RGB,
-    interleaved)."""
-    stored = _stored_syntax(ds)
-    if stored in NATIVE and stored != EXPLICIT_BE and _native_frame_size(ds) % 8 == 0:
+    interleaved). Check the budget first (:func:`check_decode`); the frame's codestream is
+    checked against the header here, before the decoder sees it."""
+    if not needs_decode(ds):
         return stored_frame(ds, number)
     arr = _frame_array(ds, number)
     if int(ds.BitsAllocated) == 1:
@@ -104,8 +189,12 @@ def decoded_frame(ds: Dataset, number: int) -> bytes:
 
 
 def _frame_array(ds: Dataset, number: int) -> np.ndarray[Any, Any]:
-    """One frame decoded (only that frame, for multi-frame data)."""
-    index = number - 1 if frame_count(ds) > 1 else None
+    """One frame decoded (only that frame, for multi-frame data), once its codestream
+    is known to describe no more than the header."""
+    stored = _stored_syntax(ds)
+    if stored and stored not in NATIVE:
+        check_codestream(stored_frame(ds, number), stored, pixel_header(ds))
+    index = number - 1 if declared_frames(ds) > 1 else None
     arr: np.ndarray[Any, Any] = pixel_array(ds, index=index)
     return arr
 
@@ -234,15 +323,27 @@ def _fit(image: Image.Image, viewport: tuple[int, int], enlarge: bool) -> Image.
     return image.resize(size, Image.Resampling.LANCZOS) if size != image.size else image
 
 
-def render_frame(ds: Dataset, number: int, options: RenderOptions) -> bytes:
+def render_frame(ds: Dataset, number: int, options: RenderOptions, max_decoded_bytes: int) -> bytes:
     """Frame `number` (1-based) of `ds` rendered as `options.media_type`.
 
     Raises
     ------
     FrameError
         If the frame does not exist or cannot be decoded.
+    PixelDataMismatchError
+        If the header promises frames or pixels the data does not hold.
+    DecodeBudgetError
+        If the frame is larger than `max_decoded_bytes` decoded.
     """
     check_frames(ds, [number])
+    check_decode(ds, 1, max_decoded_bytes)
+    if options.viewport is not None:  # the resized image (RGB at most) is held too
+        width, height = options.viewport
+        if width * height * 3 > max_decoded_bytes:
+            raise DecodeBudgetError(
+                f"a {width}x{height} viewport needs {width * height * 3} bytes; this service "
+                f"renders at most {max_decoded_bytes} bytes per request"
+            )
     try:
         arr = _frame_array(ds, number)
     except (NotImplementedError, RuntimeError, ValueError) as exc:

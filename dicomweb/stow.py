@@ -18,7 +18,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,9 @@ from dicomweb.errors import (
     UnsupportedMediaTypeError,
 )
 from vannah_pipelines.dicom.inspection import InstanceIds, read_file_meta, read_instance_ids
-from vannah_pipelines.errors import InvalidDicomError, UnsafeUidError
+from vannah_pipelines.errors import InsufficientSpaceError, InvalidDicomError, UnsafeUidError
 from vannah_pipelines.landing.layout import LandingZone, OpenBatch, ReceiveFacts
+from vannah_pipelines.landing.space import require_free_space
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ _SPOOL_PREFIX = ".tmp-stow-"
 _MAX_PREAMBLE = 64 * 1024
 _MAX_PART_HEADERS = 16 * 1024
 _MAX_PADDING = 1024
+# A part is held in memory up to this size (checked there, written only if valid); a larger
+# one is spooled to a file as it arrives.
+_IN_MEMORY_PART_BYTES = 64 * 1024
+# A body is checked against the free-space reserve again after this many bytes.
+_SPACE_CHECK_BYTES = 16 * 1024**2
+# Failed parts without a SOP Instance UID listed one by one in the response.
+MAX_LISTED_UNIDENTIFIED = 100
 
 # RFC 7230 3.2.6 token and quoted-string; an unquoted value is read leniently.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -139,8 +147,9 @@ def stow_boundary(content_type: str | None) -> str:
     return boundary
 
 
-def check_content_length(value: str | None, max_bytes: int) -> None:
-    """Refuse a declared body size over `max_bytes` before reading any of it.
+def check_content_length(value: str | None, max_bytes: int) -> int | None:
+    """Refuse a declared body size over `max_bytes` before reading any of it; return the
+    declared size (None for a chunked body).
 
     Raises
     ------
@@ -150,13 +159,13 @@ def check_content_length(value: str | None, max_bytes: int) -> None:
         If Content-Length is not a number (400).
     """
     if value is None:
-        return  # chunked: counted while streaming
-    try:
-        length = int(value)
-    except ValueError as exc:
-        raise BadRequestError(f"invalid Content-Length: {value[:40]!r}") from exc
+        return None  # chunked: counted while streaming
+    if not value.strip().isascii() or not value.strip().isdigit():
+        raise BadRequestError(f"invalid Content-Length: {value[:40]!r}")
+    length = int(value)
     if length > max_bytes:
         raise PayloadTooLargeError(f"request body of {length} bytes exceeds {max_bytes} bytes")
+    return length
 
 
 def check_accept(accept: str | None) -> None:
@@ -244,11 +253,23 @@ class MultipartDecoder:
         BadRequestError
             If the body is not a multipart body with this boundary.
         """
+        return list(self.events(data))
+
+    def events(self, data: bytes) -> Iterator[Event]:
+        """Decode `data`, yielding the events it completes as they are found (a chunk of
+        many tiny parts never becomes a list of all their events). Consume it fully.
+
+        Raises
+        ------
+        BadRequestError
+            If the body is not a multipart body with this boundary.
+        """
         self._buf += data
         events: list[Event] = []
         while self._step(events):
-            pass
-        return events
+            yield from events
+            events.clear()
+        yield from events
 
     def close(self) -> None:
         """Check that the body ended with the close delimiter.
@@ -388,7 +409,8 @@ class _Spooled:
 @dataclass
 class _Part:
     outcome: PartOutcome
-    path: Path | None = None  # None: the part is being discarded
+    memory: bytearray | None = field(default_factory=bytearray)  # None: spooled or failed
+    path: Path | None = None
     fd: int | None = None
 
 
@@ -404,6 +426,12 @@ class StowRequest:
         The request's multipart boundary (:func:`stow_boundary`).
     max_bytes
         Body size limit (``settings.stow_max_bytes``).
+    max_parts
+        Parts limit (``settings.stow_max_parts``): one more is a 413.
+    reserve_bytes
+        Free disk space kept (``settings.free_space_reserve_bytes``): spooling stops with
+        InsufficientSpaceError before it would eat into it, and a part is not committed
+        if its copy would.
     study_uid
         The target study of ``/studies/{study}`` (a validated UID), or None.
     peer
@@ -416,13 +444,18 @@ class StowRequest:
         boundary: str,
         max_bytes: int,
         *,
+        max_parts: int = 10_000,
+        reserve_bytes: int = 0,
         study_uid: str | None = None,
         peer: str = "",
     ) -> None:
         self.zone = zone
         self.max_bytes = max_bytes
+        self.max_parts = max_parts
+        self.reserve_bytes = reserve_bytes
         self.study_uid = study_uid
         self.peer = peer
+        self._next_space_check = 0
         self.received = 0
         self.outcomes: list[PartOutcome] = []
         self.batch_id: str | None = None  # the sealed batch, once there is one
@@ -448,14 +481,20 @@ class StowRequest:
         Raises
         ------
         PayloadTooLargeError
-            Once the body exceeds `max_bytes`.
+            Once the body exceeds `max_bytes`, or holds more than `max_parts` parts.
         BadRequestError
             If the body is not a well-formed multipart body.
+        InsufficientSpaceError
+            If spooling on would eat into the free-space reserve.
         """
         self.received += len(data)
         if self.received > self.max_bytes:
             raise PayloadTooLargeError(f"request body exceeds {self.max_bytes} bytes")
-        for event in self._decoder.feed(data):
+        if self.received >= self._next_space_check and self._batch is not None:
+            # A chunked body has no length to check up front: look again every few MiB.
+            require_free_space(self._batch.path, 0, self.reserve_bytes)
+            self._next_space_check = self.received + _SPACE_CHECK_BYTES
+        for event in self._decoder.events(data):
             if isinstance(event, PartStart):
                 self._start_part(event.headers)
             elif isinstance(event, PartData):
@@ -504,6 +543,8 @@ class StowRequest:
 
     def _start_part(self, headers: dict[str, str]) -> None:
         assert self._batch is not None
+        if len(self.outcomes) >= self.max_parts:
+            raise PayloadTooLargeError(f"the body holds more than {self.max_parts} parts")
         outcome = PartOutcome(index=len(self.outcomes))
         self.outcomes.append(outcome)
         part = self._part = _Part(outcome)
@@ -514,34 +555,53 @@ class StowRequest:
             media_type = content_type
         if media_type != DICOM:
             _fail(outcome, FailureReason.CANNOT_UNDERSTAND, f"part is {media_type[:80]}")
+            part.memory = None
             return
-        path = self._batch.path / f"{_SPOOL_PREFIX}{outcome.index}-{uuid.uuid4().hex}"
-        try:
-            part.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            part.path = path
-        except OSError as exc:
-            log.warning("STOW-RS spool of part %d failed: %s", outcome.index, exc.strerror)
-            _fail(outcome, FailureReason.OUT_OF_RESOURCES, "cannot spool the part")
 
-    def _write(self, data: bytes) -> None:
-        part = self._part
-        if part is None or part.fd is None:
-            return  # a part already failed: its bytes are dropped
+    def _spool(self, part: _Part, data: bytes | bytearray) -> bool:
+        """Write `data` to the part's spool file (created on first use); False on failure
+        (the part is then failed and its file removed)."""
+        assert self._batch is not None
+        index = part.outcome.index
         try:
+            if part.fd is None:
+                part.path = self._batch.path / f"{_SPOOL_PREFIX}{index}-{uuid.uuid4().hex}"
+                part.fd = os.open(part.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             view = memoryview(data)
             while view:
                 view = view[os.write(part.fd, view) :]
         except OSError as exc:
-            log.warning("STOW-RS spool of part %d failed: %s", part.outcome.index, exc.strerror)
+            log.warning("STOW-RS spool of part %d failed: %s", index, exc.strerror)
             _discard(part.fd, part.path)
             part.fd = part.path = None
+            part.memory = None
             _fail(part.outcome, FailureReason.OUT_OF_RESOURCES, "cannot spool the part")
+            return False
+        return True
+
+    def _write(self, data: bytes) -> None:
+        part = self._part
+        if part is None or part.outcome.failure is not None:
+            return  # a part already failed: its bytes are dropped
+        if part.memory is not None:
+            # Small parts stay in memory until they end: an empty or tiny part costs no
+            # file. A part that outgrows the buffer goes to its spool file.
+            part.memory += data
+            if len(part.memory) > _IN_MEMORY_PART_BYTES:
+                pending, part.memory = part.memory, None
+                self._spool(part, pending)
+            return
+        self._spool(part, data)
 
     def _end_part(self) -> None:
         part, self._part = self._part, None
-        if part is None or part.fd is None or part.path is None:
+        if part is None or part.outcome.failure is not None:
             return
         outcome = part.outcome
+        if part.memory is not None:
+            self._end_small_part(part, part.memory)
+            return
+        assert part.fd is not None and part.path is not None
         try:
             os.close(part.fd)
         except OSError as exc:
@@ -550,15 +610,40 @@ class StowRequest:
             _fail(outcome, FailureReason.OUT_OF_RESOURCES, "cannot spool the part")
             return
         try:
-            syntax = _inspect(part.path, outcome, self.study_uid)
+            with _mapped(part.path) as data:
+                syntax = _inspect(data, outcome, self.study_uid)
         except InvalidDicomError:
             _discard(None, part.path)
-            log.info("STOW-RS part %d refused: %s", outcome.index, outcome.comment)
+            log.debug("STOW-RS part %d refused: %s", outcome.index, outcome.comment)
             return
         except OSError as exc:
             log.warning("STOW-RS spooled part %d unreadable: %s", outcome.index, exc.strerror)
             _discard(None, part.path)
             _fail(outcome, FailureReason.OUT_OF_RESOURCES, "cannot read the spooled part")
+            return
+        self._spooled.append(_Spooled(outcome, part.path, syntax))
+
+    def _end_small_part(self, part: _Part, data: bytearray) -> None:
+        """A part that ended in memory: checked there; only a valid one gets a file."""
+        outcome = part.outcome
+        part.memory = None
+        if not data:
+            _fail(outcome, FailureReason.CANNOT_UNDERSTAND, "empty part")
+            return
+        try:
+            syntax = _inspect(memoryview(data), outcome, self.study_uid)
+        except InvalidDicomError:
+            log.debug("STOW-RS part %d refused: %s", outcome.index, outcome.comment)
+            return
+        if not self._spool(part, data):
+            return
+        assert part.fd is not None and part.path is not None
+        try:
+            os.close(part.fd)
+        except OSError as exc:
+            log.warning("STOW-RS spool of part %d failed: %s", outcome.index, exc.strerror)
+            _discard(None, part.path)
+            _fail(outcome, FailureReason.OUT_OF_RESOURCES, "cannot spool the part")
             return
         self._spooled.append(_Spooled(outcome, part.path, syntax))
 
@@ -574,8 +659,14 @@ class StowRequest:
         )
         try:
             with _mapped(spooled.path) as data:
+                # The copy must leave the reserve free: else 0xA700, nothing written.
+                require_free_space(batch.path, len(data), self.reserve_bytes)
                 batch.write_instance(data, facts)  # temp + fsync + rename: the commit
+        except InsufficientSpaceError:
+            log.warning("STOW-RS landing of %s refused: free-space reserve", facts.sop_instance_uid)
+            _fail(outcome, FailureReason.OUT_OF_RESOURCES, "not enough free disk space")
         except OSError as exc:
+            # write_instance removes its temp file: a failed write leaves nothing behind.
             log.error("STOW-RS landing write of %s failed: %s", facts.sop_instance_uid, exc)
             _fail(outcome, FailureReason.OUT_OF_RESOURCES, "cannot store the instance")
         finally:
@@ -616,30 +707,27 @@ def _mapped(path: Path) -> Iterator[memoryview]:
                 mapped.close()
 
 
-def _inspect(path: Path, outcome: PartOutcome, study_uid: str | None) -> str:
-    """Validate a spooled part; fill `outcome` and return its transfer syntax.
+def _inspect(data: memoryview, outcome: PartOutcome, study_uid: str | None) -> str:
+    """Validate a part's bytes; fill `outcome` and return its transfer syntax.
 
     Raises InvalidDicomError (with `outcome` marked failed) if the part must be refused.
     """
-    with _mapped(path) as data:
-        try:
-            meta = read_file_meta(data)
-        except InvalidDicomError as exc:
-            _fail(outcome, FailureReason.CANNOT_UNDERSTAND, str(exc))
-            raise
-        outcome.sop_class_uid = meta.media_storage_sop_class_uid
-        outcome.sop_instance_uid = meta.media_storage_sop_instance_uid
-        try:
-            ids = read_instance_ids(data[meta.dataset_offset :], meta.transfer_syntax_uid)
-        except UnsafeUidError as exc:  # PS3.4 B.2.3: missing or invalid UIDs
-            # The attribute only: the value may be anything, and is logged.
-            _fail(
-                outcome, FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"invalid {exc.attribute}"
-            )
-            raise
-        except InvalidDicomError as exc:
-            _fail(outcome, FailureReason.CANNOT_UNDERSTAND, str(exc))
-            raise
+    try:
+        meta = read_file_meta(data)
+    except InvalidDicomError as exc:
+        _fail(outcome, FailureReason.CANNOT_UNDERSTAND, str(exc))
+        raise
+    outcome.sop_class_uid = meta.media_storage_sop_class_uid
+    outcome.sop_instance_uid = meta.media_storage_sop_instance_uid
+    try:
+        ids = read_instance_ids(data[meta.dataset_offset :], meta.transfer_syntax_uid)
+    except UnsafeUidError as exc:  # PS3.4 B.2.3: missing or invalid UIDs
+        # The attribute only: the value may be anything, and is logged.
+        _fail(outcome, FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"invalid {exc.attribute}")
+        raise
+    except InvalidDicomError as exc:
+        _fail(outcome, FailureReason.CANNOT_UNDERSTAND, str(exc))
+        raise
     _identify(outcome, ids)
     # The data set's UIDs are authoritative; a file meta that names others (PS3.10 7.1
     # forbids it, but such files exist) is stored as received, like the DIMSE path does.
@@ -681,10 +769,22 @@ def _url_element(value: str) -> dict[str, Any]:
     return {"vr": "UR", "Value": [value]}
 
 
+def unlisted_failures(outcomes: list[PartOutcome]) -> int:
+    """Failed parts left out of the FailedSOPSequence: those with no SOP Instance UID past
+    the first MAX_LISTED_UNIDENTIFIED (each would cost more response than body)."""
+    unidentified = sum(1 for o in outcomes if not o.stored and not o.sop_instance_uid)
+    return max(0, unidentified - MAX_LISTED_UNIDENTIFIED)
+
+
 def response_body(
     outcomes: list[PartOutcome], base_url: str, study_uid: str | None
 ) -> dict[str, Any]:
     """The Store Instances Response Module (PS3.18 10.5.3) as DICOM JSON.
+
+    Every stored instance and every failed one with a SOP Instance UID is listed; failed
+    parts with no UID (empty, not DICOM) are listed up to MAX_LISTED_UNIDENTIFIED, the
+    rest only counted (:func:`unlisted_failures`, sent in a Warning header), so the answer
+    stays proportional to the body.
 
     Parameters
     ----------
@@ -696,7 +796,16 @@ def response_body(
         The study of the URL, if any; else the one study of the stored instances, if one.
     """
     stored = [o for o in outcomes if o.stored]
-    failed = [o for o in outcomes if not o.stored]
+    failed: list[PartOutcome] = []
+    unidentified = 0
+    for o in outcomes:
+        if o.stored:
+            continue
+        if not o.sop_instance_uid:
+            unidentified += 1
+            if unidentified > MAX_LISTED_UNIDENTIFIED:
+                continue
+        failed.append(o)
     body: dict[str, Any] = {}
     studies = {o.study_instance_uid for o in stored}
     study = study_uid or (studies.pop() if len(studies) == 1 else None)

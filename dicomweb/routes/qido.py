@@ -33,6 +33,7 @@ def _search(
             request.query_params.multi_items(),
             level,
             max_limit=settings.dicomweb_max_limit,
+            max_offset=settings.dicomweb_max_offset,
             scope=scope,
         )
         base = str(request.base_url).rstrip("/") + "/dicom-web"

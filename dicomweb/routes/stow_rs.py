@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from dicomweb.deps import SettingsDep
-from dicomweb.errors import BadRequestError, DicomWebError
+from dicomweb.errors import BadRequestError, DicomWebError, InsufficientStorageError
 from dicomweb.stow import (
     DICOM_JSON,
     StowRequest,
@@ -24,9 +25,12 @@ from dicomweb.stow import (
     response_body,
     response_status,
     stow_boundary,
+    unlisted_failures,
 )
 from vannah_pipelines.dicom.uids import is_uid
+from vannah_pipelines.errors import InsufficientSpaceError
 from vannah_pipelines.landing.layout import LandingZone
+from vannah_pipelines.landing.space import is_disk_full, require_free_space
 from vannah_pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,12 +59,17 @@ async def _store(request: Request, settings: Settings, study_uid: str | None) ->
     headers = request.headers
     check_accept(headers.get("accept"))
     boundary = stow_boundary(headers.get("content-type"))
-    check_content_length(headers.get("content-length"), settings.stow_max_bytes)
+    length = check_content_length(headers.get("content-length"), settings.stow_max_bytes)
+    reserve = settings.free_space_reserve_bytes
+    # Before anything is written: the body, spooled, must leave the reserve free.
+    _require_space(_existing(settings.landing_dir), length or 0, reserve)
     client = request.client
     stow = StowRequest(
         LandingZone(settings.landing_dir),
         boundary,
         settings.stow_max_bytes,
+        max_parts=settings.stow_max_parts,
+        reserve_bytes=reserve,
         study_uid=study_uid,
         peer=f"{client.host}:{client.port}" if client else "",
     )
@@ -68,6 +77,8 @@ async def _store(request: Request, settings: Settings, study_uid: str | None) ->
         await run_in_threadpool(stow.open)
     except OSError as exc:
         log.error("STOW-RS cannot open a landing batch: %s", exc)
+        if is_disk_full(exc):
+            raise InsufficientStorageError("the archive's disk is full") from exc
         raise DicomWebError("the archive cannot accept instances now", status=503) from exc
     try:
         pending = bytearray()
@@ -79,6 +90,9 @@ async def _store(request: Request, settings: Settings, study_uid: str | None) ->
         if pending:
             await run_in_threadpool(stow.feed, bytes(pending))
         outcomes = await run_in_threadpool(stow.finish)
+    except InsufficientSpaceError as exc:
+        log.warning("STOW-RS from %s refused: free-space reserve reached", stow.peer)
+        raise InsufficientStorageError(str(exc)) from exc
     finally:
         with anyio.CancelScope(shield=True):  # a client that hangs up still gets cleaned
             await run_in_threadpool(stow.close)
@@ -91,7 +105,28 @@ async def _store(request: Request, settings: Settings, study_uid: str | None) ->
         stow.batch_id,
     )
     body = response_body(outcomes, _service_root(request), study_uid)
-    return Response(json.dumps(body), status_code=status, media_type=DICOM_JSON)
+    unlisted = unlisted_failures(outcomes)
+    warning = (
+        {"Warning": f'299 vannah "{unlisted} more failed parts without a SOP Instance UID"'}
+        if unlisted
+        else None
+    )
+    return Response(json.dumps(body), status_code=status, media_type=DICOM_JSON, headers=warning)
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest existing parent (the landing folder may not exist yet)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _require_space(path: Path, needed: int, reserve: int) -> None:
+    try:
+        require_free_space(path, needed, reserve)
+    except InsufficientSpaceError as exc:
+        log.warning("STOW-RS refused: free-space reserve (%d bytes to write)", needed)
+        raise InsufficientStorageError(str(exc)) from exc
 
 
 def _service_root(request: Request) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, BinaryIO
 
 import pydicom
@@ -23,6 +23,7 @@ from dicomweb.media import (
     OCTET_STREAM,
     FrameChoice,
     InstanceChoice,
+    check_decompress,
     choose_bulk,
     choose_frames,
     choose_instance,
@@ -40,14 +41,19 @@ from dicomweb.multipart import (
     new_boundary,
     read_chunks,
 )
+from dicomweb.pixel_limits import PixelError, is_encapsulated
 from dicomweb.rendering import (
     PIXEL_DATA_TAG,
     FrameError,
     RenderOptions,
     bulk_value,
+    check_decode,
+    check_frame_codestreams,
     check_frames,
+    declared_frames,
     decoded_frame,
     frame_count,
+    needs_decode,
     parse_bulk_path,
     parse_frame_list,
     parse_quality,
@@ -132,15 +138,47 @@ def read_dataset(settings: Settings, instance: StoredInstance) -> Dataset:
 
 
 def instance_body(
-    open_stream: Callable[[], BinaryIO], stored: str, choice: InstanceChoice
+    open_stream: Callable[[], BinaryIO],
+    stored: str,
+    choice: InstanceChoice,
+    max_decoded_bytes: int,
 ) -> Iterator[bytes]:
     """The instance's bytes: the stored file in chunks, or transcoded."""
     if not choice.transcode(stored):
         yield from read_chunks(open_stream)
         return
     with open_stream() as stream:
-        data = transcode(stream, choice.transfer_syntax_uid)
+        data = transcode(stream, choice.transfer_syntax_uid, max_decoded_bytes)
     yield from chunked(data)
+
+
+def check_transcode(
+    settings: Settings,
+    instance: StoredInstance,
+    open_stream: Callable[[], BinaryIO],
+    *,
+    whole: bool = True,
+) -> None:
+    """Before the answer starts: refuse (400) transcoding an instance whose pixel data
+    would decode over ``dicomweb_max_decoded_bytes``, or promises more than it holds
+    (nothing is decoded). `whole`: read the pixel data too, to check the frame count and
+    codestreams; else (one of many instances) the header's budget only, the rest being
+    checked again by :func:`~dicomweb.media.transcode` just before it decodes."""
+    try:
+        with open_stream() as stream:
+            ds = pydicom.dcmread(stream, force=True, stop_before_pixels=not whole)
+    except StorageNotFoundError as exc:
+        log.error("catalogued object missing from storage: %s", exc)
+        raise DicomWebError(
+            f"the stored object of instance {instance.sop_instance_uid} is missing", status=500
+        ) from exc
+    try:
+        if whole:
+            check_decompress(ds, settings.dicomweb_max_decoded_bytes)
+        elif "Rows" in ds:
+            check_decode(ds, declared_frames(ds), settings.dicomweb_max_decoded_bytes)
+    except PixelError as exc:
+        raise pixel_error(instance, exc) from exc
 
 
 def render_options(
@@ -169,11 +207,18 @@ def rendered_response(
 ) -> Response:
     ds = read_dataset(settings, instance)
     try:
-        data = render_frame(ds, number, options)
-    except FrameError as exc:
-        status = 404 if "does not exist" in str(exc) else 400
-        raise DicomWebError(f"instance {instance.sop_instance_uid}: {exc}", status=status) from exc
+        data = render_frame(ds, number, options, settings.dicomweb_max_decoded_bytes)
+    except PixelError as exc:
+        raise pixel_error(instance, exc) from exc
     return Response(content=data, media_type=options.media_type)
+
+
+def pixel_error(instance: StoredInstance, exc: PixelError) -> DicomWebError:
+    """A frame that does not exist: 404. Pixel data whose header the data does not back,
+    or a decode over the budget: 400 (the request is refused, not the server failing; 413
+    would tell the client to shrink a request body it did not send)."""
+    status = 404 if isinstance(exc, FrameError) and "does not exist" in str(exc) else 400
+    return DicomWebError(f"instance {instance.sop_instance_uid}: {exc}", status=status)
 
 
 # ---------------------------------------------------------------- instances
@@ -188,18 +233,21 @@ def _retrieve(settings: Settings, instances: list[StoredInstance], accept: str |
         choice = choose_instance(ranges, instance.transfer_syntax_uid, single_part_ok=single)
         if isinstance(choice, str):
             raise NotAcceptableError(f"instance {instance.sop_instance_uid}: {choice}")
+        if choice.transcode(instance.transfer_syntax_uid):
+            check_transcode(settings, instance, open_stream, whole=single)
         planned.append((instance, open_stream, choice))
+    budget = settings.dicomweb_max_decoded_bytes
     if single and not planned[0][2].multipart:
         instance, open_stream, choice = planned[0]
         return StreamingResponse(
-            instance_body(open_stream, instance.transfer_syntax_uid, choice),
+            instance_body(open_stream, instance.transfer_syntax_uid, choice, budget),
             media_type=f"{DICOM}; transfer-syntax={choice.transfer_syntax_uid}",
         )
     boundary = new_boundary()
     parts = (
         Part(
             f"{DICOM}; transfer-syntax={choice.transfer_syntax_uid}",
-            instance_body(open_stream, instance.transfer_syntax_uid, choice),
+            instance_body(open_stream, instance.transfer_syntax_uid, choice, budget),
         )
         for instance, open_stream, choice in planned
     )
@@ -319,16 +367,23 @@ def instance_metadata(
 
 
 def _frames_response(
-    stored: StoredInstance, ds: Dataset, numbers: list[int], accept: str | None
+    stored: StoredInstance,
+    ds: Dataset,
+    numbers: Sequence[int],
+    accept: str | None,
+    max_decoded_bytes: int,
 ) -> Response:
     choice = choose_frames(parse_accept(accept), stored.transfer_syntax_uid, len(numbers))
     if isinstance(choice, str):
         raise NotAcceptableError(f"instance {stored.sop_instance_uid}: {choice}")
     try:
         check_frames(ds, numbers)
-    except FrameError as exc:
-        status = 404 if "does not exist" in str(exc) else 400
-        raise DicomWebError(f"instance {stored.sop_instance_uid}: {exc}", status=status) from exc
+        # Native 1-bit frames are unpacked even when asked as stored (stored_frame).
+        if needs_decode(ds) and (choice.decode or not is_encapsulated(ds)):
+            check_decode(ds, len(numbers), max_decoded_bytes)
+            check_frame_codestreams(ds, numbers)
+    except PixelError as exc:
+        raise pixel_error(stored, exc) from exc
 
     def frame(number: int, how: FrameChoice) -> bytes:
         return decoded_frame(ds, number) if how.decode else stored_frame(ds, number)
@@ -359,11 +414,12 @@ def retrieve_frames(
     accept: AcceptHeader = None,
 ) -> Response:
     try:
-        numbers = parse_frame_list(frames)
+        numbers = parse_frame_list(frames, settings.dicomweb_max_frames)
     except FrameError as exc:
         raise BadRequestError(str(exc)) from exc
     stored = lookup(catalog, study, series, instance)[0]
-    return _frames_response(stored, read_dataset(settings, stored), numbers, accept)
+    ds = read_dataset(settings, stored)
+    return _frames_response(stored, ds, numbers, accept, settings.dicomweb_max_decoded_bytes)
 
 
 @router.get(INSTANCE + "/bulk/{path:path}", summary="Retrieve bulk data")
@@ -383,8 +439,13 @@ def retrieve_bulk_data(
     stored = lookup(catalog, study, series, instance)[0]
     ds = read_dataset(settings, stored)
     if tags == [PIXEL_DATA_TAG]:
-        count = frame_count(ds)
-        return _frames_response(stored, ds, list(range(1, count + 1)), accept)
+        try:
+            count = frame_count(ds)  # checked against the data: never a list of 2^31 frames
+        except PixelError as exc:
+            raise pixel_error(stored, exc) from exc
+        return _frames_response(
+            stored, ds, range(1, count + 1), accept, settings.dicomweb_max_decoded_bytes
+        )
     multipart = choose_bulk(parse_accept(accept))
     if isinstance(multipart, str):
         raise NotAcceptableError(multipart)

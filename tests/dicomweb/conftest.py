@@ -23,6 +23,7 @@ from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
 from vannah_pipelines.settings import Settings, load_settings
 
+LOCAL_URL = "http://localhost"
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
 # pydicom test files worth serving: multi-frame, compressed, big endian, no pixels.
@@ -165,7 +166,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Archive:
 
 @pytest.fixture(scope="module")
 def client(archive: Archive) -> Iterator[TestClient]:
-    with TestClient(create_app(archive.settings)) as test_client:
+    # The service answers loopback Host names only by default (not TestClient's "testserver").
+    with TestClient(create_app(archive.settings), base_url=LOCAL_URL) as test_client:
         yield test_client
 
 

@@ -90,7 +90,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, list[py
 
 @pytest.fixture(scope="module")
 def client(archive: tuple[Settings, list[pydicom.Dataset]]) -> TestClient:
-    return TestClient(create_app(archive[0]))
+    return TestClient(create_app(archive[0]), base_url="http://localhost")
 
 
 def _fold(text: str) -> str:

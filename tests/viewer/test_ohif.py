@@ -29,7 +29,7 @@ from dicomweb.app import create_app
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
-from vannah_pipelines.settings import load_settings
+from vannah_pipelines.settings import Settings, load_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -147,7 +147,7 @@ def _app_config(dicomweb: str) -> str:
 
 
 @pytest.fixture
-def study(tmp_path: Path) -> Iterator[tuple[str, object]]:
+def study(tmp_path: Path) -> Iterator[tuple[str, Settings]]:
     settings = load_settings(data_dir=tmp_path / "data")
     batch = LandingZone(settings.landing_dir).open_batch("stow")
     first = make_instance("CT", rows=256, columns=256)
@@ -179,21 +179,24 @@ def study(tmp_path: Path) -> Iterator[tuple[str, object]]:
         ),
         [sealed.batch_id],
     )
-    yield str(first.StudyInstanceUID), create_app(settings)
+    yield str(first.StudyInstanceUID), settings
 
 
 def test_ohif_opens_a_study_and_the_image_is_not_blank(
-    tmp_path: Path, study: tuple[str, object]
+    tmp_path: Path, study: tuple[str, Settings]
 ) -> None:
     assert CHROMIUM.exists(), "Debian chromium missing: run .ci/bootstrap (make test does)"
-    study_uid, api = study
+    study_uid, settings = study
     site = tmp_path / "ohif"
     shutil.copytree(_ohif_dist(), site)
     node_modules = _node_modules()
-    with _Server(api) as dicomweb:
-        (site / "app-config.js").write_text(_app_config(dicomweb))
-        viewer = Starlette(routes=[Mount("/", app=_SpaFiles(directory=site, html=True))])
-        with _Server(viewer) as ohif:
+    viewer = Starlette(routes=[Mount("/", app=_SpaFiles(directory=site, html=True))])
+    with _Server(viewer) as ohif:
+        # CORS allows no origin by default: the viewer's origin is configured, as
+        # docs/viewers.md says to.
+        api = create_app(settings.model_copy(update={"dicomweb_cors_origins": (ohif,)}))
+        with _Server(api) as dicomweb:
+            (site / "app-config.js").write_text(_app_config(dicomweb))
             shot = tmp_path / "ohif.png"
             result = subprocess.run(
                 [

@@ -49,7 +49,7 @@ def app(tmp_path: Path) -> FastAPI:
 def test_rest_create_update_cancel_list(
     app: FastAPI, store: WorklistStore, mwl_scp: Any, tmp_path: Path
 ) -> None:
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://localhost")
     port = mwl_scp(store)
     url = "/dicom-web/worklist/items"
     r = client.post(url, json=step_fields())
@@ -71,7 +71,7 @@ def test_rest_create_update_cancel_list(
 
 
 def test_rest_malformed_json_is_400_with_reasons_and_nothing_changes(app: FastAPI) -> None:
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://localhost")
     url = "/dicom-web/worklist/items"
     assert client.post(url, json=step_fields()).status_code == 201
     before = client.get(url).json()

@@ -85,13 +85,19 @@ def cmd_mllp(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     port = args.port if args.port is not None else settings.worklist_mllp_port
-    server = MllpServer((settings.bind_host, port), store_for(settings))
+    server = MllpServer(
+        (settings.mllp_bind_host, port),
+        store_for(settings),
+        settings.mllp_idle_timeout_seconds,
+        max_message_bytes=settings.mllp_max_message_bytes,
+        max_connections=settings.mllp_max_connections,
+    )
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda s, f: stop.set())
     thread = server.start()
-    log.info("MLLP listener on %s:%d", settings.bind_host, server.server_address[1])
+    log.info("MLLP listener on %s:%d", settings.mllp_bind_host, server.server_address[1])
     stop.wait()
     server.shutdown()
     server.server_close()
