@@ -122,6 +122,26 @@ def test_mllp_idle_connection_is_closed(server: MllpServer) -> None:
         assert _closed(sock)  # after idle_timeout (0.5 s); the client waits up to 10 s
 
 
+def test_mllp_message_dripped_slower_than_the_idle_timeout_allows_is_cut(
+    server: MllpServer,
+) -> None:
+    """A byte every 0.2 s never trips the 0.5 s idle timeout, but the message must end
+    within 0.5 s of its first byte: the connection is closed, the slot freed."""
+    with _connect(server) as sock:
+        start = time.monotonic()
+        sock.sendall(b"\x0bMSH|")
+        closed = False
+        for byte in b"^~\\&|RIS|HOSP|" * 20:  # 10 s of drip at most
+            time.sleep(0.2)
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+        assert closed or _closed(sock)
+        assert time.monotonic() - start < 8  # cut, not served to the end of the drip
+
+
 def test_framer_takes_any_chunking() -> None:
     message = _orm(padding=1000).encode()
     stream = b"noise" + frame(_orm()) + b"\r\n" + b"\x0b" + message + b"\x1c\r"

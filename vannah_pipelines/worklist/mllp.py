@@ -4,7 +4,8 @@ Release 1 framing (HL7 v2 Appendix C). Every message is applied to the worklist 
 its ACK is sent, so AA means the change is durable. Bounded: a message over
 ``mllp_max_message_bytes`` is answered AR and the connection closed; at most
 ``mllp_max_connections`` connections are served at once (more are closed at accept); a
-connection silent for ``mllp_idle_timeout_seconds`` is closed. Framing is linear: each
+connection silent for ``mllp_idle_timeout_seconds``, or whose message is not complete that long
+after its first byte, is closed. Framing is linear: each
 received byte is scanned once.
 """
 
@@ -14,6 +15,7 @@ import logging
 import socket
 import socketserver
 import threading
+import time
 from typing import Any
 
 from vannah_pipelines.worklist.errors import InvalidItemError
@@ -126,7 +128,21 @@ class _Handler(socketserver.BaseRequestHandler):
         sock.settimeout(self.server.idle_timeout)
         framer = MllpFramer(self.server.max_message_bytes)
         peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        idle = self.server.idle_timeout
+        # A message begun must end within the idle timeout of its first byte: a sender
+        # dripping a byte now and then cannot hold a connection slot forever.
+        message_deadline: float | None = None
         while True:
+            now = time.monotonic()
+            if framer.held and message_deadline is None:
+                message_deadline = now + idle
+            elif not framer.held:
+                message_deadline = None
+            left = idle if message_deadline is None else message_deadline - now
+            if left <= 0:
+                log.info("MLLP message from %s not finished in %.0f s; closing", peer, idle)
+                return
+            sock.settimeout(min(idle, left))
             try:
                 chunk = sock.recv(_RECV_BYTES)
             except TimeoutError:
