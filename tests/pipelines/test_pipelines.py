@@ -1,9 +1,11 @@
 """Dagster glue: definitions load, the sensor plans runs once, the asset reports metadata."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.defs.catalog.assets import instance_index
@@ -26,6 +28,14 @@ def _land(data_dir: Path, n: int, modality: str = "CT") -> str:
     return sealed.batch_id
 
 
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The resource reads the process's settings: point them at a tmp data folder."""
+    monkeypatch.setenv("VANNAH_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("VANNAH_CONFIG", raising=False)
+    yield tmp_path
+
+
 def test_definitions_load() -> None:
     from vannah_pipelines.definitions import defs
 
@@ -36,7 +46,7 @@ def test_definitions_load() -> None:
 
 
 def test_landed_batch_sensor_requests_each_batch_once(tmp_path: Path) -> None:
-    archive = ArchiveResource(data_dir=str(tmp_path))
+    archive = ArchiveResource()
     first, second = _land(tmp_path, 2), _land(tmp_path, 3)
     with dg.instance_for_test() as instance:
         context = dg.build_sensor_context(instance=instance, resources={"archive": archive})
@@ -46,13 +56,14 @@ def test_landed_batch_sensor_requests_each_batch_once(tmp_path: Path) -> None:
         assert request.run_key == f"ingest-{first}"
         config = request.run_config["ops"]["instance_index"]["config"]
         assert config["batch_ids"] == [first, second]
-        assert set(json.loads(result.cursor or "[]")) == {first, second}
+        assert set(json.loads(result.cursor or "{}")["batches"]) == {first, second}
         again = landed_batch_sensor(
             dg.build_sensor_context(
                 instance=instance, cursor=result.cursor, resources={"archive": archive}
             )
         )
-        assert isinstance(again, dg.SkipReason)
+        assert not again.run_requests and again.skip_reason is not None
+        assert "2 sealed batches" in (again.skip_reason.skip_message or "")
         third = _land(tmp_path, 1)
         later = landed_batch_sensor(
             dg.build_sensor_context(
@@ -69,7 +80,7 @@ def test_landed_batch_sensor_splits_by_max_files(tmp_path: Path, monkeypatch) ->
     with dg.instance_for_test() as instance:
         result = landed_batch_sensor(
             dg.build_sensor_context(
-                instance=instance, resources={"archive": ArchiveResource(data_dir=str(tmp_path))}
+                instance=instance, resources={"archive": ArchiveResource()}
             )
         )
     assert isinstance(result, dg.SensorResult)
@@ -85,7 +96,7 @@ def test_instance_index_materializes_with_metadata_and_checks(tmp_path: Path) ->
     result = dg.materialize(
         [instance_index],
         partition_key=day,
-        resources={"archive": ArchiveResource(data_dir=str(tmp_path))},
+        resources={"archive": ArchiveResource()},
         run_config=dg.RunConfig(ops={"instance_index": {"config": {"batch_ids": [batch_id]}}}),
     )
     assert result.success
@@ -95,7 +106,13 @@ def test_instance_index_materializes_with_metadata_and_checks(tmp_path: Path) ->
     assert mat.metadata["bytes"].value > 0
     assert "receive_to_index_p95_s" in mat.metadata
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"sop_instance_uids_unique": True, "instance_files_present": True}
+    assert checks == {
+        "sop_instance_uids_unique": True,
+        "instance_files_present": True,
+        "landing_backlog_fresh": True,
+    }
+    assert mat.metadata["pending_batches"].value == 0
+    assert mat.metadata["oldest_pending_batch_age_s"].value == 0.0
     assert CatalogReader(tmp_path / "catalog").query("SELECT count(*) FROM instances") == [(5,)]
 
 
@@ -107,7 +124,7 @@ def test_instance_files_present_fails_when_a_file_is_missing(tmp_path: Path) -> 
     dg.materialize(
         [instance_index],
         partition_key=day,
-        resources={"archive": ArchiveResource(data_dir=str(tmp_path))},
+        resources={"archive": ArchiveResource()},
         run_config=dg.RunConfig(ops={"instance_index": {"config": {"batch_ids": [batch_id]}}}),
     )
     files = [str(p) for p in (tmp_path / "catalog" / "instances").rglob(f"{batch_id}.parquet")]
@@ -135,7 +152,7 @@ def test_sop_instance_uids_unique_check_fails_on_a_uid_clash(tmp_path: Path) -> 
     result = dg.materialize(
         [instance_index],
         partition_key=day,
-        resources={"archive": ArchiveResource(data_dir=str(tmp_path))},
+        resources={"archive": ArchiveResource()},
         run_config=dg.RunConfig(ops={"instance_index": {"config": {"batch_ids": ids}}}),
     )
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}

@@ -3,6 +3,12 @@ the catalog, and remove the batch from the landing zone last.
 
 Idempotent per batch: a batch whose catalog file exists is only removed from the landing
 zone, so a run killed at any point and re-run leaves no duplicate and loses nothing.
+
+A file that fails for any reason of its own (unparseable, invalid, a pydicom error, an
+unsafe key) is quarantined with its reason and its batch-mates are indexed. A failure of
+the machine (an ``OSError`` reading the landing zone or writing the hot tier, the
+quarantine or the catalog, a full disk) is not the file's fault: it fails the run, which
+the sensor retries, and quarantines nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import hashlib
 import logging
 import re
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,8 +32,9 @@ from vannah_pipelines.catalog.schema import DICOM_COLUMNS, INSTANCE_SCHEMA, QUAR
 from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.dicom.headers import json_int, json_text, read_header
 from vannah_pipelines.dicom.uids import require_uid
-from vannah_pipelines.errors import InvalidDicomError
+from vannah_pipelines.errors import InvalidDicomError, UnsafeUidError
 from vannah_pipelines.landing.layout import Batch, LandedInstance, LandingZone
+from vannah_pipelines.landing.space import require_free_space
 from vannah_pipelines.storage.base import Tier, instance_key
 from vannah_pipelines.storage.local import LocalStorage
 
@@ -89,16 +96,39 @@ def _parse_time(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _index_one(
-    item: LandedInstance, batch_id: str, hot_dir: Path, quarantine_dir: Path
-) -> tuple[str, dict[str, Any]]:
-    """Index one landed file: ("instance", row) or ("quarantine", row). Never raises on
-    bad DICOM: bad input becomes a quarantine row with its reason."""
+_MAX_REASON = 1000
+
+
+def quarantine_reason(exc: BaseException) -> str:
+    """The reason recorded for a quarantined file: the archive's own message for invalid
+    DICOM, else the exception type and message.
+
+    >>> quarantine_reason(ValueError("bad"))
+    'ValueError: bad'
+    >>> quarantine_reason(InvalidDicomError("missing StudyInstanceUID"))
+    'missing StudyInstanceUID'
+    """
+    text = str(exc) if isinstance(exc, InvalidDicomError) else f"{type(exc).__name__}: {exc}"
+    return text[:_MAX_REASON]
+
+
+def reason_kind(reason: str) -> str:
+    """The part of a reason before its first colon: safe for logs and metadata (no values).
+
+    >>> reason_kind("BytesLengthException: Expected total bytes ...")
+    'BytesLengthException'
+    """
+    return reason.split(":", 1)[0][:80]
+
+
+def _instance_row(
+    item: LandedInstance, data: bytes, batch_id: str, hot_dir: Path, now: datetime
+) -> dict[str, Any]:
+    """Parse, validate and place one file; raise whatever it raises."""
     facts = item.facts
     received_at = _parse_time(facts.received_at if facts else None)
-    now = datetime.now(UTC)
-    data = item.path.read_bytes()
     try:
+        # Parsed from memory: whatever this raises, even an OSError, is the file's doing.
         header = read_header(item.path, data)
         if header.sop_instance_uid != item.sop_instance_uid:
             raise InvalidDicomError(
@@ -110,33 +140,13 @@ def _index_one(
             header.sop_instance_uid,
             header.checksum,
         )
-        LocalStorage(hot_dir, Tier.HOT).put(key, item.path, sync=False)  # synced per chunk
-    except InvalidDicomError as exc:
-        require_uid(item.sop_instance_uid, "SOPInstanceUID")
-        name = item.path.name  # <uid>.dcm or <uid>~<n>.dcm, made by the landing zone
-        if not _LANDED_NAME.fullmatch(name):
-            raise InvalidDicomError(f"unexpected landed file name {name[:80]!r}") from exc
-        qkey = f"{batch_id}/{name}"
-        LocalStorage(quarantine_dir).put(qkey, item.path)
-        return "quarantine", {
-            "batch_id": batch_id,
-            "file_name": name,
-            "quarantine_key": qkey,
-            "reason": str(exc),
-            "size_bytes": len(data),
-            "checksum": hashlib.sha256(data).hexdigest(),
-            "sop_instance_uid": item.sop_instance_uid,
-            "calling_ae": facts.calling_ae if facts else None,
-            "peer": facts.peer if facts else None,
-            "source": facts.source if facts else None,
-            "received_at": received_at,
-            "quarantined_at": now,
+        attributes = header.attributes
+        row: dict[str, Any] = {
+            name: (json_int if is_int else json_text)(attributes, tag)
+            for name, tag, is_int in _COLUMN_TAGS
         }
-    attributes = header.attributes
-    row: dict[str, Any] = {
-        name: (json_int if is_int else json_text)(attributes, tag)
-        for name, tag, is_int in _COLUMN_TAGS
-    }
+    except OSError as exc:
+        raise _FileFaultError(exc) from exc
     row.update(
         transfer_syntax_uid=header.transfer_syntax_uid
         or (facts.transfer_syntax_uid if facts else None),
@@ -153,7 +163,77 @@ def _index_one(
         batch_id=batch_id,
         header_json=header.header_json,
     )
-    return "instance", row
+    # An OSError here (hot tier full, unwritable) is the machine's: it fails the run.
+    LocalStorage(hot_dir, Tier.HOT).put(key, item.path, sync=False)  # synced per chunk
+    return row
+
+
+class _FileFaultError(Exception):
+    """Wraps an OSError raised while parsing a file from memory: the file's fault."""
+
+
+def quarantine_row(
+    item: LandedInstance,
+    batch_id: str,
+    quarantine_dir: Path,
+    reason: str,
+    data: bytes | None = None,
+) -> dict[str, Any]:
+    """Move a copy of the landed file to the quarantine and return its catalog row.
+
+    Raises only ``OSError`` (the quarantine cannot be written): never for the file's sake.
+    """
+    facts = item.facts
+    name = item.path.name  # <uid>.dcm or <uid>~<n>.dcm, made by the landing zone
+    if data is None and item.path.is_file():
+        data = item.path.read_bytes()
+    checksum = hashlib.sha256(data).hexdigest() if data is not None else None
+    if not _LANDED_NAME.fullmatch(name):
+        name = f"unnamed-{(checksum or 'none')[:16]}.dcm"  # never a path from outside
+    try:
+        sop_uid: str | None = require_uid(item.sop_instance_uid, "SOPInstanceUID")
+    except UnsafeUidError:
+        sop_uid = None
+    qkey = f"{batch_id}/{name}"
+    LocalStorage(quarantine_dir).put(qkey, item.path)
+    return {
+        "batch_id": batch_id,
+        "file_name": name,
+        "quarantine_key": qkey,
+        "reason": reason,
+        "size_bytes": len(data) if data is not None else item.path.lstat().st_size,
+        "checksum": checksum,
+        "sop_instance_uid": sop_uid,
+        "calling_ae": facts.calling_ae if facts else None,
+        "peer": facts.peer if facts else None,
+        "source": facts.source if facts else None,
+        "received_at": _parse_time(facts.received_at if facts else None),
+        "quarantined_at": datetime.now(UTC),
+    }
+
+
+def _index_one(
+    item: LandedInstance, batch_id: str, hot_dir: Path, quarantine_dir: Path
+) -> tuple[str, dict[str, Any]]:
+    """Index one landed file: ("instance", row) or ("quarantine", row).
+
+    Any failure of the file's own (bad DICOM, a parser error of any type, an unsafe key)
+    becomes a quarantine row with its reason. An ``OSError`` reading the landing zone or
+    writing the hot tier propagates: the run fails and is retried, nothing is quarantined.
+    """
+    now = datetime.now(UTC)
+    data = item.path.read_bytes()
+    try:
+        return "instance", _instance_row(item, data, batch_id, hot_dir, now)
+    except _FileFaultError as fault:
+        reason = quarantine_reason(fault.__cause__ or fault)
+    except OSError:
+        raise
+    # Deliberately broad: ingest must survive ANY per-file failure (a pydicom exception
+    # outside its documented ones, a check gap), or one file would hold its batch forever.
+    except Exception as exc:
+        reason = quarantine_reason(exc)
+    return "quarantine", quarantine_row(item, batch_id, quarantine_dir, reason, data)
 
 
 def _index_chunk(
@@ -174,6 +254,13 @@ def _chunks(items: list[LandedInstance], n: int) -> Iterable[list[LandedInstance
 
 Outcomes = list[tuple[str, dict[str, Any]]]
 _WINDOW = 2  # batches parsed ahead while the parent writes the previous one
+
+
+def _quarantine_batch(
+    items: list[LandedInstance], batch_id: str, quarantine_dir: Path, reason: str
+) -> Outcomes:
+    """Quarantine every file of a batch unparsed (the sensor gave up on it)."""
+    return [("quarantine", quarantine_row(i, batch_id, quarantine_dir, reason)) for i in items]
 
 
 def _pending_items(
@@ -218,12 +305,27 @@ def _commit(
     result.bytes += sum(r["size_bytes"] for r in rows)
     result.quarantined += len(quarantined)
     result.modalities.update(r["modality"] or "" for r in rows)
-    result.quarantine_reasons.update(q["reason"].split(":")[0] for q in quarantined)
+    result.quarantine_reasons.update(reason_kind(q["reason"]) for q in quarantined)
+    for q in quarantined:  # identifiers and the kind of reason only: never values
+        log.warning(
+            "quarantined %s (SOP %s) of batch %s: %s",
+            q["file_name"],
+            q["sop_instance_uid"],
+            batch.batch_id,
+            reason_kind(q["reason"]),
+        )
     for r in rows:
         result.latencies.append((r["indexed_at"] - r["received_at"]).total_seconds())
 
 
-def ingest_batches(paths: IngestPaths, batch_ids: list[str], workers: int = 1) -> IngestResult:
+def ingest_batches(
+    paths: IngestPaths,
+    batch_ids: list[str],
+    workers: int = 1,
+    *,
+    quarantine: Mapping[str, str] | None = None,
+    free_space_reserve: int = 0,
+) -> IngestResult:
     """Ingest the sealed batches `batch_ids` (validated) in order.
 
     Parameters
@@ -234,10 +336,32 @@ def ingest_batches(paths: IngestPaths, batch_ids: list[str], workers: int = 1) -
         Ids of sealed batches (from run config: validated before use as paths).
     workers
         Processes that parse headers in parallel (1: in this process only).
+    quarantine
+        Batch id -> reason: those batches are quarantined whole, unparsed (a batch whose
+        ingest kept failing, so the sensor gave up on it).
+    free_space_reserve
+        Bytes to keep free on the hot tier and the catalog: below it, stop before writing.
+
+    Raises
+    ------
+    OSError
+        The landing zone, hot tier, quarantine or catalog failed (ENOSPC included):
+        nothing of the current batch is removed from the landing zone; rerun.
+    InsufficientSpaceError
+        The hot tier or the catalog is under the free-space reserve.
     """
+    quarantine = dict(quarantine or {})
     zone = LandingZone(paths.landing_dir)
     writer = CatalogWriter(paths.catalog_dir)
     writer.ensure()
+    for folder in (paths.hot_dir, paths.quarantine_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def require_space() -> None:
+        if free_space_reserve:
+            for folder in (paths.hot_dir, paths.catalog_dir):
+                require_free_space(folder, 0, free_space_reserve)
+
     batches = [zone.batch(b) for b in batch_ids]
     result = IngestResult()
     total = sum(1 for b in batches if b.path.exists() for _ in b.instances())
@@ -259,8 +383,17 @@ def ingest_batches(paths: IngestPaths, batch_ids: list[str], workers: int = 1) -
             items = _pending_items(batch, zone, writer, result)
             if items is None:
                 continue
+            require_space()
             args = (batch.batch_id, paths.hot_dir, paths.quarantine_dir)
-            if pool is not None and len(items) >= _POOL_THRESHOLD:
+            if batch.batch_id in quarantine:
+                done_q: Future[Outcomes] = Future()
+                done_q.set_result(
+                    _quarantine_batch(
+                        items, batch.batch_id, paths.quarantine_dir, quarantine[batch.batch_id]
+                    )
+                )
+                pending.append((batch, [done_q]))
+            elif pool is not None and len(items) >= _POOL_THRESHOLD:
                 chunks = _chunks(items, workers * 2)
                 pending.append((batch, [pool.submit(_index_chunk, c, *args) for c in chunks]))
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from datetime import date
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vannah_pipelines.catalog.schema import TABLES, view_sql
-from vannah_pipelines.landing.layout import fsync_dir, write_atomic
+from vannah_pipelines.landing.layout import fsync_dir, make_dirs, write_atomic
 
 CATALOG_DB = "catalog.duckdb"
 # A zero-row file per table keeps globs valid on an empty catalog; its partition sorts first.
@@ -38,7 +39,8 @@ class CatalogWriter:
     def write_batch(self, table: str, day: date, batch_id: str, rows: pa.Table) -> Path:
         """Write `rows` (already in the table's schema) as one batch file, atomically."""
         target = self.batch_path(table, day, batch_id)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.parent.is_dir():
+            make_dirs(target.parent)  # a new day folder: its entry is made durable too
         for stale in target.parent.glob(f".tmp-{target.name}.*"):
             stale.unlink(missing_ok=True)  # left by a writer killed mid-write
         buffer = io.BytesIO()
@@ -47,7 +49,10 @@ class CatalogWriter:
         return target
 
     def ensure(self) -> None:
-        """Create the zero-row schema files and publish catalog.duckdb if missing."""
+        """Create the zero-row schema files and publish catalog.duckdb if missing; remove
+        the temp files of writers that were killed."""
+        make_dirs(self.root)
+        self.remove_stale_temp_files()
         for table, schema in TABLES.items():
             path = self.batch_path(table, _SCHEMA_DAY, "schema")
             if not path.exists():
@@ -66,7 +71,9 @@ class CatalogWriter:
         """
         target = self.root / CATALOG_DB
         tmp = self.root / f".{CATALOG_DB}.{os.getpid()}.tmp"
+        self.remove_stale_temp_files()
         tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
         con = duckdb.connect(str(tmp))
         try:
             sources = {
@@ -80,3 +87,31 @@ class CatalogWriter:
         tmp.replace(target)
         fsync_dir(self.root)
         return target
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Remove ``.catalog.duckdb.<pid>.tmp`` files (and their WAL) left by writers that
+        died; a live writer's file is left alone. Returns what was removed."""
+        removed = []
+        for path in self.root.glob(f".{CATALOG_DB}.*.tmp*"):
+            match = _TMP_DB.fullmatch(path.name)
+            if match is None or _pid_alive(int(match.group(1))):
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
+
+
+_TMP_DB = re.compile(re.escape(f".{CATALOG_DB}.") + r"([0-9]+)\.tmp(\.wal)?")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (our own pid counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True

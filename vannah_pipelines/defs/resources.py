@@ -1,6 +1,4 @@
-"""Resources: thin adapters that turn ``VANNAH_*`` settings into the pure layer's objects."""
-
-from pathlib import Path
+"""Resources: thin adapters that turn the process's settings into the pure layer's objects."""
 
 import dagster as dg
 
@@ -10,12 +8,15 @@ from vannah_pipelines.settings import Settings, load_settings
 
 
 class ArchiveResource(dg.ConfigurableResource):  # type: ignore[type-arg]
-    """The archive's data folder; everything else is derived by :class:`Settings`."""
+    """The archive's folders, from the process's settings only (``VANNAH_CONFIG`` and
+    ``VANNAH_*`` env, which is how ``--config`` reaches the daemon and its runs).
 
-    data_dir: str
+    It has no configurable field on purpose: run config (the UI launchpad) cannot point
+    ingest at another folder.
+    """
 
     def settings(self) -> Settings:
-        return load_settings(data_dir=Path(self.data_dir))
+        return load_settings()
 
     def landing(self) -> LandingZone:
         return LandingZone(self.settings().landing_dir)
@@ -27,6 +28,4 @@ class ArchiveResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(
-        resources={"archive": ArchiveResource(data_dir=dg.EnvVar("VANNAH_DATA_DIR"))}
-    )
+    return dg.Definitions(resources={"archive": ArchiveResource()})

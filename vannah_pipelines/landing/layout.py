@@ -69,6 +69,24 @@ def batch_day(batch_id: str) -> date:
     return datetime.strptime(batch_id[:8], "%Y%m%d").date()
 
 
+def batch_time(batch_id: str) -> datetime:
+    """When a batch was sealed (UTC), from its id.
+
+    >>> batch_time("20260101T120000000001-dimse-12-0").isoformat()
+    '2026-01-01T12:00:00.000001+00:00'
+    """
+    return datetime.strptime(batch_id[:21], "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC)
+
+
+def batch_source(batch_id: str) -> str:
+    """The source part of a batch id (dimse, stow, import, split).
+
+    >>> batch_source("20260101T120000000001-stow-12-0")
+    'stow'
+    """
+    return batch_id.split("-")[1]
+
+
 def fsync_dir(path: Path) -> None:
     """Make renames and creations inside `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -76,6 +94,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """Create `path` and its missing parents durably: the parent folder of every new
+    folder is fsynced, so a new entry survives a power cut once this returns."""
+    missing: list[Path] = []
+    current = path
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile: sync it all the same
+            folder.mkdir()
+        fsync_dir(folder.parent)
 
 
 Buffer = bytes | bytearray | memoryview
@@ -294,8 +328,8 @@ class LandingZone:
         self.sealed_dir = self.root / "sealed"
 
     def ensure(self) -> LandingZone:
-        self.open_dir.mkdir(parents=True, exist_ok=True)
-        self.sealed_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.open_dir)
+        make_dirs(self.sealed_dir)
         return self
 
     def open_batch(self, source: str) -> OpenBatch:
@@ -304,16 +338,26 @@ class LandingZone:
         batch_id = new_batch_id(source)
         tmp = self.open_dir / f"{_TMP_PREFIX}{batch_id}"
         tmp.mkdir()
+        fsync_dir(self.open_dir)
         lock_fd = os.open(tmp / _LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        final = self.open_dir / batch_id
-        tmp.rename(final)  # visible only once locked, so never mistaken for stranded
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            final = self.open_dir / batch_id
+            tmp.rename(final)  # visible only once locked, so never mistaken for stranded
+            fsync_dir(self.open_dir)
+        except BaseException:
+            os.close(lock_fd)
+            raise
         return OpenBatch(self, batch_id, final, lock_fd)
 
-    def move_to_sealed(self, path: Path) -> Batch:
-        """Rename a batch folder into ``sealed/`` under a fresh id (durably)."""
-        batch_id = new_batch_id(path.name.split("-")[1] if "-" in path.name else "import")
-        target = self.sealed_dir / batch_id
+    def move_to_sealed(self, path: Path, batch_id: str | None = None) -> Batch:
+        """Rename a batch folder into ``sealed/`` under `batch_id` (default: a fresh id of
+        the same source), durably."""
+        if batch_id is None:
+            name = path.name.removeprefix(_TMP_PREFIX)
+            source = batch_source(name) if _BATCH_ID.fullmatch(name) else "import"
+            batch_id = new_batch_id(source)
+        target = self.sealed_dir / require_batch_id(batch_id)
         path.rename(target)
         fsync_dir(self.sealed_dir)
         fsync_dir(path.parent)
@@ -334,18 +378,30 @@ class LandingZone:
         return Batch(require_batch_id(batch_id), self.sealed_dir / batch_id)
 
     def seal_stranded(self) -> list[Batch]:
-        """Seal open batches whose writer died (their lock is free); returns them."""
+        """Seal open batches whose writer died (their lock is free); returns them.
+
+        A ``.tmp-<batch>`` folder (its writer died between ``mkdir`` and the rename, or a
+        split died half-way) is sealed too when it holds committed files: they were
+        acknowledged. Only uncommitted ``.tmp-`` files inside a batch are dropped.
+        """
         sealed: list[Batch] = []
         if not self.open_dir.exists():
             return sealed
         for path in sorted(self.open_dir.iterdir()):
-            if path.name.startswith(_TMP_PREFIX) or not path.is_dir():
+            if not path.is_dir():
+                continue
+            # A live writer puts no file in a .tmp- folder before its rename: only one with
+            # committed files can be stranded (checked before the lock, so a writer between
+            # mkdir and flock is never disturbed).
+            if path.name.startswith(_TMP_PREFIX) and not _committed_files(path):
+                if _age_seconds(path) > _EMPTY_TMP_MAX_AGE:
+                    shutil.rmtree(path, ignore_errors=True)
                 continue
             if _is_locked(path / _LOCK):
                 continue
             for leftover in path.glob(f"{_TMP_PREFIX}*"):
                 leftover.unlink(missing_ok=True)  # a write the dead writer never committed
-            if not any(p.suffix == ".dcm" for p in path.iterdir()):
+            if not _committed_files(path):
                 shutil.rmtree(path, ignore_errors=True)
                 continue
             (path / _LOCK).unlink(missing_ok=True)
@@ -354,9 +410,84 @@ class LandingZone:
             sealed.append(batch)
         return sealed
 
+    def split(self, batch: Batch, parts: int = 2) -> list[Batch]:
+        """Split a sealed batch into `parts` new sealed batches (files moved, receipts
+        carried over), so that one bad file cannot hold the others back.
+
+        The new batches keep the original's seal time (so its arrival day and its age in
+        the backlog) under the source ``split``. Crash-safe: every file is renamed, so it
+        is in exactly one batch at any moment; a half left in ``open/`` by a crash is
+        sealed by :meth:`seal_stranded`.
+
+        Raises
+        ------
+        LandingError
+            If the batch holds fewer than two files.
+        """
+        items = batch.instances()
+        if len(items) < 2:
+            raise LandingError(f"batch {batch.batch_id} has {len(items)} file(s): cannot split")
+        receipts = _receipt_lines(batch.path / _RECEIPTS)
+        size = -(-len(items) // max(2, parts))
+        stamp = batch_time(batch.batch_id)
+        self.ensure()
+        made: list[Batch] = []
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            batch_id = new_batch_id("split", stamp)
+            tmp = self.open_dir / f"{_TMP_PREFIX}{batch_id}"
+            tmp.mkdir()
+            fsync_dir(self.open_dir)
+            lock_fd = os.open(tmp / _LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lines = [receipts[i.path.name] for i in chunk if i.path.name in receipts]
+                write_atomic(tmp / _RECEIPTS, "".join(lines).encode("utf-8"))
+                for item in chunk:
+                    item.path.rename(tmp / item.path.name)
+                fsync_dir(tmp)
+                fsync_dir(batch.path)
+                (tmp / _LOCK).unlink()
+                made.append(self.move_to_sealed(tmp, batch_id))
+            finally:
+                os.close(lock_fd)
+        self.remove(batch)
+        fsync_dir(self.sealed_dir)
+        log.warning("split batch %s into %s", batch.batch_id, ", ".join(b.batch_id for b in made))
+        return made
+
     def remove(self, batch: Batch) -> None:
         """Delete an ingested batch (the last step of ingest)."""
         shutil.rmtree(batch.path, ignore_errors=True)
+
+
+_EMPTY_TMP_MAX_AGE = 3600.0  # an empty .tmp- batch folder this old has no live writer
+
+
+def _committed_files(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.suffix == ".dcm" and not p.name.startswith(_TMP_PREFIX)]
+
+
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _receipt_lines(path: Path) -> dict[str, str]:
+    """Receipt lines (newline-terminated) by the file name they describe; torn lines skipped."""
+    lines: dict[str, str] = {}
+    if not path.exists():
+        return lines
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            fields = json.loads(line)
+            name = fields.get("file") or f"{fields['sop_instance_uid']}.dcm"
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
+        lines[str(name)] = line + "\n"
+    return lines
 
 
 def _is(expected: OpenBatch, candidate: OpenBatch) -> bool:

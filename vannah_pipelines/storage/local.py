@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from vannah_pipelines.errors import NotFoundError, StorageError
-from vannah_pipelines.landing.layout import fsync_dir
+from vannah_pipelines.landing.layout import fsync_dir, make_dirs
 from vannah_pipelines.storage.base import Tier
 
 
@@ -29,9 +29,11 @@ class LocalStorage:
 
     def put(self, key: str, source: Path, *, sync: bool = True) -> int:
         """Store `source` under `key`. With ``sync=False`` the caller must call
-        :meth:`sync` on the keys before relying on them (one folder fsync per batch)."""
+        :meth:`sync` on the keys before relying on them (one folder fsync per batch).
+        New folders (study, series) are made durable at once, every level of them."""
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.parent.is_dir():
+            make_dirs(target.parent)
         tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

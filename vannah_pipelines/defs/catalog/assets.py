@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -10,13 +11,23 @@ from vannah_pipelines.catalog.ingest import ingest_batches
 from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.defs.partitions import landing_days
 from vannah_pipelines.defs.resources import ArchiveResource
-from vannah_pipelines.landing.layout import require_batch_id
+from vannah_pipelines.landing.layout import LandingZone, require_batch_id
+from vannah_pipelines.landing.plan import landing_backlog
+from vannah_pipelines.landing.space import is_disk_full
+
+# A run that failed because a disk is full carries this tag: the sensor retries it once
+# space returns, without counting it as an attempt of its batches.
+FAILURE_TAG = "vannah/failure"
+DISK_FULL = "disk_full"
+# landing_backlog_fresh fails when a sealed batch has waited longer than this.
+BACKLOG_MAX_AGE_SECONDS = 15 * 60
 
 
 class IngestConfig(dg.Config):
     """Which sealed landing batches this run ingests (set by landed_batch_sensor)."""
 
     batch_ids: list[str]
+    quarantine_reason: str | None = None  # set: quarantine these batches whole, unparsed
 
 
 @dg.asset(
@@ -35,6 +46,12 @@ class IngestConfig(dg.Config):
             asset="instance_index",
             description="Every instance indexed by this run has its file in the hot tier.",
         ),
+        dg.AssetCheckSpec(
+            "landing_backlog_fresh",
+            asset="instance_index",
+            description="No sealed landing batch has waited for ingest longer than "
+            f"{BACKLOG_MAX_AGE_SECONDS // 60} minutes.",
+        ),
     ],
     tags={"vannah/domain": "ingest"},
 )
@@ -46,15 +63,35 @@ def instance_index(
     tier and storage key. Files that are not valid DICOM are quarantined with a reason."""
     batch_ids = [require_batch_id(b) for b in config.batch_ids]
     settings = archive.settings()
-    result = ingest_batches(archive.ingest_paths(), batch_ids, workers=settings.ingest_workers)
-    CatalogWriter(settings.catalog_dir).publish()
+    quarantine = dict.fromkeys(batch_ids, config.quarantine_reason or "")
+    try:
+        result = ingest_batches(
+            archive.ingest_paths(),
+            batch_ids,
+            workers=settings.ingest_workers,
+            quarantine=quarantine if config.quarantine_reason else None,
+            free_space_reserve=settings.free_space_reserve_bytes,
+        )
+        CatalogWriter(settings.catalog_dir).publish()
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        # Not the files' fault: tell the sensor, which retries once space returns.
+        context.instance.add_run_tags(context.run_id, {FAILURE_TAG: DISK_FULL})
+        raise dg.Failure(
+            description=f"disk full, ingest will be retried: {type(exc).__name__}: {exc}",
+            metadata={"disk_full": True, "batches": len(batch_ids)},
+            allow_retries=False,
+        ) from exc
+    backlog = landing_backlog(LandingZone(settings.landing_dir).sealed_batches(), datetime.now(UTC))
     p50, p95 = result.latency_percentile(0.5), result.latency_percentile(0.95)
     context.log.info(
-        "indexed %d instances, quarantined %d, from %d batches (%d already indexed)",
+        "indexed %d instances, quarantined %d, from %d batches (%d already indexed); %s",
         result.instances,
         result.quarantined,
         len(result.batches),
         len(result.already_indexed),
+        backlog.describe(),
     )
     yield dg.MaterializeResult(
         metadata={
@@ -67,7 +104,18 @@ def instance_index(
             "quarantine_reasons": dg.MetadataValue.json(dict(result.quarantine_reasons)),
             "receive_to_index_p50_s": dg.MetadataValue.float(p50 if p50 is not None else 0.0),
             "receive_to_index_p95_s": dg.MetadataValue.float(p95 if p95 is not None else 0.0),
+            "pending_batches": dg.MetadataValue.int(backlog.batches),
+            "oldest_pending_batch_age_s": dg.MetadataValue.float(backlog.oldest_age_s),
         }
+    )
+    yield dg.AssetCheckResult(
+        check_name="landing_backlog_fresh",
+        passed=backlog.oldest_age_s <= BACKLOG_MAX_AGE_SECONDS,
+        metadata={
+            "pending_batches": dg.MetadataValue.int(backlog.batches),
+            "oldest_pending_batch_age_s": dg.MetadataValue.float(backlog.oldest_age_s),
+            "max_age_s": dg.MetadataValue.int(BACKLOG_MAX_AGE_SECONDS),
+        },
     )
     dupes = duplicate_sop_instance_uids(settings.catalog_dir, result.batches)
     yield dg.AssetCheckResult(
