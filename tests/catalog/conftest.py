@@ -52,3 +52,15 @@ def pydicom_test_files() -> list[Path]:
         ):
             found.append(Path(name))
     return sorted(found)
+
+
+def poisoned_instance(**kwargs: object) -> tuple[str, bytes]:
+    """A Part-10 CT instance whose Rows (US) is 3 bytes long: acknowledged by a receiver
+    that does not parse, then pydicom raises BytesLengthException reading it."""
+    from vannah_pipelines.dicom.synthetic import make_instance, to_part10
+
+    ds = make_instance("CT", rows=16, columns=16, **kwargs)  # type: ignore[arg-type]
+    data = to_part10(ds)
+    rows = b"\x28\x00\x10\x00US\x02\x00\x10\x00"  # (0028,0010) US, length 2, value 16
+    assert data.count(rows) == 1
+    return str(ds.SOPInstanceUID), data.replace(rows, b"\x28\x00\x10\x00US\x03\x00\x10\x00\x00")

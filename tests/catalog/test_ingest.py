@@ -1,5 +1,6 @@
 """Ingest: headers -> hot tier + Parquet catalog; quarantine; re-sends; crash safety."""
 
+import errno
 import hashlib
 import os
 import signal
@@ -12,10 +13,17 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.catalog.conftest import land, pydicom_test_files
+from tests.catalog.conftest import land, poisoned_instance, pydicom_test_files
+from vannah_pipelines.catalog import ingest as ingest_module
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.dicom.synthetic import MODALITIES, make_instance, to_part10, write_study
+from vannah_pipelines.errors import InsufficientSpaceError
+from vannah_pipelines.landing.layout import LandingZone
+from vannah_pipelines.landing.space import is_disk_full
+from vannah_pipelines.storage.base import Tier
+from vannah_pipelines.storage.local import LocalStorage
 
 
 def test_ingest_indexes_all_ten_modalities_with_their_attributes(
@@ -214,3 +222,136 @@ def test_ingest_killed_at_any_point_then_rerun_loses_and_duplicates_nothing(
         assert (paths.hot_dir / key).is_file()
     assert not any(p.suffix == ".dcm" for p in paths.landing_dir.rglob("*"))
     assert not list(paths.catalog_dir.rglob("*.tmp"))
+
+
+def test_ingest_quarantines_a_file_pydicom_cannot_parse_and_indexes_its_batch_mates(
+    paths: IngestPaths,
+) -> None:
+    """An odd-length US element makes pydicom raise BytesLengthException (not one of the
+    errors read_header translates): that file is quarantined, the others are indexed."""
+    good = [make_instance("CT", rows=16, columns=16) for _ in range(3)]
+    poison_uid, poison = poisoned_instance()
+    blobs = [(g.SOPInstanceUID, to_part10(g)) for g in good[:2]]
+    blobs += [(poison_uid, poison), (good[2].SOPInstanceUID, to_part10(good[2]))]
+    batch_id = land(paths, blobs)
+    result = ingest_batches(paths, [batch_id])
+    assert (result.instances, result.quarantined) == (3, 1)
+    assert dict(result.quarantine_reasons) == {"BytesLengthException": 1}
+    reader = CatalogReader(paths.catalog_dir)
+    assert sorted(r[0] for r in reader.query("SELECT sop_instance_uid FROM instances")) == sorted(
+        g.SOPInstanceUID for g in good
+    )
+    [(uid, reason, key, checksum)] = reader.query(
+        "SELECT sop_instance_uid, reason, quarantine_key, checksum FROM quarantine"
+    )
+    assert uid == poison_uid
+    assert reason.startswith("BytesLengthException: ") and "(0028,0010)" in reason
+    assert (paths.quarantine_dir / key).read_bytes() == poison  # kept as received
+    assert checksum == hashlib.sha256(poison).hexdigest()
+    assert not any(paths.landing_dir.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ingest_survives_any_exception_from_a_file(
+    paths: IngestPaths, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Whatever a file makes the parser raise (here: RuntimeError, and an OSError raised
+    while parsing from memory), it is quarantined; its batch-mates are indexed."""
+    blobs = []
+    for _ in range(70):  # above the pool threshold with workers=2
+        ds = make_instance("CT", rows=8, columns=8)
+        blobs.append((ds.SOPInstanceUID, to_part10(ds)))
+    bad = {blobs[3][0]: RuntimeError("parser bug"), blobs[40][0]: OSError(5, "odd")}
+    batch_id = land(paths, blobs)
+    if workers == 1:
+        real = ingest_module.read_header
+
+        def flaky(path: Path, data: bytes | None = None) -> object:
+            for uid, exc in bad.items():
+                if path.name.startswith(uid):
+                    raise exc
+            return real(path, data)
+
+        monkeypatch.setattr(ingest_module, "read_header", flaky)
+    else:
+        bad = {blobs[3][0]: RuntimeError("x")}
+        with (paths.landing_dir / "sealed" / batch_id / f"{blobs[3][0]}.dcm").open("r+b") as f:
+            f.seek(128)
+            f.write(b"XXXX")  # no DICM: read leniently, fails validation
+    result = ingest_batches(paths, [batch_id], workers=workers)
+    assert (result.instances, result.quarantined) == (70 - len(bad), len(bad))
+    reader = CatalogReader(paths.catalog_dir)
+    reasons = dict(reader.query("SELECT sop_instance_uid, reason FROM quarantine"))
+    assert set(reasons) == set(bad)
+    if workers == 1:
+        assert reasons[blobs[3][0]] == "RuntimeError: parser bug"
+        assert reasons[blobs[40][0]] == "OSError: [Errno 5] odd"
+
+
+def test_ingest_hot_tier_full_fails_the_run_and_quarantines_nothing(
+    paths: IngestPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC placing a file is the machine's fault, not the file's: the run fails, the
+    batch stays sealed, nothing is quarantined; the rerun indexes everything."""
+    blobs = []
+    for _ in range(3):
+        ds = make_instance("CT", rows=8, columns=8)
+        blobs.append((ds.SOPInstanceUID, to_part10(ds)))
+    batch_id = land(paths, blobs)
+    real_put = LocalStorage.put
+
+    def full(self: LocalStorage, key: str, source: Path, *, sync: bool = True) -> int:
+        if self.tier is Tier.HOT and self.root == paths.hot_dir:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(self, key, source, sync=sync)
+
+    monkeypatch.setattr(LocalStorage, "put", full)
+    with pytest.raises(OSError) as caught:
+        ingest_batches(paths, [batch_id])
+    assert is_disk_full(caught.value)
+    assert not list(paths.quarantine_dir.rglob("*.dcm"))
+    assert len(LandingZone(paths.landing_dir).batch(batch_id).instances()) == 3
+    monkeypatch.setattr(LocalStorage, "put", real_put)
+    assert ingest_batches(paths, [batch_id]).instances == 3
+    assert CatalogReader(paths.catalog_dir).query("SELECT count(*) FROM quarantine") == [(0,)]
+
+
+def test_ingest_under_the_free_space_reserve_writes_nothing(paths: IngestPaths) -> None:
+    ds = make_instance("CT", rows=8, columns=8)
+    batch_id = land(paths, [(ds.SOPInstanceUID, to_part10(ds))])
+    with pytest.raises(InsufficientSpaceError):
+        ingest_batches(paths, [batch_id], free_space_reserve=2**62)
+    assert not list(paths.hot_dir.rglob("*.dcm"))
+    assert ingest_batches(paths, [batch_id], free_space_reserve=1).instances == 1
+
+
+def test_ingest_quarantine_mode_quarantines_a_batch_whole_with_the_reason(
+    paths: IngestPaths,
+) -> None:
+    ds = make_instance("CT", rows=8, columns=8)
+    batch_id = land(paths, [(ds.SOPInstanceUID, to_part10(ds))])
+    reason = "IngestFailed: ingest failed 3 times; last: RunFailed: worker killed"
+    result = ingest_batches(paths, [batch_id], quarantine={batch_id: reason})
+    assert (result.instances, result.quarantined) == (0, 1)
+    reader = CatalogReader(paths.catalog_dir)
+    assert reader.query("SELECT sop_instance_uid, reason FROM quarantine") == [
+        (ds.SOPInstanceUID, reason)
+    ]
+    assert not LandingZone(paths.landing_dir).sealed_batches()
+
+
+def test_catalog_writer_removes_temp_files_of_dead_writers_only(tmp_path: Path) -> None:
+    writer = CatalogWriter(tmp_path)
+    writer.ensure()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".catalog.duckdb.{dead.pid}.tmp"
+    stale_wal = tmp_path / f".catalog.duckdb.{dead.pid}.tmp.wal"
+    live = tmp_path / f".catalog.duckdb.{os.getppid()}.tmp"  # a live process's file
+    for p in (stale, stale_wal, live):
+        p.write_bytes(b"x")
+    writer.ensure()  # the next writer, before it writes anything
+    assert not stale.exists() and not stale_wal.exists()
+    assert live.exists()
+    writer.publish()
+    assert live.exists()

@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
-from vannah_pipelines.errors import UnsafeUidError
+from vannah_pipelines.errors import LandingError, UnsafeUidError
+from vannah_pipelines.landing import layout
 from vannah_pipelines.landing.layout import (
+    Batch,
     InvalidBatchIdError,
     LandingZone,
     ReceiveFacts,
     RollingBatch,
+    batch_time,
     require_batch_id,
     write_atomic,
 )
@@ -140,3 +143,92 @@ def test_resend_within_a_batch_keeps_every_version(tmp_path: Path) -> None:
     assert [i.sop_instance_uid for i in landed] == [first.SOPInstanceUID] * 2
     assert [i.path.read_bytes() for i in landed] == [to_part10(first), to_part10(second)]
     assert all(i.facts is not None for i in landed)
+
+
+def _land(zone: LandingZone, n: int) -> list[str]:
+    batch = zone.open_batch("dimse")
+    uids = []
+    for _ in range(n):
+        ds = make_instance("CT", rows=8, columns=8)
+        batch.write_instance(to_part10(ds), _facts(ds.SOPInstanceUID))
+        uids.append(ds.SOPInstanceUID)
+    assert batch.seal() is not None
+    return uids
+
+
+def test_split_moves_files_into_new_sealed_batches_with_their_receipts(tmp_path: Path) -> None:
+    zone = LandingZone(tmp_path)
+    uids = _land(zone, 5)
+    [original] = zone.sealed_batches()
+    halves = zone.split(original)
+    assert [len(h.instances()) for h in halves] == [3, 2]
+    assert zone.sealed_batches() == sorted(halves, key=lambda b: b.batch_id)
+    assert not original.path.exists()
+    landed = [i for h in halves for i in h.instances()]
+    assert sorted(i.sop_instance_uid for i in landed) == sorted(uids)
+    assert all(i.facts is not None and i.facts.calling_ae == "MODALITY" for i in landed)
+    for half in halves:  # same seal time (arrival day, backlog age), source "split"
+        assert batch_time(half.batch_id) == batch_time(original.batch_id)
+        assert half.batch_id.split("-")[1] == "split"
+    assert not list(zone.open_dir.iterdir())
+    with pytest.raises(LandingError):
+        zone.split(_single(zone))
+
+
+def _single(zone: LandingZone) -> Batch:
+    _land(zone, 1)
+    return zone.sealed_batches()[-1]
+
+
+def test_seal_stranded_recovers_a_tmp_batch_folder_holding_committed_files(
+    tmp_path: Path,
+) -> None:
+    zone = LandingZone(tmp_path).ensure()
+    stranded = zone.open_dir / ".tmp-20260101T000000000000-dimse-99-0"
+    stranded.mkdir()
+    (stranded / ".lock").touch()  # its writer died: nobody holds the lock
+    ds = make_instance("CT", rows=8, columns=8)
+    (stranded / f"{ds.SOPInstanceUID}.dcm").write_bytes(to_part10(ds))
+    (stranded / ".tmp-1.2.3.dcm.5.6").write_bytes(b"half a file")  # never committed
+    empty_fresh = zone.open_dir / ".tmp-20260101T000000000001-dimse-99-1"
+    empty_fresh.mkdir()  # a live writer between mkdir and rename: left alone
+    [sealed] = zone.seal_stranded()
+    assert [i.sop_instance_uid for i in sealed.instances()] == [ds.SOPInstanceUID]
+    assert sealed.batch_id.split("-")[1] == "dimse"
+    assert [p.name for p in sealed.path.iterdir()] == [f"{ds.SOPInstanceUID}.dcm"]
+    assert [p.name for p in zone.open_dir.iterdir()] == [empty_fresh.name]
+
+
+def test_new_folders_are_made_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    real = layout.fsync_dir
+
+    def spy(path: Path) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(layout, "fsync_dir", spy)
+    zone = LandingZone(tmp_path / "landing")
+    zone.ensure()
+    assert {tmp_path, tmp_path / "landing"} <= set(synced)  # parents of the new folders
+    synced.clear()
+    batch = zone.open_batch("dimse")
+    assert synced.count(zone.open_dir) >= 2  # tmp mkdir, then the rename
+    synced.clear()
+    ds = make_instance("CT", rows=8, columns=8)
+    batch.write_instance(to_part10(ds), _facts(ds.SOPInstanceUID))
+    sealed = batch.seal()
+    assert sealed is not None
+    assert {zone.sealed_dir, zone.open_dir} <= set(synced)  # move_to_sealed
+
+
+def test_make_dirs_syncs_the_parent_of_every_new_level(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(layout, "fsync_dir", lambda p: synced.append(Path(p)))
+    layout.make_dirs(tmp_path / "a" / "b" / "c")
+    assert synced == [tmp_path, tmp_path / "a", tmp_path / "a" / "b"]
+    synced.clear()
+    layout.make_dirs(tmp_path / "a" / "b")
+    assert synced == []

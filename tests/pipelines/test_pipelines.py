@@ -79,9 +79,7 @@ def test_landed_batch_sensor_splits_by_max_files(tmp_path: Path, monkeypatch) ->
     ids = [_land(tmp_path, 3) for _ in range(3)]
     with dg.instance_for_test() as instance:
         result = landed_batch_sensor(
-            dg.build_sensor_context(
-                instance=instance, resources={"archive": ArchiveResource()}
-            )
+            dg.build_sensor_context(instance=instance, resources={"archive": ArchiveResource()})
         )
     assert isinstance(result, dg.SensorResult)
     assert [

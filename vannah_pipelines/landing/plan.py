@@ -233,17 +233,17 @@ def plan_ingest_runs(
             plan.state[bid] = st
             plan.waiting_for_space.append(bid)
             continue
+        plan.state[bid] = st
         if st.attempts > 0:
             alone.append((batch, st))
         else:
             fresh.append(batch)
 
     def request(batches: list[Batch], quarantine_reason: str | None = None) -> None:
-        first = state.get(batches[0].batch_id, BatchState())
-        first = plan.state.get(batches[0].batch_id, first)
+        first = plan.state.get(batches[0].batch_id, BatchState())
         key = run_key_for(batches[0].batch_id, first.requests)
         for b in batches:
-            previous = plan.state.get(b.batch_id, state.get(b.batch_id, BatchState()))
+            previous = plan.state.get(b.batch_id, BatchState())
             plan.state[b.batch_id] = replace(
                 previous,
                 run_key=key,
@@ -263,7 +263,6 @@ def plan_ingest_runs(
         )
 
     for batch, st in alone:
-        plan.state[batch.batch_id] = st
         reason = None
         if st.attempts >= policy.max_attempts:
             reason = f"IngestFailed: ingest failed {st.attempts} times; last: {st.error}"
@@ -272,8 +271,6 @@ def plan_ingest_runs(
     current: list[Batch] = []
     count = 0
     for batch in fresh:
-        if batch.batch_id in state:
-            plan.state[batch.batch_id] = plan.state.get(batch.batch_id, state[batch.batch_id])
         n = counts[batch.batch_id]
         if current and (batch.day != current[0].day or count + n > max_files):
             request(current)
