@@ -271,3 +271,11 @@ def test_landing_backlog_counts_and_ages_the_oldest() -> None:
     assert (backlog.batches, backlog.oldest_age_s) == (2, 86400.0)
     assert "2 sealed batches, oldest 86400 s" in backlog.describe()
     assert landing_backlog([], now).describe() == "landing backlog empty"
+
+
+def test_plan_halves_of_a_split_batch_run_alone() -> None:
+    halves = ["20260101T000000000000-split-7-0", "20260101T000000000000-split-7-1"]
+    plan = plan_ingest_runs(
+        _batches(*halves, B), {}, {}, now=NOW, max_files=50, policy=POLICY, files={}
+    )
+    assert [r.batch_ids for r in plan.runs] == [[halves[0]], [halves[1]], [B]]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vannah_pipelines.errors import InsufficientSpaceError
-from vannah_pipelines.landing.layout import Batch, batch_time
+from vannah_pipelines.landing.layout import Batch, batch_source, batch_time
 from vannah_pipelines.landing.space import require_free_space
 
 RETRY_CAP_SECONDS = 3600.0  # backoff never grows past an hour
@@ -79,7 +79,7 @@ class BatchState:
 @dataclass(frozen=True)
 class PlannedRun:
     """One ingest run: batches of one arrival day, at most `max_files` files unless a
-    single batch is bigger. A retried batch runs alone."""
+    single batch is bigger. A retried batch, or a half of a split one, runs alone."""
 
     day: date
     batch_ids: list[str]
@@ -191,7 +191,10 @@ def plan_ingest_runs(
         bid = batch.batch_id
         st = state.get(bid)
         if st is None:
-            fresh.append(batch)
+            if batch_source(bid) == "split":
+                alone.append((batch, BatchState()))  # a half of a failing batch: on its own
+            else:
+                fresh.append(batch)
             continue
         if st.run_key is not None:
             outcome = outcomes.get(st.run_key, RunOutcome(RunStatus.UNKNOWN))
@@ -225,16 +228,16 @@ def plan_ingest_runs(
                 st = replace(st, next_try=now + policy.backoff(st.attempts))
             else:  # succeeded yet still here, or lost: request again, uncounted
                 st = replace(st, run_key=None, next_try=now)
-        if now < st.next_try:
+        if now < st.next_try and not st.wait_space:
             plan.state[bid] = st
             plan.waiting[bid] = st.next_try - now
             continue
-        if st.wait_space and not space_ok:
+        if st.wait_space and (now < st.next_try or not space_ok):
             plan.state[bid] = st
             plan.waiting_for_space.append(bid)
             continue
         plan.state[bid] = st
-        if st.attempts > 0:
+        if st.attempts > 0 or batch_source(bid) == "split":
             alone.append((batch, st))
         else:
             fresh.append(batch)

@@ -31,6 +31,11 @@ MAX_RUNTIME_SECONDS = 3600
 _FINISHED_BADLY = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
+def _now() -> float:
+    """Epoch seconds (a seam for tests of the backoff)."""
+    return time.time()
+
+
 def _failure_text(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
     """'<ExceptionType>: message' of the step that failed, or what failed the run."""
     for record in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
@@ -38,8 +43,11 @@ def _failure_text(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
         data = event.step_failure_data if event is not None else None
         if data is not None and data.user_failure_data is not None:
             return f"Failure: {data.user_failure_data.description or ''}".strip()
-        if data is not None and data.error is not None:
-            return f"{data.error.cls_name}: {data.error.message.strip()}"
+        error = data.error if data is not None else None
+        while error is not None and (error.cls_name or "").startswith("Dagster") and error.cause:
+            error = error.cause  # the user code's exception, not Dagster's wrapper
+        if error is not None:
+            return f"{error.cls_name}: {error.message.strip()}"
     messages = [
         record.message
         for record in instance.all_logs(
@@ -82,7 +90,7 @@ def landed_batch_sensor(
     settings = archive.settings()
     zone = archive.landing()
     stranded = zone.seal_stranded()
-    now = time.time()
+    now = _now()
     state = load_cursor(context.cursor, now)
     outcomes = {
         key: run_outcome(context.instance, key)
