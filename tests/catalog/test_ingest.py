@@ -2,12 +2,14 @@
 
 import errno
 import hashlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -355,3 +357,33 @@ def test_catalog_writer_removes_temp_files_of_dead_writers_only(tmp_path: Path) 
     assert live.exists()
     writer.publish()
     assert live.exists()
+
+
+def test_ingest_logs_identifiers_only_never_patient_data(
+    paths: IngestPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = {"PatientName": "Secret^Person", "PatientID": "PID-SECRET-1"}
+    ok = make_instance("CT", rows=8, columns=8, **secret, AccessionNumber="ACC-SECRET")
+    bad_uid, bad = poisoned_instance(**secret, AccessionNumber="ACC-SECRET")
+    mangled = make_instance(
+        "CT", rows=8, columns=8, **secret, StudyInstanceUID="not-a-uid-Secret^Person"
+    )
+    batch_id = land(
+        paths,
+        [
+            (ok.SOPInstanceUID, to_part10(ok)),
+            (bad_uid, bad),
+            (mangled.SOPInstanceUID, to_part10(mangled)),
+        ],
+    )
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()  # what building the test files logged
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ingest_batches(paths, [batch_id])
+    assert (result.instances, result.quarantined) == (1, 2)
+    text = caplog.text + "".join(str(w.message) for w in caught)
+    assert batch_id in text and bad_uid in text  # identifiers are logged
+    for value in ("Secret", "PID-SECRET", "ACC-SECRET"):
+        assert value not in text
+    assert all(value not in str(result.quarantine_reasons) for value in ("Secret", "PID"))

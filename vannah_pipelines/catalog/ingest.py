@@ -13,11 +13,13 @@ the sensor retries, and quarantines nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
+import warnings
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -129,7 +131,8 @@ def _instance_row(
     received_at = _parse_time(facts.received_at if facts else None)
     try:
         # Parsed from memory: whatever this raises, even an OSError, is the file's doing.
-        header = read_header(item.path, data)
+        with _quiet_pydicom():
+            header = read_header(item.path, data)
         if header.sop_instance_uid != item.sop_instance_uid:
             raise InvalidDicomError(
                 "SOPInstanceUID in the data set differs from the one it was sent as"
@@ -166,6 +169,21 @@ def _instance_row(
     # An OSError here (hot tier full, unwritable) is the machine's: it fails the run.
     LocalStorage(hot_dir, Tier.HOT).put(key, item.path, sync=False)  # synced per chunk
     return row
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom while it parses a landed file: its validation messages may quote
+    values (names, IDs), which never go to logs; a failure is quarantined with its reason."""
+    pydicom_log = logging.getLogger("pydicom")
+    was_disabled = pydicom_log.disabled
+    pydicom_log.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_log.disabled = was_disabled
 
 
 class _FileFaultError(Exception):

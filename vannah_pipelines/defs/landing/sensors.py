@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
+from vannah_pipelines.catalog.ingest import reason_kind
 from vannah_pipelines.defs.catalog.assets import (
     DISK_FULL,
     FAILURE_TAG,
@@ -111,7 +112,8 @@ def landed_batch_sensor(
         space_ok=space_ok,
     )
     for batch_id, error in sorted(plan.failures.items()):
-        context.log.warning("ingest of batch %s failed: %s", batch_id, error[:200])
+        # The kind of error only: the message is in the run's own log and the cursor.
+        context.log.warning("ingest of batch %s failed: %s", batch_id, reason_kind(error))
     for batch_id in plan.splits:
         halves = zone.split(zone.batch(batch_id))
         context.log.warning(
