@@ -190,6 +190,12 @@ def test_killed_ingest_run_is_marked_failed_and_its_batch_ingested_by_a_retry(
             return bool(runs) and runs[0].status == dg.DagsterRunStatus.SUCCESS
 
         _wait(retry_succeeded, "the retry run's success", daemon)
+        # The run-monitoring daemon (dagster.yaml) is running beside the sensors.
+        assert "MONITORING" in instance.get_daemon_heartbeats()
+        checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey("instance_index"), "landing_backlog_fresh")]
+        )
+        assert checks  # evaluated by the sensor and by the runs
         [retry] = instance.get_runs(
             filters=dg.RunsFilter(tags={"vannah/run_key": f"ingest-{sealed.batch_id}-r1"})
         )

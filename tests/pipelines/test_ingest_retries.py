@@ -16,7 +16,7 @@ from vannah_pipelines.defs.landing import sensors
 from vannah_pipelines.defs.landing.sensors import RUN_KEY_TAG, landed_batch_sensor
 from vannah_pipelines.defs.resources import ArchiveResource
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
-from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
+from vannah_pipelines.landing.layout import Batch, LandingZone, ReceiveFacts
 
 
 @pytest.fixture(autouse=True)
@@ -225,3 +225,30 @@ def test_sensor_skip_reason_reports_the_landing_backlog(data_dir: Path, clock: C
         message = result.skip_reason.skip_message or ""
         assert "landing backlog 1 sealed batches, oldest" in message
         assert "1 batches in runs" in message
+
+
+def test_sensor_reports_a_stale_backlog_as_a_failed_check_when_it_changes(
+    data_dir: Path, clock: Clock
+) -> None:
+    """landing_backlog_fresh fails from the sensor even when no run drains the backlog."""
+    zone = LandingZone(data_dir / "landing")
+    batch = zone.open_batch("dimse")
+    ds = make_instance("CT", rows=8, columns=8)
+    batch.write_instance(
+        to_part10(ds),
+        ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", "dimse"),
+    )
+    # Sealed long ago (an old batch id), e.g. held by runs that keep failing.
+    zone.move_to_sealed(batch.path, "20200101T000000000000-dimse-1-0")
+    with dg.instance_for_test() as instance:
+        harness = Harness(instance)
+        first = harness.tick()
+        [check] = first.asset_events
+        assert isinstance(check, dg.AssetCheckEvaluation)
+        assert (check.check_name, check.passed) == ("landing_backlog_fresh", False)
+        assert check.metadata["pending_batches"].value == 1
+        assert not harness.tick().asset_events  # reported on change only
+        for path in zone.sealed_dir.iterdir():  # drained
+            zone.remove(Batch(path.name, path))
+        [fresh] = harness.tick().asset_events
+        assert isinstance(fresh, dg.AssetCheckEvaluation) and fresh.passed

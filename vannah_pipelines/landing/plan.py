@@ -24,6 +24,7 @@ from vannah_pipelines.landing.space import require_free_space
 RETRY_CAP_SECONDS = 3600.0  # backoff never grows past an hour
 LOST_AFTER_SECONDS = 600.0  # a requested run that never appears is requested again
 SPACE_MARGIN_BYTES = 1024**2  # free space (above the reserve) that counts as "returned"
+BACKLOG_MAX_AGE_SECONDS = 15 * 60  # landing_backlog_fresh fails past this
 _MAX_ERROR = 300
 
 
@@ -95,6 +96,11 @@ class Backlog:
 
     batches: int
     oldest_age_s: float
+
+    @property
+    def fresh(self) -> bool:
+        """No sealed batch has waited longer than BACKLOG_MAX_AGE_SECONDS."""
+        return self.oldest_age_s <= BACKLOG_MAX_AGE_SECONDS
 
     def describe(self) -> str:
         if not self.batches:
@@ -331,13 +337,28 @@ def load_cursor(cursor: str | None, now: float) -> dict[str, BatchState]:
     return {bid: BatchState(**fields) for bid, fields in batches.items()}
 
 
-def dump_cursor(state: dict[str, BatchState]) -> str:
-    """The sensor cursor for `state` (JSON, sorted, stable)."""
+def dump_cursor(state: dict[str, BatchState], backlog_fresh: bool | None = None) -> str:
+    """The sensor cursor for `state` (JSON, sorted, stable), with the last reported
+    freshness of the landing backlog."""
     return json.dumps(
-        {"version": 2, "batches": {bid: asdict(st) for bid, st in sorted(state.items())}},
+        {
+            "version": 2,
+            "batches": {bid: asdict(st) for bid, st in sorted(state.items())},
+            "backlog_fresh": backlog_fresh,
+        },
         sort_keys=True,
         separators=(",", ":"),
     )
+
+
+def load_backlog_fresh(cursor: str | None) -> bool | None:
+    """The freshness of the landing backlog the sensor last reported (None: never).
+
+    >>> load_backlog_fresh(dump_cursor({}, False)), load_backlog_fresh('["x"]')
+    (False, None)
+    """
+    raw: Any = json.loads(cursor) if cursor else None
+    return raw.get("backlog_fresh") if isinstance(raw, dict) else None
 
 
 def _count_files(batch: Batch) -> int:
@@ -358,6 +379,7 @@ __all__ = [
     "dump_cursor",
     "has_space",
     "landing_backlog",
+    "load_backlog_fresh",
     "load_cursor",
     "plan_ingest_runs",
     "run_key_for",

@@ -11,6 +11,7 @@ from vannah_pipelines.defs.catalog.assets import (
     DISK_FULL,
     FAILURE_TAG,
     IngestConfig,
+    backlog_metadata,
     ingest_batch_job,
 )
 from vannah_pipelines.defs.resources import ArchiveResource
@@ -21,6 +22,7 @@ from vannah_pipelines.landing.plan import (
     dump_cursor,
     has_space,
     landing_backlog,
+    load_backlog_fresh,
     load_cursor,
     plan_ingest_runs,
 )
@@ -122,11 +124,24 @@ def landed_batch_sensor(
             ", ".join(h.batch_id for h in halves),
         )
     backlog = landing_backlog(zone.sealed_batches() if plan.splits else sealed, datetime.now(UTC))
-    cursor = dump_cursor(plan.state)
+    cursor = dump_cursor(plan.state, backlog.fresh)
+    # landing_backlog_fresh is evaluated by every ingest run, and here whenever it changes:
+    # a backlog that no run drains (every run failing, none requested) still fails it.
+    checks = []
+    if backlog.fresh != load_backlog_fresh(context.cursor):
+        checks.append(
+            dg.AssetCheckEvaluation(
+                asset_key=dg.AssetKey("instance_index"),
+                check_name="landing_backlog_fresh",
+                passed=backlog.fresh,
+                metadata=backlog_metadata(backlog),
+            )
+        )
     if not plan.runs:
         return dg.SensorResult(
             skip_reason=f"no batch to request; {backlog.describe()}; {plan.describe()}",
             cursor=cursor,
+            asset_events=checks,
         )
     return dg.SensorResult(
         run_requests=[
@@ -152,4 +167,5 @@ def landed_batch_sensor(
             for run in plan.runs
         ],
         cursor=cursor,
+        asset_events=checks,
     )
