@@ -157,3 +157,21 @@ def test_sop_instance_uids_unique_check_fails_on_a_uid_clash(tmp_path: Path) -> 
     assert not checks["sop_instance_uids_unique"].passed
     assert checks["sop_instance_uids_unique"].metadata["duplicates"].value == 1
     assert checks["instance_files_present"].passed
+
+
+def test_run_config_cannot_point_ingest_at_another_folder(tmp_path: Path) -> None:
+    """The resource has no configurable path: the launchpad cannot move the data folder."""
+    batch_id = _land(tmp_path, 1)
+    day = f"{batch_id[:4]}-{batch_id[4:6]}-{batch_id[6:8]}"
+    with pytest.raises(dg.DagsterInvalidConfigError):
+        dg.materialize(
+            [instance_index],
+            partition_key=day,
+            resources={"archive": ArchiveResource()},
+            run_config={
+                "ops": {"instance_index": {"config": {"batch_ids": [batch_id]}}},
+                "resources": {"archive": {"config": {"data_dir": str(tmp_path / "elsewhere")}}},
+            },
+        )
+    assert not (tmp_path / "elsewhere").exists()
+    assert ArchiveResource().settings().data_dir == tmp_path  # from VANNAH_DATA_DIR only
