@@ -22,6 +22,7 @@ from tests.catalog.conftest import land, poisoned_instance
 from vannah_pipelines.catalog import writer as writer_module
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.defs.catalog.assets import instance_index
 from vannah_pipelines.defs.resources import ArchiveResource
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
@@ -159,3 +160,22 @@ def test_ingest_run_on_a_full_disk_is_tagged_for_the_sensor(
         assert run is not None and run.tags.get("vannah/failure") == "disk_full"
     assert len(LandingZone(paths.landing_dir).batch(batch_id).instances()) == 2
     assert not list(paths.quarantine_dir.rglob("*.dcm"))
+
+
+def test_publishing_the_catalog_on_a_full_disk_is_a_disk_full_error(
+    tmp_path: Path, full_disk: FullDisk
+) -> None:
+    """DuckDB's IOException is reported as ENOSPC (so the sensor waits for space) and its
+    temp file is removed."""
+    writer = CatalogWriter(tmp_path / "catalog")
+    writer.ensure()
+    if not full_disk.mounted:
+        pytest.skip("needs the real tmpfs: DuckDB writes its file itself")
+    (tmp_path / "catalog" / "catalog.duckdb").unlink()
+    full_disk.fill()
+    with pytest.raises(OSError) as caught:
+        writer.publish()
+    assert is_disk_full(caught.value)
+    assert not list((tmp_path / "catalog").glob(".catalog.duckdb.*"))
+    full_disk.free()
+    assert writer.publish().exists()

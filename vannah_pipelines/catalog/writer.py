@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -74,16 +75,25 @@ class CatalogWriter:
         self.remove_stale_temp_files()
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}.wal").unlink(missing_ok=True)
-        con = duckdb.connect(str(tmp))
         try:
-            sources = {
-                t: f"read_parquet('{self.glob(t)}', hive_partitioning = true, union_by_name = true)"
-                for t in TABLES
-            }
-            for statement in view_sql(sources["instances"], sources["quarantine"]):
-                con.execute(statement)
-        finally:
-            con.close()
+            con = duckdb.connect(str(tmp))
+            try:
+                sources = {
+                    t: f"read_parquet('{self.glob(t)}', hive_partitioning = true, "
+                    "union_by_name = true)"
+                    for t in TABLES
+                }
+                for statement in view_sql(sources["instances"], sources["quarantine"]):
+                    con.execute(statement)
+            finally:
+                con.close()
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            Path(f"{tmp}.wal").unlink(missing_ok=True)
+            if isinstance(exc, duckdb.IOException) and _DISK_FULL in str(exc):
+                # DuckDB's own error type: say it the way the rest of the archive does.
+                raise OSError(errno.ENOSPC, f"cannot publish {target}: {exc}") from exc
+            raise
         tmp.replace(target)
         fsync_dir(self.root)
         return target
@@ -101,6 +111,7 @@ class CatalogWriter:
         return removed
 
 
+_DISK_FULL = os.strerror(errno.ENOSPC)  # "No space left on device"
 _TMP_DB = re.compile(re.escape(f".{CATALOG_DB}.") + r"([0-9]+)\.tmp(\.wal)?")
 
 
