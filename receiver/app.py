@@ -32,16 +32,16 @@ from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from receiver import retrieve
+from receiver.archive import Archive
 from receiver.contexts import supported_contexts
 from receiver.fast_store import FastStore
-from receiver.handlers import Archive, AssociationLog, Landing, event_handlers
+from receiver.handlers import AssociationLog, Landing, event_handlers
 from vannah_pipelines.landing.layout import LandingZone, RollingBatch, write_atomic
 from vannah_pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
-MAX_PDU_SIZE = 262_144  # larger P-DATA PDUs from peers cost fewer round trips
 DRAIN_SECONDS = 5.0  # a stopping worker lets running associations finish this long
 WORKER_STOP_SECONDS = 20.0  # then the parent kills it
 READY_SECONDS = 60.0
@@ -76,7 +76,8 @@ def build_ae(settings: Settings) -> AE:
         else:
             ae.add_supported_context(cx.abstract_syntax, list(cx.transfer_syntaxes))
     ae.maximum_associations = settings.max_associations
-    ae.maximum_pdu_size = MAX_PDU_SIZE
+    # Larger P-DATA PDUs from peers cost fewer round trips; a longer one is aborted.
+    ae.maximum_pdu_size = settings.dimse_max_pdu_bytes
     ae.require_called_aet = False  # logged by the handlers instead
     ae.require_calling_aet = []
     return ae
@@ -223,13 +224,15 @@ def _run_worker(
     associations = AssociationLog()
     archive = Archive(settings)
     ae = build_ae(settings)
-    server = build_server(ae, settings, (settings.bind_host, port), landing, associations, archive)
+    server = build_server(
+        ae, settings, (settings.dicom_bind_host, port), landing, associations, archive
+    )
     acceptor = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.25}, name="accept", daemon=True
     )
     acceptor.start()
     ready.put((index, os.getpid()))
-    log.info("worker %d accepting on %s:%d", index, settings.bind_host, port)
+    log.info("worker %d accepting on %s:%d", index, settings.dicom_bind_host, port)
     while not stop.wait(0.5):
         if os.getppid() != parent_pid:
             log.warning("supervisor died; worker %d stopping", index)
@@ -287,7 +290,7 @@ class Receiver:
 
     def open(self) -> int:
         """Reserve the port and seal batches stranded by an earlier receiver."""
-        self._sock = reserve_port(self.settings.bind_host, self.settings.dicom_port)
+        self._sock = reserve_port(self.settings.dicom_bind_host, self.settings.dicom_port)
         self.port = int(self._sock.getsockname()[1])
         self.zone.ensure()
         for batch in self.zone.seal_stranded():
@@ -312,7 +315,7 @@ class Receiver:
             log.info(
                 "receiver %s listening on %s:%d with %d workers",
                 self.settings.dicom_aet,
-                self.settings.bind_host,
+                self.settings.dicom_bind_host,
                 self.port,
                 len(self._slots),
             )

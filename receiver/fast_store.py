@@ -39,13 +39,8 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from receiver import pdu
 from receiver.contexts import STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
-from receiver.handlers import (
-    AssociationLog,
-    Landing,
-    StoreRequest,
-    error_comment,
-    receive_instance,
-)
+from receiver.handlers import AssociationLog, Landing, StoreRequest, receive_instance
+from receiver.responses import error_comment
 
 log = logging.getLogger(__name__)
 

@@ -11,24 +11,19 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 
+from receiver.archive import Archive
 from receiver.part10 import file_header
+from receiver.responses import failure
 from receiver.status import StoreStatus, VerificationStatus
 from vannah_pipelines.dicom.inspection import InstanceIds, read_instance_ids
 from vannah_pipelines.errors import InvalidDicomError, UnsafeUidError
 from vannah_pipelines.landing.layout import Buffer, ReceiveFacts, RollingBatch
-from vannah_pipelines.settings import RemoteModality, Settings
-from vannah_pipelines.storage.base import Tier
-from vannah_pipelines.storage.local import LocalStorage
-
-if TYPE_CHECKING:
-    from receiver.query_retrieve import CatalogView
-    from vannah_pipelines.worklist.store import WorklistStore
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +112,6 @@ def _called_ae(event: Event) -> str:
 def _peer(event: Event) -> str:
     requestor = event.assoc.requestor
     return f"{requestor.address}:{requestor.port}"
-
-
-def failure(status: int, comment: str) -> Dataset:
-    rsp = Dataset()
-    rsp.Status = int(status)
-    rsp.ErrorComment = error_comment(comment)
-    return rsp
-
-
-def error_comment(comment: str) -> str:
-    """PS3.7 C.4: Error Comment is LO, at most 64 characters (never patient data)."""
-    return comment.replace("\\", "/")[:64]
 
 
 def handle_echo(event: Event) -> int:
@@ -263,53 +246,6 @@ def handle_ended(event: Event, associations: AssociationLog) -> None:
         associations.ended(id(event.assoc), outcome)
     except Exception:
         log.exception("logging an association failed")
-
-
-class Archive:
-    """What the Q/R handlers read: the worker's catalog copy, the hot tier, the worklist,
-    known peers. Each is opened on first use, so a worker that only stores never loads the
-    catalog stack (DuckDB, pyarrow)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.aet = settings.dicom_aet
-        self.worklist_past_due_hours = settings.worklist_past_due_hours
-        self._settings = settings
-        self._lock = threading.Lock()
-        self._catalog: CatalogView | None = None
-        self._worklist: WorklistStore | None = None
-
-    @property
-    def catalog(self) -> CatalogView:
-        with self._lock:
-            if self._catalog is None:
-                from receiver.query_retrieve import CatalogView  # lazy: see the docstring
-
-                settings = self._settings
-                self._catalog = CatalogView(
-                    settings.catalog_dir, settings.qr_catalog_refresh_seconds
-                )
-            return self._catalog
-
-    @property
-    def worklist(self) -> WorklistStore:
-        with self._lock:
-            if self._worklist is None:
-                from vannah_pipelines.worklist.store import WorklistStore  # lazy
-
-                self._worklist = WorklistStore(self._settings.catalog_dir / "worklist")
-            return self._worklist
-
-    @property
-    def hot(self) -> LocalStorage:
-        return LocalStorage(self._settings.hot_dir, Tier.HOT)
-
-    def destination(self, aet: str) -> RemoteModality | None:
-        return self._settings.modality_by_aet(aet)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._catalog is not None:
-                self._catalog.close()
 
 
 def _query_retrieve(name: str) -> Callable[[Event, Archive], Any]:
