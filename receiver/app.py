@@ -19,9 +19,11 @@ import queue
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -35,7 +37,9 @@ from receiver import retrieve
 from receiver.archive import Archive
 from receiver.contexts import supported_contexts
 from receiver.fast_store import FastStore
+from receiver.guarded_socket import GuardedSocket
 from receiver.handlers import AssociationLog, Landing, event_handlers
+from receiver.limits import Limits, PendingConnections
 from vannah_pipelines.landing.layout import LandingZone, RollingBatch, write_atomic
 from vannah_pipelines.settings import Settings
 
@@ -103,19 +107,73 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
     daemon_threads = True
     block_on_close = False  # the worker drains associations itself
     fast_store: FastStore | None = None
+    limits: Limits | None = None  # None: pynetdicom reads the accepted socket unguarded
+    pending: PendingConnections | None = None
+    idle_seconds: float = 60.0  # pynetdicom's network timeout
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection on a thread of its own, unless too many connections have
+        not sent their A-ASSOCIATE-RQ yet: then close it at once."""
+        release = self.pending.admit() if self.pending is not None else _nothing
+        if release is None:
+            assert self.pending is not None
+            log.warning(
+                "closed a connection from %s: %d connections have not associated yet",
+                client_address[0] if isinstance(client_address, tuple) else client_address,
+                self.pending.count,
+            )
+            self.shutdown_request(request)
+            return
+        thread = threading.Thread(
+            target=self._serve_connection, args=(request, client_address, release), daemon=True
+        )
+        try:
+            thread.start()
+        except BaseException:
+            release()
+            self.shutdown_request(request)
+            raise
+
+    def _serve_connection(
+        self, request: Any, client_address: Any, release: Callable[[], None]
+    ) -> None:
+        # As ThreadedAssociationServer.process_request_thread: pynetdicom's handler returns
+        # once its association thread runs, which then owns the socket.
+        try:
+            self._serve(request, client_address, release)
+        except Exception:
+            release()
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
+    def _serve(self, request: Any, client_address: Any, release: Callable[[], None]) -> None:
+        """Fast path or pynetdicom; `release` once the A-ASSOCIATE-RQ has arrived (or the
+        connection is closed without one)."""
+        pynetdicom_socket: Any = request
+        if self.limits is not None and not isinstance(request, ssl.SSLSocket):
+            pynetdicom_socket = GuardedSocket(
+                request,
+                self.limits,
+                peer=f"{client_address[0]}:{client_address[1]}",
+                idle_seconds=self.idle_seconds,
+                release_pending=release,
+            )
+        else:
+            release()  # not followed: only the ACSE timeout bounds it
+
+        def hand_off() -> None:
+            ThreadedAssociationServer.finish_request(self, pynetdicom_socket, client_address)
+
         fast_store = self.fast_store
         if fast_store is None:
-            super().finish_request(request, client_address)
+            hand_off()
             return
         fast_store.serve(
             request,
             client_address,
             others=lambda: len(self.active_associations),
-            hand_off=lambda: super(ReusePortAssociationServer, self).finish_request(
-                request, client_address
-            ),
+            hand_off=hand_off,
+            arrived=release,
         )
 
     def running_associations(self) -> list[RunningAssociation]:
@@ -143,6 +201,10 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
         self.server_close()
 
 
+def _nothing() -> None:
+    return None
+
+
 def build_server(
     ae: AE,
     settings: Settings,
@@ -159,8 +221,14 @@ def build_server(
         server_class=ReusePortAssociationServer,
     )
     assert isinstance(server, ReusePortAssociationServer)
+    limits = Limits.from_settings(settings)
+    server.limits = limits
+    server.pending = PendingConnections(limits.max_pending_connections)
+    server.idle_seconds = float(ae.network_timeout or 60)
     if settings.receiver_fast_store:
-        server.fast_store = FastStore(ae, server.ae_title, server.contexts, landing, associations)
+        server.fast_store = FastStore(
+            ae, server.ae_title, server.contexts, landing, associations, limits
+        )
     return server
 
 
@@ -219,7 +287,9 @@ def _run_worker(
             "dimse",
             settings.landing_batch_max_files,
             settings.landing_batch_max_age_seconds,
-        )
+        ),
+        max_instance_bytes=settings.max_instance_bytes,
+        free_space_reserve=settings.free_space_reserve_bytes,
     )
     associations = AssociationLog()
     archive = Archive(settings)
