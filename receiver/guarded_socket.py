@@ -15,6 +15,7 @@ import contextlib
 import logging
 import select
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ class GuardedSocket:
         release_pending: Callable[[], None] = lambda: None,
     ) -> None:
         self._sock = sock
+        self._limits = limits
         self._meter = PduMeter(limits)
         self._pace = Pace(limits, idle_seconds)
         self._peer = peer
@@ -88,6 +90,13 @@ class GuardedSocket:
         self._sock.close()
 
     def fileno(self) -> int:
+        # pynetdicom's reactor polls the socket with select() between PDUs, which asks
+        # for this: the association's deadline is enforced here even when it is idle.
+        if not self._failed and time.monotonic() >= self._pace.deadline:
+            self._abort(
+                f"association open longer than {self._limits.association_max_seconds:g} s",
+                pdu.REASON_NOT_SPECIFIED,
+            )
         return self._sock.fileno()
 
     def __getattr__(self, name: str) -> Any:

@@ -113,6 +113,11 @@ class Pace:
         if now >= self._window_end:
             self._roll(now)
 
+    @property
+    def deadline(self) -> float:
+        """When the association must have ended (on the clock's scale)."""
+        return self._deadline
+
     def touch(self) -> None:
         """The peer is active now (a reader that waits for data elsewhere, between PDUs)."""
         self._last_read = self._clock()
