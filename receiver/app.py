@@ -57,7 +57,8 @@ class ReceiverError(RuntimeError):
 
 
 def configure_logging(level: int | str = logging.INFO) -> None:
-    """Log to stderr with the process name and pid; pynetdicom at WARNING."""
+    """Log to stderr with the process name and pid; pynetdicom at WARNING, pydicom at
+    ERROR (no patient data at INFO or above)."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -65,6 +66,8 @@ def configure_logging(level: int | str = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom's validation warnings quote element values (names, dates of birth).
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def build_ae(settings: Settings) -> AE:

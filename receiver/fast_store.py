@@ -62,7 +62,6 @@ MAX_SMALL_PDU_BYTES = 64  # A-RELEASE-RQ and A-ABORT bodies are 4 bytes
 INITIAL_BUFFER_BYTES = 1 << 20  # the data set buffer grows to the largest instance received
 KEEP_BUFFER_BYTES = 64 << 20  # and is dropped after an instance larger than this
 DRAIN_BUFFER_BYTES = 256 << 10  # a data set over max_instance_bytes is read through this
-TIMEOUT_SLACK = 0.5  # seconds a socket timeout may run long before it is set again
 # PS3.8 9.3.4: A-ASSOCIATE-RJ rejected-transient, service-provider (presentation), local
 # limit exceeded; what pynetdicom answers past maximum_associations.
 REJECT_LIMIT = (0x02, 0x03, 0x02)
@@ -305,7 +304,6 @@ class FastAssociation:
         self._used = 0
         self._oversize = False  # the data set in progress is over the limit: drained
         self._pace = Pace(store.limits, store.network_timeout)
-        self._timeout = 0.0  # the socket's timeout as last set
 
     # ------------------------------------------------------------------ control
 
@@ -345,6 +343,9 @@ class FastAssociation:
                 ours=store.ae_title,
             )
             opened = True
+            # One timeout for every read and send: each read that times out asks the pace
+            # whether a limit has passed (the deadline, the idle timeout, a slow PDU).
+            self._sock.settimeout(self._pace.tick)
             outcome = self._serve()
         except (_PduError, LimitExceededError) as exc:
             log.warning(
@@ -554,15 +555,11 @@ class FastAssociation:
         pos, end = 0, len(view)
         pace = self._pace
         while pos < end:
-            timeout = pace.wait()
-            if abs(timeout - self._timeout) > TIMEOUT_SLACK:
-                self._sock.settimeout(timeout)
-                self._timeout = timeout
             try:
                 received = self._sock.recv_into(view[pos:] if pos else view)
             except TimeoutError:
-                self._timeout = 0.0
-                continue  # pace.wait() says which limit passed, if one did
+                pace.wait()  # raises if a limit has passed, else read on
+                continue
             if not received:
                 raise ConnectionError("the peer closed the connection")
             pace.received(received)
@@ -579,10 +576,6 @@ class FastAssociation:
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:
-            timeout = self._store.network_timeout
-            if self._timeout != timeout:  # reads may have left a window's remainder
-                self._sock.settimeout(timeout)
-                self._timeout = timeout
             self._sock.sendall(data)
 
     def _send_quietly(self, data: bytes) -> None:

@@ -114,6 +114,15 @@ class Pace:
             self._roll(now)
 
     @property
+    def tick(self) -> float:
+        """A fixed read timeout short enough for every check: a reader that sets it once
+        and calls :meth:`wait` after each timeout notices a limit at most this late."""
+        ticks = [self._idle_seconds, self._limits.association_max_seconds]
+        if self._window_minimum > 0:
+            ticks.append(self._limits.window_seconds)
+        return min(ticks)
+
+    @property
     def deadline(self) -> float:
         """When the association must have ended (on the clock's scale)."""
         return self._deadline

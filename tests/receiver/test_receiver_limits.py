@@ -17,11 +17,13 @@ import struct
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
@@ -32,6 +34,7 @@ import receiver.app as app
 import receiver.limits
 from receiver.app import ReusePortAssociationServer, build_ae, build_server
 from receiver.archive import Archive
+from receiver.contexts import MODALITY_WORKLIST_FIND, STUDY_ROOT_FIND
 from receiver.handlers import AssociationLog, Landing
 from receiver.status import StoreStatus
 from vannah_pipelines.dicom.synthetic import make_instance
@@ -534,3 +537,57 @@ def test_receiver_answers_a_full_disk_and_serves_once_space_returns(
     assoc.release()
     assoc.close()
     assert [p for p in _landed(worker.data_dir) if small_uid in p.name]
+
+
+# --------------------------------------------------------------------------- 5. logs
+
+SECRET_DATE = "1990-13-45"  # stands for a patient's date of birth: never logged or echoed
+
+
+def _find(port: int, sop_class: str, identifier: Dataset) -> list[tuple[int, str]]:
+    ae = AE(ae_title="LOGSCU")
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title="VANNAHCLOUD")
+    try:
+        assert assoc.is_established
+        answers = [
+            (int(status.Status), str(status.get("ErrorComment", "")))
+            for status, _identifier in assoc.send_c_find(identifier, sop_class)
+            if status
+        ]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+    return answers
+
+
+@pytest.mark.parametrize("model", ["study-root", "worklist"])
+def test_query_refusals_name_the_attribute_not_its_value(
+    receiver_process: Callable[..., ReceiverProcess], model: str
+) -> None:
+    """A C-FIND (Q/R or worklist) refused for a bad value: neither the Error Comment nor
+    the receiver's log (INFO and above, as run) carries the value or the patient's name."""
+    rx = receiver_process(workers=1)
+    identifier = Dataset()
+    identifier.PatientName = "Secret^Patient*"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid values on purpose
+        identifier.PatientBirthDate = SECRET_DATE
+        if model == "study-root":
+            sop_class = STUDY_ROOT_FIND
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = ""
+        else:
+            sop_class = MODALITY_WORKLIST_FIND
+            identifier.ScheduledProcedureStepSequence = [Dataset()]
+        answers = _find(rx.port, sop_class, identifier)
+    assert len(answers) == 1, answers
+    status, comment = answers[0]
+    assert status in (0xA900, 0xC000), answers
+    assert comment.startswith("PatientBirthDate"), comment
+    assert "1990" not in comment and "Secret" not in comment, comment
+    rx.stop()
+    log = rx.log()
+    assert "LOGSCU" in log  # the association was logged, by AE title
+    assert "1990" not in log and "Secret" not in log, log

@@ -203,18 +203,23 @@ def _dictionary_vr(tag: int) -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=1024)
+def _vr_text(raw: bytes) -> str:
+    return raw.decode("ascii")
+
+
+@functools.lru_cache(maxsize=256)
 def _fixed_size(vr: str) -> int:
     """The value size of `vr` if fixed (every VR of "US or SS" style alternatives), else 0."""
     sizes = {_FIXED_SIZES.get(one.strip(), 0) for one in vr.split(" or ")}
     return sizes.pop() if len(sizes) == 1 else 0
 
 
-def _check_length(tag: int, vr: str, length: int) -> None:
+def _refuse_length(tag: int, vr: str, length: int) -> None:
     size = _fixed_size(vr)
-    if size and length % size:
-        raise InvalidDicomError(
-            f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr} of {length} bytes: not a multiple of {size}"
-        )
+    raise InvalidDicomError(
+        f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr} of {length} bytes: not a multiple of {size}"
+    )
 
 
 def _walk_dataset(
@@ -242,7 +247,7 @@ def _walk_dataset(
             raise InvalidDicomError(f"unexpected ({group:04X},{element:04X}) at offset {pos}")
         raw_vr = bytes(buf[pos + 4 : pos + 6])
         if not enc.implicit and b"AA" <= raw_vr <= b"ZZ" and raw_vr.isalpha():
-            vr = raw_vr.decode("ascii")
+            vr = _vr_text(raw_vr)
             if raw_vr in _LONG_VRS:
                 if end - pos < 12:
                     raise InvalidDicomError(f"truncated element header at offset {pos}")
@@ -272,8 +277,8 @@ def _walk_dataset(
             )
         if vr == "SQ":
             _walk_items(buf, pos, pos + length, enc, depth=depth + 1, datasets=True, defined=True)
-        else:
-            _check_length(tag, vr, length)
+        elif length % (_fixed_size(vr) or 1):
+            _refuse_length(tag, vr, length)
         if found is not None and tag in _WANTED:
             found[tag] = bytes(buf[pos : pos + length])
         pos += length
