@@ -167,3 +167,27 @@ def test_read_instance_ids_refuses_truncated_deflate() -> None:
     deflated = _deflated(data)
     with pytest.raises(InvalidDicomError, match="truncated"):
         read_instance_ids(deflated[: len(deflated) // 2], DeflatedExplicitVRLittleEndian)
+
+
+def test_read_instance_ids_refuses_an_unknown_explicit_vr() -> None:
+    ts = ExplicitVRLittleEndian
+    data = _encode(_instance(), ts)
+    pos = data.index(b"\x28\x00\x10\x00US")
+    bad = data[: pos + 4] + b"XO" + data[pos + 6 :]
+    with pytest.raises(InvalidDicomError, match=r"\(0028,0010\) has an unknown VR XO"):
+        read_instance_ids(bad, ts)
+
+
+@pytest.mark.parametrize("ts", SYNTAXES)
+def test_read_instance_ids_refuses_an_image_ingest_would_call_truncated(ts: str) -> None:
+    """Native pixel data shorter than Rows x Columns x samples x bits, or none at all."""
+    ds = _instance()  # 4 x 4, 16 bits: 32 bytes of pixel data
+    read_instance_ids(_encode(ds, ts), ts)
+    short = _instance()
+    short.PixelData = bytes(16)
+    with pytest.raises(InvalidDicomError, match="pixel data has 16 of 32 bytes"):
+        read_instance_ids(_encode(short, ts), ts)
+    without = _instance()
+    del without.PixelData
+    with pytest.raises(InvalidDicomError, match="image attributes but no pixel data"):
+        read_instance_ids(_encode(without, ts), ts)

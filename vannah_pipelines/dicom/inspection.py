@@ -41,7 +41,32 @@ _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
 _STUDY_INSTANCE_UID = 0x0020000D
 _SERIES_INSTANCE_UID = 0x0020000E
-_WANTED = frozenset({_SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID})
+_SAMPLES_PER_PIXEL = 0x00280002
+_PHOTOMETRIC_INTERPRETATION = 0x00280004
+_NUMBER_OF_FRAMES = 0x00280008
+_ROWS = 0x00280010
+_COLUMNS = 0x00280011
+_BITS_ALLOCATED = 0x00280100
+_PIXEL_DATA = 0x7FE00010
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, _PIXEL_DATA})  # float, double float, pixel
+_IMAGE_TAGS = frozenset(
+    {
+        _SAMPLES_PER_PIXEL,
+        _PHOTOMETRIC_INTERPRETATION,
+        _NUMBER_OF_FRAMES,
+        _ROWS,
+        _COLUMNS,
+        _BITS_ALLOCATED,
+    }
+)
+_WANTED = frozenset(
+    {_SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, *_IMAGE_TAGS}
+)
+# PS3.5 6.2: every VR; pydicom cannot read an explicit VR data set with another.
+_KNOWN_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
+    b"UN UR US UT UV".split()
+)
 
 
 class InflatedTooLargeError(InvalidDicomError):
@@ -137,9 +162,13 @@ def read_instance_ids(
         raise InvalidDicomError(f"unknown transfer syntax {transfer_syntax_uid!r}") from exc
     buf = memoryview(_inflate(dataset, max_inflated_bytes) if deflated else dataset)
     found: dict[int, bytes] = {}
-    end = _walk_dataset(buf, 0, len(buf), encoding, depth=0, found=found, in_item=False)
+    pixels: dict[int, int] = {}
+    end = _walk_dataset(
+        buf, 0, len(buf), encoding, depth=0, found=found, in_item=False, pixels=pixels
+    )
     if end != len(buf):  # pragma: no cover - _walk_dataset consumes all or raises
         raise InvalidDicomError("data set has trailing bytes")
+    _check_pixel_data(found, pixels, encoding, native=not ts.is_compressed)
     return InstanceIds(
         sop_class_uid=_uid(found, _SOP_CLASS_UID, "SOPClassUID"),
         sop_instance_uid=_uid(found, _SOP_INSTANCE_UID, "SOPInstanceUID"),
@@ -231,6 +260,7 @@ def _walk_dataset(
     depth: int,
     found: dict[int, bytes] | None,
     in_item: bool,
+    pixels: dict[int, int] | None = None,
 ) -> int:
     """Walk the elements in ``[pos, end)``; return where they stop (after the item
     delimiter if `in_item`; an item of defined length ends at `end` with none)."""
@@ -247,6 +277,10 @@ def _walk_dataset(
             raise InvalidDicomError(f"unexpected ({group:04X},{element:04X}) at offset {pos}")
         raw_vr = bytes(buf[pos + 4 : pos + 6])
         if not enc.implicit and b"AA" <= raw_vr <= b"ZZ" and raw_vr.isalpha():
+            if raw_vr not in _KNOWN_VRS:
+                raise InvalidDicomError(
+                    f"({group:04X},{element:04X}) has an unknown VR {_vr_text(raw_vr)}"
+                )
             vr = _vr_text(raw_vr)
             if raw_vr in _LONG_VRS:
                 if end - pos < 12:
@@ -264,6 +298,8 @@ def _walk_dataset(
             length = u32.unpack_from(buf, pos + 4)[0]
             header = 8
         pos += header
+        if pixels is not None and tag in _PIXEL_TAGS:
+            pixels[tag] = length
         if length == _UNDEFINED:
             # SQ, UN or encapsulated pixel data: items up to a sequence delimiter. The
             # content of an undefined-length UN is implicit VR little endian (PS3.5 6.2.2).
@@ -285,6 +321,48 @@ def _walk_dataset(
     if in_item:
         raise InvalidDicomError("item of undefined length has no delimiter")
     return pos
+
+
+def _check_pixel_data(
+    found: dict[int, bytes], pixels: dict[int, int], enc: _Encoding, *, native: bool
+) -> None:
+    """What ingest's completeness check refuses (``vannah_pipelines.dicom.headers``): an
+    image (Rows, Columns, BitsAllocated) without pixel data, or with native pixel data
+    shorter than Rows x Columns x samples x frames x BitsAllocated."""
+    if not all(tag in found for tag in (_ROWS, _COLUMNS, _BITS_ALLOCATED)):
+        return
+    if not pixels:
+        raise InvalidDicomError("image attributes but no pixel data")
+    actual = pixels.get(_PIXEL_DATA)
+    if actual is None or actual == _UNDEFINED or not native:
+        return
+    samples = _us(found.get(_SAMPLES_PER_PIXEL), enc) or 1
+    photometric = found.get(_PHOTOMETRIC_INTERPRETATION, b"").strip(b" \x00")
+    if photometric == b"YBR_FULL_422":
+        samples = 2  # PS3.3 C.7.6.3.1.2: chroma subsampled 2:1 horizontally
+    frames = _is(found.get(_NUMBER_OF_FRAMES)) or 1
+    pixels_wanted = (_us(found[_ROWS], enc) or 0) * (_us(found[_COLUMNS], enc) or 0)
+    bits = _us(found[_BITS_ALLOCATED], enc) or 0
+    expected = (pixels_wanted * samples * frames * bits + 7) // 8
+    if actual < expected:
+        raise InvalidDicomError(f"pixel data has {actual} of {expected} bytes")
+
+
+def _us(raw: bytes | None, enc: _Encoding) -> int | None:
+    """The first value of a US element (None if empty or absent)."""
+    if not raw or len(raw) < 2:
+        return None
+    return int(enc.u16.unpack_from(raw, 0)[0])
+
+
+def _is(raw: bytes | None) -> int | None:
+    """The first value of an IS element (None if empty, absent or not an integer)."""
+    if not raw:
+        return None
+    try:
+        return int(raw.split(b"\\")[0].strip(b" \x00"))
+    except ValueError:
+        return None
 
 
 def _walk_items(
