@@ -591,3 +591,24 @@ def test_query_refusals_name_the_attribute_not_its_value(
     log = rx.log()
     assert "LOGSCU" in log  # the association was logged, by AE title
     assert "1990" not in log and "Secret" not in log, log
+
+
+# --------------------------------------------------------------------------- 4. bind address
+
+
+def test_receiver_listens_on_dicom_host_only(
+    receiver_process: Callable[..., ReceiverProcess],
+) -> None:
+    """VANNAH_DICOM_HOST picks the DIMSE bind address (127.0.0.2: not 127.0.0.1)."""
+    rx = receiver_process(workers=1, env={"VANNAH_DICOM_HOST": "127.0.0.2"})
+    ae = AE(ae_title="BINDSCU")
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.2", rx.port, ae_title="VANNAHCLOUD")
+    try:
+        assert assoc.is_established
+        assert int(assoc.send_c_echo().Status) == 0
+    finally:
+        assoc.release()
+        ae.shutdown()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", rx.port), timeout=DEADLINE).close()
