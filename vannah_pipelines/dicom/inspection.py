@@ -232,6 +232,10 @@ def _dictionary_vr(tag: int) -> str:
         return ""
 
 
+def _vr_name(raw: bytes) -> str:
+    return raw.decode("ascii") if raw.isalpha() else f"0x{raw.hex().upper()}"
+
+
 @functools.lru_cache(maxsize=1024)
 def _vr_text(raw: bytes) -> str:
     return raw.decode("ascii")
@@ -261,12 +265,19 @@ def _walk_dataset(
     found: dict[int, bytes] | None,
     in_item: bool,
     pixels: dict[int, int] | None = None,
+    lenient: bool = False,
 ) -> int:
     """Walk the elements in ``[pos, end)``; return where they stop (after the item
-    delimiter if `in_item`; an item of defined length ends at `end` with none)."""
+    delimiter if `in_item`; an item of defined length ends at `end` with none).
+
+    `lenient` (inside a sequence or item of defined length): a structure cut short ends
+    the walk at `end` instead of refusing, as pydicom reads such values, short; only
+    values it cannot convert (fixed-size lengths, unknown VRs) are refused there."""
     tag_s, u16, u32 = enc.tag, enc.u16, enc.u32
     while pos < end:
         if end - pos < 8:
+            if lenient:
+                return end
             raise InvalidDicomError(f"truncated element header at offset {pos}")
         group, element = tag_s.unpack_from(buf, pos)
         tag = group << 16 | element
@@ -274,16 +285,22 @@ def _walk_dataset(
             # Delimiters carry no VR, even in explicit VR transfer syntaxes (PS3.5 7.5).
             if tag == _ITEM_DELIMITER and in_item:
                 return pos + 8
+            if lenient:
+                return end
             raise InvalidDicomError(f"unexpected ({group:04X},{element:04X}) at offset {pos}")
         raw_vr = bytes(buf[pos + 4 : pos + 6])
-        if not enc.implicit and b"AA" <= raw_vr <= b"ZZ" and raw_vr.isalpha():
+        # pydicom's rule: bytes outside "AA".."ZZ" mean a switch to implicit VR; inside,
+        # a VR it does not know cannot be read.
+        if not enc.implicit and b"AA" <= raw_vr <= b"ZZ":
             if raw_vr not in _KNOWN_VRS:
                 raise InvalidDicomError(
-                    f"({group:04X},{element:04X}) has an unknown VR {_vr_text(raw_vr)}"
+                    f"({group:04X},{element:04X}) has an unknown VR {_vr_name(raw_vr)}"
                 )
             vr = _vr_text(raw_vr)
             if raw_vr in _LONG_VRS:
                 if end - pos < 12:
+                    if lenient:
+                        return end
                     raise InvalidDicomError(f"truncated element header at offset {pos}")
                 length = u32.unpack_from(buf, pos + 8)[0]
                 header = 12
@@ -305,20 +322,33 @@ def _walk_dataset(
             # content of an undefined-length UN is implicit VR little endian (PS3.5 6.2.2).
             inner = _IMPLICIT_LE if vr == "UN" else enc
             fragments = vr in _FRAGMENT_VRS
-            pos = _walk_items(buf, pos, end, inner, depth=depth + 1, datasets=not fragments)
+            pos = _walk_items(
+                buf, pos, end, inner, depth=depth + 1, datasets=not fragments, lenient=lenient
+            )
             continue
         if length > end - pos:
+            if lenient:
+                return end
             raise InvalidDicomError(
                 f"element ({group:04X},{element:04X}) of {length} bytes is truncated"
             )
         if vr == "SQ":
-            _walk_items(buf, pos, pos + length, enc, depth=depth + 1, datasets=True, defined=True)
+            _walk_items(
+                buf,
+                pos,
+                pos + length,
+                enc,
+                depth=depth + 1,
+                datasets=True,
+                defined=True,
+                lenient=True,
+            )
         elif length % (_fixed_size(vr) or 1):
             _refuse_length(tag, vr, length)
         if found is not None and tag in _WANTED:
             found[tag] = bytes(buf[pos : pos + length])
         pos += length
-    if in_item:
+    if in_item and not lenient:
         raise InvalidDicomError("item of undefined length has no delimiter")
     return pos
 
@@ -374,10 +404,12 @@ def _walk_items(
     depth: int,
     datasets: bool,
     defined: bool = False,
+    lenient: bool = False,
 ) -> int:
     """Walk items in ``[pos, end)``: up to and including the sequence delimiter (returns
     the end), or, for a sequence of defined length, all of them. With `datasets`, walk
-    each item's elements too (not for encapsulated pixel data fragments)."""
+    each item's elements too (not for encapsulated pixel data fragments), leniently for
+    an item of defined length (see :func:`_walk_dataset`)."""
     if depth > _MAX_DEPTH:
         raise InvalidDicomError("sequences are nested too deeply")
     tag_s, u32 = enc.tag, enc.u32
@@ -389,21 +421,41 @@ def _walk_items(
         if tag == _SEQUENCE_DELIMITER:
             return pos
         if tag != _ITEM:
+            if lenient:
+                return end
             raise InvalidDicomError(f"expected an item, found ({group:04X},{element:04X})")
         if length == _UNDEFINED:
             if not datasets:
                 raise InvalidDicomError("a pixel data fragment of undefined length")
-            pos = _walk_dataset(buf, pos, end, enc, depth=depth, found=None, in_item=True)
+            pos = _walk_dataset(
+                buf, pos, end, enc, depth=depth, found=None, in_item=True, lenient=lenient
+            )
         elif length > end - pos:
-            raise InvalidDicomError(f"item of {length} bytes is truncated")
+            if not lenient:
+                raise InvalidDicomError(f"item of {length} bytes is truncated")
+            if datasets:
+                _walk_dataset(
+                    buf, pos, end, enc, depth=depth, found=None, in_item=False, lenient=True
+                )
+            return end
         else:
             if datasets:
-                _walk_dataset(buf, pos, pos + length, enc, depth=depth, found=None, in_item=False)
+                _walk_dataset(
+                    buf,
+                    pos,
+                    pos + length,
+                    enc,
+                    depth=depth,
+                    found=None,
+                    in_item=False,
+                    lenient=True,
+                )
             pos += length
-    if defined and pos == end:
-        return pos
-    if defined:
+    if defined and pos != end:
+        # pydicom cannot read this (it reads item headers up to the sequence's end).
         raise InvalidDicomError("sequence of defined length ends inside an item header")
+    if lenient or defined:
+        return end
     raise InvalidDicomError("sequence of undefined length has no delimiter")
 
 
