@@ -63,10 +63,13 @@ _WANTED = frozenset(
     {_SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, *_IMAGE_TAGS}
 )
 # PS3.5 6.2: every VR; pydicom cannot read an explicit VR data set with another.
-_KNOWN_VRS = frozenset(
-    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
-    b"UN UR US UT UV".split()
-)
+_EXPLICIT_VRS = {
+    raw: raw.decode("ascii")
+    for raw in (
+        b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
+        b"UL UN UR US UT UV"
+    ).split()
+}
 
 
 class InflatedTooLargeError(InvalidDicomError):
@@ -88,15 +91,15 @@ class _Encoding:
     implicit: bool
     little: bool
 
-    @property
+    @functools.cached_property
     def tag(self) -> struct.Struct:
         return struct.Struct("<HH" if self.little else ">HH")
 
-    @property
+    @functools.cached_property
     def u16(self) -> struct.Struct:
         return struct.Struct("<H" if self.little else ">H")
 
-    @property
+    @functools.cached_property
     def u32(self) -> struct.Struct:
         return struct.Struct("<L" if self.little else ">L")
 
@@ -154,12 +157,7 @@ def read_instance_ids(
     ...
     vannah_pipelines.errors.InvalidDicomError: (0028,0010) US of 3 bytes: not a multiple of 2
     """
-    ts = UID(transfer_syntax_uid)
-    try:
-        encoding = _Encoding(implicit=ts.is_implicit_VR, little=ts.is_little_endian)
-        deflated = ts.is_deflated
-    except ValueError as exc:
-        raise InvalidDicomError(f"unknown transfer syntax {transfer_syntax_uid!r}") from exc
+    encoding, deflated, native = _syntax(transfer_syntax_uid)
     buf = memoryview(_inflate(dataset, max_inflated_bytes) if deflated else dataset)
     found: dict[int, bytes] = {}
     pixels: dict[int, int] = {}
@@ -168,13 +166,25 @@ def read_instance_ids(
     )
     if end != len(buf):  # pragma: no cover - _walk_dataset consumes all or raises
         raise InvalidDicomError("data set has trailing bytes")
-    _check_pixel_data(found, pixels, encoding, native=not ts.is_compressed)
+    _check_pixel_data(found, pixels, encoding, native=native)
     return InstanceIds(
         sop_class_uid=_uid(found, _SOP_CLASS_UID, "SOPClassUID"),
         sop_instance_uid=_uid(found, _SOP_INSTANCE_UID, "SOPInstanceUID"),
         study_instance_uid=_uid(found, _STUDY_INSTANCE_UID, "StudyInstanceUID"),
         series_instance_uid=_uid(found, _SERIES_INSTANCE_UID, "SeriesInstanceUID"),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _syntax(transfer_syntax_uid: str) -> tuple[_Encoding, bool, bool]:
+    """The encoding of a transfer syntax, whether it is deflated, whether its pixel data
+    is native (not compressed)."""
+    ts = UID(transfer_syntax_uid)
+    try:
+        encoding = _Encoding(implicit=ts.is_implicit_VR, little=ts.is_little_endian)
+        return encoding, ts.is_deflated, not ts.is_compressed
+    except ValueError as exc:
+        raise InvalidDicomError(f"unknown transfer syntax {transfer_syntax_uid!r}") from exc
 
 
 def _inflate(data: bytes | memoryview, limit: int) -> bytearray:
@@ -236,20 +246,25 @@ def _vr_name(raw: bytes) -> str:
     return raw.decode("ascii") if raw.isalpha() else f"0x{raw.hex().upper()}"
 
 
-@functools.lru_cache(maxsize=1024)
-def _vr_text(raw: bytes) -> str:
-    return raw.decode("ascii")
-
-
-@functools.lru_cache(maxsize=256)
 def _fixed_size(vr: str) -> int:
     """The value size of `vr` if fixed (every VR of "US or SS" style alternatives), else 0."""
     sizes = {_FIXED_SIZES.get(one.strip(), 0) for one in vr.split(" or ")}
     return sizes.pop() if len(sizes) == 1 else 0
 
 
+class _SizeTable(dict[str, int]):
+    """VR -> a length its values' lengths are multiples of (1: any); filled on first use."""
+
+    def __missing__(self, vr: str) -> int:
+        size = self[vr] = _fixed_size(vr) or 1
+        return size
+
+
+_VALUE_SIZES = _SizeTable()
+
+
 def _refuse_length(tag: int, vr: str, length: int) -> None:
-    size = _fixed_size(vr)
+    size = _VALUE_SIZES[vr]
     raise InvalidDicomError(
         f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr} of {length} bytes: not a multiple of {size}"
     )
@@ -292,11 +307,12 @@ def _walk_dataset(
         # pydicom's rule: bytes outside "AA".."ZZ" mean a switch to implicit VR; inside,
         # a VR it does not know cannot be read.
         if not enc.implicit and b"AA" <= raw_vr <= b"ZZ":
-            if raw_vr not in _KNOWN_VRS:
+            known = _EXPLICIT_VRS.get(raw_vr)
+            if known is None:
                 raise InvalidDicomError(
                     f"({group:04X},{element:04X}) has an unknown VR {_vr_name(raw_vr)}"
                 )
-            vr = _vr_text(raw_vr)
+            vr = known
             if raw_vr in _LONG_VRS:
                 if end - pos < 12:
                     if lenient:
@@ -343,7 +359,7 @@ def _walk_dataset(
                 defined=True,
                 lenient=True,
             )
-        elif length % (_fixed_size(vr) or 1):
+        elif length % _VALUE_SIZES[vr]:
             _refuse_length(tag, vr, length)
         if found is not None and tag in _WANTED:
             found[tag] = bytes(buf[pos : pos + length])
@@ -359,30 +375,31 @@ def _check_pixel_data(
     """What ingest's completeness check refuses (``vannah_pipelines.dicom.headers``): an
     image (Rows, Columns, BitsAllocated) without pixel data, or with native pixel data
     shorter than Rows x Columns x samples x frames x BitsAllocated."""
-    if not all(tag in found for tag in (_ROWS, _COLUMNS, _BITS_ALLOCATED)):
+    rows, columns, bits = found.get(_ROWS), found.get(_COLUMNS), found.get(_BITS_ALLOCATED)
+    if rows is None or columns is None or bits is None:
         return
     if not pixels:
         raise InvalidDicomError("image attributes but no pixel data")
     actual = pixels.get(_PIXEL_DATA)
     if actual is None or actual == _UNDEFINED or not native:
         return
-    samples = _us(found.get(_SAMPLES_PER_PIXEL), enc) or 1
+    little = enc.little
+    samples = _us(found.get(_SAMPLES_PER_PIXEL), little) or 1
     photometric = found.get(_PHOTOMETRIC_INTERPRETATION, b"").strip(b" \x00")
     if photometric == b"YBR_FULL_422":
         samples = 2  # PS3.3 C.7.6.3.1.2: chroma subsampled 2:1 horizontally
     frames = _is(found.get(_NUMBER_OF_FRAMES)) or 1
-    pixels_wanted = (_us(found[_ROWS], enc) or 0) * (_us(found[_COLUMNS], enc) or 0)
-    bits = _us(found[_BITS_ALLOCATED], enc) or 0
-    expected = (pixels_wanted * samples * frames * bits + 7) // 8
+    area = (_us(rows, little) or 0) * (_us(columns, little) or 0)
+    expected = (area * samples * frames * (_us(bits, little) or 0) + 7) // 8
     if actual < expected:
         raise InvalidDicomError(f"pixel data has {actual} of {expected} bytes")
 
 
-def _us(raw: bytes | None, enc: _Encoding) -> int | None:
+def _us(raw: bytes | None, little: bool) -> int | None:
     """The first value of a US element (None if empty or absent)."""
     if not raw or len(raw) < 2:
         return None
-    return int(enc.u16.unpack_from(raw, 0)[0])
+    return int.from_bytes(raw[:2], "little" if little else "big")
 
 
 def _is(raw: bytes | None) -> int | None:
