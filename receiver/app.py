@@ -19,9 +19,11 @@ import queue
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -32,16 +34,18 @@ from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from receiver import retrieve
+from receiver.archive import Archive
 from receiver.contexts import supported_contexts
 from receiver.fast_store import FastStore
-from receiver.handlers import Archive, AssociationLog, Landing, event_handlers
+from receiver.guarded_socket import GuardedSocket
+from receiver.handlers import AssociationLog, Landing, event_handlers
+from receiver.limits import Limits, PendingConnections
 from vannah_pipelines.landing.layout import LandingZone, RollingBatch, write_atomic
 from vannah_pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
-MAX_PDU_SIZE = 262_144  # larger P-DATA PDUs from peers cost fewer round trips
 DRAIN_SECONDS = 5.0  # a stopping worker lets running associations finish this long
 WORKER_STOP_SECONDS = 20.0  # then the parent kills it
 READY_SECONDS = 60.0
@@ -53,7 +57,8 @@ class ReceiverError(RuntimeError):
 
 
 def configure_logging(level: int | str = logging.INFO) -> None:
-    """Log to stderr with the process name and pid; pynetdicom at WARNING."""
+    """Log to stderr with the process name and pid; pynetdicom at WARNING, pydicom at
+    ERROR (no patient data at INFO or above)."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -61,6 +66,8 @@ def configure_logging(level: int | str = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom's validation warnings quote element values (names, dates of birth).
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def build_ae(settings: Settings) -> AE:
@@ -76,7 +83,8 @@ def build_ae(settings: Settings) -> AE:
         else:
             ae.add_supported_context(cx.abstract_syntax, list(cx.transfer_syntaxes))
     ae.maximum_associations = settings.max_associations
-    ae.maximum_pdu_size = MAX_PDU_SIZE
+    # Larger P-DATA PDUs from peers cost fewer round trips; a longer one is aborted.
+    ae.maximum_pdu_size = settings.dimse_max_pdu_bytes
     ae.require_called_aet = False  # logged by the handlers instead
     ae.require_calling_aet = []
     return ae
@@ -102,19 +110,73 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
     daemon_threads = True
     block_on_close = False  # the worker drains associations itself
     fast_store: FastStore | None = None
+    limits: Limits | None = None  # None: pynetdicom reads the accepted socket unguarded
+    pending: PendingConnections | None = None
+    idle_seconds: float = 60.0  # pynetdicom's network timeout
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection on a thread of its own, unless too many connections have
+        not sent their A-ASSOCIATE-RQ yet: then close it at once."""
+        release = self.pending.admit() if self.pending is not None else _nothing
+        if release is None:
+            assert self.pending is not None
+            log.warning(
+                "closed a connection from %s: %d connections have not associated yet",
+                client_address[0] if isinstance(client_address, tuple) else client_address,
+                self.pending.count,
+            )
+            self.shutdown_request(request)
+            return
+        thread = threading.Thread(
+            target=self._serve_connection, args=(request, client_address, release), daemon=True
+        )
+        try:
+            thread.start()
+        except BaseException:
+            release()
+            self.shutdown_request(request)
+            raise
+
+    def _serve_connection(
+        self, request: Any, client_address: Any, release: Callable[[], None]
+    ) -> None:
+        # As ThreadedAssociationServer.process_request_thread: pynetdicom's handler returns
+        # once its association thread runs, which then owns the socket.
+        try:
+            self._serve(request, client_address, release)
+        except Exception:
+            release()
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
+    def _serve(self, request: Any, client_address: Any, release: Callable[[], None]) -> None:
+        """Fast path or pynetdicom; `release` once the A-ASSOCIATE-RQ has arrived (or the
+        connection is closed without one)."""
+        pynetdicom_socket: Any = request
+        if self.limits is not None and not isinstance(request, ssl.SSLSocket):
+            pynetdicom_socket = GuardedSocket(
+                request,
+                self.limits,
+                peer=f"{client_address[0]}:{client_address[1]}",
+                idle_seconds=self.idle_seconds,
+                release_pending=release,
+            )
+        else:
+            release()  # not followed: only the ACSE timeout bounds it
+
+        def hand_off() -> None:
+            ThreadedAssociationServer.finish_request(self, pynetdicom_socket, client_address)
+
         fast_store = self.fast_store
         if fast_store is None:
-            super().finish_request(request, client_address)
+            hand_off()
             return
         fast_store.serve(
             request,
             client_address,
             others=lambda: len(self.active_associations),
-            hand_off=lambda: super(ReusePortAssociationServer, self).finish_request(
-                request, client_address
-            ),
+            hand_off=hand_off,
+            arrived=release,
         )
 
     def running_associations(self) -> list[RunningAssociation]:
@@ -142,6 +204,10 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
         self.server_close()
 
 
+def _nothing() -> None:
+    return None
+
+
 def build_server(
     ae: AE,
     settings: Settings,
@@ -158,8 +224,14 @@ def build_server(
         server_class=ReusePortAssociationServer,
     )
     assert isinstance(server, ReusePortAssociationServer)
+    limits = Limits.from_settings(settings)
+    server.limits = limits
+    server.pending = PendingConnections(limits.max_pending_connections)
+    server.idle_seconds = float(ae.network_timeout or 60)
     if settings.receiver_fast_store:
-        server.fast_store = FastStore(ae, server.ae_title, server.contexts, landing, associations)
+        server.fast_store = FastStore(
+            ae, server.ae_title, server.contexts, landing, associations, limits
+        )
     return server
 
 
@@ -218,18 +290,22 @@ def _run_worker(
             "dimse",
             settings.landing_batch_max_files,
             settings.landing_batch_max_age_seconds,
-        )
+        ),
+        max_instance_bytes=settings.max_instance_bytes,
+        free_space_reserve=settings.free_space_reserve_bytes,
     )
     associations = AssociationLog()
     archive = Archive(settings)
     ae = build_ae(settings)
-    server = build_server(ae, settings, (settings.bind_host, port), landing, associations, archive)
+    server = build_server(
+        ae, settings, (settings.dicom_bind_host, port), landing, associations, archive
+    )
     acceptor = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.25}, name="accept", daemon=True
     )
     acceptor.start()
     ready.put((index, os.getpid()))
-    log.info("worker %d accepting on %s:%d", index, settings.bind_host, port)
+    log.info("worker %d accepting on %s:%d", index, settings.dicom_bind_host, port)
     while not stop.wait(0.5):
         if os.getppid() != parent_pid:
             log.warning("supervisor died; worker %d stopping", index)
@@ -287,7 +363,7 @@ class Receiver:
 
     def open(self) -> int:
         """Reserve the port and seal batches stranded by an earlier receiver."""
-        self._sock = reserve_port(self.settings.bind_host, self.settings.dicom_port)
+        self._sock = reserve_port(self.settings.dicom_bind_host, self.settings.dicom_port)
         self.port = int(self._sock.getsockname()[1])
         self.zone.ensure()
         for batch in self.zone.seal_stranded():
@@ -312,7 +388,7 @@ class Receiver:
             log.info(
                 "receiver %s listening on %s:%d with %d workers",
                 self.settings.dicom_aet,
-                self.settings.bind_host,
+                self.settings.dicom_bind_host,
                 self.port,
                 len(self._slots),
             )

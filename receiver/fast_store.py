@@ -43,9 +43,12 @@ from receiver.handlers import (
     AssociationLog,
     Landing,
     StoreRequest,
-    error_comment,
     receive_instance,
+    too_large_comment,
 )
+from receiver.limits import LimitExceededError, Limits, Pace
+from receiver.responses import error_comment
+from receiver.status import StoreStatus
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ MAX_COMMAND_BYTES = 64 * 1024  # a C-STORE-RQ command set is a few hundred bytes
 MAX_SMALL_PDU_BYTES = 64  # A-RELEASE-RQ and A-ABORT bodies are 4 bytes
 INITIAL_BUFFER_BYTES = 1 << 20  # the data set buffer grows to the largest instance received
 KEEP_BUFFER_BYTES = 64 << 20  # and is dropped after an instance larger than this
+DRAIN_BUFFER_BYTES = 256 << 10  # a data set over max_instance_bytes is read through this
 # PS3.8 9.3.4: A-ASSOCIATE-RJ rejected-transient, service-provider (presentation), local
 # limit exceeded; what pynetdicom answers past maximum_associations.
 REJECT_LIMIT = (0x02, 0x03, 0x02)
@@ -96,8 +100,10 @@ class FastStore:
         contexts: list[PresentationContext],
         landing: Landing,
         associations: AssociationLog,
+        limits: Limits,
     ) -> None:
         self.ae_title = ae_title
+        self.limits = limits
         self.contexts = contexts
         self.landing = landing
         self.associations = associations
@@ -124,15 +130,18 @@ class FastStore:
         *,
         others: Callable[[], int],
         hand_off: Callable[[], None],
+        arrived: Callable[[], None] = lambda: None,
     ) -> None:
         """Serve the connection `sock` on this thread, or `hand_off` it to pynetdicom.
 
         `others` counts the pynetdicom associations in progress: with the fast ones, they
         make up ``max_associations``; past it the request is rejected here whichever path
         it would take. A request that cannot be peeked is handed off untouched (pynetdicom
-        then applies its own limit).
+        then applies its own limit). `arrived` is called once the A-ASSOCIATE-RQ has.
         """
         proposal = None if isinstance(sock, ssl.SSLSocket) else self.peek(sock)
+        if proposal is not None:
+            arrived()
         if proposal is None:
             hand_off()
             return
@@ -293,6 +302,8 @@ class FastAssociation:
         self._data = bytearray(0)
         self._view = memoryview(self._data)
         self._used = 0
+        self._oversize = False  # the data set in progress is over the limit: drained
+        self._pace = Pace(store.limits, store.network_timeout)
 
     # ------------------------------------------------------------------ control
 
@@ -332,9 +343,11 @@ class FastAssociation:
                 ours=store.ae_title,
             )
             opened = True
-            self._sock.settimeout(store.network_timeout)
+            # One timeout for every read and send: each read that times out asks the pace
+            # whether a limit has passed (the deadline, the idle timeout, a slow PDU).
+            self._sock.settimeout(self._pace.tick)
             outcome = self._serve()
-        except _PduError as exc:
+        except (_PduError, LimitExceededError) as exc:
             log.warning(
                 "aborting the association from %s at %s: %s", self.calling_ae, self.peer, exc
             )
@@ -367,9 +380,14 @@ class FastAssociation:
     # ------------------------------------------------------------------ PDUs
 
     def _serve(self) -> str:
+        limits = self._store.limits
         while True:
+            self._pace.pdu_done()
             self._recv_into(self._header_view)
             pdu_type, length = pdu.PDU_HEADER.unpack(self._header)
+            too_long = limits.pdu_too_long(pdu_type, length)
+            if too_long:
+                raise _PduError(pdu.REASON_INVALID_PARAMETER, too_long)
             if pdu_type == pdu.P_DATA_TF:
                 self._p_data(length)
             elif pdu_type == pdu.A_RELEASE_RQ:
@@ -387,7 +405,7 @@ class FastAssociation:
     def _skip(self, length: int) -> None:
         if length > MAX_SMALL_PDU_BYTES:
             raise _PduError(pdu.REASON_INVALID_PARAMETER, f"a {length}-byte release or abort PDU")
-        _recv_exactly(self._sock, length)
+        self._recv_bytes(length)
 
     def _p_data(self, length: int) -> None:
         """PS3.8 9.3.5: one P-DATA-TF, PDV by PDV, each read straight to where it belongs."""
@@ -419,7 +437,7 @@ class FastAssociation:
         if len(self._command) + size > MAX_COMMAND_BYTES:
             raise _PduError(pdu.REASON_INVALID_PARAMETER, "command set too long")
         self._command_context = context_id
-        self._command += _recv_exactly(self._sock, size)
+        self._command += self._recv_bytes(size)
         if not last:
             return
         try:
@@ -438,6 +456,7 @@ class FastAssociation:
         elif command.command_field == pdu.C_STORE_RQ and not verification and command.has_data_set:
             self._pending = (context_id, command)
             self._used = 0
+            self._oversize = False
         else:
             raise _PduError(
                 pdu.REASON_NOT_SPECIFIED,
@@ -449,12 +468,55 @@ class FastAssociation:
         if self._pending is None or self._pending[0] != context_id:
             raise _PduError(pdu.REASON_UNEXPECTED_PDU, "a data set PDV without its C-STORE-RQ")
         end = self._used + size
-        if end > len(self._data):
-            self._grow(end)
-        self._recv_into(self._view[self._used : end])
-        self._used = end
+        if not self._oversize and end > self._store.limits.max_instance_bytes:
+            # Drain the rest without keeping it, then answer 0xA700 (the sender learns
+            # why, and the association goes on).
+            self._oversize = True
+            self._used = 0
+            self._drop_buffer()
+        if self._oversize:
+            self._discard(size)
+            if last:
+                self._refuse_oversize()
+            return
+        while self._used < end:
+            # Grow only as bytes arrive: never more than twice what was received (a PDV
+            # may declare far more than its peer ever sends).
+            if self._used == len(self._data):
+                self._grow(min(end, max(INITIAL_BUFFER_BYTES, 2 * self._used)))
+            chunk_end = min(end, len(self._data))
+            self._recv_into(self._view[self._used : chunk_end])
+            self._used = chunk_end
         if last:
             self._land()
+
+    def _discard(self, size: int) -> None:
+        scratch = memoryview(bytearray(min(size, DRAIN_BUFFER_BYTES)))
+        while size:
+            take = min(size, len(scratch))
+            self._recv_into(scratch[:take])
+            size -= take
+
+    def _refuse_oversize(self) -> None:
+        assert self._pending is not None
+        context_id, command = self._pending
+        self._pending = None
+        self._oversize = False
+        limit = self._store.limits.max_instance_bytes
+        log.warning(
+            "refused C-STORE from %s: data set over the %d-byte limit", self.calling_ae, limit
+        )
+        self._store.associations.record(id(self), stored=False)
+        self._reply(
+            context_id,
+            pdu.store_response(
+                command, StoreStatus.OUT_OF_RESOURCES, error_comment(too_large_comment(limit))
+            ),
+        )
+
+    def _drop_buffer(self) -> None:
+        self._data = bytearray(0)
+        self._view = memoryview(self._data)
 
     def _land(self) -> None:
         assert self._pending is not None
@@ -475,13 +537,12 @@ class FastAssociation:
         )
         del dataset
         if len(self._data) > KEEP_BUFFER_BYTES:
-            self._data = bytearray(0)
-            self._view = memoryview(self._data)
+            self._drop_buffer()
         self._reply(context_id, pdu.store_response(command, status, error_comment(comment)))
 
-    def _grow(self, needed: int) -> None:
-        """A larger data set buffer, keeping what was received (at most log2 times)."""
-        data = bytearray(max(needed, 2 * len(self._data), INITIAL_BUFFER_BYTES))
+    def _grow(self, capacity: int) -> None:
+        """A data set buffer of `capacity` bytes, keeping what was received."""
+        data = bytearray(capacity)
         data[: self._used] = self._view[: self._used]
         self._data = data
         self._view = memoryview(data)
@@ -489,12 +550,25 @@ class FastAssociation:
     # ------------------------------------------------------------------ socket
 
     def _recv_into(self, view: memoryview) -> None:
+        """Fill `view`, within the association's deadline, idle timeout and, in mid-PDU,
+        minimum throughput (:class:`~receiver.limits.Pace`)."""
         pos, end = 0, len(view)
+        pace = self._pace
         while pos < end:
-            received = self._sock.recv_into(view[pos:] if pos else view)
+            try:
+                received = self._sock.recv_into(view[pos:] if pos else view)
+            except TimeoutError:
+                pace.wait()  # raises if a limit has passed, else read on
+                continue
             if not received:
                 raise ConnectionError("the peer closed the connection")
+            pace.received(received)
             pos += received
+
+    def _recv_bytes(self, size: int) -> bytes:
+        data = bytearray(size)
+        self._recv_into(memoryview(data))
+        return bytes(data)
 
     def _reply(self, context_id: int, command: bytes) -> None:
         peer_max = self._proposal.peer_max_pdu

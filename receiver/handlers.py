@@ -11,43 +11,65 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event
 
+from receiver.archive import Archive
 from receiver.part10 import file_header
+from receiver.responses import failure
 from receiver.status import StoreStatus, VerificationStatus
-from vannah_pipelines.dicom.inspection import InstanceIds, read_instance_ids
-from vannah_pipelines.errors import InvalidDicomError, UnsafeUidError
+from vannah_pipelines.dicom.inspection import (
+    InflatedTooLargeError,
+    InstanceIds,
+    read_instance_ids,
+)
+from vannah_pipelines.errors import InsufficientSpaceError, InvalidDicomError, UnsafeUidError
 from vannah_pipelines.landing.layout import Buffer, ReceiveFacts, RollingBatch
-from vannah_pipelines.settings import RemoteModality, Settings
-from vannah_pipelines.storage.base import Tier
-from vannah_pipelines.storage.local import LocalStorage
-
-if TYPE_CHECKING:
-    from receiver.query_retrieve import CatalogView
-    from vannah_pipelines.worklist.store import WorklistStore
+from vannah_pipelines.landing.space import is_disk_full, require_free_space
 
 log = logging.getLogger(__name__)
 
 SOURCE = "dimse"
+DEFAULT_MAX_INSTANCE_BYTES = 2 * 1024**3  # Settings.max_instance_bytes's default
 
 
 class Landing:
-    """The worker's landing batch, refusing writes once closed (so none strands a batch)."""
+    """The worker's landing batch, refusing writes once closed (so none strands a batch),
+    larger than ``max_instance_bytes``, or eating into the free-space reserve."""
 
-    def __init__(self, batch: RollingBatch) -> None:
+    def __init__(
+        self,
+        batch: RollingBatch,
+        *,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
+        free_space_reserve: int = 0,
+    ) -> None:
         self._batch = batch
         self._lock = threading.Lock()
         self._closed = False
+        self.max_instance_bytes = max_instance_bytes
+        self.free_space_reserve = free_space_reserve
 
     def write_instance(self, data: Buffer | Sequence[Buffer], facts: ReceiveFacts) -> None:
-        """Commit one instance; returns only once it is durable (the rename is the commit)."""
+        """Commit one instance; returns only once it is durable (the rename is the commit).
+
+        Raises
+        ------
+        InsufficientSpaceError
+            If writing would leave less than ``free_space_reserve`` bytes free (nothing
+            is written).
+        OSError
+            If the receiver is closing, or the write fails (nothing is left behind).
+        """
         if self._closed:
             raise OSError(errno.ESHUTDOWN, "the receiver is shutting down")
-        self._batch.write_instance(data, facts)
+        parts = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+        size = sum(memoryview(part).nbytes for part in parts)
+        require_free_space(self._batch.zone.root, size, self.free_space_reserve)
+        self._batch.write_instance(parts, facts)
 
     def close(self) -> None:
         """Seal the open batch; later writes raise OSError."""
@@ -119,18 +141,6 @@ def _peer(event: Event) -> str:
     return f"{requestor.address}:{requestor.port}"
 
 
-def failure(status: int, comment: str) -> Dataset:
-    rsp = Dataset()
-    rsp.Status = int(status)
-    rsp.ErrorComment = error_comment(comment)
-    return rsp
-
-
-def error_comment(comment: str) -> str:
-    """PS3.7 C.4: Error Comment is LO, at most 64 characters (never patient data)."""
-    return comment.replace("\\", "/")[:64]
-
-
 def handle_echo(event: Event) -> int:
     """EVT_C_ECHO: answer success (PS3.4 A.4)."""
     return int(VerificationStatus.SUCCESS)
@@ -196,18 +206,31 @@ def land_instance(landing: Landing, request: StoreRequest, dataset: Buffer) -> t
     """Validate `dataset` against `request` and commit it; success only after the write.
 
     Returns ``(status, error comment)``: 0xA900 for missing, malformed or mismatched UIDs,
-    0xC000 for a data set that cannot be parsed, 0xA700 when the write fails (nothing is
-    left behind), else 0x0000 with an empty comment.
+    0xC000 for a data set that cannot be parsed (the comment says where), 0xA700 for a data
+    set over ``landing.max_instance_bytes`` (inflated size for a deflated one), when the
+    free-space reserve is reached or the write fails (nothing is left behind), else 0x0000
+    with an empty comment.
     """
+    size = memoryview(dataset).nbytes
+    if size > landing.max_instance_bytes:
+        log.warning("refused C-STORE from %s: %d bytes, over the limit", request.calling_ae, size)
+        return int(StoreStatus.OUT_OF_RESOURCES), too_large_comment(landing.max_instance_bytes)
     try:
-        ids = read_instance_ids(memoryview(dataset), request.transfer_syntax)
+        ids = read_instance_ids(
+            memoryview(dataset),
+            request.transfer_syntax,
+            max_inflated_bytes=landing.max_instance_bytes,
+        )
         _check_request_matches(request, ids)
     except UnsafeUidError as exc:
         log.warning("refused C-STORE from %s: %s", request.calling_ae, exc.attribute)
         return int(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS), f"invalid {exc.attribute}"
+    except InflatedTooLargeError:
+        log.warning("refused C-STORE from %s: inflates over the limit", request.calling_ae)
+        return int(StoreStatus.OUT_OF_RESOURCES), too_large_comment(landing.max_instance_bytes)
     except InvalidDicomError as exc:
         log.warning("refused C-STORE from %s: %s", request.calling_ae, exc)
-        return int(StoreStatus.CANNOT_UNDERSTAND), "data set cannot be parsed"
+        return int(StoreStatus.CANNOT_UNDERSTAND), f"cannot parse: {exc}"
 
     facts = ReceiveFacts(
         sop_instance_uid=ids.sop_instance_uid,
@@ -222,10 +245,21 @@ def land_instance(landing: Landing, request: StoreRequest, dataset: Buffer) -> t
         # The same file as event.encoded_dataset(include_meta=True), without building it.
         header = file_header(ids.sop_class_uid, ids.sop_instance_uid, request.transfer_syntax)
         landing.write_instance((header, dataset), facts)
-    except OSError:
+    except InsufficientSpaceError as exc:
+        log.warning("refused %s from %s: %s", ids.sop_instance_uid, request.calling_ae, exc)
+        return int(StoreStatus.OUT_OF_RESOURCES), "disk space reserve reached"
+    except OSError as exc:
+        if is_disk_full(exc):
+            log.error("landing write of %s failed: disk full", ids.sop_instance_uid)
+            return int(StoreStatus.OUT_OF_RESOURCES), "disk full"
         log.exception("landing write of %s failed", ids.sop_instance_uid)
         return int(StoreStatus.OUT_OF_RESOURCES), "cannot store the instance"
     return int(StoreStatus.SUCCESS), ""
+
+
+def too_large_comment(limit: int) -> str:
+    """The Error Comment of a data set over the size limit (0xA700)."""
+    return f"data set larger than the {limit}-byte limit"
 
 
 def _check_request_matches(request: StoreRequest, ids: InstanceIds) -> None:
@@ -263,53 +297,6 @@ def handle_ended(event: Event, associations: AssociationLog) -> None:
         associations.ended(id(event.assoc), outcome)
     except Exception:
         log.exception("logging an association failed")
-
-
-class Archive:
-    """What the Q/R handlers read: the worker's catalog copy, the hot tier, the worklist,
-    known peers. Each is opened on first use, so a worker that only stores never loads the
-    catalog stack (DuckDB, pyarrow)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.aet = settings.dicom_aet
-        self.worklist_past_due_hours = settings.worklist_past_due_hours
-        self._settings = settings
-        self._lock = threading.Lock()
-        self._catalog: CatalogView | None = None
-        self._worklist: WorklistStore | None = None
-
-    @property
-    def catalog(self) -> CatalogView:
-        with self._lock:
-            if self._catalog is None:
-                from receiver.query_retrieve import CatalogView  # lazy: see the docstring
-
-                settings = self._settings
-                self._catalog = CatalogView(
-                    settings.catalog_dir, settings.qr_catalog_refresh_seconds
-                )
-            return self._catalog
-
-    @property
-    def worklist(self) -> WorklistStore:
-        with self._lock:
-            if self._worklist is None:
-                from vannah_pipelines.worklist.store import WorklistStore  # lazy
-
-                self._worklist = WorklistStore(self._settings.catalog_dir / "worklist")
-            return self._worklist
-
-    @property
-    def hot(self) -> LocalStorage:
-        return LocalStorage(self._settings.hot_dir, Tier.HOT)
-
-    def destination(self, aet: str) -> RemoteModality | None:
-        return self._settings.modality_by_aet(aet)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._catalog is not None:
-                self._catalog.close()
 
 
 def _query_retrieve(name: str) -> Callable[[Event, Archive], Any]:

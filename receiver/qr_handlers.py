@@ -14,8 +14,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
+from receiver.archive import Archive
 from receiver.contexts import MODALITY_WORKLIST_FIND
-from receiver.handlers import Archive, failure
 from receiver.query_retrieve import (
     ParsedIdentifier,
     QueryRefusedError,
@@ -23,6 +23,7 @@ from receiver.query_retrieve import (
     match_instances,
     parse_identifier,
 )
+from receiver.responses import failure
 from receiver.retrieve import Destination, RetrievePlan, SubOperation
 from receiver.status import FindStatus, RetrieveStatus
 from receiver.worklist import handle_worklist_find

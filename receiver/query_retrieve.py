@@ -24,6 +24,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
 from receiver.contexts import PATIENT_ROOT
+from receiver.responses import without_values
 from receiver.status import FindStatus
 from vannah_pipelines.catalog.lookup import (
     StoredInstance,
@@ -72,6 +73,7 @@ class QueryRefusedError(Exception):
     """An identifier that cannot be answered: a DIMSE failure status and a comment."""
 
     def __init__(self, status: int, comment: str) -> None:
+        comment = without_values(comment)  # keywords only: never a query value (PHI)
         super().__init__(comment)
         self.status = status
         self.comment = comment

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from receiver.handlers import failure
+from receiver.responses import failure
 from receiver.status import WorklistFindStatus
 from vannah_pipelines.worklist.errors import InvalidIdentifierError
 from vannah_pipelines.worklist.find import find_items

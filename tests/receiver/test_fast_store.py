@@ -51,9 +51,10 @@ from test_receiver_handlers import _broken_inputs  # the hostile inputs, shared
 import receiver.app as app
 from receiver import pdu
 from receiver.app import ReusePortAssociationServer, build_ae, build_server
+from receiver.archive import Archive
 from receiver.contexts import STORAGE_SOP_CLASSES, STUDY_ROOT_FIND
 from receiver.fast_store import FastStore
-from receiver.handlers import Archive, AssociationLog, Landing
+from receiver.handlers import AssociationLog, Landing
 from receiver.status import StoreStatus
 from vannah_pipelines.dicom.synthetic import make_instance
 from vannah_pipelines.landing.layout import LandingZone, RollingBatch

@@ -1,0 +1,61 @@
+"""What the Q/R and worklist handlers read, opened on first use (catalog, hot tier, worklist)."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from vannah_pipelines.settings import RemoteModality, Settings
+from vannah_pipelines.storage.base import Tier
+from vannah_pipelines.storage.local import LocalStorage
+
+if TYPE_CHECKING:
+    from receiver.query_retrieve import CatalogView
+    from vannah_pipelines.worklist.store import WorklistStore
+
+
+class Archive:
+    """What the Q/R handlers read: the worker's catalog copy, the hot tier, the worklist,
+    known peers. Each is opened on first use, so a worker that only stores never loads the
+    catalog stack (DuckDB, pyarrow)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.aet = settings.dicom_aet
+        self.worklist_past_due_hours = settings.worklist_past_due_hours
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._catalog: CatalogView | None = None
+        self._worklist: WorklistStore | None = None
+
+    @property
+    def catalog(self) -> CatalogView:
+        with self._lock:
+            if self._catalog is None:
+                from receiver.query_retrieve import CatalogView  # lazy: see the docstring
+
+                settings = self._settings
+                self._catalog = CatalogView(
+                    settings.catalog_dir, settings.qr_catalog_refresh_seconds
+                )
+            return self._catalog
+
+    @property
+    def worklist(self) -> WorklistStore:
+        with self._lock:
+            if self._worklist is None:
+                from vannah_pipelines.worklist.store import WorklistStore  # lazy
+
+                self._worklist = WorklistStore(self._settings.catalog_dir / "worklist")
+            return self._worklist
+
+    @property
+    def hot(self) -> LocalStorage:
+        return LocalStorage(self._settings.hot_dir, Tier.HOT)
+
+    def destination(self, aet: str) -> RemoteModality | None:
+        return self._settings.modality_by_aet(aet)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._catalog is not None:
+                self._catalog.close()
