@@ -29,7 +29,13 @@ from dicomweb.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from vannah_pipelines.dicom.inspection import InstanceIds, read_file_meta, read_instance_ids
+from vannah_pipelines.dicom.inspection import (
+    MAX_INFLATED_BYTES,
+    InflatedTooLargeError,
+    InstanceIds,
+    read_file_meta,
+    read_instance_ids,
+)
 from vannah_pipelines.errors import InsufficientSpaceError, InvalidDicomError, UnsafeUidError
 from vannah_pipelines.landing.layout import LandingZone, OpenBatch, ReceiveFacts
 from vannah_pipelines.landing.space import require_free_space
@@ -428,6 +434,9 @@ class StowRequest:
         Body size limit (``settings.stow_max_bytes``).
     max_parts
         Parts limit (``settings.stow_max_parts``): one more is a 413.
+    max_instance_bytes
+        Largest inflated size of a deflated data set (``settings.max_instance_bytes``): a
+        part that inflates beyond it fails with 0xA700, inflation stopped there.
     reserve_bytes
         Free disk space kept (``settings.free_space_reserve_bytes``): spooling stops with
         InsufficientSpaceError before it would eat into it, and a part is not committed
@@ -446,6 +455,7 @@ class StowRequest:
         *,
         max_parts: int = 10_000,
         reserve_bytes: int = 0,
+        max_instance_bytes: int = MAX_INFLATED_BYTES,
         study_uid: str | None = None,
         peer: str = "",
     ) -> None:
@@ -453,6 +463,7 @@ class StowRequest:
         self.max_bytes = max_bytes
         self.max_parts = max_parts
         self.reserve_bytes = reserve_bytes
+        self.max_instance_bytes = max_instance_bytes
         self.study_uid = study_uid
         self.peer = peer
         self._next_space_check = 0
@@ -611,7 +622,7 @@ class StowRequest:
             return
         try:
             with _mapped(part.path) as data:
-                syntax = _inspect(data, outcome, self.study_uid)
+                syntax = _inspect(data, outcome, self.study_uid, self.max_instance_bytes)
         except InvalidDicomError:
             _discard(None, part.path)
             log.debug("STOW-RS part %d refused: %s", outcome.index, outcome.comment)
@@ -631,7 +642,7 @@ class StowRequest:
             _fail(outcome, FailureReason.CANNOT_UNDERSTAND, "empty part")
             return
         try:
-            syntax = _inspect(memoryview(data), outcome, self.study_uid)
+            syntax = _inspect(memoryview(data), outcome, self.study_uid, self.max_instance_bytes)
         except InvalidDicomError:
             log.debug("STOW-RS part %d refused: %s", outcome.index, outcome.comment)
             return
@@ -707,7 +718,9 @@ def _mapped(path: Path) -> Iterator[memoryview]:
                 mapped.close()
 
 
-def _inspect(data: memoryview, outcome: PartOutcome, study_uid: str | None) -> str:
+def _inspect(
+    data: memoryview, outcome: PartOutcome, study_uid: str | None, max_inflated: int
+) -> str:
     """Validate a part's bytes; fill `outcome` and return its transfer syntax.
 
     Raises InvalidDicomError (with `outcome` marked failed) if the part must be refused.
@@ -720,7 +733,12 @@ def _inspect(data: memoryview, outcome: PartOutcome, study_uid: str | None) -> s
     outcome.sop_class_uid = meta.media_storage_sop_class_uid
     outcome.sop_instance_uid = meta.media_storage_sop_instance_uid
     try:
-        ids = read_instance_ids(data[meta.dataset_offset :], meta.transfer_syntax_uid)
+        ids = read_instance_ids(
+            data[meta.dataset_offset :], meta.transfer_syntax_uid, max_inflated_bytes=max_inflated
+        )
+    except InflatedTooLargeError as exc:
+        _fail(outcome, FailureReason.OUT_OF_RESOURCES, str(exc))
+        raise
     except UnsafeUidError as exc:  # PS3.4 B.2.3: missing or invalid UIDs
         # The attribute only: the value may be anything, and is logged.
         _fail(outcome, FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"invalid {exc.attribute}")

@@ -70,6 +70,7 @@ async def _store(request: Request, settings: Settings, study_uid: str | None) ->
         settings.stow_max_bytes,
         max_parts=settings.stow_max_parts,
         reserve_bytes=reserve,
+        max_instance_bytes=settings.max_instance_bytes,
         study_uid=study_uid,
         peer=f"{client.host}:{client.port}" if client else "",
     )

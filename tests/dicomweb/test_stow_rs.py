@@ -660,3 +660,22 @@ def test_stow_request_oversize_while_streaming_raises_and_cleans_up(tmp_path: Pa
         stow.feed(multipart([GOOD]))
     stow.close()
     assert [p for p in zone.root.rglob("*") if p.is_file()] == []
+
+
+def test_stow_rs_deflated_part_inflating_past_max_instance_bytes_is_out_of_resources(
+    service: Callable[..., Service],
+) -> None:
+    """A 1 MiB data set deflated to a few kB (a small deflate bomb) against a 64 KiB
+    max_instance_bytes: inflation stops at the cap, the part fails 0xA700, its neighbour is
+    stored."""
+    svc = service(max_instance_bytes=64 * 1024)
+    bomb = make_instance("CT", rows=1024, columns=512)
+    bomb.PixelData = bytes(len(bomb.PixelData))  # zeros: deflates ~1000:1
+    bomb.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    bomb_bytes = encode(bomb)
+    assert len(bomb_bytes) < 64 * 1024 < len(bomb.PixelData)
+    good = to_part10(make_instance("CT", rows=16, columns=16))
+    response = svc.post("/studies", multipart([bomb_bytes, good]), DICOM_MULTIPART)
+    assert response.status_code == 202
+    assert failures(response.json()) == [(str(bomb.SOPInstanceUID), 0xA700)]
+    assert stored(response.json()) == [str(pydicom.dcmread(BytesIO(good)).SOPInstanceUID)]
