@@ -51,11 +51,15 @@ def _dataset_bytes(path: Path) -> bytes:
     return path.read_bytes()[offset:]
 
 
-def _send_pydicom_files(port: int) -> dict[str, list[tuple[str, bytes]]]:
-    """Send every pydicom test file pynetdicom can send, in order; SOP UID -> the acked
-    versions as (file name, data set bytes sent)."""
+def _send_pydicom_files(
+    port: int,
+) -> tuple[dict[str, list[tuple[str, bytes]]], dict[str, int]]:
+    """Send every pydicom test file pynetdicom can send, in order; returns SOP UID -> the
+    acked versions as (file name, data set bytes sent), and file name -> status of those
+    refused."""
     ae = AE(ae_title="PYNETSCU")
     acked: dict[str, list[tuple[str, bytes]]] = {}
+    refused: dict[str, int] = {}
     for path in sorted(TEST_FILES.rglob("*.dcm")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -85,7 +89,9 @@ def _send_pydicom_files(port: int) -> dict[str, list[tuple[str, bytes]]]:
                     ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
                 )
                 acked.setdefault(str(ds.SOPInstanceUID), []).append((path.name, sent))
-    return acked
+        elif "Status" in status:
+            refused[path.name] = int(status.Status)
+    return acked, refused
 
 
 def test_storescu_and_pynetdicom_to_catalog_byte_identical(
@@ -130,21 +136,19 @@ def test_storescu_and_pynetdicom_to_catalog_byte_identical(
         timeout=300,
     )
     assert sent.returncode == 0, sent.stderr
-    versions = _send_pydicom_files(rx.port)
+    versions, refused = _send_pydicom_files(rx.port)
     assert len(versions) >= 30  # distinct SOP Instance UIDs (several files share one)
     # pynetdicom re-encodes what it reads, so a truncated file arrives well-formed. Its
     # value lengths then agree, but MR_truncated.dcm's pixel data stays short of
-    # Rows x Columns: acknowledged, then quarantined at ingest. (rtplan_truncated.dcm loses
-    # the end of a sequence and is a valid, newer version after re-encoding.) Several files
-    # share one SOP Instance UID: the latest version that is not quarantined is current.
-    short_pixels = "MR_truncated.dcm"
-    truncated = {u for u, vs in versions.items() for name, _ in vs if name == short_pixels}
-    assert truncated
-    pydicom_acked = {
-        u: [d for n, d in vs if n != short_pixels][-1]
-        for u, vs in versions.items()
-        if any(n != short_pixels for n, _ in vs)
-    }
+    # Rows x Columns: the receive-time check refuses it (0xC000), so the sender knows and
+    # nothing unreadable is acknowledged. (rtplan_truncated.dcm loses the end of a sequence
+    # and is a valid, newer version after re-encoding.) Several files share one SOP
+    # Instance UID: the latest version sent is current. The JPEG-LS test files have no
+    # Study Instance UID: 0xA900 (PS3.4 B.2.3).
+    no_study = ("JPEGLSNearLossless_08", "JPEGLSNearLossless_16", "SC_rgb_jls_lossy_line",
+                "SC_rgb_jls_lossy_sample")  # fmt: skip
+    assert refused == {"MR_truncated.dcm": 0xC000} | {f"{n}.dcm": 0xA900 for n in no_study}
+    pydicom_acked = {u: vs[-1][1] for u, vs in versions.items()}
 
     sources = {u: next(TEST_FILES.rglob(vs[-1][0])) for u, vs in versions.items()}
     expected = {uid: _dataset_bytes(p) for uid, p in synthetic.items()} | pydicom_acked
@@ -172,11 +176,9 @@ def test_storescu_and_pynetdicom_to_catalog_byte_identical(
         if uid in synthetic:
             assert modality == source.Modality
             assert sop_class == MODALITIES[modality].sop_class_uid
-    # Only the truncated versions were quarantined, with that reason.
+    # Nothing acknowledged was unreadable: quarantine stays empty.
     reader.refresh()
-    quarantined = dict(reader.query("SELECT sop_instance_uid, reason FROM quarantine"))
-    assert set(quarantined) == truncated
-    assert all(reason.startswith("truncated") for reason in quarantined.values())
+    assert reader.query("SELECT sop_instance_uid, reason FROM quarantine") == []
 
 
 def test_storescu_pydicom_test_files_reach_the_catalog(
