@@ -40,7 +40,7 @@ from receiver.fast_store import FastStore
 from receiver.guarded_socket import GuardedSocket
 from receiver.handlers import AssociationLog, Landing, event_handlers
 from receiver.limits import Limits, PendingConnections
-from vannah_pipelines.landing.layout import LandingZone, RollingBatch, write_atomic
+from vannah_pipelines.landing.layout import LandingZone, write_atomic
 from vannah_pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -283,17 +283,7 @@ def _run_worker(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    zone = LandingZone(settings.landing_dir)
-    landing = Landing(
-        RollingBatch(
-            zone,
-            "dimse",
-            settings.landing_batch_max_files,
-            settings.landing_batch_max_age_seconds,
-        ),
-        max_instance_bytes=settings.max_instance_bytes,
-        free_space_reserve=settings.free_space_reserve_bytes,
-    )
+    landing = Landing.from_settings(settings)
     associations = AssociationLog()
     archive = Archive(settings)
     ae = build_ae(settings)

@@ -27,8 +27,9 @@ from vannah_pipelines.dicom.inspection import (
     read_instance_ids,
 )
 from vannah_pipelines.errors import InsufficientSpaceError, InvalidDicomError, UnsafeUidError
-from vannah_pipelines.landing.layout import Buffer, ReceiveFacts, RollingBatch
+from vannah_pipelines.landing.layout import Buffer, LandingZone, ReceiveFacts, RollingBatch
 from vannah_pipelines.landing.space import is_disk_full, require_free_space
+from vannah_pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,21 @@ class Landing:
         self._closed = False
         self.max_instance_bytes = max_instance_bytes
         self.free_space_reserve = free_space_reserve
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Landing:
+        """A worker's landing: a rolling ``dimse`` batch and the limits of `settings`."""
+        batch = RollingBatch(
+            LandingZone(settings.landing_dir),
+            "dimse",
+            settings.landing_batch_max_files,
+            settings.landing_batch_max_age_seconds,
+        )
+        return cls(
+            batch,
+            max_instance_bytes=settings.max_instance_bytes,
+            free_space_reserve=settings.free_space_reserve_bytes,
+        )
 
     def write_instance(self, data: Buffer | Sequence[Buffer], facts: ReceiveFacts) -> None:
         """Commit one instance; returns only once it is durable (the rename is the commit).

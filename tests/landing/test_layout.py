@@ -199,15 +199,9 @@ def test_seal_stranded_recovers_a_tmp_batch_folder_holding_committed_files(
     assert [p.name for p in zone.open_dir.iterdir()] == [empty_fresh.name]
 
 
-def test_new_folders_are_made_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[Path] = []
-    real = layout.fsync_dir
-
-    def spy(path: Path) -> None:
-        synced.append(Path(path))
-        real(path)
-
-    monkeypatch.setattr(layout, "fsync_dir", spy)
+def test_new_folders_are_made_durable(tmp_path: Path, synced_dirs: list[Path]) -> None:
+    synced = synced_dirs
+    synced.clear()
     zone = LandingZone(tmp_path / "landing")
     zone.ensure()
     assert {tmp_path, tmp_path / "landing"} <= set(synced)  # parents of the new folders

@@ -17,10 +17,14 @@ from pathlib import Path
 import pydicom.data
 from pynetdicom.dsutils import split_dataset
 
+from receiver.app import ReusePortAssociationServer
+from receiver.fast_store import FastStore
+
 REPO = Path(__file__).resolve().parents[2]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 START_DEADLINE = 60.0  # a deadline for "never came up", not a performance threshold
+WORKER_DEADLINE = 30.0  # bounds a hang, not a performance threshold
 
 
 def free_port() -> int:
@@ -211,3 +215,29 @@ def storescu_outcomes(output: str) -> dict[str, str]:
         ):
             outcomes[current] = line.strip()
     return outcomes
+
+
+@dataclass
+class Worker:
+    """One in-process worker server, fast path on or off."""
+
+    server: ReusePortAssociationServer
+    port: int
+    data_dir: Path
+
+    @property
+    def fast(self) -> FastStore:
+        assert self.server.fast_store is not None
+        return self.server.fast_store
+
+    def wait_idle(self) -> None:
+        """Wait until no association runs on either path."""
+        deadline = time.monotonic() + WORKER_DEADLINE
+        while self.server.running_associations():
+            assert time.monotonic() < deadline, "associations did not end"
+            time.sleep(0.01)
+
+    def landed(self) -> list[Path]:
+        """Every instance file (or temp file) under the landing zone."""
+        root = self.data_dir / "landing"
+        return [p for p in root.rglob("*") if p.suffix == ".dcm" or ".tmp-" in p.name]

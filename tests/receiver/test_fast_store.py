@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import struct
 import subprocess
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -40,6 +38,7 @@ from receiver_raw_scu import (
 from receiver_support import (
     DCMTK_ENV,
     STORESCU_PROPOSE,
+    Worker,
     dataset_bytes_of_file,
     pydicom_files_with_meta,
     sealed_instances,
@@ -50,76 +49,14 @@ from test_receiver_handlers import _broken_inputs  # the hostile inputs, shared
 
 import receiver.app as app
 from receiver import pdu
-from receiver.app import ReusePortAssociationServer, build_ae, build_server
-from receiver.archive import Archive
 from receiver.contexts import STORAGE_SOP_CLASSES, STUDY_ROOT_FIND
-from receiver.fast_store import FastStore
-from receiver.handlers import AssociationLog, Landing
 from receiver.status import StoreStatus
 from vannah_pipelines.dicom.synthetic import make_instance
-from vannah_pipelines.landing.layout import LandingZone, RollingBatch
-from vannah_pipelines.settings import load_settings
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 VERIFICATION = "1.2.840.10008.1.1"
 DEADLINE = 30.0  # bounds a hang, not a performance threshold
-
-
-@dataclass
-class Worker:
-    """One in-process worker server, fast path on or off."""
-
-    server: ReusePortAssociationServer
-    port: int
-    data_dir: Path
-
-    @property
-    def fast(self) -> FastStore:
-        assert self.server.fast_store is not None
-        return self.server.fast_store
-
-    def wait_idle(self) -> None:
-        """Wait until no association runs on either path."""
-        deadline = time.monotonic() + DEADLINE
-        while self.server.running_associations():
-            assert time.monotonic() < deadline, "associations did not end"
-            time.sleep(0.01)
-
-    def landed(self) -> list[Path]:
-        """Every instance file (or temp file) under the landing zone."""
-        root = self.data_dir / "landing"
-        return [p for p in root.rglob("*") if p.suffix == ".dcm" or ".tmp-" in p.name]
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Factory: a worker server on 127.0.0.1:0 with its own data folder; stopped at teardown."""
-    stops: list[Callable[[], None]] = []
-
-    def start(name: str = "fast", **overrides: object) -> Worker:
-        settings = load_settings(data_dir=tmp_path / name / "data", dicom_port=0, **overrides)
-        landing = Landing(RollingBatch(LandingZone(settings.landing_dir), "dimse", 500, 0.2))
-        archive = Archive(settings)
-        ae = build_ae(settings)
-        server = build_server(ae, settings, ("127.0.0.1", 0), landing, AssociationLog(), archive)
-        thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        thread.start()
-
-        def stop() -> None:
-            server.shutdown()
-            app._drain(server)
-            landing.close()
-            archive.close()
-
-        stops.append(stop)
-        return Worker(server, int(server.server_address[1]), settings.data_dir)
-
-    yield start
-    for stop in stops:
-        stop()
 
 
 def _ct(**overrides: object) -> tuple[bytes, str]:

@@ -15,7 +15,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,19 +27,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from receiver_raw_scu import RawAssociation, associate_rq, pdata, store_command
-from receiver_support import ReceiverProcess
+from receiver_support import ReceiverProcess, Worker
 
-import receiver.app as app
 import receiver.limits
-from receiver.app import ReusePortAssociationServer, build_ae, build_server
-from receiver.archive import Archive
 from receiver.contexts import MODALITY_WORKLIST_FIND, STUDY_ROOT_FIND
-from receiver.handlers import AssociationLog, Landing
 from receiver.status import StoreStatus
 from vannah_pipelines.dicom.synthetic import make_instance
 from vannah_pipelines.landing import space
-from vannah_pipelines.landing.layout import LandingZone, RollingBatch
-from vannah_pipelines.settings import load_settings
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -149,53 +142,6 @@ def _landed(data_dir: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- in-process
-
-
-@dataclass
-class Worker:
-    server: ReusePortAssociationServer
-    port: int
-    data_dir: Path
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Factory: a worker server on 127.0.0.1:0, fast path on or off; stopped at teardown."""
-    stops: list[Callable[[], None]] = []
-
-    def start(path: str, data_dir: Path | None = None, **overrides: object) -> Worker:
-        settings = load_settings(
-            data_dir=data_dir or tmp_path / path / "data",
-            dicom_port=0,
-            receiver_fast_store=path == "fast",
-            **overrides,
-        )
-        landing = Landing(
-            RollingBatch(LandingZone(settings.landing_dir), "dimse", 500, 0.2),
-            max_instance_bytes=settings.max_instance_bytes,
-            free_space_reserve=settings.free_space_reserve_bytes,
-        )
-        archive = Archive(settings)
-        ae = build_ae(settings)
-        server = build_server(ae, settings, ("127.0.0.1", 0), landing, AssociationLog(), archive)
-        assert (server.fast_store is not None) == (path == "fast")
-        thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        thread.start()
-
-        def stop() -> None:
-            server.shutdown()
-            app._drain(server)
-            landing.close()
-            archive.close()
-
-        stops.append(stop)
-        return Worker(server, int(server.server_address[1]), settings.data_dir)
-
-    yield start
-    for stop in stops:
-        stop()
 
 
 # --------------------------------------------------------------------------- subprocess

@@ -5,22 +5,13 @@ from pathlib import Path
 import pytest
 
 from vannah_pipelines.errors import StorageError
-from vannah_pipelines.landing import layout
 from vannah_pipelines.storage.base import Tier
 from vannah_pipelines.storage.local import LocalStorage
 
 
-def test_put_makes_every_new_folder_level_durable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    synced: list[Path] = []
-    real = layout.fsync_dir
-
-    def spy(path: Path) -> None:
-        synced.append(Path(path))
-        real(path)
-
-    monkeypatch.setattr(layout, "fsync_dir", spy)
+def test_put_makes_every_new_folder_level_durable(tmp_path: Path, synced_dirs: list[Path]) -> None:
+    synced = synced_dirs
+    synced.clear()
     source = tmp_path / "src.dcm"
     source.write_bytes(b"DICM")
     hot = LocalStorage(tmp_path / "hot", Tier.HOT)
