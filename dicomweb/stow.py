@@ -612,14 +612,9 @@ class StowRequest:
         if part.memory is not None:
             self._end_small_part(part, part.memory)
             return
-        assert part.fd is not None and part.path is not None
-        try:
-            os.close(part.fd)
-        except OSError as exc:
-            log.warning("STOW-RS spool of part %d failed: %s", outcome.index, exc.strerror)
-            _discard(None, part.path)
-            _fail(outcome, FailureReason.OUT_OF_RESOURCES, "cannot spool the part")
+        if not self._close_spool(part):
             return
+        assert part.path is not None
         try:
             with _mapped(part.path) as data:
                 syntax = _inspect(data, outcome, self.study_uid, self.max_instance_bytes)
@@ -646,17 +641,23 @@ class StowRequest:
         except InvalidDicomError:
             log.debug("STOW-RS part %d refused: %s", outcome.index, outcome.comment)
             return
-        if not self._spool(part, data):
+        if not self._spool(part, data) or not self._close_spool(part):
             return
+        assert part.path is not None
+        self._spooled.append(_Spooled(outcome, part.path, syntax))
+
+    @staticmethod
+    def _close_spool(part: _Part) -> bool:
+        """Close the part's spool file; on failure drop it and fail the part 0xA700."""
         assert part.fd is not None and part.path is not None
         try:
             os.close(part.fd)
         except OSError as exc:
-            log.warning("STOW-RS spool of part %d failed: %s", outcome.index, exc.strerror)
+            log.warning("STOW-RS spool of part %d failed: %s", part.outcome.index, exc.strerror)
             _discard(None, part.path)
-            _fail(outcome, FailureReason.OUT_OF_RESOURCES, "cannot spool the part")
-            return
-        self._spooled.append(_Spooled(outcome, part.path, syntax))
+            _fail(part.outcome, FailureReason.OUT_OF_RESOURCES, "cannot spool the part")
+            return False
+        return True
 
     def _commit(self, batch: OpenBatch, spooled: _Spooled) -> None:
         outcome = spooled.outcome
