@@ -168,14 +168,20 @@ def _pdata(flags: int, data: bytes) -> bytes:
     return struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv
 
 
-def _status_of(command: bytes) -> int | None:
+def command_elements(command: bytes) -> dict[int, bytes]:
+    """A command set's values by element number (group 0000, implicit VR LE)."""
+    elements: dict[int, bytes] = {}
     pos = 0
     while pos + 8 <= len(command):
-        group, elem, length = struct.unpack_from("<HHL", command, pos)
-        if (group, elem) == (0x0000, 0x0900):
-            return int(struct.unpack_from("<H", command, pos + 8)[0])
+        _group, element, length = struct.unpack_from("<HHL", command, pos)
+        elements[element] = command[pos + 8 : pos + 8 + length]
         pos += 8 + length
-    return None
+    return elements
+
+
+def _status_of(command: bytes) -> int | None:
+    status = command_elements(command).get(0x0900)
+    return int(struct.unpack("<H", status)[0]) if status is not None else None
 
 
 def send_raw_c_store(
@@ -224,18 +230,25 @@ def send_raw_c_store(
         return StoreResult(accepted=True, status=status)
 
 
-def _read_command_status(sock: socket.socket) -> tuple[bool, int | None]:
-    """Read P-DATA-TF PDUs up to the end of one command set: (True, its Status), or
-    (False, None) if another PDU comes first."""
+def read_command(sock: socket.socket) -> bytes | None:
+    """Read P-DATA-TF PDUs up to the end of one command set and return it, or None if
+    another PDU comes first."""
     command = b""
     while True:
         pdu_type, payload = _recv_pdu(sock)
         if pdu_type != 0x04:
-            return False, None
+            return None
         pos = 0
         while pos + 6 <= len(payload):
             length, _cx, flags = struct.unpack_from(">LBB", payload, pos)
             command += payload[pos + 6 : pos + 4 + length]
             pos += 4 + length
             if flags & 0x03 == 0x03:
-                return True, _status_of(command)
+                return command
+
+
+def _read_command_status(sock: socket.socket) -> tuple[bool, int | None]:
+    """(True, the Status of the next command set), or (False, None) if another PDU comes
+    first."""
+    command = read_command(sock)
+    return (False, None) if command is None else (True, _status_of(command))

@@ -26,7 +26,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
-from receiver_raw_scu import RawAssociation, associate_rq, pdata, store_command
+from receiver_raw_scu import (
+    RawAssociation,
+    associate_rq,
+    command_elements,
+    pdata,
+    read_command,
+    store_command,
+)
 from receiver_support import ReceiverProcess, Worker
 
 import receiver.limits
@@ -90,23 +97,9 @@ def _associated(port: int) -> RawAssociation:
 
 def _response(assoc: RawAssociation) -> dict[int, bytes]:
     """Read one command set (P-DATA-TF PDUs); return its elements by element number."""
-    command = b""
-    while True:
-        pdu_type, payload = assoc.recv_pdu()
-        assert pdu_type == 0x04, f"PDU 0x{pdu_type:02X} instead of a response"
-        pos = 0
-        while pos + 6 <= len(payload):
-            length, _cx, flags = struct.unpack_from(">LBB", payload, pos)
-            command += payload[pos + 6 : pos + 4 + length]
-            pos += 4 + length
-            if flags & 0x03 == 0x03:
-                elements: dict[int, bytes] = {}
-                at = 0
-                while at + 8 <= len(command):
-                    _group, element, size = struct.unpack_from("<HHL", command, at)
-                    elements[element] = command[at + 8 : at + 8 + size]
-                    at += 8 + size
-                return elements
+    command = read_command(assoc.sock)
+    assert command is not None, "another PDU instead of a response"
+    return command_elements(command)
 
 
 def _status_and_comment(assoc: RawAssociation) -> tuple[int, str]:

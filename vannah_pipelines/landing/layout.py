@@ -336,12 +336,8 @@ class LandingZone:
         """Create a new open batch, locked by this process until sealed or dead."""
         self.ensure()
         batch_id = new_batch_id(source)
-        tmp = self.open_dir / f"{_TMP_PREFIX}{batch_id}"
-        tmp.mkdir()
-        fsync_dir(self.open_dir)
-        lock_fd = os.open(tmp / _LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+        tmp, lock_fd = self._locked_tmp_folder(batch_id)
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             final = self.open_dir / batch_id
             tmp.rename(final)  # visible only once locked, so never mistaken for stranded
             fsync_dir(self.open_dir)
@@ -349,6 +345,21 @@ class LandingZone:
             os.close(lock_fd)
             raise
         return OpenBatch(self, batch_id, final, lock_fd)
+
+    def _locked_tmp_folder(self, batch_id: str) -> tuple[Path, int]:
+        """Make ``open/.tmp-<batch_id>/`` durably and lock it; returns it and the lock's fd
+        (the caller closes it). A ``.tmp-`` folder is never taken for a stranded batch
+        while its lock is held."""
+        tmp = self.open_dir / f"{_TMP_PREFIX}{batch_id}"
+        tmp.mkdir()
+        fsync_dir(self.open_dir)
+        lock_fd = os.open(tmp / _LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return tmp, lock_fd
 
     def move_to_sealed(self, path: Path, batch_id: str | None = None) -> Batch:
         """Rename a batch folder into ``sealed/`` under `batch_id` (default: a fresh id of
@@ -435,12 +446,8 @@ class LandingZone:
         for start in range(0, len(items), size):
             chunk = items[start : start + size]
             batch_id = new_batch_id("split", stamp)
-            tmp = self.open_dir / f"{_TMP_PREFIX}{batch_id}"
-            tmp.mkdir()
-            fsync_dir(self.open_dir)
-            lock_fd = os.open(tmp / _LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+            tmp, lock_fd = self._locked_tmp_folder(batch_id)
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 lines = [receipts[i.path.name] for i in chunk if i.path.name in receipts]
                 write_atomic(tmp / _RECEIPTS, "".join(lines).encode("utf-8"))
                 for item in chunk:
