@@ -37,25 +37,58 @@ def test_load_settings_accepts_orthanc_keys(
     )
 
 
-def test_load_settings_refuses_product_doc_example_until_auth_and_tls_exist(tmp_path: Path) -> None:
-    # The product documentation's example, verbatim: accepted as syntax, refused as features.
-    config = _write(
-        tmp_path,
-        {
-            "DicomAet": "VANNAHCLOUD",
-            "DicomPort": 4242,
-            "RemoteAccessAllowed": True,
-            "AuthenticationEnabled": True,
-            "DicomTlsEnabled": True,
-        },
-    )
-    with pytest.raises(ConfigError, match=r"AuthenticationEnabled.*not implemented"):
-        load_settings(config)
+def _pem_files(tmp_path: Path) -> dict[str, str]:
+    # Settings check only that the files exist; the TLS tests use real certificates.
+    names = {}
+    for key in ("DicomTlsCertificate", "DicomTlsPrivateKey", "DicomTlsTrustedCertificates"):
+        path = tmp_path / f"{key}.pem"
+        path.write_text("-----BEGIN CERTIFICATE-----\n")
+        names[key] = str(path)
+    return names
 
 
-def test_load_settings_refuses_tls_with_a_clear_message(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="DicomTlsEnabled"):
-        load_settings(_write(tmp_path, {"DicomTlsEnabled": True}))
+def test_load_settings_takes_the_product_doc_example_with_its_credentials(tmp_path: Path) -> None:
+    # The product documentation's example, verbatim, plus what each feature needs.
+    doc = {
+        "DicomAet": "VANNAHCLOUD",
+        "DicomPort": 4242,
+        "RemoteAccessAllowed": True,
+        "AuthenticationEnabled": True,
+        "DicomTlsEnabled": True,
+    }
+    with pytest.raises(ConfigError, match=r"AuthenticationEnabled: no credential"):
+        load_settings(_write(tmp_path, doc))
+    full = {**doc, "RegisteredUsers": {"alice": "pw"}, **_pem_files(tmp_path)}
+    settings = load_settings(_write(tmp_path, full))
+    assert settings.authentication_enabled and settings.dicom_tls_enabled
+    assert settings.registered_users["alice"].get_secret_value() == "pw"
+    assert "pw" not in repr(settings)  # secrets never printed
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"DicomTlsEnabled": True}, "DicomTlsCertificate and DicomTlsPrivateKey"),
+        ({"SslEnabled": True}, "SslCertificate must name a PEM file"),
+        ({"SslEnabled": True, "SslCertificate": "/nonexistent.pem"}, "not a readable file"),
+    ],
+)
+def test_load_settings_refuses_tls_without_its_files(
+    tmp_path: Path, values: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_settings(_write(tmp_path, values))
+
+
+def test_tls_needs_trusted_certificates_unless_peers_need_none(tmp_path: Path) -> None:
+    files = _pem_files(tmp_path)
+    trusted = files.pop("DicomTlsTrustedCertificates")
+    config = {"DicomTlsEnabled": True, **files}
+    with pytest.raises(ConfigError, match="DicomTlsTrustedCertificates"):
+        load_settings(_write(tmp_path, config))
+    assert load_settings(_write(tmp_path, {**config, "DicomTlsTrustedCertificates": trusted}))
+    relaxed = {**config, "DicomTlsRemoteCertificateRequired": False}
+    assert not load_settings(_write(tmp_path, relaxed)).dicom_tls_remote_certificate_required
 
 
 def test_load_settings_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,3 +46,19 @@ class NotFoundError(StorageError):
 
 class InsufficientSpaceError(LandingError):
     """Writing would eat into the free-space reserve (or the disk is full): refuse, retry later."""
+
+
+class AuthenticationError(VannahError):
+    """No credential, or one that is not valid (unknown, tampered, expired): HTTP 401.
+
+    `bearer_error` is the RFC 6750 error code for a ``WWW-Authenticate: Bearer`` challenge
+    (``invalid_request`` when none was sent, ``invalid_token`` otherwise).
+    """
+
+    def __init__(self, message: str, bearer_error: str = "invalid_token") -> None:
+        super().__init__(message)
+        self.bearer_error = bearer_error
+
+
+class PermissionDeniedError(VannahError):
+    """A valid credential that is not allowed to do this: HTTP 403."""

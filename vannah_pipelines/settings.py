@@ -14,7 +14,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,15 +40,19 @@ ORTHANC_KEYS: dict[str, str] = {
     "DicomTlsEnabled": "dicom_tls_enabled",
     "rules": "routing_rules",
     "DicomModalities": "dicom_modalities",
+    "RegisteredUsers": "registered_users",
+    "SslEnabled": "ssl_enabled",
+    "SslCertificate": "ssl_certificate",
+    "DicomTlsCertificate": "dicom_tls_certificate",
+    "DicomTlsPrivateKey": "dicom_tls_private_key",
+    "DicomTlsTrustedCertificates": "dicom_tls_trusted_certificates",
+    "DicomTlsRemoteCertificateRequired": "dicom_tls_remote_certificate_required",
+    "DicomCheckCalledAet": "dicom_check_called_aet",
+    "DicomCheckModalityHost": "dicom_check_modality_host",
+    "DicomAlwaysAllowStore": "dicom_always_allow_store",
+    "DicomAlwaysAllowEcho": "dicom_always_allow_echo",
 }
 
-# Accepted and documented, but refused when switched on until the feature exists.
-NOT_YET_IMPLEMENTED: dict[str, str] = {
-    "authentication_enabled": "AuthenticationEnabled: authentication is not implemented yet; "
-    "set it to false (or omit it) and keep the services on loopback",
-    "dicom_tls_enabled": "DicomTlsEnabled: DICOM TLS is not implemented yet; set it to false "
-    "(or omit it) and terminate TLS in front of the receiver",
-}
 
 _config_file: ContextVar[Path | None] = ContextVar("vannah_config_file", default=None)
 
@@ -80,13 +92,24 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 class RemoteModality(BaseModel):
-    """A known DICOM peer (a C-MOVE destination): AE title, host and port."""
+    """A known DICOM peer (a C-MOVE destination): AE title, host and port; with
+    ``use_dicom_tls`` (Orthanc's ``UseDicomTls``) associations to it are made over TLS."""
 
     model_config = ConfigDict(frozen=True)
 
     aet: str = Field(min_length=1, max_length=16)
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
+    use_dicom_tls: bool = False
+
+
+class ApiKey(BaseModel):
+    """A static API key for a service (``X-API-Key: <key>`` or ``Authorization: Bearer <key>``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: SecretStr = Field(min_length=16)
+    roles: tuple[str, ...] = ("read",)
 
 
 def _modality(name: str, value: Any) -> Any:
@@ -98,7 +121,10 @@ def _modality(name: str, value: Any) -> Any:
         return {"aet": value[0], "host": value[1], "port": value[2]}
     if isinstance(value, dict):
         lower = {str(k).lower(): v for k, v in value.items()}
-        return {"aet": lower.get("aet"), "host": lower.get("host"), "port": lower.get("port")}
+        entry = {"aet": lower.get("aet"), "host": lower.get("host"), "port": lower.get("port")}
+        if "usedicomtls" in lower:
+            entry["use_dicom_tls"] = lower["usedicomtls"]
+        return entry
     return value
 
 
@@ -115,8 +141,89 @@ class Settings(BaseSettings):
     remote_access_allowed: bool = Field(
         default=False, description="listen on all addresses instead of 127.0.0.1"
     )
-    authentication_enabled: bool = False
-    dicom_tls_enabled: bool = False
+    authentication_enabled: bool = Field(
+        default=False,
+        description="every DICOMweb, worklist and viewer route requires credentials; DIMSE "
+        "associations need a known peer or user identity (docs/security.md)",
+    )
+    registered_users: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="HTTP Basic and DIMSE user identity: user name -> password (Orthanc's "
+        "RegisteredUsers)",
+    )
+    user_roles: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="roles of each registered user (read, write, admin); a user not listed "
+        "has every role, as in Orthanc",
+    )
+    api_keys: dict[str, ApiKey] = Field(
+        default_factory=dict, description='service name -> {"key": ..., "roles": [...]}'
+    )
+    jwt_hs256_secret: SecretStr | None = Field(
+        default=None, description="shared secret of HS256 bearer tokens"
+    )
+    jwt_public_key_file: Path | None = Field(
+        default=None, description="PEM public key of RS256/ES256 bearer tokens"
+    )
+    jwt_jwks_url: str | None = Field(
+        default=None,
+        description="JWKS URL of an OIDC provider (Keycloak: .../protocol/openid-connect/certs)",
+    )
+    jwt_issuer: str | None = Field(default=None, description="required `iss` of bearer tokens")
+    jwt_audience: str | None = Field(default=None, description="required `aud` of bearer tokens")
+    jwt_roles_claim: str = Field(
+        default="roles",
+        description="claim holding the roles, dotted for nested claims (Keycloak: "
+        "realm_access.roles)",
+    )
+    jwt_leeway_seconds: float = Field(default=30.0, ge=0, description="clock skew allowed")
+    token_signing_key_file: Path | None = Field(
+        default=None,
+        description="secret signing the platform's own study-scoped tokens (default "
+        "<data>/secrets/token-signing.key, created on first use)",
+    )
+    launch_token_ttl_seconds: float = Field(
+        default=900.0, gt=0, le=7 * 86400, description="lifetime of a minted launch token"
+    )
+    viewer_enabled: bool = Field(default=True, description="serve the built-in OHIF at /viewer")
+    viewer_launch_url: str = Field(
+        default="/viewer?studyUID={studyUID}&token={token}",
+        description="where /viewer/launch and `vannah token` send the user; placeholders "
+        "{studyUID}, {patientID}, {token}, {base} (docs/viewers.md)",
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        description="the URL users reach the DICOMweb service at (default: from the bind "
+        "address, port and SslEnabled)",
+    )
+    ssl_enabled: bool = Field(default=False, description="HTTPS on the DICOMweb service")
+    ssl_certificate: Path | None = Field(
+        default=None, description="one PEM file: certificate (chain) and private key"
+    )
+    dicom_tls_enabled: bool = Field(default=False, description="TLS on the DIMSE receiver")
+    dicom_tls_certificate: Path | None = Field(
+        default=None, description="PEM certificate (chain) of the receiver"
+    )
+    dicom_tls_private_key: Path | None = Field(default=None, description="PEM private key")
+    dicom_tls_trusted_certificates: Path | None = Field(
+        default=None, description="PEM bundle of the CAs/peers trusted for DICOM TLS"
+    )
+    dicom_tls_remote_certificate_required: bool = Field(
+        default=True, description="peers must present a certificate signed by a trusted one"
+    )
+    dicom_check_called_aet: bool = Field(
+        default=False, description="reject associations whose called AE title is not ours"
+    )
+    dicom_check_modality_host: bool = Field(
+        default=False, description="a known peer's AE title must come from its configured host"
+    )
+    dicom_always_allow_store: bool = Field(
+        default=True,
+        description="unknown or unauthenticated peers may still store (Orthanc's default)",
+    )
+    dicom_always_allow_echo: bool = Field(
+        default=True, description="unknown or unauthenticated peers may still C-ECHO"
+    )
     routing_rules: list[dict[str, Any]] = Field(default_factory=list)
 
     receiver_workers: int = Field(
@@ -261,9 +368,46 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self) -> Settings:
-        for name, message in NOT_YET_IMPLEMENTED.items():
-            if getattr(self, name):
-                raise ValueError(message)
+        if self.authentication_enabled and not (
+            self.registered_users
+            or self.api_keys
+            or self.jwt_hs256_secret
+            or self.jwt_public_key_file
+            or self.jwt_jwks_url
+        ):
+            raise ValueError(
+                "AuthenticationEnabled: no credential is configured; set RegisteredUsers, "
+                "api_keys or a JWT verification key (jwt_hs256_secret, jwt_public_key_file, "
+                "jwt_jwks_url)"
+            )
+        if self.ssl_enabled and self.ssl_certificate is None:
+            raise ValueError("SslEnabled: SslCertificate must name a PEM file")
+        if self.dicom_tls_enabled and (
+            self.dicom_tls_certificate is None or self.dicom_tls_private_key is None
+        ):
+            raise ValueError(
+                "DicomTlsEnabled: DicomTlsCertificate and DicomTlsPrivateKey must name PEM files"
+            )
+        if (
+            self.dicom_tls_enabled
+            and self.dicom_tls_remote_certificate_required
+            and self.dicom_tls_trusted_certificates is None
+        ):
+            raise ValueError(
+                "DicomTlsRemoteCertificateRequired: DicomTlsTrustedCertificates must name "
+                "the PEM bundle peers' certificates are checked against (or set "
+                "DicomTlsRemoteCertificateRequired to false)"
+            )
+        for name in (
+            "ssl_certificate",
+            "dicom_tls_certificate",
+            "dicom_tls_private_key",
+            "dicom_tls_trusted_certificates",
+            "jwt_public_key_file",
+        ):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
         if self.routing_rules:
             raise ValueError("rules: routing is not implemented yet; remove the rules")
         return self
@@ -323,6 +467,25 @@ class Settings(BaseSettings):
     @property
     def quarantine_dir(self) -> Path:
         return self.data_dir / "quarantine"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.catalog_dir / "audit"
+
+    @property
+    def token_signing_key_path(self) -> Path:
+        return self.token_signing_key_file or self.data_dir / "secrets" / "token-signing.key"
+
+    @property
+    def base_url(self) -> str:
+        """The DICOMweb service's origin as users reach it (no trailing slash)."""
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/")
+        scheme = "https" if self.ssl_enabled else "http"
+        host = self.dicomweb_bind_host
+        if host in {"0.0.0.0", "::", ""}:
+            host = "localhost"
+        return f"{scheme}://{host}:{self.dicomweb_port}"
 
 
 class _ConfigLocator(BaseSettings):

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from vannah_pipelines.catalog.schema import TABLES, view_sql
 from vannah_pipelines.landing.layout import fsync_dir, make_dirs, write_atomic
+from vannah_pipelines.security.audit import audit_view_sql
 
 CATALOG_DB = "catalog.duckdb"
 # A zero-row file per table keeps globs valid on an empty catalog; its partition sorts first.
@@ -58,6 +59,10 @@ class CatalogWriter:
             path = self.batch_path(table, _SCHEMA_DAY, "schema")
             if not path.exists():
                 self.write_batch(table, _SCHEMA_DAY, "schema", schema.empty_table())
+        schema_audit = self.root / "audit" / f"day={_SCHEMA_DAY.isoformat()}" / "schema.jsonl"
+        if not schema_audit.exists():
+            make_dirs(schema_audit.parent)
+            write_atomic(schema_audit, b"")  # so the audit_events view always has a file
         if not (self.root / CATALOG_DB).exists():
             self.publish()
 
@@ -85,6 +90,8 @@ class CatalogWriter:
                 }
                 for statement in view_sql(sources["instances"], sources["quarantine"]):
                     con.execute(statement)
+                audit_glob = str(self.root.resolve() / "audit" / "*" / "*.jsonl")
+                con.execute(audit_view_sql(audit_glob))
             finally:
                 con.close()
         except BaseException as exc:
