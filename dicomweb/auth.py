@@ -135,12 +135,21 @@ class AuthGuard:
         try:
             principal = await self._principal(scope)
         except AuthenticationError as exc:
+            nobody = Principal("", frozenset(), _scheme(scope))
+            self._record(scope, nobody, 401, 0, started, str(exc), refused_login=True)
             await self._refuse(scope, send, exc)
-            self._record(scope, ANONYMOUS, 401, 0, started, str(exc), refused_login=True)
             return
         state["principal"] = principal
         status = 500
         sent = 0
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                detail = str(state.get("audit_detail", ""))
+                self._record(scope, principal, status, sent, started, detail)
 
         async def tracked_send(message: Message) -> None:
             nonlocal status, sent
@@ -148,14 +157,14 @@ class AuthGuard:
                 status = int(message["status"])
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    record()  # before the last byte: a client that got its answer finds the row
             await send(message)
 
         try:
             await self.app(scope, receive, tracked_send)
         finally:
-            self._record(
-                scope, principal, status, sent, started, str(state.get("audit_detail", ""))
-            )
+            record()
 
     async def _principal(self, scope: Scope) -> Principal:
         if self.authenticator is None:
@@ -219,6 +228,14 @@ class AuthGuard:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         ).by(principal)
         self.audit.record(event)
+
+
+def _scheme(scope: Scope) -> str:
+    """How a refused caller tried: ``api-key``, ``bearer``, ``basic`` (or "" for nothing)."""
+    if _header(scope, b"x-api-key"):
+        return "api-key"
+    scheme = (_header(scope, b"authorization") or "").strip().partition(" ")[0].lower()
+    return scheme[:20]
 
 
 def _studies(scope: Scope, path: str) -> list[str]:
