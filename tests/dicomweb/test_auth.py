@@ -609,3 +609,184 @@ def test_auth_audit_one_row_per_request_without_patient_data(
     for patient_id, name in PATIENTS.values():
         assert patient_id not in text and name.split("^")[0] not in text
     assert "AUTH-P3" not in text and "Gamma" not in text
+
+
+# ----------------------------------------------------- hostile paths and query values
+
+# Path segments as sent on the wire (already percent-encoded where that is the attack).
+HOSTILE_SEGMENTS = (
+    "..",
+    "%2e%2e",
+    "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd",
+    "..%2f..%2fcatalog",
+    "%2fetc%2fpasswd",
+    "%00",
+    "1.2.3%00",
+    "'",
+    "%27%20OR%20%271%27%3D%271",
+    ";",
+    "1.2.3;DROP%20TABLE%20instances",
+    "--",
+    "1.2.3--",
+    "%5C",
+    "*",
+    "1.2.*",
+)
+# Query values as meant (they are percent-encoded when sent).
+HOSTILE_VALUES = (
+    "..",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "%2e%2e%2f",
+    "\x00",
+    "1.2.3\x00",
+    "'",
+    "' OR '1'='1",
+    ";",
+    "1.2.3; DROP TABLE instances",
+    "--",
+    "1.2.3 --",
+    "\\",
+    "*",
+    "1.2.*",
+)
+
+
+def _raw(secured: Secured, method: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """Send `target` byte for byte (no client-side normalisation of dot segments)."""
+    import http.client
+
+    port = int(urlsplit(secured.url).port or 0)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        body = None
+        send = dict(headers)
+        if method in ("POST", "PUT"):
+            if "/worklist/" in target:
+                body, send["Content-Type"] = (
+                    json.dumps(worklist_step()).encode(),
+                    "application/json",
+                )
+            else:
+                body = b"--b\r\nContent-Type: application/dicom\r\n\r\nx\r\n--b--\r\n"
+                send["Content-Type"] = 'multipart/related; type="application/dicom"; boundary=b'
+        conn.request(method, target, body=body, headers=send)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _state(secured: Secured) -> tuple[dict[str, bytes], list[tuple[Any, ...]]]:
+    """Every file of the data folder but the audit trail and lock files (a worklist change
+    takes the store's lock before it finds the step missing), and the catalog's rows."""
+    root, audit = secured.settings.data_dir, secured.settings.audit_dir
+    files = {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_relative_to(audit) and p.suffix != ".lock"
+    }
+    con = duckdb.connect()
+    try:
+        rows = con.execute(
+            "SELECT sop_instance_uid, study_instance_uid, storage_key FROM read_parquet(?) "
+            "ORDER BY 1",
+            [str(secured.settings.catalog_dir / "instances" / "**" / "*.parquet")],
+        ).fetchall()
+    finally:
+        con.close()
+    return files, rows
+
+
+def _hostile_requests(s: Secured) -> list[tuple[str, str, bool]]:
+    """(method, target, a 200 answer is fine) for every path and query parameter."""
+    from urllib.parse import quote
+
+    a, sa, ia = s.studies["A"], s.series["A"], s.sops["A"]
+    inst = f"/dicom-web/studies/{a}/series/{sa}/instances/{ia}"
+    paths = [
+        ("GET", "/dicom-web/studies/{}"),
+        ("GET", "/dicom-web/studies/{}/metadata"),
+        ("GET", "/dicom-web/studies/{}/series"),
+        ("GET", "/dicom-web/studies/{}/instances"),
+        ("GET", "/dicom-web/studies/{}/thumbnail"),
+        ("GET", f"/dicom-web/studies/{a}/series/{{}}"),
+        ("GET", f"/dicom-web/studies/{a}/series/{{}}/metadata"),
+        ("GET", f"/dicom-web/studies/{a}/series/{{}}/instances"),
+        ("GET", f"/dicom-web/studies/{a}/series/{sa}/instances/{{}}"),
+        ("GET", f"/dicom-web/studies/{a}/series/{sa}/instances/{{}}/rendered"),
+        ("GET", inst + "/frames/{}"),
+        ("GET", inst + "/frames/{}/rendered"),
+        ("GET", inst + "/bulk/{}"),
+        ("POST", "/dicom-web/studies/{}"),
+        ("GET", "/dicom-web/worklist/items/{}"),
+        ("PUT", "/dicom-web/worklist/items/{}"),
+        ("DELETE", "/dicom-web/worklist/items/{}"),
+    ]
+    # QIDO matching keys and worklist filters may answer 200 (values are bound, never SQL);
+    # "*" is universal matching for any key (PS3.4 C.2.2.2.3).
+    queries: list[tuple[str, bool | str]] = [
+        ("/dicom-web/studies?PatientID={}", True),
+        ("/dicom-web/studies?00100010={}", True),
+        ("/dicom-web/studies?StudyDescription={}", True),
+        ("/dicom-web/studies?StudyInstanceUID={}", "*"),
+        ("/dicom-web/studies?StudyDate={}", "*"),
+        ("/dicom-web/studies?limit={}", False),
+        ("/dicom-web/studies?offset={}", False),
+        ("/dicom-web/studies?includefield={}", False),
+        ("/dicom-web/studies?orderby={}", False),
+        ("/dicom-web/studies?fuzzymatching={}", False),
+        ("/dicom-web/studies?{}=1", False),
+        ("/dicom-web/series?SeriesInstanceUID={}", "*"),
+        ("/dicom-web/series?Modality={}", True),
+        (f"/dicom-web/studies/{a}/instances?SOPInstanceUID={{}}", "*"),
+        (f"/dicom-web/wado?requestType=WADO&studyUID={{}}&seriesUID={sa}&objectUID={ia}", False),
+        (f"/dicom-web/wado?requestType=WADO&studyUID={a}&seriesUID={{}}&objectUID={ia}", False),
+        (f"/dicom-web/wado?requestType=WADO&studyUID={a}&seriesUID={sa}&objectUID={{}}", False),
+        (f"/dicom-web/wado?requestType={{}}&studyUID={a}&seriesUID={sa}&objectUID={ia}", False),
+        (
+            f"/dicom-web/wado?requestType=WADO&studyUID={a}&seriesUID={sa}&objectUID={ia}"
+            "&contentType={}",
+            False,
+        ),
+        (
+            f"/dicom-web/wado?requestType=WADO&studyUID={a}&seriesUID={sa}&objectUID={ia}"
+            "&contentType=image/jpeg&rows={}",
+            False,
+        ),
+        ("/viewer/launch?studyUID={}", False),
+        (f"/viewer/launch?studyUID={a}&scope={{}}", False),
+        ("/dicom-web/worklist/items?patient_id={}", True),
+        ("/dicom-web/worklist/items?modality={}", True),
+        ("/dicom-web/worklist/items?date={}", False),
+    ]
+    found = [(m, t.format(seg), False) for m, t in paths for seg in HOSTILE_SEGMENTS]
+    found += [("GET", t.format(quote(v, safe="")), ok) for t, ok in queries for v in HOSTILE_VALUES]
+    return found
+
+
+@pytest.mark.parametrize("who", ["admin-key", "study-token"])
+def test_auth_hostile_paths_and_query_values_are_refused_and_change_nothing(
+    secured: Secured, who: str
+) -> None:
+    a = secured.studies["A"]
+    if who == "admin-key":
+        headers = {"X-API-Key": KEYS["admin"]}
+    else:
+        headers = bearer(mint_scoped_token(secured.settings, "ris", Scope(frozenset({a}))))
+    before = _state(secured)
+    answered: dict[int, int] = {}
+    for method, target, may_answer in _hostile_requests(secured):
+        status, body = _raw(secured, method, target, headers)
+        answered[status] = answered.get(status, 0) + 1
+        assert status < 500, (method, target, body[:300])
+        if status < 400:
+            assert may_answer and status == 200, (method, target, status, body[:300])
+            assert isinstance(json.loads(body), list), (target, body[:300])
+            if who == "study-token" and "/worklist/" not in target:
+                assert study_uids(json.loads(body)) <= {a}, target
+    after = _state(secured)
+    assert after[1] == before[1], "catalog rows changed"
+    assert sorted(after[0]) == sorted(before[0]), set(after[0]) ^ set(before[0])
+    assert after[0] == before[0], "a file changed"
+    assert set(answered) - {200} and all(400 <= s < 500 for s in answered if s != 200), answered
