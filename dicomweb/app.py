@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
-from dicomweb.auth import AuthGuard, authorize
+from dicomweb.auth import AuthGuard, authorize, loggable_path
 from dicomweb.errors import DicomWebError
 from dicomweb.guards import BodyLimitGuard, TrustedHostGuard, allowed_hosts
 from dicomweb.routes import launch, qido, stow_rs, wado_rs, wado_uri, worklist
@@ -78,7 +78,7 @@ def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 def _permission_denied(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PermissionDeniedError)
     request.state.audit_detail = str(exc)
-    log.info("403 for %s %s: %s", request.method, request.url.path, exc)
+    log.info("403 for %s %s: %s", request.method, loggable_path(request.url.path), exc)
     body = DicomWebError(f"access denied: {exc}", status=403).body()
     return JSONResponse(status_code=403, content=body)
 

@@ -76,6 +76,17 @@ def audit_action(method: str, path: str) -> str:
     return "retrieve"
 
 
+def loggable_path(path: str) -> str:
+    """`path` as logs and audit rows may show it: a worklist step id (which may be made of
+    an accession number) is left out.
+
+    >>> loggable_path("/dicom-web/worklist/items/ACC123"), loggable_path("/dicom-web/studies")
+    ('/dicom-web/worklist/items/{step_id}', '/dicom-web/studies')
+    """
+    items = WORKLIST_PREFIX + "/items/"
+    return items + "{step_id}" if path.startswith(items) else path
+
+
 def challenge_headers(error: AuthenticationError, basic: bool) -> list[tuple[bytes, bytes]]:
     """RFC 6750 / RFC 7617 challenges of a 401."""
     code = re.sub(r"[^a-z_]", "", error.bearer_error) or "invalid_token"
@@ -180,7 +191,7 @@ class AuthGuard:
         log.info(
             "401 for %s %s from %s: %s",
             scope.get("method"),
-            scope.get("path"),
+            loggable_path(str(scope.get("path"))),
             client[0] if client else "?",
             exc,
         )
@@ -224,7 +235,7 @@ class AuthGuard:
             instances=state.get("audit_instances"),
             bytes=sent,
             status=str(status),
-            detail=(detail or f"{method} {path}")[:500],
+            detail=(detail or f"{method} {loggable_path(path)}")[:500],
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         ).by(principal)
         self.audit.record(event)
