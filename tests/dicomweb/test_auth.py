@@ -520,6 +520,15 @@ def test_auth_viewer_launch_redirects_with_a_working_token(secured: Secured) -> 
     assert unknown.status_code == 404
     bad = requests.get(launch, params={"studyUID": a, "scope": "all"}, headers=headers)
     assert bad.status_code in (400, 422)
+    launches = [r for r in audit_rows(secured.settings) if r["action"] == "launch"]
+    assert any(
+        r["status"] == "302" and r["study_uids"] == [a] and r["subject"] == "api-key:reader"
+        for r in launches
+    )
+    denied = [r for r in audit_rows(secured.settings) if r["action"] == "access-denied"]
+    assert any(
+        r["study_uids"] == [c] and "outside this token's scope" in r["detail"] for r in denied
+    )
 
 
 def test_auth_viewer_launch_mints_with_authentication_off(secured: Secured) -> None:
