@@ -17,7 +17,9 @@ MAX_HEADER_BYTES = 64 * 1024
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
     """The server's limits: bind address, connections served at once (503 past), keep-alive,
-    header size (h11: httptools has no header size limit)."""
+    header size (h11: httptools has no header size limit); HTTPS with ``ssl_enabled`` (one
+    PEM file holding the certificate chain and the private key, as Orthanc reads it)."""
+    certificate = str(settings.ssl_certificate) if settings.ssl_enabled else None
     return uvicorn.Config(
         create_app(settings),
         host=settings.dicomweb_bind_host,
@@ -29,6 +31,8 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         log_level="warning",
         access_log=False,
+        ssl_certfile=certificate,
+        ssl_keyfile=certificate,
     )
 
 

@@ -7,16 +7,20 @@ import re
 import threading
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
+from dicomweb.auth import AuthGuard, authorize, loggable_path
 from dicomweb.errors import DicomWebError
 from dicomweb.guards import BodyLimitGuard, TrustedHostGuard, allowed_hosts
-from dicomweb.routes import qido, stow_rs, wado_rs, wado_uri, worklist
+from dicomweb.routes import launch, qido, stow_rs, wado_rs, wado_uri, worklist
 from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.errors import PermissionDeniedError
+from vannah_pipelines.security.audit import AuditLog
+from vannah_pipelines.security.authn import Authenticator
 from vannah_pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,7 +33,7 @@ _STOW_PATH = re.compile(re.escape(PREFIX) + r"/studies(/[^/]+)?/?")
 # CORS: the methods the API has, and the request headers a viewer sends beyond the
 # CORS-safelisted ones.
 CORS_METHODS = ("GET", "POST", "PUT", "DELETE")
-CORS_HEADERS = ("Accept", "Authorization", "Content-Type", "Range", "Cache-Control")
+CORS_HEADERS = ("Accept", "Authorization", "X-API-Key", "Content-Type", "Range", "Cache-Control")
 
 
 def is_stow(scope: Scope) -> bool:
@@ -71,6 +75,14 @@ def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _permission_denied(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, PermissionDeniedError)
+    request.state.audit_detail = str(exc)
+    log.info("403 for %s %s: %s", request.method, loggable_path(request.url.path), exc)
+    body = DicomWebError(f"access denied: {exc}", status=403).body()
+    return JSONResponse(status_code=403, content=body)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the service for `settings` (no global state: tests build as many as they like)."""
     app = FastAPI(
@@ -82,6 +94,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.catalog = LiveCatalog(CatalogReader(settings.catalog_dir))
     # Added innermost first: the Host check runs before CORS, CORS before the body limit.
     app.add_middleware(BodyLimitGuard, max_bytes=settings.dicomweb_max_body_bytes, exempt=is_stow)
+    # Credentials are checked (401) after the Host check and CORS (so a browser can read
+    # the 401), before anything else; every request is audited here.
+    app.add_middleware(
+        AuthGuard,
+        authenticator=Authenticator(settings) if settings.authentication_enabled else None,
+        audit=AuditLog(settings.audit_dir, "dicomweb"),
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=list(settings.dicomweb_cors_origins),  # none until configured
@@ -93,6 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
             "Warning",
             "Location",
             "Content-Location",
+            "WWW-Authenticate",
         ],
         max_age=600,
     )
@@ -102,6 +122,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_exception_handler(DicomWebError, _dicomweb_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(PermissionDeniedError, _permission_denied)
     for module in (qido, wado_rs, stow_rs, wado_uri, worklist):
-        app.include_router(module.router, prefix=PREFIX)
+        app.include_router(module.router, prefix=PREFIX, dependencies=[Depends(authorize)])
+    app.include_router(launch.router)
     return app

@@ -1,4 +1,4 @@
-"""The ``vannah`` command line: up, receiver, dicomweb, import, ingest, catalog."""
+"""The ``vannah`` command line: up, receiver, dicomweb, import, ingest, catalog, token."""
 
 from __future__ import annotations
 
@@ -149,6 +149,54 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a viewer launch URL with a read-only token for one study (or its patient)."""
+    import getpass
+
+    from vannah_pipelines.catalog.lookup import study_patients
+    from vannah_pipelines.catalog.reader import CatalogReader
+    from vannah_pipelines.dicom.uids import require_uid
+    from vannah_pipelines.security.audit import AuditEvent, AuditLog
+    from vannah_pipelines.security.principal import Scope
+    from vannah_pipelines.security.tokens import launch_url, mint_scoped_token, parse_ttl
+
+    settings = _settings(args)
+    study = require_uid(args.study, "StudyInstanceUID")
+    try:
+        ttl = parse_ttl(args.ttl) if args.ttl else settings.launch_token_ttl_seconds
+    except ValueError as exc:
+        sys.stderr.write(f"vannah token: {exc}\n")
+        return 2
+    reader = CatalogReader(settings.catalog_dir)
+    try:
+        patients = study_patients(reader, [study])
+    finally:
+        reader.close()
+    if study not in patients:
+        sys.stderr.write(f"vannah token: no study {study} in the catalog\n")
+        return 1
+    patient_id = patients[study]
+    if args.patient and not patient_id:
+        sys.stderr.write("vannah token: the study has no Patient ID; leave out --patient\n")
+        return 1
+    scope = Scope(patient_id=patient_id) if args.patient else Scope(frozenset({study}))
+    subject = f"cli:{getpass.getuser()}"
+    token = mint_scoped_token(settings, subject, scope, ttl_seconds=ttl)
+    AuditLog(settings.audit_dir, "cli").record(
+        AuditEvent(
+            service="cli",
+            action="token-minted",
+            outcome="success",
+            subject=subject,
+            auth_method="local",
+            study_uids=[study],
+            detail=f"{'patient' if args.patient else 'study'} scope, ttl {ttl:g}s",
+        )
+    )
+    sys.stdout.write(launch_url(settings, token, study, patient_id) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vannah", description=__doc__)
     parser.add_argument(
@@ -179,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sql", help="a query, e.g. 'FROM studies LIMIT 10'")
     p.add_argument("--max-rows", type=int, default=40)
     p.set_defaults(func=cmd_catalog)
+    p = sub.add_parser(
+        "token", help="print a viewer launch URL with a read-only token for one study"
+    )
+    p.add_argument("--study", required=True, help="Study Instance UID")
+    p.add_argument("--ttl", help="lifetime: 900, 15m, 2h, 1d (default launch_token_ttl_seconds)")
+    p.add_argument(
+        "--patient", action="store_true", help="scope the token to every study of the patient"
+    )
+    p.set_defaults(func=cmd_token)
     return parser
 
 

@@ -121,13 +121,15 @@ def banner(settings: Settings) -> str:
     """Where everything answers."""
     dicom = _shown(settings.dicom_bind_host)
     web = _shown(settings.dicomweb_bind_host)
+    scheme = "https" if settings.ssl_enabled else "http"
+    auth = "; credentials required" if settings.authentication_enabled else ""
     return "\n".join(
         [
             "VannahHealthCloud is up (ingest checked: code location loaded, sensor running):",
             f"  DIMSE receiver   {settings.dicom_aet}@{dicom}:{settings.dicom_port}"
             f"   (echoscu -aec {settings.dicom_aet} {dicom} {settings.dicom_port})",
-            f"  DICOMweb         http://{web}:{settings.dicomweb_port}/dicom-web"
-            f"   (QIDO-RS, WADO-RS, STOW-RS, WADO-URI)",
+            f"  DICOMweb         {scheme}://{web}:{settings.dicomweb_port}/dicom-web"
+            f"   (QIDO-RS, WADO-RS, STOW-RS, WADO-URI{auth})",
             f"  HL7 v2 (MLLP)    {_shown(settings.mllp_bind_host)}:{settings.worklist_mllp_port}"
             "   (ORM^O01 orders -> Modality Worklist)",
             f"  Dagster UI       http://{_shown(settings.dagster_host)}:{settings.dagster_port}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from dicomweb.auth import principal_of, scoped_query
 from dicomweb.deps import CatalogDep, SettingsDep
 from dicomweb.errors import BadRequestError
 from dicomweb.qido_params import InvalidQidoParameterError, parse_qido
@@ -36,6 +37,7 @@ def _search(
             max_offset=settings.dicomweb_max_offset,
             scope=scope,
         )
+        spec = scoped_query(spec, principal_of(request))  # a scoped token sees its studies only
         base = str(request.base_url).rstrip("/") + "/dicom-web"
         result = run_query_json(catalog, spec, retrieve_base=base)
     except (InvalidQidoParameterError, InvalidQueryError) as exc:

@@ -98,6 +98,11 @@ async def _store(request: Request, settings: Settings, study_uid: str | None) ->
         with anyio.CancelScope(shield=True):  # a client that hangs up still gets cleaned
             await run_in_threadpool(stow.close)
     status = response_status(outcomes)
+    stored = [o for o in outcomes if o.stored]
+    request.state.audit_instances = len(stored)
+    request.state.audit_studies = sorted(
+        {o.study_instance_uid for o in stored if o.study_instance_uid}
+    )
     log.info(
         "STOW-RS from %s: %d stored, %d failed (batch %s)",
         stow.peer,

@@ -74,10 +74,14 @@ class Archive:
         return (self.settings.hot_dir / str(key)).read_bytes()
 
     def snapshot(self) -> dict[str, bytes]:
-        """Every file of the data folder (to show a request changed nothing)."""
+        """Every file of the data folder (to show a request changed nothing), but the audit
+        trail, which gets a row per request by design."""
         root = self.settings.data_dir
+        audit = self.settings.audit_dir
         return {
-            str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_relative_to(audit)
         }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.dicom.keys import Level
-from vannah_pipelines.dicom.uids import require_uid
+from vannah_pipelines.dicom.uids import is_uid, require_uid
 
 _COLUMNS = (
     "study_instance_uid, series_instance_uid, sop_instance_uid, sop_class_uid, storage_key, "
@@ -170,3 +170,17 @@ def representative_headers(
     )
     headers = reader.headers([(r[1], r[2], r[3]) for r in rows])
     return {r[0]: json.loads(headers.get((r[2], r[3])) or "{}") for r in rows}
+
+
+def study_patients(reader: CatalogReader, study_uids: Sequence[str]) -> dict[str, str]:
+    """Patient ID (``""`` if absent) of each study of `study_uids` the catalog holds;
+    studies it does not hold (or whose UID is not valid) are left out."""
+    wanted = [uid for uid in study_uids if is_uid(uid)]
+    if not wanted:
+        return {}
+    rows = reader.query(
+        "SELECT study_instance_uid, patient_id FROM studies "
+        "WHERE list_contains(?, study_instance_uid)",
+        [wanted],
+    )
+    return {str(r[0]): str(r[1] or "") for r in rows}

@@ -129,6 +129,11 @@ class QuerySpec:
     order_by: tuple[tuple[str, bool], ...] = ()  # (keyword, descending)
     scoped_to_study: bool = False
     scoped_to_series: bool = False
+    # An access scope (a study-scoped token): when `within_studies` is not None, only the
+    # rows of those studies, or of the patient `within_patient`, are answered. It is part
+    # of the SQL, so limit/offset count the allowed rows only.
+    within_studies: tuple[str, ...] | None = None
+    within_patient: str | None = None
 
 
 @dataclass
@@ -287,6 +292,15 @@ def compile_query(spec: QuerySpec) -> CompiledQuery:
         sql, values = _condition(attr, match, spec.fuzzy)
         where.append(f"({sql})")
         params.extend(values)
+    if spec.within_studies is not None:
+        allowed: list[str] = []
+        if spec.within_studies:
+            allowed.append("list_contains(?, study_instance_uid)")
+            params.append(list(spec.within_studies))
+        if spec.within_patient is not None:
+            allowed.append("patient_id = ?")
+            params.append(spec.within_patient)
+        where.append("(" + " OR ".join(allowed) + ")" if allowed else "FALSE")
     ignored: list[str] = []
     returned = _return_keys(spec, matched, ignored)
     order = _DEFAULT_ORDER[spec.level]

@@ -1,0 +1,222 @@
+"""HTTPS: ``python -m dicomweb`` with SslEnabled and one PEM file (chain + key, as Orthanc
+reads it), a test CA made here with `cryptography`, and dicomweb-client verifying it."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from dicomweb_client import DICOMwebClient
+from pydicom.uid import generate_uid
+
+from dicomweb.__main__ import uvicorn_config
+from tests.dicomweb.conftest import land_and_ingest
+from vannah_pipelines.dicom.synthetic import make_instance, to_part10
+from vannah_pipelines.platform import banner
+from vannah_pipelines.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "https-test-key-0123456789abcdef"
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path]:
+    """A CA, and a server certificate for localhost/127.0.0.1 it signed; returns the CA
+    PEM and the server's one PEM file (certificate, CA, then the private key)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("Vannah Test CA"))
+        .issuer_name(_name("Vannah Test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    ca_file = folder / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    server_file = folder / "server.pem"
+    server_file.write_bytes(
+        cert.public_bytes(pem)
+        + ca.public_bytes(pem)
+        + key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server_file.chmod(0o600)
+    return ca_file, server_file
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class HttpsService:
+    url: str
+    port: int
+    ca: Path
+    study: str
+
+
+@pytest.fixture(scope="module")
+def https_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsService]:
+    folder = tmp_path_factory.mktemp("https")
+    ca, server_pem = make_certificates(folder)
+    data_dir = folder / "data"
+    settings = load_settings(data_dir=data_dir)
+    study = generate_uid()
+    ds = make_instance("CT", study_uid=study, rows=16, columns=16)
+    land_and_ingest(settings, [(str(ds.SOPInstanceUID), to_part10(ds))])
+    port = _free_port()
+    env = {
+        **os.environ,
+        "VANNAH_DATA_DIR": str(data_dir),
+        "VANNAH_DICOMWEB_PORT": str(port),
+        "VANNAH_SSL_ENABLED": "true",
+        "VANNAH_SSL_CERTIFICATE": str(server_pem),
+        "VANNAH_AUTHENTICATION_ENABLED": "true",
+        "VANNAH_API_KEYS": json.dumps({"ris": {"key": API_KEY, "roles": ["read"]}}),
+    }
+    env.pop("VANNAH_CONFIG", None)
+    log = folder / "dicomweb.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dicomweb"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "python -m dicomweb did not start"
+                time.sleep(0.1)
+        yield HttpsService(f"https://localhost:{port}/dicom-web", port, ca, study)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def test_https_dicomweb_client_verifies_the_test_ca(https_service: HttpsService) -> None:
+    session = requests.Session()
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment wins over verify
+    session.verify = str(https_service.ca)
+    dw = DICOMwebClient(https_service.url, session=session, headers={"X-API-Key": API_KEY})
+    (answer,) = dw.search_for_studies()
+    assert answer["0020000D"]["Value"] == [https_service.study]
+    assert len(dw.retrieve_study_metadata(https_service.study)) == 1
+    # Credentials are still required over TLS (dicomweb-client put its headers on `session`).
+    anonymous = requests.Session()
+    anonymous.trust_env = False
+    refused = anonymous.get(https_service.url + "/studies", verify=str(https_service.ca))
+    assert refused.status_code == 401
+
+
+def test_https_refuses_plain_http_and_unknown_ca(https_service: HttpsService) -> None:
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(https_service.url + "/studies", headers={"X-API-Key": API_KEY})
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(
+            f"http://localhost:{https_service.port}/dicom-web/studies",
+            headers={"X-API-Key": API_KEY},
+            timeout=10,
+        )
+    context = ssl.create_default_context(cafile=str(https_service.ca))
+    with (
+        socket.create_connection(("127.0.0.1", https_service.port)) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def test_https_uvicorn_config_and_banner(tmp_path: Path) -> None:
+    _ca, server_pem = make_certificates(tmp_path)
+    settings = load_settings(
+        data_dir=tmp_path / "data", ssl_enabled=True, ssl_certificate=server_pem
+    )
+    config = uvicorn_config(settings)
+    assert config.ssl_certfile == config.ssl_keyfile == str(server_pem)
+    assert f"https://127.0.0.1:{settings.dicomweb_port}/dicom-web" in banner(settings)
+    assert settings.base_url.startswith("https://")
+    plain = load_settings(data_dir=tmp_path / "data")
+    assert uvicorn_config(plain).ssl_certfile is None
+    assert f"http://127.0.0.1:{plain.dicomweb_port}/dicom-web" in banner(plain)
