@@ -16,6 +16,7 @@ from starlette.types import Scope
 from dicomweb.errors import DicomWebError
 from dicomweb.guards import BodyLimitGuard, TrustedHostGuard, allowed_hosts
 from dicomweb.routes import qido, stow_rs, wado_rs, wado_uri, worklist
+from dicomweb.viewer import mount_viewer
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.settings import Settings
 
@@ -104,4 +105,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for module in (qido, wado_rs, stow_rs, wado_uri, worklist):
         app.include_router(module.router, prefix=PREFIX)
+    mount_viewer(app, settings)  # last: its /viewer/{path} catch-all must not shadow a route
     return app
