@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 OHIF_PACKAGE = "@ohif/app"
 OHIF_VERSION = "3.13.2"
 # The npm registry's `dist.integrity` of @ohif/app 3.13.2 (SRI: sha512 of the tarball).
-OHIF_INTEGRITY = "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
+OHIF_INTEGRITY = (
+    "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq"
+    "+jd5xXZB9E8EA=="
+)
 DEFAULT_REGISTRY = "https://registry.npmjs.org"
 # The tarball is ~50 MB; anything much bigger is not the package we pinned.
 MAX_TARBALL_BYTES = 256 * 1024**2

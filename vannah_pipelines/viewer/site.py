@@ -24,6 +24,7 @@ _WEBPACK_PUBLIC_PATH = '__webpack_require__.p = "/";'
 _INDEX_PUBLIC_URL = 'window.PUBLIC_URL="/"'
 _ROOT_ATTRIBUTE = re.compile(r'(\b(?:src|href|content)=")/(?!/)')
 _ROOT_JSON_STRING = re.compile(r'(")/(?!/)')
+_ROOT_CSS_URL = re.compile(r"""(url\(\s*["']?)/(?!/)""")
 _MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -92,18 +93,21 @@ def resolve(dist: Path, relative: str) -> Found | None:
 
 def needs_rewrite(path: Path) -> bool:
     """Whether a dist file's content names the root path and must be rewritten."""
-    return path.suffix in (".html", ".js") or path.name == "manifest.json"
+    return path.suffix in (".html", ".js", ".css") or path.name == "manifest.json"
 
 
 def rewrite(path: Path, content: bytes, base: str) -> bytes:
     """`content` of the dist file `path` with its root-relative URLs moved under `base`.
 
     OHIF's dist is built for ``/``: ``index.html`` loads ``/app.bundle.js`` and sets
-    ``window.PUBLIC_URL="/"``, and webpack's runtime (``__webpack_require__.p``) loads chunks
-    and workers from ``/``. Files without those are returned unchanged.
+    ``window.PUBLIC_URL="/"``, webpack's runtime (``__webpack_require__.p``) loads chunks
+    and workers from ``/``, and the CSS loads its font from ``url(/...)``. Files without
+    those are returned unchanged.
 
     >>> rewrite(Path("index.html"), b'<script src="/a.js"></script>', "/viewer/")
     b'<script src="/viewer/a.js"></script>'
+    >>> rewrite(Path("a.css"), b"@font-face{src:url(/f.woff2)}", "/viewer")
+    b'@font-face{src:url(/viewer/f.woff2)}'
     """
     base = base.rstrip("/") + "/"
     if path.suffix == ".js":
@@ -115,6 +119,8 @@ def rewrite(path: Path, content: bytes, base: str) -> bytes:
     if path.suffix == ".html":
         text = text.replace(_INDEX_PUBLIC_URL, f"window.PUBLIC_URL={json.dumps(base)}")
         text = _ROOT_ATTRIBUTE.sub(lambda m: m.group(1) + base, text)
+    elif path.suffix == ".css":
+        text = _ROOT_CSS_URL.sub(lambda m: m.group(1) + base, text)
     elif path.name == "manifest.json":
         text = _ROOT_JSON_STRING.sub(lambda m: m.group(1) + base, text)
     return text.encode("utf-8")
