@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from vannah_pipelines.cli import main
 from vannah_pipelines.errors import ViewerFetchError
 from vannah_pipelines.viewer import fetch
 from vannah_pipelines.viewer.fetch import (
@@ -228,3 +229,38 @@ def test_ohif_package_is_pinned_with_its_npm_integrity() -> None:
 def test_parse_integrity_refuses_bad_values(value: str) -> None:
     with pytest.raises(ViewerFetchError):
         parse_integrity(value)
+
+
+def test_cli_viewer_fetch_does_nothing_when_disabled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VANNAH_VIEWER_ENABLED", "false")
+    monkeypatch.setenv("VANNAH_VIEWER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("VANNAH_VIEWER_NPM_REGISTRY", "http://127.0.0.1:9/unreachable")
+    assert main(["viewer", "fetch", "--if-enabled"]) == 0
+    assert "nothing to fetch" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_viewer_fetch_reports_what_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    (dist_dir(cache) / "index.html").parent.mkdir(parents=True)
+    (dist_dir(cache) / "index.html").write_bytes(INDEX)
+    monkeypatch.setenv("VANNAH_VIEWER_CACHE_DIR", str(cache))
+    monkeypatch.setenv("VANNAH_VIEWER_NPM_REGISTRY", "http://127.0.0.1:9/unreachable")
+    assert main(["viewer", "fetch", "-q"]) == 0
+    assert f"@ohif/app 3.13.2 already in {dist_dir(cache)}" in capsys.readouterr().out
+
+
+def test_cli_viewer_fetch_fails_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VANNAH_VIEWER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("VANNAH_VIEWER_NPM_REGISTRY", "http://127.0.0.1:9/unreachable")
+    assert main(["viewer", "fetch", "-q"]) == 2
+    assert "cannot download http://127.0.0.1:9/unreachable/@ohif/app/-/app-3.13.2.tgz" in (
+        capsys.readouterr().err
+    )
+    assert _leftovers(tmp_path / "cache") == []
