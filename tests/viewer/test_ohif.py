@@ -36,7 +36,7 @@ from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
 from vannah_pipelines.security.principal import Scope
 from vannah_pipelines.security.tokens import mint_scoped_token
 from vannah_pipelines.settings import Settings, load_settings
-from vannah_pipelines.viewer.fetch import fetch_viewer
+from vannah_pipelines.viewer.fetch import fetch_viewer, ohif_package
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -130,8 +130,9 @@ class Platform:
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     """The DICOMweb service with its viewer, authentication on, two studies archived."""
     data = tmp_path_factory.mktemp("platform") / "data"
-    viewer_cache = load_settings().viewer_cache_dir  # where `make test` fetched it
-    fetch_viewer(viewer_cache)  # nothing to do when already there
+    defaults = load_settings()
+    viewer_cache = defaults.viewer_cache_dir  # where `make test` fetched it
+    fetch_viewer(viewer_cache, ohif_package(defaults.viewer_npm_registry))  # no-op if there
     settings = load_settings(
         data_dir=data,
         authentication_enabled=True,
