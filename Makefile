@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DATA_DIR ?= $(CURDIR)/data
 
-.PHONY: up test install bootstrap bootstrap-bench lint bench clean
+.PHONY: up viewer test install bootstrap bootstrap-bench lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,16 @@ bootstrap:
 bootstrap-bench:
 	@bash .ci/bootstrap --bench
 
-up: install
+# The built-in viewer (OHIF, ~50 MB from the npm registry) is fetched once; offline, the
+# platform still starts and /viewer says how to fetch it.
+viewer: install
+	$(BIN)/vannah viewer fetch --if-enabled || echo "vannah: viewer not fetched; /viewer answers 503"
+
+up: install viewer
 	VANNAH_DATA_DIR=$${VANNAH_DATA_DIR:-$(DATA_DIR)} $(BIN)/vannah up
 
 test: bootstrap install
+	$(BIN)/vannah viewer fetch  # tests/viewer/test_ohif.py opens it in Chromium
 	$(BIN)/pytest
 	$(BIN)/pytest -q --doctest-modules vannah_pipelines receiver dicomweb  # docstring examples
 

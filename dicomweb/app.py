@@ -17,6 +17,7 @@ from dicomweb.auth import AuthGuard, authorize, loggable_path
 from dicomweb.errors import DicomWebError
 from dicomweb.guards import BodyLimitGuard, TrustedHostGuard, allowed_hosts
 from dicomweb.routes import launch, qido, stow_rs, wado_rs, wado_uri, worklist
+from dicomweb.viewer import mount_viewer
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.errors import PermissionDeniedError
 from vannah_pipelines.security.audit import AuditLog
@@ -126,4 +127,5 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (qido, wado_rs, stow_rs, wado_uri, worklist):
         app.include_router(module.router, prefix=PREFIX, dependencies=[Depends(authorize)])
     app.include_router(launch.router)
+    mount_viewer(app, settings)  # last: its /viewer/{path} catch-all must not shadow a route
     return app

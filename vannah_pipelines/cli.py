@@ -1,4 +1,5 @@
-"""The ``vannah`` command line: up, receiver, dicomweb, import, ingest, catalog, token."""
+"""The ``vannah`` command line: up, receiver, dicomweb, import, ingest, catalog, token,
+viewer."""
 
 from __future__ import annotations
 
@@ -197,6 +198,34 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viewer_fetch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vannah_pipelines.viewer.fetch import OHIF_PACKAGE, fetch_viewer, is_fetched, ohif_package
+
+    settings = _settings(args)
+    if args.if_enabled and not settings.viewer_enabled:
+        sys.stdout.write("viewer_enabled is false: nothing to fetch\n")
+        return 0
+    package = ohif_package(settings.viewer_npm_registry)
+    if is_fetched(settings.viewer_cache_dir, package.version):
+        dist = fetch_viewer(settings.viewer_cache_dir, package)
+        sys.stdout.write(f"{OHIF_PACKAGE} {package.version} already in {dist}\n")
+        return 0
+    with tqdm(
+        unit="B", unit_scale=True, desc=f"{OHIF_PACKAGE} {package.version}", disable=args.quiet
+    ) as bar:
+
+        def progress(done: int, total: int | None) -> None:
+            if total is not None and bar.total != total:
+                bar.total = total
+            bar.update(done - bar.n)
+
+        dist = fetch_viewer(settings.viewer_cache_dir, package, progress)
+    sys.stdout.write(f"{OHIF_PACKAGE} {package.version} (integrity checked) in {dist}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vannah", description=__doc__)
     parser.add_argument(
@@ -223,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest", help="index every sealed landing batch now, without Dagster"
     ).set_defaults(func=cmd_ingest)
     add_worklist_commands(sub)
+    viewer = sub.add_parser("viewer", help="the built-in OHIF viewer at /viewer")
+    viewer_sub = viewer.add_subparsers(dest="viewer_command", required=True)
+    p = viewer_sub.add_parser(
+        "fetch",
+        help="download the pinned @ohif/app from the npm registry into viewer_cache_dir "
+        "(integrity checked; nothing to do when already there)",
+    )
+    p.add_argument(
+        "--if-enabled", action="store_true", help="do nothing when viewer_enabled is false"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_viewer_fetch)
     p = sub.add_parser("catalog", help="print the DuckDB catalog's path, or run --sql on it")
     p.add_argument("--sql", help="a query, e.g. 'FROM studies LIMIT 10'")
     p.add_argument("--max-rows", type=int, default=40)

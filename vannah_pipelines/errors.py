@@ -44,6 +44,10 @@ class NotFoundError(StorageError):
     """The object does not exist in the storage tier asked."""
 
 
+class ViewerFetchError(VannahError):
+    """The built-in viewer's package could not be downloaded, verified or extracted."""
+
+
 class InsufficientSpaceError(LandingError):
     """Writing would eat into the free-space reserve (or the disk is full): refuse, retry later."""
 

@@ -34,6 +34,7 @@ from vannah_pipelines.dagster_home import (
 from vannah_pipelines.errors import VannahError
 from vannah_pipelines.landing.layout import LandingZone
 from vannah_pipelines.settings import Settings
+from vannah_pipelines.viewer.fetch import is_fetched
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,27 @@ def _shown(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
+def viewer_lines(settings: Settings, web: str) -> list[str]:
+    """The banner's line for the built-in viewer (none when it is turned off)."""
+    if not settings.viewer_enabled:
+        return []
+    if not is_fetched(settings.viewer_cache_dir):
+        return ["  Viewer (OHIF)    not fetched: /viewer answers 503 (run `vannah viewer fetch`)"]
+    scheme = "https" if settings.ssl_enabled else "http"
+    return [f"  Viewer (OHIF)    {scheme}://{web}:{settings.dicomweb_port}/viewer"]
+
+
+def check_viewer(settings: Settings) -> None:
+    """Log whether the built-in viewer can be served (the services start either way)."""
+    if settings.viewer_enabled and not is_fetched(settings.viewer_cache_dir):
+        log.warning(
+            "the built-in viewer is enabled but not fetched into %s: /viewer answers 503 "
+            "until `vannah viewer fetch` (or `make up`) downloads it; "
+            "VANNAH_VIEWER_ENABLED=false turns it off",
+            settings.viewer_cache_dir,
+        )
+
+
 def banner(settings: Settings) -> str:
     """Where everything answers."""
     dicom = _shown(settings.dicom_bind_host)
@@ -130,6 +152,7 @@ def banner(settings: Settings) -> str:
             f"   (echoscu -aec {settings.dicom_aet} {dicom} {settings.dicom_port})",
             f"  DICOMweb         {scheme}://{web}:{settings.dicomweb_port}/dicom-web"
             f"   (QIDO-RS, WADO-RS, STOW-RS, WADO-URI{auth})",
+            *viewer_lines(settings, web),
             f"  HL7 v2 (MLLP)    {_shown(settings.mllp_bind_host)}:{settings.worklist_mllp_port}"
             "   (ORM^O01 orders -> Modality Worklist)",
             f"  Dagster UI       http://{_shown(settings.dagster_host)}:{settings.dagster_port}",
@@ -149,6 +172,7 @@ def run_platform(
     or if ingest does not work within `ready_timeout` seconds of the Dagster start.
     """
     env = prepare_data_dir(settings, config_file)
+    check_viewer(settings)
     stopping = False
 
     def stop(_signum: int, _frame: object) -> None:

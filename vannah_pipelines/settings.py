@@ -191,6 +191,16 @@ class Settings(BaseSettings):
         description="where /viewer/launch and `vannah token` send the user; placeholders "
         "{studyUID}, {patientID}, {token}, {base} (docs/viewers.md)",
     )
+    viewer_cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "vannah" / "ohif",
+        description="where `vannah viewer fetch` keeps OHIF's prebuilt files, one folder per "
+        "version (<dir>/3.13.2/dist)",
+    )
+    viewer_npm_registry: str = Field(
+        default="https://registry.npmjs.org",
+        description="npm registry (or a mirror of it) `vannah viewer fetch` downloads the "
+        "pinned @ohif/app tarball from; its integrity is checked whatever the registry",
+    )
     public_base_url: str | None = Field(
         default=None,
         description="the URL users reach the DICOMweb service at (default: from the bind "

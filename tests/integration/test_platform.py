@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -194,6 +195,7 @@ def test_vannah_up_with_config_file_reaches_every_process_ingests_and_stops_clea
                 "dagster_port": ports["dagster"],
                 "worklist_mllp_port": ports["mllp"],
                 "data_dir": str(tmp_path / "data"),
+                "viewer_cache_dir": str(tmp_path / "no-viewer"),  # enabled, never fetched
             }
         )
     )
@@ -203,6 +205,12 @@ def test_vannah_up_with_config_file_reaches_every_process_ingests_and_stops_clea
         assert f"CFGTEST@127.0.0.1:{ports['dicom']}" in banner
         assert f"http://127.0.0.1:{ports['dagster']}" in banner
         assert "catalog.duckdb" in banner
+        # The viewer is not fetched: said in the log, and /viewer says how; the rest runs.
+        assert "viewer is enabled but not fetched" in banner
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _get(f"http://127.0.0.1:{ports['dicomweb']}/viewer")
+        assert refused.value.code == 503
+        assert "vannah viewer fetch" in refused.value.read().decode()
         assert _echo("CFGTEST", ports["dicom"])
         assert _get(f"http://127.0.0.1:{ports['dicomweb']}/dicom-web/studies") == 200
         assert _get(f"http://127.0.0.1:{ports['dagster']}/server_info") == 200

@@ -1,0 +1,1 @@
+"""The built-in OHIF viewer: fetching its prebuilt files and preparing them to be served."""
