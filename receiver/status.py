@@ -17,6 +17,8 @@ class StoreStatus(IntEnum):
     SUCCESS = 0x0000
     # PS3.7 C.4.2: a general failure, for faults of ours that fit no specific status.
     PROCESSING_FAILURE = 0x0110
+    # PS3.7 C.5.4: Refused, Not Authorized (the association's principal may not store).
+    NOT_AUTHORIZED = 0x0124
     # PS3.4 B.2.3: Refused, Out of Resources (disk full, file too large, no permission).
     OUT_OF_RESOURCES = 0xA700
     # PS3.4 B.2.3: Error, Data Set does not match SOP Class (missing or malformed UIDs).
