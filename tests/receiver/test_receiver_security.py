@@ -462,3 +462,24 @@ def test_tls_peer_with_an_untrusted_certificate_is_refused_by_our_scu(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_tls_handshake_in_progress_counts_as_a_pending_connection(
+    start_worker: Callable[..., Worker], pki: Pki
+) -> None:
+    worker = start_worker("fast", dimse_max_pending_connections=1, **_tls_settings(pki))
+    pending = worker.server.pending
+    assert pending is not None
+    silent = socket.create_connection(("127.0.0.1", worker.port))
+    deadline = time.monotonic() + 30
+    while pending.count < 1:
+        assert time.monotonic() < deadline, "the silent connection was never accepted"
+        time.sleep(0.01)
+    blocked = _run(["echoscu", *_tls_args(pki), "127.0.0.1", str(worker.port)])
+    assert blocked.returncode != 0  # closed at once: the one pending slot is taken
+    silent.close()  # the handshake fails, the slot is released
+    while pending.count:
+        assert time.monotonic() < deadline, "the slot was not released"
+        time.sleep(0.01)
+    echo = _run(["echoscu", *_tls_args(pki), "127.0.0.1", str(worker.port)])
+    assert echo.returncode == 0, _output(echo)

@@ -15,11 +15,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from vannah_pipelines.errors import AuthenticationError, VannahError
-from vannah_pipelines.security.authn import Authenticator
 from vannah_pipelines.security.principal import ANONYMOUS, Principal, Role
 from vannah_pipelines.settings import Settings
+
+if TYPE_CHECKING:
+    from vannah_pipelines.security.authn import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +187,9 @@ class PeerPolicy:
     @property
     def authenticator(self) -> Authenticator:
         if self._authenticator is None:
+            # Imported on first use: PyJWT and cryptography cost a storage-only worker memory.
+            from vannah_pipelines.security.authn import Authenticator
+
             self._authenticator = Authenticator(self.settings)
         return self._authenticator
 
