@@ -24,7 +24,8 @@ from receiver.contexts import MODALITY_WORKLIST_FIND
 from receiver.gate import identity_response
 from receiver.part10 import file_header
 from receiver.responses import failure
-from receiver.status import StoreStatus, VerificationStatus
+from receiver.retrieve import RetrievePlan
+from receiver.status import FindStatus, RetrieveStatus, StoreStatus, VerificationStatus
 from vannah_pipelines.dicom.inspection import (
     InflatedTooLargeError,
     InstanceIds,
@@ -35,7 +36,7 @@ from vannah_pipelines.landing.layout import Buffer, LandingZone, ReceiveFacts, R
 from vannah_pipelines.landing.space import is_disk_full, require_free_space
 from vannah_pipelines.security.audit import AuditEvent, AuditLog
 from vannah_pipelines.security.peers import Admission
-from vannah_pipelines.security.principal import Principal
+from vannah_pipelines.security.principal import Principal, Role
 from vannah_pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -434,6 +435,18 @@ def handle_ended(event: Event, associations: AssociationLog) -> None:
         log.exception("logging an association failed")
 
 
+def _not_authorized(operation: str) -> Any:
+    """What a Q/R handler answers a principal without the read role: 0x0124."""
+    comment = "not authorized to read"
+    if operation == "query":
+        return iter([(failure(FindStatus.NOT_AUTHORIZED, comment), None)])
+    return RetrievePlan.refuse(RetrieveStatus.NOT_AUTHORIZED, comment)
+
+
+def _calling_ae(event: Event) -> str:
+    return str(event.assoc.requestor.ae_title)
+
+
 def _principal(event: Event) -> Principal | None:
     admission = association_admission(event)
     return None if admission is None else admission.principal
@@ -454,6 +467,15 @@ def _query_retrieve(
                 if str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND:
                     kind = "worklist-query"
             associations.note(id(event.assoc), kind)
+        principal = _principal(event)
+        if principal is not None and not principal.has(Role.READ):
+            log.warning(
+                "refused %s from %s: %s may not read",
+                operation,
+                _calling_ae(event),
+                principal.subject,
+            )
+            return _not_authorized(operation)
         module = importlib.import_module("receiver.qr_handlers")
         return getattr(module, name)(event, archive)
 

@@ -37,6 +37,8 @@ class FindStatus(IntEnum):
     PENDING_WARNING = 0xFF01
     # Matching terminated due to a C-CANCEL request.
     CANCEL = 0xFE00
+    # PS3.7 C.5.4: Refused, Not Authorized (the association's principal may not read).
+    NOT_AUTHORIZED = 0x0124
     # Refused: Out of Resources.
     OUT_OF_RESOURCES = 0xA700
     # Error: Identifier does not match SOP Class (missing/invalid level, hierarchy broken).
@@ -53,6 +55,8 @@ class RetrieveStatus(IntEnum):
     PENDING = 0xFF00
     # Sub-operations terminated due to a C-CANCEL request.
     CANCEL = 0xFE00
+    # PS3.7 C.5.4: Refused, Not Authorized (the association's principal may not read).
+    NOT_AUTHORIZED = 0x0124
     # Warning: sub-operations complete, one or more failures or warnings.
     SUBOPERATIONS_FAILED = 0xB000
     # Refused: Out of Resources, unable to calculate the number of matches.

@@ -483,3 +483,14 @@ def test_tls_handshake_in_progress_counts_as_a_pending_connection(
         time.sleep(0.01)
     echo = _run(["echoscu", *_tls_args(pki), "127.0.0.1", str(worker.port)])
     assert echo.returncode == 0, _output(echo)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_principal_without_read_may_not_query(
+    start_worker: Callable[..., Worker], path: str
+) -> None:
+    worker = start_worker(path, **_auth(user_roles={"dave": []}, registered_users={"dave": "pw"}))
+    assoc = _pynetdicom_scu(worker.port, None, (2, b"dave", b"pw"))
+    assert assoc.is_established
+    assert _find_statuses(assoc) == [0x0124]
+    assoc.release()
