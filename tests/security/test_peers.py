@@ -29,7 +29,8 @@ PERMANENT_CALLED = (1, 1, 7)
 IDENTITY = (2, 2, 1)
 
 
-def _token(sub: str = "alice", roles: list[str] | None = None, exp: float = 300) -> bytes:
+def _token(sub: str = "alice", roles: list[str] | None = None, exp: float = 86400) -> bytes:
+    # Made when the cases are collected: valid for a day, however long the suite runs.
     claims: dict[str, Any] = {"sub": sub, "roles": roles or ["read"], "exp": time.time() + exp}
     return jwt.encode(claims, SECRET, algorithm="HS256").encode()
 
