@@ -289,7 +289,12 @@ def run(
                     workdir / "vannah",
                     extra_env={
                         "VANNAH_DATA_DIR": str(ours_dir),
-                        "VANNAH_DICOM_MODALITIES": json.dumps({"dest": modality}),
+                        # movescu/getscu's AE title is a known peer: with DicomModalities
+                        # set, unknown AE titles may only store and echo (as Orthanc
+                        # without its DicomAlwaysAllowMove/Get).
+                        "VANNAH_DICOM_MODALITIES": json.dumps(
+                            {"dest": modality, "scu": [CALLING_AET, "127.0.0.1", 104]}
+                        ),
                         **dict(args.receiver_env),
                     },
                 )

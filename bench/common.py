@@ -475,16 +475,83 @@ def make_server(
     *,
     dicomweb: bool = False,
     receiver_env: dict[str, str] | None = None,
+    tls: TlsFiles | None = None,
 ) -> Server:
     """Build the server for `target` ("orthanc" or "vannah") in `workdir`.
 
-    `dicomweb` loads Orthanc's DICOMweb plugin; `receiver_env` adds VANNAH_* settings.
+    `dicomweb` loads Orthanc's DICOMweb plugin; `receiver_env` adds VANNAH_* settings;
+    `tls` turns DICOM TLS on, with the same keys and the same files for both.
     """
     if target == "orthanc":
-        return OrthancServer(workdir, dicomweb=dicomweb)
+        return OrthancServer(
+            workdir, dicomweb=dicomweb, extra_config=tls.orthanc_keys() if tls else None
+        )
     if target == "vannah":
-        return ReceiverServer(workdir, extra_env=receiver_env)
+        env = {**(receiver_env or {}), **(tls.receiver_env() if tls else {})}
+        return ReceiverServer(workdir, extra_env=env)
     raise ValueError(f"unknown target {target!r}")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA, a server certificate (Orthanc's and the receiver's) and a client one
+    (storescu's), made with openssl; the CA is the trusted bundle on both sides."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def create(cls, folder: Path) -> TlsFiles:
+        folder.mkdir(parents=True, exist_ok=True)
+        files = cls(*(folder / f"{n}.pem" for n in ("ca", "server", "server-key", "client")),
+                    folder / "client-key.pem")  # fmt: skip
+        ca_key = folder / "ca-key.pem"
+        curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        subprocess.run(
+            ["openssl", "req", "-x509", *curve, "-keyout", str(ca_key), "-out", str(files.ca),
+             "-days", "2", "-subj", "/CN=vannah bench CA"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        for cert, key, cn in (
+            (files.server_cert, files.server_key, "localhost"),
+            (files.client_cert, files.client_key, "bench storescu"),
+        ):
+            csr = folder / f"{cert.stem}.csr"
+            subprocess.run(
+                ["openssl", "req", "-new", *curve, "-keyout", str(key), "-out", str(csr),
+                 "-subj", f"/CN={cn}"],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            subprocess.run(
+                ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(files.ca),
+                 "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2", "-out", str(cert)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        return files
+
+    def storescu_args(self) -> list[str]:
+        return ["+tls", str(self.client_key), str(self.client_cert), "+cf", str(self.ca)]
+
+    def orthanc_keys(self) -> dict[str, object]:
+        return {
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(self.server_cert),
+            "DicomTlsPrivateKey": str(self.server_key),
+            "DicomTlsTrustedCertificates": str(self.ca),
+            "DicomTlsRemoteCertificateRequired": True,
+        }
+
+    def receiver_env(self) -> dict[str, str]:
+        return {
+            "VANNAH_DICOM_TLS_ENABLED": "true",
+            "VANNAH_DICOM_TLS_CERTIFICATE": str(self.server_cert),
+            "VANNAH_DICOM_TLS_PRIVATE_KEY": str(self.server_key),
+            "VANNAH_DICOM_TLS_TRUSTED_CERTIFICATES": str(self.ca),
+            "VANNAH_DICOM_TLS_REMOTE_CERTIFICATE_REQUIRED": "true",
+        }
 
 
 @contextlib.contextmanager
@@ -535,8 +602,10 @@ def run_storescu(
     host: str = "127.0.0.1",
     logdir: Path | None = None,
     timeout: float = 1800.0,
+    tls: TlsFiles | None = None,
 ) -> StoreResult:
     """Send `data` with `associations` storescu processes at once; return the wall time.
+    With `tls`, over DICOM TLS (``+tls`` with the client certificate, ``+cf`` the CA).
 
     The files are shared round-robin into one folder per association (``+sd``). The clock
     runs from starting the first process until the last one exits. Any non-zero exit code
@@ -556,6 +625,7 @@ def run_storescu(
                     "-aet", CALLING_AET,
                     "-aec", called_aet,
                     "+sd",
+                    *(tls.storescu_args() if tls is not None else []),
                     host, str(port), str(folder),
                 ]  # fmt: skip
                 procs.append(

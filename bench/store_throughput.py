@@ -11,6 +11,8 @@ server's peak memory (summed RSS of its process tree) under the 4-association lo
     .venv/bin/python bench/store_throughput.py --only orthanc --json bench/out/store.json
     # the receiver without its storage fast path (every association through pynetdicom):
     .venv/bin/python bench/store_throughput.py --receiver-env VANNAH_RECEIVER_FAST_STORE=false
+    # over DICOM TLS (both servers: same CA, certificate, key and client certificate):
+    .venv/bin/python bench/store_throughput.py --tls
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ from common import (
     DataSet,
     Series,
     Server,
+    TlsFiles,
     format_mb,
     format_ratio,
     install_signal_handlers,
@@ -74,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra environment for the receiver, e.g. VANNAH_RECEIVER_WORKERS=2",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="DICOM TLS on both servers (Orthanc's DicomTls* keys), storescu +tls with a "
+        "client certificate",
+    )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -97,7 +107,11 @@ def count_stored(server: Server, expected: int, settle_s: float = 5.0) -> int:
 
 
 def run_once(
-    target: str, data: DataSet, associations: int, args: argparse.Namespace
+    target: str,
+    data: DataSet,
+    associations: int,
+    args: argparse.Namespace,
+    tls: TlsFiles | None = None,
 ) -> tuple[float, float, int]:
     """One fresh server, one load; returns (instances/s, MB/s, peak RSS bytes)."""
     with run_dir(f"store-{target}-{associations}x") as workdir:
@@ -106,6 +120,7 @@ def run_once(
             workdir,
             dicomweb=args.orthanc_dicomweb,
             receiver_env=dict(item.split("=", 1) for item in args.receiver_env),
+            tls=tls,
         )
         with server:
             result = run_storescu(
@@ -114,6 +129,7 @@ def run_once(
                 called_aet=server.aet,
                 associations=associations,
                 logdir=workdir,
+                tls=tls,
             )
             stored = count_stored(server, len(data.files))
             assert server.memory is not None
@@ -148,7 +164,8 @@ def report(
     rows: list[list[str]] = []
     for k in args.associations:
         for metric, unit, fmt in (("inst_per_s", "inst/s", ".0f"), ("mb_per_s", "MB/s", ".0f")):
-            row = [f"C-STORE {len(data.files):,} CT, {k} assoc., {unit}"]
+            tls = " over TLS" if args.tls else ""
+            row = [f"C-STORE{tls} {len(data.files):,} CT, {k} assoc., {unit}"]
             cells = {t: getattr(figures[t, k], metric) for t in targets}
             row += [cells[t].summary(fmt) for t in targets]
             if both:
@@ -178,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         print("receiver/__main__.py is missing: run with --only orthanc", file=sys.stderr)
         return 2
     data = synthetic_set(args.instances, "ct")
+    tls = None
+    if args.tls:
+        tls = TlsFiles.create(Path(tempfile.mkdtemp(prefix="store-tls-")))
     figures = {(t, k): Figures() for t in targets for k in args.associations}
     try:
         for repeat in range(args.repeats):
@@ -185,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repeat {repeat + 1}/{args.repeats}", file=sys.stderr)
             for k in args.associations:
                 for target in order:
-                    inst_s, mb_s, peak = run_once(target, data, k, args)
+                    inst_s, mb_s, peak = run_once(target, data, k, args, tls)
                     cell = figures[target, k]
                     cell.inst_per_s.add(inst_s)
                     cell.mb_per_s.add(mb_s)

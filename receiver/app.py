@@ -19,7 +19,6 @@ import queue
 import signal
 import socket
 import socketserver
-import ssl
 import sys
 import threading
 import time
@@ -36,11 +35,14 @@ from pynetdicom.transport import ThreadedAssociationServer
 from receiver import retrieve
 from receiver.archive import Archive
 from receiver.contexts import supported_contexts
-from receiver.fast_store import FastStore
+from receiver.fast_store import FastStore, Proposal
+from receiver.gate import Gate
 from receiver.guarded_socket import GuardedSocket
 from receiver.handlers import AssociationLog, Landing, event_handlers
 from receiver.limits import Limits, PendingConnections
 from vannah_pipelines.landing.layout import LandingZone, write_atomic
+from vannah_pipelines.security.audit import AuditLog
+from vannah_pipelines.security.peers import Admission
 from vannah_pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
     fast_store: FastStore | None = None
     limits: Limits | None = None  # None: pynetdicom reads the accepted socket unguarded
     pending: PendingConnections | None = None
+    gate: Gate | None = None  # TLS and admission; None: every connection as it comes
     idle_seconds: float = 60.0  # pynetdicom's network timeout
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -150,16 +153,45 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
             self.shutdown_request(request)
 
     def _serve(self, request: Any, client_address: Any, release: Callable[[], None]) -> None:
-        """Fast path or pynetdicom; `release` once the A-ASSOCIATE-RQ has arrived (or the
-        connection is closed without one)."""
-        pynetdicom_socket: Any = request
-        if self.limits is not None and not isinstance(request, ssl.SSLSocket):
+        """TLS handshake and admission (``receiver.gate``), then the fast path or
+        pynetdicom; `release` once the A-ASSOCIATE-RQ has arrived (or the connection is
+        closed without one): a handshake in progress counts as a pending connection."""
+        sock: Any = request
+        gate = self.gate
+        prefix = b""
+        admission: Admission | None = None
+        proposal: Proposal | None = None
+        if gate is not None and gate.tls is not None:
+            sock = gate.handshake(request, client_address)
+            if sock is None:
+                release()
+                return
+        if gate is not None and gate.reads_request:
+            read = gate.read_request(sock)
+            release()
+            if read is None:  # closed or silent before its A-ASSOCIATE-RQ
+                gate.abort(sock)
+                return
+            if read.primitive is None and gate.policy.active:
+                gate.abort(sock)  # nothing to admit: pynetdicom could not decode it either
+                return
+            prefix = read.data
+            if read.primitive is not None:
+                admission = gate.admit(sock, read.primitive, client_address)
+                if admission is None:
+                    return  # rejected (A-ASSOCIATE-RJ sent)
+                if self.fast_store is not None:
+                    proposal = self.fast_store.decide(read.data, consumed=True, admission=admission)
+        pynetdicom_socket: Any = sock
+        if self.limits is not None:
             pynetdicom_socket = GuardedSocket(
-                request,
+                sock,
                 self.limits,
                 peer=f"{client_address[0]}:{client_address[1]}",
                 idle_seconds=self.idle_seconds,
                 release_pending=release,
+                prefix=prefix,
+                admission=admission,
             )
         else:
             release()  # not followed: only the ACSE timeout bounds it
@@ -168,15 +200,16 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
             ThreadedAssociationServer.finish_request(self, pynetdicom_socket, client_address)
 
         fast_store = self.fast_store
-        if fast_store is None:
+        if fast_store is None or (prefix and proposal is None):
             hand_off()
             return
         fast_store.serve(
-            request,
+            sock,
             client_address,
             others=lambda: len(self.active_associations),
             hand_off=hand_off,
             arrived=release,
+            proposal=proposal,
         )
 
     def running_associations(self) -> list[RunningAssociation]:
@@ -228,6 +261,9 @@ def build_server(
     server.limits = limits
     server.pending = PendingConnections(limits.max_pending_connections)
     server.idle_seconds = float(ae.network_timeout or 60)
+    server.gate = Gate.from_settings(
+        settings, limits, acse_timeout=float(ae.acse_timeout or 30), audit=associations.audit
+    )
     if settings.receiver_fast_store:
         server.fast_store = FastStore(
             ae, server.ae_title, server.contexts, landing, associations, limits
@@ -284,7 +320,7 @@ def _run_worker(
     signal.signal(signal.SIGINT, on_signal)
 
     landing = Landing.from_settings(settings)
-    associations = AssociationLog()
+    associations = AssociationLog(AuditLog(settings.audit_dir, "receiver"))
     archive = Archive(settings)
     ae = build_ae(settings)
     server = build_server(

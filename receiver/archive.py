@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from typing import TYPE_CHECKING
 
+from receiver.gate import client_tls_context
 from vannah_pipelines.settings import RemoteModality, Settings
 from vannah_pipelines.storage.base import Tier
 from vannah_pipelines.storage.local import LocalStorage
@@ -26,6 +28,7 @@ class Archive:
         self._lock = threading.Lock()
         self._catalog: CatalogView | None = None
         self._worklist: WorklistStore | None = None
+        self._client_tls: ssl.SSLContext | None = None
 
     @property
     def catalog(self) -> CatalogView:
@@ -51,6 +54,13 @@ class Archive:
     @property
     def hot(self) -> LocalStorage:
         return LocalStorage(self._settings.hot_dir, Tier.HOT)
+
+    def client_tls(self) -> ssl.SSLContext:
+        """The TLS context of associations to ``UseDicomTls`` peers (built once)."""
+        with self._lock:
+            if self._client_tls is None:
+                self._client_tls = client_tls_context(self._settings)
+            return self._client_tls
 
     def destination(self, aet: str) -> RemoteModality | None:
         return self._settings.modality_by_aet(aet)

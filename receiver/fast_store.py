@@ -39,6 +39,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from receiver import pdu
 from receiver.contexts import STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
+from receiver.gate import identity_response
 from receiver.handlers import (
     AssociationLog,
     Landing,
@@ -49,11 +50,13 @@ from receiver.handlers import (
 from receiver.limits import LimitExceededError, Limits, Pace
 from receiver.responses import error_comment
 from receiver.status import StoreStatus
+from vannah_pipelines.security.peers import Admission
 
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1: the DICOM application context
 FAST_SOP_CLASSES = frozenset({VERIFICATION_SOP_CLASS, *STORAGE_SOP_CLASSES})
+FAST_ECHO = frozenset({VERIFICATION_SOP_CLASS})
 # A larger A-ASSOCIATE-RQ goes to pynetdicom: a peek can only wait for what the socket's
 # receive buffer holds (128 contexts with 3 transfer syntaxes each are about 13 kB).
 MAX_REQUEST_BYTES = 32 * 1024
@@ -84,6 +87,8 @@ class Proposal:
     length: int  # bytes of the whole PDU, to consume once decided
     eligible: bool
     peer_max_pdu: int  # the requestor's Maximum Length Received (0: no limit)
+    consumed: bool = False  # already read off the socket (by the gate), not peeked
+    admission: Admission | None = None  # the gate's decision (None: no rule applies)
 
 
 class FastStore:
@@ -131,6 +136,7 @@ class FastStore:
         others: Callable[[], int],
         hand_off: Callable[[], None],
         arrived: Callable[[], None] = lambda: None,
+        proposal: Proposal | None = None,
     ) -> None:
         """Serve the connection `sock` on this thread, or `hand_off` it to pynetdicom.
 
@@ -138,8 +144,10 @@ class FastStore:
         make up ``max_associations``; past it the request is rejected here whichever path
         it would take. A request that cannot be peeked is handed off untouched (pynetdicom
         then applies its own limit). `arrived` is called once the A-ASSOCIATE-RQ has.
+        A `proposal` the gate has already read and admitted is served as it is.
         """
-        proposal = None if isinstance(sock, ssl.SSLSocket) else self.peek(sock)
+        if proposal is None and not isinstance(sock, ssl.SSLSocket):
+            proposal = self.peek(sock)
         if proposal is not None:
             arrived()
         if proposal is None:
@@ -193,8 +201,15 @@ class FastStore:
             return None
         return self.decide(data)
 
-    def decide(self, data: bytes) -> Proposal | None:
-        """Decode an A-ASSOCIATE-RQ PDU; None if pynetdicom cannot decode it either."""
+    def decide(
+        self, data: bytes, *, consumed: bool = False, admission: Admission | None = None
+    ) -> Proposal | None:
+        """Decode an A-ASSOCIATE-RQ PDU; None if pynetdicom cannot decode it either.
+
+        With an `admission` (the gate has checked the association, user identity included),
+        user identity negotiation does not send it to pynetdicom; a principal that may not
+        store does (its C-STOREs are refused there, 0x0124).
+        """
         try:
             rq = dul.A_ASSOCIATE_RQ()
             rq.decode(data)
@@ -205,22 +220,26 @@ class FastStore:
             application_context = str(primitive.application_context_name)
         except Exception:  # whatever a garbled PDU raises; pynetdicom will answer it
             return None
+        syntaxes = {str(cx.abstract_syntax) for cx in contexts}
         peer_max_pdu: int | None = None
         negotiates_more = False
         for item in user_items:
             if isinstance(item, MaximumLengthNotification):
                 peer_max_pdu = int(item.maximum_length_received or 0)
-            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation | UserIdentityNegotiation):
+            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) or (
+                isinstance(item, UserIdentityNegotiation) and admission is None
+            ):
                 negotiates_more = True
         eligible = (
             protocol_version == 0x0001
             and application_context == APPLICATION_CONTEXT_NAME
             and bool(contexts)
-            and all(str(cx.abstract_syntax) in self._supported for cx in contexts)
+            and syntaxes <= self._supported
             and peer_max_pdu is not None
             and not negotiates_more
+            and (admission is None or admission.may_store or syntaxes <= FAST_ECHO)
         )
-        return Proposal(primitive, len(data), eligible, peer_max_pdu or 0)
+        return Proposal(primitive, len(data), eligible, peer_max_pdu or 0, consumed, admission)
 
     def accept(self, proposal: Proposal) -> tuple[bytes, dict[int, tuple[str, str]]]:
         """Negotiate as pynetdicom does; return the A-ASSOCIATE-AC PDU and the accepted
@@ -249,6 +268,9 @@ class FastStore:
             version = ImplementationVersionNameNotification()
             version.implementation_version_name = self.implementation_version_name
             user_information.append(version)
+        response = identity_response(proposal.admission)
+        if response is not None:
+            user_information.append(response)
         ac.user_information = user_information  # type: ignore[assignment]
         encoded = dul.A_ASSOCIATE_AC()
         encoded.from_primitive(ac)
@@ -266,7 +288,8 @@ class FastStore:
         )
         try:
             sock.settimeout(self.acse_timeout)
-            _recv_exactly(sock, proposal.length)
+            if not proposal.consumed:
+                _recv_exactly(sock, proposal.length)
             sock.sendall(pdu.associate_rj(*REJECT_LIMIT))
         except OSError:
             pass
@@ -332,7 +355,8 @@ class FastAssociation:
         outcome = "aborted"
         try:
             self._sock.settimeout(store.acse_timeout)
-            _recv_exactly(self._sock, self._proposal.length)  # the peeked A-ASSOCIATE-RQ
+            if not self._proposal.consumed:
+                _recv_exactly(self._sock, self._proposal.length)  # the peeked A-ASSOCIATE-RQ
             ac, self._contexts = store.accept(self._proposal)
             self._send(ac)
             store.associations.opened(
@@ -341,6 +365,9 @@ class FastAssociation:
                 called_ae=self.called_ae,
                 peer=self.peer,
                 ours=store.ae_title,
+                principal=None
+                if self._proposal.admission is None
+                else (self._proposal.admission.principal),
             )
             opened = True
             # One timeout for every read and send: each read that times out asks the pace
@@ -452,6 +479,7 @@ class FastAssociation:
         abstract_syntax = self._contexts[context_id][0]
         verification = abstract_syntax == VERIFICATION_SOP_CLASS
         if command.command_field == pdu.C_ECHO_RQ and verification and not command.has_data_set:
+            self._store.associations.note(id(self), "echo")
             self._reply(context_id, pdu.echo_response(command))
         elif command.command_field == pdu.C_STORE_RQ and not verification and command.has_data_set:
             self._pending = (context_id, command)

@@ -7,12 +7,19 @@ socket (``AssociationSocket(client_socket=...)`` takes any socket-like object): 
 ``recv`` goes through a :class:`~receiver.limits.PduMeter` and a
 :class:`~receiver.limits.Pace`; past a limit it sends A-ABORT (PS3.8 9.3.8, service
 provider) and fails the read, which pynetdicom treats as the connection closing.
+
+It also replays the A-ASSOCIATE-RQ the receiver's gate has already read (``prefix``), and
+works over TLS: bytes the TLS layer has decrypted but not yet handed out (``pending()``)
+do not show in ``select``, so while any are buffered ``fileno`` names a descriptor that
+is always readable, and pynetdicom's reactor reads on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import select
 import socket
 import time
@@ -36,8 +43,12 @@ class GuardedSocket:
         peer: str,
         idle_seconds: float,
         release_pending: Callable[[], None] = lambda: None,
+        prefix: bytes = b"",
+        admission: object = None,
     ) -> None:
         self._sock = sock
+        self._prefix = bytearray(prefix)
+        self.admission = admission  # the gate's decision, for the pynetdicom handlers
         self._limits = limits
         self._meter = PduMeter(limits)
         self._pace = Pace(limits, idle_seconds)
@@ -58,12 +69,16 @@ class GuardedSocket:
         try:
             if not self._meter.in_pdu:
                 self._pace.touch()  # pynetdicom waits between PDUs itself (network timeout)
-            while True:
-                timeout = self._pace.wait()
-                ready, _, _ = select.select([self._sock], [], [], timeout)
-                if ready:
-                    break
-            data = self._sock.recv(bufsize, flags)
+            if self._prefix:
+                data = bytes(self._prefix[:bufsize])
+                del self._prefix[:bufsize]
+            else:
+                while not self._buffered():
+                    timeout = self._pace.wait()
+                    ready, _, _ = select.select([self._sock], [], [], timeout)
+                    if ready:
+                        break
+                data = self._sock.recv(bufsize, flags)
             if data:
                 self._pace.received(len(data))
                 if self._meter.feed(data):
@@ -76,6 +91,13 @@ class GuardedSocket:
         except TimeoutError as exc:
             self._abort(f"{exc} in mid-PDU", pdu.REASON_NOT_SPECIFIED)
             raise OSError(f"association aborted: {exc}") from exc
+
+    def _buffered(self) -> bool:
+        """Bytes readable without waiting on the descriptor (replay or TLS buffer)."""
+        if self._prefix:
+            return True
+        pending = getattr(self._sock, "pending", None)
+        return bool(pending is not None and pending())
 
     def _abort(self, message: str, reason: int) -> None:
         self._failed = True
@@ -97,6 +119,8 @@ class GuardedSocket:
                 f"association open longer than {self._limits.association_max_seconds:g} s",
                 pdu.REASON_NOT_SPECIFIED,
             )
+        if self._buffered():
+            return _always_readable()
         return self._sock.fileno()
 
     def __getattr__(self, name: str) -> Any:
@@ -105,3 +129,11 @@ class GuardedSocket:
 
     def __str__(self) -> str:
         return str(self._sock)
+
+
+@functools.cache
+def _always_readable() -> int:
+    """A pipe's read end holding one byte no one reads: ``select`` always finds it ready."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"\0")
+    return read_end

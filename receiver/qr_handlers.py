@@ -96,7 +96,8 @@ def _retrieve_plan(event: Event, archive: Archive, *, move: bool) -> RetrievePla
             return RetrievePlan.refuse(
                 RetrieveStatus.MOVE_DESTINATION_UNKNOWN, "move destination unknown"
             )
-        destination = Destination(known.aet, known.host, known.port)
+        tls = archive.client_tls() if known.use_dicom_tls else None
+        destination = Destination(known.aet, known.host, known.port, tls)
     try:
         parsed = _identifier(event, retrieve=True)
         instances = match_instances(archive.catalog, parsed)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class Destination:
     aet: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = None  # set for a peer with UseDicomTls
 
 
 @dataclass
@@ -275,6 +277,7 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                 called_ae=destination.aet,
                 proposals=proposals[:MAX_CONTEXTS],
                 timeout=float(self.ae.dimse_timeout or 30),
+                tls=destination.tls,
             )
         except StoreAssociationError as exc:
             log.warning(

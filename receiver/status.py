@@ -17,6 +17,8 @@ class StoreStatus(IntEnum):
     SUCCESS = 0x0000
     # PS3.7 C.4.2: a general failure, for faults of ours that fit no specific status.
     PROCESSING_FAILURE = 0x0110
+    # PS3.7 C.5.4: Refused, Not Authorized (the association's principal may not store).
+    NOT_AUTHORIZED = 0x0124
     # PS3.4 B.2.3: Refused, Out of Resources (disk full, file too large, no permission).
     OUT_OF_RESOURCES = 0xA700
     # PS3.4 B.2.3: Error, Data Set does not match SOP Class (missing or malformed UIDs).
@@ -35,6 +37,8 @@ class FindStatus(IntEnum):
     PENDING_WARNING = 0xFF01
     # Matching terminated due to a C-CANCEL request.
     CANCEL = 0xFE00
+    # PS3.7 C.5.4: Refused, Not Authorized (the association's principal may not read).
+    NOT_AUTHORIZED = 0x0124
     # Refused: Out of Resources.
     OUT_OF_RESOURCES = 0xA700
     # Error: Identifier does not match SOP Class (missing/invalid level, hierarchy broken).
@@ -51,6 +55,8 @@ class RetrieveStatus(IntEnum):
     PENDING = 0xFF00
     # Sub-operations terminated due to a C-CANCEL request.
     CANCEL = 0xFE00
+    # PS3.7 C.5.4: Refused, Not Authorized (the association's principal may not read).
+    NOT_AUTHORIZED = 0x0124
     # Warning: sub-operations complete, one or more failures or warnings.
     SUBOPERATIONS_FAILED = 0xB000
     # Refused: Out of Resources, unable to calculate the number of matches.

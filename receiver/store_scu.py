@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,8 +101,10 @@ class StoreSCU:
         called_ae: str,
         proposals: Sequence[tuple[str, Sequence[str]]],
         timeout: float,
+        tls: ssl.SSLContext | None = None,
     ) -> StoreSCU:
-        """Connect and negotiate one presentation context per (SOP class, transfer
+        """Connect (over TLS with `tls`: our certificate presented, the peer's checked by
+        the context) and negotiate one presentation context per (SOP class, transfer
         syntaxes) proposal.
 
         Raises
@@ -117,6 +120,11 @@ class StoreSCU:
             raise StoreAssociationError(f"cannot connect: {exc}") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                try:
+                    sock = tls.wrap_socket(sock)  # the handshake, within `timeout`
+                except (OSError, ValueError) as exc:
+                    raise StoreAssociationError(f"TLS handshake failed: {exc}") from exc
             scu = cls(sock, 0, {})
             sock.sendall(_associate_rq(calling_ae, called_ae, proposals))
             kind, body = scu._read_pdu()
@@ -299,7 +307,13 @@ def _has_fileno(data: BinaryIO) -> bool:
 
 def _send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
     total = sum(len(p) for p in parts)
-    sent = sock.sendmsg(parts)
+    try:
+        sent = sock.sendmsg(parts)
+    except NotImplementedError:
+        # A TLS socket has no sendmsg: the small headers in one record, the data next.
+        sock.sendall(b"".join(bytes(p) for p in parts[:-1]))
+        sock.sendall(parts[-1])
+        return
     if sent < total:
         sock.sendall(b"".join(bytes(p) for p in parts)[sent:])
 

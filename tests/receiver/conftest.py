@@ -13,6 +13,7 @@ import receiver.app as app
 from receiver.app import build_ae, build_server
 from receiver.archive import Archive
 from receiver.handlers import AssociationLog, Landing
+from vannah_pipelines.security.audit import AuditLog
 from vannah_pipelines.settings import load_settings
 
 
@@ -61,7 +62,8 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
         landing = Landing.from_settings(settings)
         archive = Archive(settings)
         ae = build_ae(settings)
-        server = build_server(ae, settings, ("127.0.0.1", 0), landing, AssociationLog(), archive)
+        associations = AssociationLog(AuditLog(settings.audit_dir, "receiver"))
+        server = build_server(ae, settings, ("127.0.0.1", 0), landing, associations, archive)
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )

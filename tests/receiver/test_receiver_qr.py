@@ -93,6 +93,10 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         "dest": [DEST_AET, "127.0.0.1", dest_port],
         "strict": {"AET": STRICT_AET, "Host": "127.0.0.1", "Port": strict_port},
         "picky": [PICKY_AET, "127.0.0.1", picky_port],
+        # The SCUs that query and retrieve are known peers too: with DicomModalities set,
+        # unknown AE titles may only store and echo (docs/security.md).
+        **{scu.lower(): [scu, "127.0.0.1", 104] for scu in ("FINDSCU", "MOVESCU", "GETSCU")},
+        "qrtest": ["QRTEST", "127.0.0.1", 104],
     }
     rx = ReceiverProcess(
         data_dir=data_dir,
