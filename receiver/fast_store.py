@@ -289,7 +289,7 @@ class FastStore:
         try:
             sock.settimeout(self.acse_timeout)
             if not proposal.consumed:
-                _recv_exactly(sock, proposal.length)
+                pdu.recv_exactly(sock, proposal.length)
             sock.sendall(pdu.associate_rj(*REJECT_LIMIT))
         except OSError:
             pass
@@ -356,7 +356,7 @@ class FastAssociation:
         try:
             self._sock.settimeout(store.acse_timeout)
             if not self._proposal.consumed:
-                _recv_exactly(self._sock, self._proposal.length)  # the peeked A-ASSOCIATE-RQ
+                pdu.recv_exactly(self._sock, self._proposal.length)  # the peeked A-ASSOCIATE-RQ
             ac, self._contexts = store.accept(self._proposal)
             self._send(ac)
             store.associations.opened(
@@ -609,18 +609,6 @@ class FastAssociation:
     def _send_quietly(self, data: bytes) -> None:
         with contextlib.suppress(OSError):
             self._send(data)
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray(size)
-    view = memoryview(data)
-    pos = 0
-    while pos < size:
-        received = sock.recv_into(view[pos:])
-        if not received:
-            raise ConnectionError("the peer closed the connection")
-        pos += received
-    return bytes(data)
 
 
 def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:

@@ -157,11 +157,11 @@ class Gate:
         decoded comes back with ``primitive=None``."""
         try:
             sock.settimeout(self.acse_timeout)
-            header = _recv_exactly(sock, pdu.PDU_HEADER.size)
+            header = pdu.recv_exactly(sock, pdu.PDU_HEADER.size)
             pdu_type, length = pdu.PDU_HEADER.unpack(header)
             if pdu_type != pdu.A_ASSOCIATE_RQ or self.limits.pdu_too_long(pdu_type, length):
                 return Request(header, None)
-            data = header + _recv_exactly(sock, length)
+            data = header + pdu.recv_exactly(sock, length)
             sock.settimeout(None)
         except (OSError, ValueError):
             return None
@@ -278,18 +278,6 @@ def _claimed_user(identity: UserIdentity | None) -> str:
     if identity is None or identity.identity_type not in (1, 2):
         return ""
     return identity.primary.decode("utf-8", "replace")[:64]
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray(size)
-    view = memoryview(data)
-    pos = 0
-    while pos < size:
-        received = sock.recv_into(view[pos:])
-        if not received:
-            raise ConnectionError("the peer closed the connection")
-        pos += received
-    return bytes(data)
 
 
 def _close(sock: socket.socket) -> None:

@@ -7,6 +7,7 @@ endian command set of a request, and the C-STORE-RSP / C-ECHO-RSP command sets.
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -264,3 +265,16 @@ def encode_request(
         elements.append(_element(_MOVE_ORIGINATOR_AE, aet.ljust(16)[:16]))
         elements.append(_element(_MOVE_ORIGINATOR_MESSAGE_ID, _US.pack(originator_id)))
     return _command_set(elements)
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes from `sock` (ConnectionError if the peer closes first)."""
+    data = bytearray(size)
+    view = memoryview(data)
+    pos = 0
+    while pos < size:
+        received = sock.recv_into(view[pos:])
+        if not received:
+            raise ConnectionError("the peer closed the connection")
+        pos += received
+    return bytes(data)

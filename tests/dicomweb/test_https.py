@@ -3,8 +3,6 @@ reads it), a test CA made here with `cryptography`, and dicomweb-client verifyin
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -19,15 +17,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from dicomweb_client import DICOMwebClient
 from pydicom.uid import generate_uid
 
 from dicomweb.__main__ import uvicorn_config
 from tests.dicomweb.conftest import land_and_ingest
+from tests.tls_support import make_pki
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.platform import banner
 from vannah_pipelines.settings import load_settings
@@ -36,79 +31,16 @@ REPO = Path(__file__).resolve().parents[2]
 API_KEY = "https-test-key-0123456789abcdef"
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
 def make_certificates(folder: Path) -> tuple[Path, Path]:
-    """A CA, and a server certificate for localhost/127.0.0.1 it signed; returns the CA
-    PEM and the server's one PEM file (certificate, CA, then the private key)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("Vannah Test CA"))
-        .issuer_name(_name("Vannah Test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    ca_file = folder / "ca.pem"
-    ca_file.write_bytes(ca.public_bytes(pem))
-    server_file = folder / "server.pem"
+    """The test CA, and ONE PEM file with the server certificate, the CA and the key (the
+    form Orthanc's SslCertificate takes)."""
+    pki = make_pki(folder)
+    server_file = folder / "https.pem"
     server_file.write_bytes(
-        cert.public_bytes(pem)
-        + ca.public_bytes(pem)
-        + key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        pki.server_cert.read_bytes() + pki.ca.read_bytes() + pki.server_key.read_bytes()
     )
     server_file.chmod(0o600)
-    return ca_file, server_file
+    return pki.ca, server_file
 
 
 def _free_port() -> int:
