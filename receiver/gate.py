@@ -138,7 +138,11 @@ class Gate:
             tls_sock.settimeout(None)
         except (OSError, ValueError) as exc:
             self.handshakes_failed += 1
-            log.warning(
+            # A peer that closes before sending anything is a port probe (the platform's
+            # own readiness check, a load balancer): INFO; anything else is a WARNING.
+            quiet = isinstance(exc, ssl.SSLEOFError | ConnectionResetError)
+            log.log(
+                logging.INFO if quiet else logging.WARNING,
                 "TLS handshake with %s failed after %.1f s: %s",
                 address[0],
                 time.monotonic() - started,

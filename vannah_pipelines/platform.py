@@ -144,12 +144,13 @@ def banner(settings: Settings) -> str:
     dicom = _shown(settings.dicom_bind_host)
     web = _shown(settings.dicomweb_bind_host)
     scheme = "https" if settings.ssl_enabled else "http"
+    tls = " +tls KEY CERT +cf CA" if settings.dicom_tls_enabled else ""
     auth = "; credentials required" if settings.authentication_enabled else ""
     return "\n".join(
         [
             "VannahHealthCloud is up (ingest checked: code location loaded, sensor running):",
             f"  DIMSE receiver   {settings.dicom_aet}@{dicom}:{settings.dicom_port}"
-            f"   (echoscu -aec {settings.dicom_aet} {dicom} {settings.dicom_port})",
+            f"   (echoscu{tls} -aec {settings.dicom_aet} {dicom} {settings.dicom_port})",
             f"  DICOMweb         {scheme}://{web}:{settings.dicomweb_port}/dicom-web"
             f"   (QIDO-RS, WADO-RS, STOW-RS, WADO-URI{auth})",
             *viewer_lines(settings, web),
