@@ -59,19 +59,26 @@ def _find_all(rx: ReceiverProcess, cancel_after: float | None) -> list[int]:
     identifier.StudyInstanceUID = ""
     identifier.PatientID = "CANCEL-*"
     statuses: list[int] = []
+    done = threading.Event()
     if cancel_after is not None:
         # C-CANCEL may come any time after the request (PS3.7 9.3.2.3). Sent from another
-        # thread right after it, not after reading an answer: the 600 answers would all be
-        # in the socket buffers before a loaded client read the first one.
+        # thread, not after reading an answer: the 600 answers would all be in the socket
+        # buffers before a loaded client read the first one. Sent again every 20 ms until the
+        # answer ends, because pynetdicom drops a C-CANCEL that arrives before it dispatches
+        # the request to the handler (association.py clears cancel_req first): on a loaded
+        # machine the first one may come that early.
         def cancel() -> None:
             time.sleep(cancel_after)
-            assoc.send_c_cancel(11, query_model=STUDY_ROOT_FIND)
+            while not done.is_set():
+                assoc.send_c_cancel(11, query_model=STUDY_ROOT_FIND)
+                done.wait(0.02)
 
         threading.Thread(target=cancel, daemon=True).start()
     try:
         for status, _ in assoc.send_c_find(identifier, STUDY_ROOT_FIND, msg_id=11):
             statuses.append(int(status.Status))
     finally:
+        done.set()
         assoc.release()
     return statuses
 
