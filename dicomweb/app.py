@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,7 +16,7 @@ from dicomweb.errors import DicomWebError
 from dicomweb.guards import BodyLimitGuard, TrustedHostGuard, allowed_hosts
 from dicomweb.routes import launch, qido, stow_rs, wado_rs, wado_uri, worklist
 from dicomweb.viewer import mount_viewer
-from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.catalog.holder import CatalogHolder
 from vannah_pipelines.errors import PermissionDeniedError
 from vannah_pipelines.security.audit import AuditLog
 from vannah_pipelines.security.authn import Authenticator
@@ -35,31 +33,13 @@ _STOW_PATH = re.compile(re.escape(PREFIX) + r"/studies(/[^/]+)?/?")
 # CORS-safelisted ones.
 CORS_METHODS = ("GET", "POST", "PUT", "DELETE")
 CORS_HEADERS = ("Accept", "Authorization", "X-API-Key", "Content-Type", "Range", "Cache-Control")
+# A request brings the service's catalog up to date at most this often.
+CATALOG_REFRESH_SECONDS = 0.5
 
 
 def is_stow(scope: Scope) -> bool:
     """Whether an ASGI request scope is a STOW-RS request."""
     return scope.get("method") == "POST" and bool(_STOW_PATH.fullmatch(str(scope.get("path"))))
-
-
-class LiveCatalog:
-    """The service's in-memory catalog copy, refreshed at most every `interval` seconds."""
-
-    def __init__(self, reader: CatalogReader, interval: float = 0.5) -> None:
-        self.reader = reader
-        self.interval = interval
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def get(self) -> CatalogReader:
-        now = time.monotonic()
-        if now - self._last >= self.interval and self._lock.acquire(blocking=False):
-            try:
-                self.reader.refresh()
-                self._last = now
-            finally:
-                self._lock.release()
-        return self.reader
 
 
 def _dicomweb_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -92,7 +72,8 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url=f"{PREFIX}/openapi.json",
     )
     app.state.settings = settings
-    app.state.catalog = LiveCatalog(CatalogReader(settings.catalog_dir))
+    app.state.catalog = CatalogHolder(settings.catalog_dir, CATALOG_REFRESH_SECONDS)
+    app.state.catalog.load()  # at start-up, not on the first request
     # Added innermost first: the Host check runs before CORS, CORS before the body limit.
     app.add_middleware(BodyLimitGuard, max_bytes=settings.dicomweb_max_body_bytes, exempt=is_stow)
     # Credentials are checked (401) after the Host check and CORS (so a browser can read

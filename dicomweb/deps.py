@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the catalog copy and the settings, injected into routes."""
+"""FastAPI dependencies: the catalog (from the app's CatalogHolder) and the settings, injected
+into routes."""
 
 from __future__ import annotations
 

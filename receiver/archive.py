@@ -12,7 +12,7 @@ from vannah_pipelines.storage.base import Tier
 from vannah_pipelines.storage.local import LocalStorage
 
 if TYPE_CHECKING:
-    from receiver.query_retrieve import CatalogView
+    from vannah_pipelines.catalog.holder import CatalogHolder
     from vannah_pipelines.worklist.store import WorklistStore
 
 
@@ -26,18 +26,18 @@ class Archive:
         self.worklist_past_due_hours = settings.worklist_past_due_hours
         self._settings = settings
         self._lock = threading.Lock()
-        self._catalog: CatalogView | None = None
+        self._catalog: CatalogHolder | None = None
         self._worklist: WorklistStore | None = None
         self._client_tls: ssl.SSLContext | None = None
 
     @property
-    def catalog(self) -> CatalogView:
+    def catalog(self) -> CatalogHolder:
         with self._lock:
             if self._catalog is None:
-                from receiver.query_retrieve import CatalogView  # lazy: see the docstring
+                from vannah_pipelines.catalog.holder import CatalogHolder  # lazy: see the docstring
 
                 settings = self._settings
-                self._catalog = CatalogView(
+                self._catalog = CatalogHolder(
                     settings.catalog_dir, settings.qr_catalog_refresh_seconds
                 )
             return self._catalog

@@ -9,11 +9,8 @@ the unique key of every level above the query level is present with a single val
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydicom.charset import convert_encodings, decode_bytes
@@ -26,6 +23,7 @@ from pydicom.tag import BaseTag, Tag
 from receiver.contexts import PATIENT_ROOT
 from receiver.responses import without_values
 from receiver.status import FindStatus
+from vannah_pipelines.catalog.holder import CatalogHolder
 from vannah_pipelines.catalog.lookup import (
     StoredInstance,
     find_instances,
@@ -381,36 +379,7 @@ class Answers:
     unsupported: tuple[str, ...]
 
 
-class CatalogView:
-    """The worker's catalog copy, refreshed at most every `min_interval` seconds."""
-
-    def __init__(self, root: Path, min_interval: float) -> None:
-        self.root = root
-        self.min_interval = min_interval
-        self._reader: CatalogReader | None = None
-        self._lock = threading.Lock()
-        self._refreshed = 0.0
-
-    def reader(self) -> CatalogReader:
-        """The reader, loaded on first use and refreshed when the last refresh is old."""
-        with self._lock:
-            now = time.monotonic()
-            if self._reader is None:
-                self._reader = CatalogReader(self.root)
-                self._refreshed = now
-            elif now - self._refreshed >= self.min_interval:
-                self._reader.refresh()
-                self._refreshed = time.monotonic()
-            return self._reader
-
-    def close(self) -> None:
-        with self._lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
-
-
-def find(view: CatalogView, parsed: ParsedIdentifier, aet: str) -> Answers:
+def find(view: CatalogHolder, parsed: ParsedIdentifier, aet: str) -> Answers:
     """Answer a C-FIND through the shared query engine.
 
     Raises
@@ -419,7 +388,7 @@ def find(view: CatalogView, parsed: ParsedIdentifier, aet: str) -> Answers:
         0xC000 when a value cannot be matched (a malformed UID, date or number).
     """
     plan = plan_find(parsed)
-    reader = view.reader()
+    reader = view.get()
     try:
         result = run_query(reader, plan.spec)
     except (InvalidQueryError, InvalidMatchError) as exc:
@@ -467,7 +436,7 @@ def retrieve_filters(parsed: ParsedIdentifier) -> tuple[tuple[str, str], ...]:
     return tuple(filters)
 
 
-def match_instances(view: CatalogView, parsed: ParsedIdentifier) -> list[StoredInstance]:
+def match_instances(view: CatalogHolder, parsed: ParsedIdentifier) -> list[StoredInstance]:
     """The stored instances a C-MOVE / C-GET identifier names, in series/instance order.
 
     Raises
@@ -475,7 +444,7 @@ def match_instances(view: CatalogView, parsed: ParsedIdentifier) -> list[StoredI
     QueryRefusedError
         0xC000 when a unique key cannot be matched.
     """
-    reader = view.reader()
+    reader = view.get()
     spec = QuerySpec(Level.IMAGE, filters=retrieve_filters(parsed))
     try:
         rows = run_query(reader, spec).rows
