@@ -77,6 +77,7 @@ SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4
 BODY_PART = {"CT": "CHEST", "MR": "BRAIN"}
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 TINY_SIZE = 64
+BIG_STUDY = 500  # instances of the studies --big-every plans
 
 # The QIDO-RS query kinds the benchmark runs: (label, parameter).
 DATE_RANGE = "20210601-20210630"
@@ -104,10 +105,20 @@ class StudyPlan:
         return f"{self.study_uid}.{s + 1}.{i + 1}"
 
 
-def plan_archive(instances: int, per_study: int = 100, seed: int = 1) -> list[StudyPlan]:
-    """The deterministic study plan of an archive of `instances` instances."""
+def plan_archive(
+    instances: int, per_study: int = 100, seed: int = 1, big_every: int = 0
+) -> list[StudyPlan]:
+    """The deterministic study plan of an archive of `instances` instances.
+
+    With `big_every` > 0, every `big_every`-th study (the first included) has ``BIG_STUDY``
+    instances instead of `per_study` (the WADO-RS metadata benchmark's 500-instance study).
+    """
     rng = random.Random(seed)
-    n_studies = max(1, instances // per_study)
+    if big_every > 0:
+        per_group = (big_every - 1) * per_study + BIG_STUDY
+        n_studies = max(1, instances * big_every // per_group)
+    else:
+        n_studies = max(1, instances // per_study)
     studies: list[StudyPlan] = []
     patient = 0
     left = 0
@@ -121,7 +132,8 @@ def plan_archive(instances: int, per_study: int = 100, seed: int = 1) -> list[St
             sex = rng.choice("FM")
         left -= 1
         n_series = rng.randint(2, 5)
-        base, extra = divmod(per_study, n_series)
+        size = BIG_STUDY if big_every > 0 and index % big_every == 0 else per_study
+        base, extra = divmod(size, n_series)
         sizes = tuple(base + (1 if s < extra else 0) for s in range(n_series))
         studies.append(
             StudyPlan(
@@ -343,11 +355,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--instances", type=int, required=True)
         p.add_argument("--per-study", type=int, default=100)
         p.add_argument("--seed", type=int, default=1)
+        p.add_argument(
+            "--big-every",
+            type=int,
+            default=0,
+            help=f"every Nth study has {BIG_STUDY} instances (0: none)",
+        )
     sub.choices["catalog"].add_argument("--data-dir", type=Path, required=True)
     sub.choices["catalog"].add_argument("--files", type=int, default=100)
     sub.choices["dicom"].add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    plan = plan_archive(args.instances, args.per_study, args.seed)
+    plan = plan_archive(args.instances, args.per_study, args.seed, args.big_every)
     started = time.monotonic()
     if args.command == "catalog":
         rows = write_catalog(args.data_dir, plan, args.files)
