@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def prepare(archive: Path) -> None:
     out = _prepared(archive)
     out.mkdir(exist_ok=True)
     for stale in out.glob("*"):
-        stale.unlink()
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     glob = str(archive / "catalog" / "instances" / "*" / "*.parquet")
     started = time.monotonic()
     con = duckdb.connect(str(out / "work.duckdb"))
