@@ -178,7 +178,7 @@ def findscu(
         bad = [ln for ln in text.splitlines() if ln.startswith(("E:", "F:")) or "Final" in ln]
         error = f"findscu exit {proc.returncode}: " + "; ".join(bad[:3])
     found = ACCESSION_LINE.findall(text) if worklist else UID_LINE.findall(text)
-    return seconds, text.count("(Pending)"), set(found), error
+    return seconds, text.count("(Pending)"), {value.strip() for value in found}, error
 
 
 def echoscu(server: Server, timeout: float = 60.0) -> tuple[float, int, set[str], str]:
@@ -395,6 +395,7 @@ def run_size(instances: int, args: argparse.Namespace) -> SizeResult:
         size.kinds += [QueryKind(WORKLIST_LABEL, {}, expected), QueryKind(ECHO_LABEL, {}, 0)]
         worklist = ensure_worklist(data_dir.parent, data_dir)
         orthanc_config |= {
+            "DicomAlwaysAllowFindWorklist": True,
             "Plugins": [WORKLIST_PLUGIN],
             "Worklists": {"Enable": True, "Database": str(worklist)},
         }
