@@ -106,8 +106,8 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
     workers, with Nagle off on every accepted socket.
 
     With :attr:`fast_store` set, each connection's thread first peeks at the
-    A-ASSOCIATE-RQ: a storage/verification-only association is served by the fast path
-    (``receiver.fast_store``), anything else by pynetdicom as usual.
+    A-ASSOCIATE-RQ: a storage/verification/C-FIND-only association is served by the fast
+    path (``receiver.fast_store``), anything else by pynetdicom as usual.
     """
 
     daemon_threads = True
@@ -282,7 +282,7 @@ def build_server(
     )
     if settings.receiver_fast_store:
         server.fast_store = FastStore(
-            ae, server.ae_title, server.contexts, landing, associations, limits
+            ae, server.ae_title, server.contexts, landing, associations, limits, archive
         )
     return server
 
