@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1: the DICOM application context
 FAST_SOP_CLASSES = frozenset({VERIFICATION_SOP_CLASS, *STORAGE_SOP_CLASSES})
-FAST_ECHO = frozenset({VERIFICATION_SOP_CLASS})
 # A larger A-ASSOCIATE-RQ goes to pynetdicom: a peek can only wait for what the socket's
 # receive buffer holds (128 contexts with 3 transfer syntaxes each are about 13 kB).
 MAX_REQUEST_BYTES = 32 * 1024
