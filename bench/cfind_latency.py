@@ -32,6 +32,15 @@ counts and the StudyInstanceUID sets are compared) and the plan's count.
     .venv/bin/python bench/cfind_latency.py                     # 100k (both) + 1M (ours)
     .venv/bin/python bench/cfind_latency.py --quick             # 2k (both) + 20k, smoke
     .venv/bin/python bench/cfind_latency.py --requests 50 --json bench/out/cfind.json
+
+``--small`` measures what a modality sees on a small archive: 20,000 instances, the whole
+DCMTK process only (association, one request, release), 30 runs per request interleaved
+with Orthanc: the three study-level queries, a Modality Worklist query (``findscu -W`` for
+the CT steps of a few worklist items, which both servers hold: Orthanc through its
+ModalityWorklists plugin on ``.wl`` files, ours imported from the same files by ``vannah
+worklist import``) and, for reference, a C-ECHO (``echoscu``).
+
+    .venv/bin/python bench/cfind_latency.py --small
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ from common import (
     latency_cells,
     log,
     mib,
+    niced,
     print_table,
     run_dir,
     signals_deferred,
@@ -88,6 +98,32 @@ RETURN_KEYS = (
 )
 CLIENTS = ("findscu", "pynetdicom")
 UID_LINE = re.compile(r"\(0020,000d\) UI \[([0-9.]+)")
+SMALL_SIZE = 20_000
+ECHO_LABEL = "C-ECHO (echoscu)"
+WORKLIST_LABEL = "MWL findscu -W, Modality=CT"
+WORKLIST_PLUGIN = "/usr/share/orthanc/plugins/libModalityWorklists.so"
+# (modality, accession number) of the worklist items both servers hold; CT ones match.
+WORKLIST_STEPS = (("CT", "BENCHACC1"), ("CT", "BENCHACC2"), ("MR", "BENCHACC3"),
+                  ("CT", "BENCHACC4"), ("US", "BENCHACC5"))  # fmt: skip
+WORKLIST_DATE = "20301231"  # in the future: never past due (worklist_past_due_hours)
+# What a modality asks for (IHE SWF RAD-5), as sequence paths inside the SPS item.
+WORKLIST_KEYS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "RequestedProcedureID",
+    "RequestedProcedureDescription",
+    "ScheduledProcedureStepSequence[0].Modality=CT",
+    "ScheduledProcedureStepSequence[0].ScheduledStationAETitle",
+    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate",
+    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime",
+    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepID",
+    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepDescription",
+)
+ACCESSION_LINE = re.compile(r"\(0008,0050\) SH \[([^\]]*)\]")
 
 
 @dataclass
@@ -97,6 +133,7 @@ class SizeResult:
     studies: int
     kinds: list[QueryKind]
     results: dict[tuple[str, str, str], Side] = field(default_factory=dict)  # client, target, kind
+    clients: tuple[str, ...] = CLIENTS
     facts: dict[str, float | str] = field(default_factory=dict)
 
 
@@ -104,15 +141,21 @@ class SizeResult:
 
 
 def findscu(
-    server: Server, params: dict[str, str], timeout: float = 900.0
+    server: Server, params: dict[str, str], timeout: float = 900.0, *, worklist: bool = False
 ) -> tuple[float, int, set[str], str]:
-    """Run one findscu process; return (seconds, answers, StudyInstanceUIDs, error)."""
-    keys = ["-k", "QueryRetrieveLevel=STUDY"]
-    for keyword in RETURN_KEYS:
-        value = params.get(keyword)
-        keys += ["-k", f"{keyword}={value}" if value else keyword]
+    """Run one findscu process (``-W`` for `worklist`: the worklist keys, `params` unused);
+    return (seconds, answers, StudyInstanceUIDs or worklist AccessionNumbers, error)."""
+    if worklist:
+        keys = ["-W"]
+        for key in WORKLIST_KEYS:
+            keys += ["-k", key]
+    else:
+        keys = ["-S", "-k", "QueryRetrieveLevel=STUDY"]
+        for keyword in RETURN_KEYS:
+            value = params.get(keyword)
+            keys += ["-k", f"{keyword}={value}" if value else keyword]
     cmd = [
-        "findscu", "-v", "-S",
+        "findscu", "-v",
         "-aet", CALLING_AET, "-aec", server.aet,
         "-td", str(int(timeout)),
         *keys,
@@ -134,7 +177,36 @@ def findscu(
     if proc.returncode != 0 or "Final Find Response (Success)" not in text:
         bad = [ln for ln in text.splitlines() if ln.startswith(("E:", "F:")) or "Final" in ln]
         error = f"findscu exit {proc.returncode}: " + "; ".join(bad[:3])
-    return seconds, text.count("(Pending)"), set(UID_LINE.findall(text)), error
+    found = ACCESSION_LINE.findall(text) if worklist else UID_LINE.findall(text)
+    return seconds, text.count("(Pending)"), {value.strip() for value in found}, error
+
+
+def echoscu(server: Server, timeout: float = 60.0) -> tuple[float, int, set[str], str]:
+    """Run one echoscu process (association, C-ECHO, release); as :func:`findscu`."""
+    cmd = [
+        "echoscu", "-aet", CALLING_AET, "-aec", server.aet, "-to", str(int(timeout)),
+        "127.0.0.1", str(server.dicom_port),
+    ]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run(
+        cmd,
+        env={**os.environ, **NODELAY_ENV},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 30,
+        check=False,
+    )
+    seconds = time.perf_counter() - started
+    error = "" if proc.returncode == 0 else f"echoscu exit {proc.returncode}: {proc.stderr[:200]}"
+    return seconds, 0, set(), error
+
+
+def whole_process(server: Server, kind: QueryKind) -> tuple[float, int, set[str], str]:
+    """The DCMTK process of `kind`: echoscu, findscu -W or a study-level findscu."""
+    if kind.label == ECHO_LABEL:
+        return echoscu(server)
+    return findscu(server, kind.params, worklist=kind.label == WORKLIST_LABEL)
 
 
 class PynetdicomClient:
@@ -233,7 +305,7 @@ def warm_up_receiver(
 
 def measure(size: SizeResult, servers: dict[str, Server], args: argparse.Namespace) -> None:
     targets = list(servers)
-    for client_name in CLIENTS:
+    for client_name in size.clients:
         clients: dict[str, PynetdicomClient] = {}
         try:
             if client_name == "pynetdicom":
@@ -247,7 +319,7 @@ def measure(size: SizeResult, servers: dict[str, Server], args: argparse.Namespa
                     order = targets if i % 2 == 0 else targets[::-1]
                     for target in order:
                         if client_name == "findscu":
-                            outcome = findscu(servers[target], kind.params)
+                            outcome = whole_process(servers[target], kind)
                         else:
                             outcome = clients[target].find(kind.params)
                         record(sides[target], outcome, timed=i >= args.warmup)
@@ -260,11 +332,73 @@ def measure(size: SizeResult, servers: dict[str, Server], args: argparse.Namespa
                 client.close()
 
 
+def write_worklist(folder: Path) -> None:
+    """The worklist items of WORKLIST_STEPS as ``.wl`` files (as DCMTK's wlmscpfs and
+    Orthanc's plugin read them)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (modality, accession) in enumerate(WORKLIST_STEPS, start=1):
+        step = Dataset()
+        step.Modality = modality
+        step.ScheduledStationAETitle = f"{modality}SCANNER1"
+        step.ScheduledProcedureStepStartDate = WORKLIST_DATE
+        step.ScheduledProcedureStepStartTime = f"{8 + i:02d}0000"
+        step.ScheduledProcedureStepID = f"SPS{i}"
+        step.ScheduledProcedureStepDescription = f"{modality} BENCH"
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = f"BENCH^WORKLIST{i}"
+        ds.PatientID = f"WLPAT{i}"
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "O"
+        ds.AccessionNumber = accession
+        ds.StudyInstanceUID = generate_uid()
+        ds.RequestedProcedureID = f"RP{i}"
+        ds.RequestedProcedureDescription = f"{modality} BENCH"
+        ds.ScheduledProcedureStepSequence = [step]
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.276.0.7230010.3.1.0.1"  # DCMTK's worklist
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.save_as(folder / f"step{i}.wl", enforce_file_format=True)
+
+
+def ensure_worklist(root: Path, data_dir: Path) -> Path:
+    """The worklist folder (for Orthanc) under the cache `root`, imported into our
+    `data_dir` once (``vannah worklist import``)."""
+    folder = root / "worklist"
+    marker = root / ".worklist-complete"
+    if marker.exists():
+        return folder
+    write_worklist(folder)
+    niced(
+        [
+            sys.executable, "-m", "vannah_pipelines.cli", "--data-dir", str(data_dir),
+            "worklist", "import", str(folder),
+        ]
+    )  # fmt: skip
+    marker.touch()
+    return folder
+
+
 def run_size(instances: int, args: argparse.Namespace) -> SizeResult:
     with_orthanc = instances <= args.orthanc_max and not args.ours_only
     plan = plan_archive(instances, args.per_study, args.seed)
     size = SizeResult(instances, with_orthanc, len(plan), query_kinds(plan))
     data_dir, orthanc_dir = prepare_archive(instances, len(plan), with_orthanc, args, size.facts)
+    orthanc_config = dict(ORTHANC_QR)
+    if args.small:
+        size.clients = ("findscu",)
+        expected = sum(1 for modality, _ in WORKLIST_STEPS if modality == "CT")
+        size.kinds += [QueryKind(WORKLIST_LABEL, {}, expected), QueryKind(ECHO_LABEL, {}, 0)]
+        worklist = ensure_worklist(data_dir.parent, data_dir)
+        orthanc_config |= {
+            "DicomAlwaysAllowFindWorklist": True,
+            "Plugins": [WORKLIST_PLUGIN],
+            "Worklists": {"Enable": True, "Database": str(worklist)},
+        }
 
     servers: dict[str, Server] = {}
     with run_dir(f"cfind-{instances}") as workdir:
@@ -281,7 +415,7 @@ def run_size(instances: int, args: argparse.Namespace) -> SizeResult:
             size.facts["ours_rss_after_load"] = ours.memory.sample()
             if orthanc_dir is not None:
                 log("starting Orthanc on the cached storage")
-                orthanc = OrthancServer(orthanc_dir, extra_config=ORTHANC_QR)
+                orthanc = OrthancServer(orthanc_dir, extra_config=orthanc_config)
                 servers["orthanc"] = orthanc
                 orthanc.start()
             measure(size, servers, args)
@@ -311,7 +445,7 @@ def report(sizes: list[SizeResult], args: argparse.Namespace) -> list[str]:
     ]
     rows: list[list[str]] = []
     for size in sizes:
-        for client in CLIENTS:
+        for client in size.clients:
             for kind in size.kinds:
                 ours = size.results[(client, "vannah", kind.label)]
                 ref = size.results.get((client, "orthanc", kind.label))
@@ -376,7 +510,7 @@ def report(sizes: list[SizeResult], args: argparse.Namespace) -> list[str]:
             ]
         if not s.with_orthanc:
             continue
-        for client in CLIENTS:
+        for client in s.clients:
             for k in s.kinds:
                 ours = s.results[(client, "vannah", k.label)]
                 ref = s.results[(client, "orthanc", k.label)]
@@ -428,8 +562,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 2,000 (both) + 20,000 (ours), 5 queries"
     )
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help=f"{SMALL_SIZE:,} instances (both), whole findscu processes only, plus an MWL "
+        "query and a C-ECHO",
+    )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
+    if args.small:
+        args.sizes, args.orthanc_max = [SMALL_SIZE], SMALL_SIZE
     if args.quick:
         args.sizes, args.orthanc_max, args.requests, args.warmup = [2000, 20_000], 2000, 5, 1
     install_signal_handlers()

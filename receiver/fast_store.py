@@ -1,13 +1,14 @@
-"""The storage fast path: a minimal DIMSE acceptor for associations that only store and echo.
+"""The fast path: a minimal DIMSE acceptor for associations that only store, echo and find.
 
 pynetdicom serves an association on three threads that hand every PDU through queues and
 poll with 1 ms sleeps, reads the socket 4 KB at a time, and decodes and encodes every
 command set with pydicom. Most of our associations are modalities sending images, so the
 receiver peeks at each A-ASSOCIATE-RQ (``MSG_PEEK``, nothing consumed) and serves the ones
-that propose only Verification and the storage SOP classes, with no SCP/SCU role selection
+that propose only Verification, the storage and the FIND SOP classes, with no role selection
 and no user identity, itself: on the connection's thread, blocking reads into one reused
 buffer, command sets parsed and answered by hand (``receiver.pdu``), instances landed by
-the same code as the pynetdicom handler (``receiver.handlers.receive_instance``). Anything
+the same code as the pynetdicom handler (``receiver.handlers.receive_instance``). C-FIND
+(Q/R and Modality Worklist) is served the same way (``receiver.fast_find``). Anything
 else, or a request that cannot be peeked and decoded, goes to pynetdicom on the untouched
 socket. Negotiation is pynetdicom's own (``negotiate_as_acceptor`` and its PDU classes), so
 both paths accept the same contexts and transfer syntaxes and send the same A-ASSOCIATE-AC.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -38,7 +40,9 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from receiver import pdu
+from receiver.archive import Archive
 from receiver.contexts import STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
+from receiver.fast_find import FIND_SOP_CLASSES, MAX_IDENTIFIER_BYTES, FindEvent, serve_find
 from receiver.gate import identity_response
 from receiver.handlers import (
     AssociationLog,
@@ -51,12 +55,12 @@ from receiver.limits import LimitExceededError, Limits, Pace
 from receiver.responses import error_comment
 from receiver.status import StoreStatus
 from vannah_pipelines.security.peers import Admission
+from vannah_pipelines.security.principal import Role
 
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1: the DICOM application context
 FAST_SOP_CLASSES = frozenset({VERIFICATION_SOP_CLASS, *STORAGE_SOP_CLASSES})
-FAST_ECHO = frozenset({VERIFICATION_SOP_CLASS})
 # A larger A-ASSOCIATE-RQ goes to pynetdicom: a peek can only wait for what the socket's
 # receive buffer holds (128 contexts with 3 transfer syntaxes each are about 13 kB).
 MAX_REQUEST_BYTES = 32 * 1024
@@ -69,6 +73,10 @@ DRAIN_BUFFER_BYTES = 256 << 10  # a data set over max_instance_bytes is read thr
 # limit exceeded; what pynetdicom answers past maximum_associations.
 REJECT_LIMIT = (0x02, 0x03, 0x02)
 _TIMEVAL = struct.Struct("ll")
+
+
+class _PeerAbortedError(Exception):
+    """The peer sent A-ABORT while a C-FIND was being answered."""
 
 
 class _PduError(Exception):
@@ -106,8 +114,10 @@ class FastStore:
         landing: Landing,
         associations: AssociationLog,
         limits: Limits,
+        archive: Archive | None = None,
     ) -> None:
         self.ae_title = ae_title
+        self.archive = archive  # None: C-FIND associations go to pynetdicom
         self.limits = limits
         self.contexts = contexts
         self.landing = landing
@@ -118,7 +128,8 @@ class FastStore:
         self.acse_timeout = float(ae.acse_timeout or 30)
         self.network_timeout = float(ae.network_timeout or 60)
         self.max_associations = int(ae.maximum_associations)
-        self._supported = {str(cx.abstract_syntax) for cx in contexts} & FAST_SOP_CLASSES
+        fast = FAST_SOP_CLASSES | (FIND_SOP_CLASSES if archive is not None else frozenset())
+        self._supported = {str(cx.abstract_syntax) for cx in contexts} & fast
         self._lock = threading.Lock()
         self._running: set[FastAssociation] = set()
         self.served = 0  # associations accepted on the fast path, ever
@@ -208,7 +219,7 @@ class FastStore:
 
         With an `admission` (the gate has checked the association, user identity included),
         user identity negotiation does not send it to pynetdicom; a principal that may not
-        store does (its C-STOREs are refused there, 0x0124).
+        store, or may not read and proposes C-FIND, does (refused there, 0x0124).
         """
         try:
             rq = dul.A_ASSOCIATE_RQ()
@@ -237,7 +248,16 @@ class FastStore:
             and syntaxes <= self._supported
             and peer_max_pdu is not None
             and not negotiates_more
-            and (admission is None or admission.may_store or syntaxes <= FAST_ECHO)
+            and (
+                admission is None
+                or admission.may_store
+                or not syntaxes.intersection(STORAGE_SOP_CLASSES)
+            )
+            and (
+                admission is None
+                or admission.principal.has(Role.READ)
+                or not syntaxes & FIND_SOP_CLASSES
+            )
         )
         return Proposal(primitive, len(data), eligible, peer_max_pdu or 0, consumed, admission)
 
@@ -321,7 +341,10 @@ class FastAssociation:
         self._header_view = memoryview(self._header)
         self._command = bytearray()
         self._command_context: int | None = None
-        self._pending: tuple[int, pdu.Command] | None = None  # a C-STORE awaiting its data set
+        self._pending: tuple[int, pdu.Command] | None = None  # a request awaiting its data set
+        self._finding = False  # answering a C-FIND: only C-CANCEL may come meanwhile
+        self._cancelled: set[int] = set()  # C-CANCEL-RQs received (MessageIDBeingRespondedTo)
+        self._broken: BaseException | None = None  # what ended a C-FIND's reads, raised after
         self._data = bytearray(0)
         self._view = memoryview(self._data)
         self._used = 0
@@ -407,27 +430,38 @@ class FastAssociation:
     # ------------------------------------------------------------------ PDUs
 
     def _serve(self) -> str:
-        limits = self._store.limits
         while True:
-            self._pace.pdu_done()
-            self._recv_into(self._header_view)
-            pdu_type, length = pdu.PDU_HEADER.unpack(self._header)
-            too_long = limits.pdu_too_long(pdu_type, length)
-            if too_long:
-                raise _PduError(pdu.REASON_INVALID_PARAMETER, too_long)
-            if pdu_type == pdu.P_DATA_TF:
-                self._p_data(length)
-            elif pdu_type == pdu.A_RELEASE_RQ:
-                self._skip(length)
-                self._send(pdu.release_rp())
-                return "released"
-            elif pdu_type == pdu.A_ABORT:
-                self._skip(length)
+            try:
+                outcome = self._next_pdu()
+            except _PeerAbortedError:
                 return "aborted"
-            elif pdu.A_ASSOCIATE_RQ <= pdu_type <= pdu.A_ABORT:
-                raise _PduError(pdu.REASON_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X}")
-            else:
-                raise _PduError(pdu.REASON_UNRECOGNISED_PDU, f"unknown PDU type 0x{pdu_type:02X}")
+            if outcome is not None:
+                return outcome
+
+    def _next_pdu(self) -> str | None:
+        """Read and act on one PDU; the outcome once the association has ended."""
+        self._pace.pdu_done()
+        self._recv_into(self._header_view)
+        pdu_type, length = pdu.PDU_HEADER.unpack(self._header)
+        too_long = self._store.limits.pdu_too_long(pdu_type, length)
+        if too_long:
+            raise _PduError(pdu.REASON_INVALID_PARAMETER, too_long)
+        if pdu_type == pdu.P_DATA_TF:
+            self._p_data(length)
+        elif pdu_type == pdu.A_RELEASE_RQ and not self._finding:
+            self._skip(length)
+            self._send(pdu.release_rp())
+            return "released"
+        elif pdu_type == pdu.A_ABORT:
+            self._skip(length)
+            if self._finding:
+                raise _PeerAbortedError
+            return "aborted"
+        elif pdu.A_ASSOCIATE_RQ <= pdu_type <= pdu.A_ABORT:
+            raise _PduError(pdu.REASON_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X}")
+        else:
+            raise _PduError(pdu.REASON_UNRECOGNISED_PDU, f"unknown PDU type 0x{pdu_type:02X}")
+        return None
 
     def _skip(self, length: int) -> None:
         if length > MAX_SMALL_PDU_BYTES:
@@ -478,10 +512,22 @@ class FastAssociation:
     def _dispatch(self, context_id: int, command: pdu.Command) -> None:
         abstract_syntax = self._contexts[context_id][0]
         verification = abstract_syntax == VERIFICATION_SOP_CLASS
-        if command.command_field == pdu.C_ECHO_RQ and verification and not command.has_data_set:
+        find = abstract_syntax in FIND_SOP_CLASSES
+        field = command.command_field
+        if field == pdu.C_CANCEL_RQ and not command.has_data_set:
+            # PS3.7 9.3.2.3: for a C-FIND in progress; any other is ignored, as pynetdicom does.
+            if self._finding:
+                self._cancelled.add(command.responded_to)
+        elif self._finding:
+            raise _PduError(pdu.REASON_UNEXPECTED_PDU, "a request while a C-FIND is answered")
+        elif field == pdu.C_ECHO_RQ and verification and not command.has_data_set:
             self._store.associations.note(id(self), "echo")
             self._reply(context_id, pdu.echo_response(command))
-        elif command.command_field == pdu.C_STORE_RQ and not verification and command.has_data_set:
+        elif (field == pdu.C_STORE_RQ and not verification and not find) or (
+            field == pdu.C_FIND_RQ and find
+        ):
+            if not command.has_data_set:
+                raise _PduError(pdu.REASON_NOT_SPECIFIED, "a request without its data set")
             self._pending = (context_id, command)
             self._used = 0
             self._oversize = False
@@ -494,8 +540,18 @@ class FastAssociation:
 
     def _data_fragment(self, context_id: int, size: int, *, last: bool) -> None:
         if self._pending is None or self._pending[0] != context_id:
-            raise _PduError(pdu.REASON_UNEXPECTED_PDU, "a data set PDV without its C-STORE-RQ")
+            raise _PduError(pdu.REASON_UNEXPECTED_PDU, "a data set PDV without its request")
         end = self._used + size
+        if self._pending[1].command_field == pdu.C_FIND_RQ:
+            if end > MAX_IDENTIFIER_BYTES:
+                raise _PduError(pdu.REASON_INVALID_PARAMETER, "C-FIND identifier too long")
+            if self._used + size > len(self._data):
+                self._grow(max(end, 4096))
+            self._recv_into(self._view[self._used : end])
+            self._used = end
+            if last:
+                self._find()
+            return
         if not self._oversize and end > self._store.limits.max_instance_bytes:
             # Drain the rest without keeping it, then answer 0xA700 (the sender learns
             # why, and the association goes on).
@@ -567,6 +623,82 @@ class FastAssociation:
         if len(self._data) > KEEP_BUFFER_BYTES:
             self._drop_buffer()
         self._reply(context_id, pdu.store_response(command, status, error_comment(comment)))
+
+    def _find(self) -> None:
+        """Answer the C-FIND whose identifier has arrived (``receiver.fast_find``); a
+        C-CANCEL-RQ is looked for between answers."""
+        assert self._pending is not None
+        context_id, command = self._pending
+        self._pending = None
+        identifier = bytes(self._view[: self._used])
+        store = self._store
+        assert store.archive is not None
+        admission = self._proposal.admission
+        event = FindEvent(
+            command,
+            identifier,
+            UID(self._contexts[context_id][1]),
+            self.calling_ae,
+            self._cancel_requested,
+        )
+        sop_class = command.affected_sop_class_uid
+        peer_max = self._proposal.peer_max_pdu
+
+        def respond(status: int, identifier: bytes | None = None, comment: str = "") -> None:
+            rsp = pdu.response(
+                pdu.C_FIND_RSP,
+                command.message_id,
+                sop_class,
+                status,
+                has_data_set=identifier is not None,
+                error_comment=comment,
+            )
+            pieces = list(pdu.command_pdus(context_id, rsp, peer_max))
+            if identifier is not None:
+                pieces += pdu.data_pdus(context_id, identifier, peer_max)
+            self._send(b"".join(pieces))
+
+        self._finding = True
+        try:
+            serve_find(
+                event,
+                respond,
+                archive=store.archive,
+                associations=store.associations,
+                assoc_id=id(self),
+                principal=None if admission is None else admission.principal,
+                established=lambda: not self._closing and self._broken is None,
+            )
+        finally:
+            self._finding = False
+            self._cancelled.clear()
+        broken, self._broken = self._broken, None
+        if broken is not None:
+            raise broken
+
+    def _cancel_requested(self, message_id: int) -> bool:
+        """Whether a C-CANCEL-RQ for `message_id` has come: reads, without waiting, the PDUs
+        already received (a C-CANCEL, an A-ABORT: anything else aborts the association).
+
+        Never raises (the handlers would take an error for theirs): what ends the reads is
+        kept, the answers stop unsent, and :meth:`_find` raises it once the handler is done.
+        """
+        if self._broken is not None:
+            return True
+        try:
+            while message_id not in self._cancelled and self._readable():
+                self._next_pdu()
+        except Exception as exc:
+            self._broken = exc
+            return True
+        return message_id in self._cancelled
+
+    def _readable(self) -> bool:
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
 
     def _grow(self, capacity: int) -> None:
         """A data set buffer of `capacity` bytes, keeping what was received."""

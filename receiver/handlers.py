@@ -443,7 +443,7 @@ def _not_authorized(operation: str) -> Any:
     return RetrievePlan.refuse(RetrieveStatus.NOT_AUTHORIZED, comment)
 
 
-def _calling_ae(event: Event) -> str:
+def _calling_ae(event: Any) -> str:
     return str(event.assoc.requestor.ae_title)
 
 
@@ -458,29 +458,44 @@ def _query_retrieve(
     """The handler `name` of :mod:`receiver.qr_handlers`, imported on the first call: the
     Q/R stack (DuckDB, pyarrow) costs a worker ~60 MiB that storage alone never needs.
     The operation is counted for the association's audit event."""
-    operation = {"handle_find": "query", "handle_get": "retrieve", "handle_move": "move"}[name]
 
     def handler(event: Event, archive: Archive) -> Any:
-        if associations is not None:
-            kind = operation
-            with contextlib.suppress(Exception):
-                if str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND:
-                    kind = "worklist-query"
-            associations.note(id(event.assoc), kind)
-        principal = _principal(event)
-        if principal is not None and not principal.has(Role.READ):
-            log.warning(
-                "refused %s from %s: %s may not read",
-                operation,
-                _calling_ae(event),
-                principal.subject,
-            )
-            return _not_authorized(operation)
-        module = importlib.import_module("receiver.qr_handlers")
-        return getattr(module, name)(event, archive)
+        return run_query_retrieve(
+            name, event, archive, associations, id(event.assoc), _principal(event)
+        )
 
     handler.__name__ = name
     return handler
+
+
+def run_query_retrieve(
+    name: str,
+    event: Any,
+    archive: Archive,
+    associations: AssociationLog | None,
+    assoc_id: int,
+    principal: Principal | None,
+) -> Any:
+    """Count the operation for the association's audit event, refuse a principal without
+    the read role (0x0124), else call :mod:`receiver.qr_handlers`' handler `name`; the
+    same on both DIMSE paths (`event` is pynetdicom's, or the fast path's stand-in)."""
+    operation = {"handle_find": "query", "handle_get": "retrieve", "handle_move": "move"}[name]
+    if associations is not None:
+        kind = operation
+        with contextlib.suppress(Exception):
+            if str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND:
+                kind = "worklist-query"
+        associations.note(assoc_id, kind)
+    if principal is not None and not principal.has(Role.READ):
+        log.warning(
+            "refused %s from %s: %s may not read",
+            operation,
+            _calling_ae(event),
+            principal.subject,
+        )
+        return _not_authorized(operation)
+    module = importlib.import_module("receiver.qr_handlers")
+    return getattr(module, name)(event, archive)
 
 
 def event_handlers(

@@ -38,6 +38,8 @@ REASON_INVALID_PARAMETER = 0x06
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
+C_FIND_RQ = 0x0020
+C_CANCEL_RQ = 0x0FFF
 C_ECHO_RSP = 0x8030
 C_GET_RSP = 0x8010
 C_FIND_RSP = 0x8020
@@ -75,6 +77,7 @@ class Command:
     affected_sop_class_uid: bytes = b""
     affected_sop_instance_uid: bytes = b""
     priority: int = 0
+    responded_to: int = 0  # a C-CANCEL-RQ's MessageIDBeingRespondedTo
 
 
 def parse_command(data: bytes | bytearray | memoryview) -> Command:
@@ -95,9 +98,14 @@ def parse_command(data: bytes | bytearray | memoryview) -> Command:
     values = command_elements(data)
     try:
         command_field = _us(values[_COMMAND_FIELD])
-        message_id = _us(values[_MESSAGE_ID])
         data_set_type = _us(values[_COMMAND_DATA_SET_TYPE])
         priority = _us(values[_PRIORITY]) if _PRIORITY in values else 0
+        responded_to = 0
+        if command_field == C_CANCEL_RQ:  # PS3.7 9.3.2.3: no MessageID of its own
+            message_id = 0
+            responded_to = _us(values[_MESSAGE_ID_BEING_RESPONDED_TO])
+        else:
+            message_id = _us(values[_MESSAGE_ID])
     except (KeyError, struct.error) as exc:
         raise CommandError(f"command set lacks a valid {exc}") from exc
     return Command(
@@ -107,6 +115,7 @@ def parse_command(data: bytes | bytearray | memoryview) -> Command:
         affected_sop_class_uid=_strip(values.get(_AFFECTED_SOP_CLASS_UID, b"")),
         affected_sop_instance_uid=_strip(values.get(_AFFECTED_SOP_INSTANCE_UID, b"")),
         priority=priority,
+        responded_to=responded_to,
     )
 
 
@@ -222,6 +231,22 @@ def command_pdus(context_id: int, command: bytes, max_pdu_length: int) -> Iterat
         yield PDU_HEADER.pack(P_DATA_TF, len(pdv)) + pdv
         if pos >= len(command):
             return
+
+
+def data_pdus(context_id: int, data: bytes, max_pdu_length: int) -> list[bytes]:
+    """P-DATA-TF PDUs carrying the data set `data` on `context_id`, none longer than the
+    peer's maximum PDU length (0: no limit), one PDV each (PS3.8 9.3.5, E.2)."""
+    room = len(data) if max_pdu_length == 0 else max(1, max_pdu_length - PDV_HEADER.size)
+    pieces: list[bytes] = []
+    pos = 0
+    while True:
+        fragment = data[pos : pos + room]
+        pos += len(fragment)
+        flags = PDV_LAST if pos >= len(data) else 0
+        pdv = PDV_HEADER.pack(len(fragment) + 2, context_id, flags) + fragment
+        pieces.append(PDU_HEADER.pack(P_DATA_TF, len(pdv)) + pdv)
+        if pos >= len(data):
+            return pieces
 
 
 def release_rp() -> bytes:

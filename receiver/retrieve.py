@@ -22,11 +22,11 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -135,34 +135,16 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
         through pynetdicom (``event.is_cancelled`` in the handler).
         """
         cx_id = cast(int, context.context_id)
-        syntax = context.transfer_syntax[0]
         respond = _FindResponder(self, req, cx_id)
-        try:
-            answers = evt.trigger(
+
+        def answers() -> Any:
+            return evt.trigger(
                 self.assoc,
                 evt.EVT_C_FIND,
                 {"request": req, "context": context.as_tuple, "_is_cancelled": self.is_cancelled},
             )
-            for status, identifier in answers or ():
-                if not self.assoc.is_established:
-                    return
-                code, comment = _status_and_comment(status)
-                if code in (FIND_PENDING, FIND_PENDING_WARNING) and identifier is not None:
-                    data = _encode_identifier(identifier, syntax)
-                    if not data:
-                        respond(FIND_CANNOT_ENCODE, comment="answer cannot be encoded")
-                        return
-                    respond(code, data)
-                    continue
-                respond(code, comment=comment)  # a final status ends the answers
-                return
-            respond(0x0000)
-        except OSError as exc:
-            log.warning("C-FIND response not sent: %s", exc)
-        except Exception:
-            log.exception("C-FIND failed unexpectedly")
-            with contextlib.suppress(OSError):
-                respond(FIND_HANDLER_FAILED, comment="internal error")
+
+        answer_find(answers, respond, context.transfer_syntax[0], lambda: self.assoc.is_established)
 
     def _get_scp(self, req: C_GET, context: PresentationContext) -> None:
         self._retrieve(req, context, C_GET(), evt.EVT_C_GET)
@@ -447,6 +429,45 @@ class _FindResponder:
             command,
             None if identifier is None else BytesIO(identifier),
         )
+
+
+class FindRespond(Protocol):
+    """Sends one C-FIND-RSP: its status, the encoded identifier if any, an Error Comment."""
+
+    def __call__(self, status: int, identifier: bytes | None = None, comment: str = "") -> None: ...
+
+
+def answer_find(
+    answers: Callable[[], Iterable[tuple[Any, Any]] | None],
+    respond: FindRespond,
+    syntax: UID,
+    established: Callable[[], bool],
+) -> None:
+    """The EVT_C_FIND handler's (status, identifier) pairs as C-FIND-RSPs, on both DIMSE
+    paths: each pending answer's identifier encoded in `syntax`, the first other status
+    ends the answers (0x0000 if the handler ends without one); 0xC311 if the handler
+    fails, 0xC312 for an answer that cannot be encoded (as pynetdicom answers them)."""
+    try:
+        for status, identifier in answers() or ():
+            if not established():
+                return
+            code, comment = _status_and_comment(status)
+            if code in (FIND_PENDING, FIND_PENDING_WARNING) and identifier is not None:
+                data = _encode_identifier(identifier, syntax)
+                if not data:
+                    respond(FIND_CANNOT_ENCODE, comment="answer cannot be encoded")
+                    return
+                respond(code, data)
+                continue
+            respond(code, comment=comment)  # a final status ends the answers
+            return
+        respond(0x0000)
+    except OSError as exc:
+        log.warning("C-FIND response not sent: %s", exc)
+    except Exception:
+        log.exception("C-FIND failed unexpectedly")
+        with contextlib.suppress(OSError):
+            respond(FIND_HANDLER_FAILED, comment="internal error")
 
 
 def _encode_identifier(identifier: Dataset | Mapping[str, Any], syntax: UID) -> bytes | None:

@@ -68,6 +68,7 @@ class ReceiverProcess:
             "VANNAH_LANDING_BATCH_MAX_AGE_SECONDS": "0.5",
             **self.env,
         }
+        port_file.unlink(missing_ok=True)  # left by an earlier receiver on this folder
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "receiver", "--port-file", str(port_file)],

@@ -49,7 +49,12 @@ from test_receiver_handlers import _broken_inputs  # the hostile inputs, shared
 
 import receiver.app as app
 from receiver import pdu
-from receiver.contexts import STORAGE_SOP_CLASSES, STUDY_ROOT_FIND
+from receiver.contexts import (
+    MODALITY_WORKLIST_FIND,
+    STORAGE_SOP_CLASSES,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_MOVE,
+)
 from receiver.status import StoreStatus
 from vannah_pipelines.dicom.synthetic import make_instance
 
@@ -204,13 +209,15 @@ def test_fast_store_echoscu_is_answered_on_the_fast_path(
     assert worker.fast.served == 1
 
 
-def test_fast_store_leaves_query_retrieve_to_pynetdicom(
+def test_fast_store_serves_c_find_and_leaves_retrieve_to_pynetdicom(
     start_worker: Callable[..., Worker],
 ) -> None:
+    """C-FIND (findscu) takes the fast path; an association proposing C-MOVE does not."""
     worker = start_worker()
     result = _run(
         [
             "findscu",
+            "-v",
             "-S",
             "-k",
             "QueryRetrieveLevel=STUDY",
@@ -221,7 +228,71 @@ def test_fast_store_leaves_query_retrieve_to_pynetdicom(
         ]
     )
     assert result.returncode == 0, result.stderr
-    assert worker.fast.served == 0
+    assert "Final Find Response (Success)" in result.stdout + result.stderr
+    assert worker.fast.served == 1
+    result = _run(
+        [
+            "movescu",
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID=1.2.3.4",
+            "127.0.0.1",
+            str(worker.port),
+        ]
+    )
+    assert "MoveDestinationUnknown" in result.stderr  # answered, by pynetdicom
+    assert worker.fast.served == 1
+
+
+def test_fast_store_serves_find_and_store_on_one_association(
+    start_worker: Callable[..., Worker],
+) -> None:
+    """C-FIND (Study Root, worklist) and C-STORE on one fast-path association; answers as
+    on pynetdicom's path (an empty archive: success, no match), then the release."""
+    worker = start_worker()
+    ae = AE(ae_title="FINDSTORE")
+    ae.add_requested_context(CT, ExplicitVRLittleEndian)
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    ae.add_requested_context(MODALITY_WORKLIST_FIND)
+    assoc = ae.associate("127.0.0.1", worker.port, ae_title="VANNAHCLOUD")
+    assert assoc.is_established
+    try:
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        answers = list(assoc.send_c_find(query, STUDY_ROOT_FIND))
+        assert [int(status.Status) for status, _ in answers] == [0x0000]
+        worklist = pydicom.Dataset()
+        worklist.PatientID = ""
+        answers = list(assoc.send_c_find(worklist, MODALITY_WORKLIST_FIND))
+        assert [int(status.Status) for status, _ in answers] == [0x0000]
+        ds = make_instance("CT", rows=16, columns=16)
+        assert int(assoc.send_c_store(ds).Status) == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    assert worker.fast.served == 1
+
+
+def test_parse_command_reads_c_find_and_c_cancel() -> None:
+    """A C-CANCEL-RQ has no MessageID: it names the request it cancels (PS3.7 9.3.2.3)."""
+    find = pdu.parse_command(pdu.encode_request(pdu.C_FIND_RQ, 3, STUDY_ROOT_FIND.encode()))
+    assert (find.command_field, find.message_id) == (pdu.C_FIND_RQ, 3)
+    cancel = pdu.parse_command(
+        b"".join(
+            [
+                struct.pack("<HHL", 0, 0x0100, 2) + struct.pack("<H", pdu.C_CANCEL_RQ),
+                struct.pack("<HHL", 0, 0x0120, 2) + struct.pack("<H", 3),
+                struct.pack("<HHL", 0, 0x0800, 2) + struct.pack("<H", pdu.NO_DATA_SET),
+            ]
+        )
+    )
+    assert (cancel.command_field, cancel.responded_to, cancel.has_data_set) == (
+        pdu.C_CANCEL_RQ,
+        3,
+        False,
+    )
 
 
 # --------------------------------------------------------------------------- pynetdicom peers
@@ -486,8 +557,8 @@ def test_fast_store_rejects_past_max_associations_counting_both_paths(
 ) -> None:
     worker = start_worker(max_associations=2)
     held_fast = _associate_ct(worker)
-    finder = AE(ae_title="HELDFIND")
-    finder.add_requested_context(STUDY_ROOT_FIND)
+    finder = AE(ae_title="HELDMOVE")
+    finder.add_requested_context(STUDY_ROOT_MOVE)  # C-MOVE: served by pynetdicom
     held_slow = finder.associate("127.0.0.1", worker.port, ae_title="VANNAHCLOUD")
     assert held_slow.is_established
     # A third association is rejected on either path: transient, local limit exceeded.

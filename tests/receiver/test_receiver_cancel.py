@@ -24,9 +24,18 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDIES = 600
 
 
+@pytest.fixture(scope="module", params=["fast", "pynetdicom"])
+def receiver(request: pytest.FixtureRequest, cancel_data: Path) -> Iterator[ReceiverProcess]:
+    """A receiver over the archive, C-FIND served on the DIMSE path ``request.param``."""
+    env = {"VANNAH_RECEIVER_FAST_STORE": "false"} if request.param == "pynetdicom" else {}
+    rx = ReceiverProcess(data_dir=cancel_data, port=0, workers=1, env=env).start()
+    yield rx
+    rx.stop()
+
+
 @pytest.fixture(scope="module")
-def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReceiverProcess]:
-    """A receiver over an archive of many small studies (built through the real ingest)."""
+def cancel_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder of many small studies (built through the real ingest)."""
     data_dir = tmp_path_factory.mktemp("cancel") / "data"
     settings = load_settings(data_dir=data_dir)
     batch = LandingZone(settings.landing_dir).open_batch("import")
@@ -44,9 +53,7 @@ def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReceiverProce
         ),
         [sealed.batch_id],
     )
-    rx = ReceiverProcess(data_dir=Path(data_dir), port=0, workers=1).start()
-    yield rx
-    rx.stop()
+    return Path(data_dir)
 
 
 def _find_all(rx: ReceiverProcess, cancel_after: float | None) -> list[int]:

@@ -4,6 +4,7 @@ storescp destination, on an archive built by storescu + ingest."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -52,6 +53,7 @@ STRICT_AET = "STRICTDEST"  # a storescp accepting uncompressed syntaxes only
 PICKY_AET = "PICKYDEST"  # a pynetdicom storage SCP answering the statuses a test sets
 PYDICOM_FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "rtplan.dcm")
 NON_ASCII_NAME = "Müller^Jürgen"
+PATHS = ["fast", "pynetdicom"]  # the DIMSE paths C-FIND is served on
 
 
 @dataclass
@@ -85,7 +87,27 @@ def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[s
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+def archive(request: pytest.FixtureRequest, built_archive: Archive) -> Iterator[Archive]:
+    """The archive served on the DIMSE path ``request.param``: "fast" (the receiver as it
+    runs, C-FIND on its fast path) by default; "pynetdicom" is a second receiver on the same
+    data folder with the fast path off. The C-FIND tests run on both (``indirect``)."""
+    if getattr(request, "param", "fast") == "fast":
+        yield built_archive
+        return
+    rx = ReceiverProcess(
+        data_dir=built_archive.data_dir,
+        port=0,
+        workers=1,
+        env={**built_archive.receiver.env, "VANNAH_RECEIVER_FAST_STORE": "false"},
+        runs=100,  # its port and log files apart from the first receiver's
+    ).start()
+    yield dataclasses.replace(built_archive, receiver=rx)
+    if rx.proc is not None and rx.proc.poll() is None:
+        rx.stop()
+
+
+@pytest.fixture(scope="module")
+def built_archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     root = tmp_path_factory.mktemp("qr-archive")
     data_dir = root / "data"
     dest_port, strict_port, picky_port, port = free_ports(4)
@@ -242,6 +264,7 @@ def _keywords(ds: Dataset) -> set[str]:
 # --- C-FIND -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_findscu_study_root_study_level_returns_exactly_requested_keys(
     archive: Archive, tmp_path: Path
 ) -> None:
@@ -266,6 +289,7 @@ def test_findscu_study_root_study_level_returns_exactly_requested_keys(
     assert sorted(a.StudyDate for a in answers) == ["20240110", "20240115"]
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_findscu_date_range_wildcard_and_uid_list(archive: Archive, tmp_path: Path) -> None:
     _, answers = _findscu(
         archive,
@@ -283,6 +307,7 @@ def test_findscu_date_range_wildcard_and_uid_list(archive: Archive, tmp_path: Pa
     assert all(_keywords(a) == {"QueryRetrieveLevel", "StudyInstanceUID"} for a in answers)
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_findscu_series_and_image_levels(archive: Archive, tmp_path: Path) -> None:
     study = next(
         u for u, p in archive.patients.items() if p == "QR-PAT-1" and len(archive.studies[u]) == 4
@@ -334,6 +359,7 @@ def test_findscu_series_and_image_levels(archive: Archive, tmp_path: Path) -> No
         }
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_findscu_patient_root_every_level(archive: Archive, tmp_path: Path) -> None:
     _, patients = _findscu(
         archive,
@@ -391,6 +417,7 @@ def _codes(answer: Dataset) -> list[dict[str, str]]:
     return [{e.keyword: str(e.value) for e in item} for item in answer.ProcedureCodeSequence]
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_findscu_sequence_matching_at_study_level(archive: Archive, tmp_path: Path) -> None:
     """PS3.4 C.2.2.2.6: a sequence key with one item matches when a stored item matches all
     of the item's keys; the answer carries the matching items with the requested keys."""
@@ -442,6 +469,7 @@ def _other_study_asking(archive: Archive, out: Path, key: str) -> Dataset:
     return answers[0]
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_findscu_empty_sequence_key_returns_every_item_whole(
     archive: Archive, tmp_path: Path
 ) -> None:
@@ -468,6 +496,7 @@ def test_findscu_empty_sequence_key_returns_every_item_whole(
     assert len(answer.ProcedureCodeSequence) == 0
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_findscu_sequence_matching_at_series_level_returns_matching_items_only(
     archive: Archive, tmp_path: Path
 ) -> None:
@@ -505,6 +534,7 @@ def test_findscu_sequence_matching_at_series_level_returns_matching_items_only(
     assert steps == {1: ["SPS1", "SPS2"], 2: ["SPS3"]}
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_findscu_attribute_outside_the_catalog_columns_is_matched_from_headers(
     archive: Archive, tmp_path: Path
 ) -> None:
@@ -517,6 +547,7 @@ def test_findscu_attribute_outside_the_catalog_columns_is_matched_from_headers(
     assert answer.PatientAge in ("", None)
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_sequence_key_with_two_items_is_refused(archive: Archive) -> None:
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
@@ -525,6 +556,7 @@ def test_sequence_key_with_two_items_is_refused(archive: Archive) -> None:
     assert [s for s, _ in responses] == [FindStatus.UNABLE_TO_PROCESS]
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_findscu_non_ascii_answer_is_utf8(archive: Archive, tmp_path: Path) -> None:
     _, answers = _findscu(
         archive,
@@ -536,6 +568,7 @@ def test_findscu_non_ascii_answer_is_utf8(archive: Archive, tmp_path: Path) -> N
     assert str(answers[0].PatientName) == NON_ASCII_NAME
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_findscu_cancel_stops_answers(archive: Archive, tmp_path: Path) -> None:
     result, answers = _findscu(
         archive,
@@ -626,6 +659,7 @@ PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
         ),
     ],
 )
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_malformed_find_identifiers_are_refused(
     archive: Archive, model: str, elements: dict[str, str], status: int
 ) -> None:
@@ -639,6 +673,7 @@ def test_malformed_find_identifiers_are_refused(
     assert before == after
 
 
+@pytest.mark.parametrize("archive", PATHS, indirect=True)
 def test_pynetdicom_c_cancel_during_find(archive: Archive) -> None:
     ae = AE(ae_title="QRTEST")
     ae.add_requested_context(STUDY_ROOT_FIND)

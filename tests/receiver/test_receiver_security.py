@@ -152,7 +152,7 @@ def test_dcmtk_echo_store_find_over_tls(
     landed = wait_sealed(worker.data_dir, {str(ds.SOPInstanceUID)})
     assert str(ds.SOPInstanceUID) in landed
     if path == "fast":
-        assert worker.fast.served == 2  # TLS echo and storage stay on the fast path
+        assert worker.fast.served == 3  # TLS echo, storage and C-FIND on the fast path
     # One audit event per association, the store one with its counts (no patient data).
     worker.wait_idle()
     rows = _wait_audit(worker, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import socket
 import subprocess
@@ -36,22 +37,27 @@ def store(tmp_path: Path) -> WorklistStore:
 
 
 @pytest.fixture(scope="session")
-def mwl_scp() -> Iterator[Callable[..., int]]:
+def mwl_receivers() -> Iterator[Callable[..., int]]:
     """Factory: the real receiver (``python -m receiver``) serving the data folder that holds
-    `store` (``<data>/catalog/worklist``); returns its port. One receiver per data folder
-    and past-due setting, shared by the tests of a session."""
-    running: dict[tuple[Path, float], ReceiverProcess] = {}
+    `store` (``<data>/catalog/worklist``) with C-FIND on the DIMSE path `path`; returns its
+    port. One receiver per data folder, past-due setting and path, shared by the tests of a
+    session."""
+    running: dict[tuple[Path, float, str], ReceiverProcess] = {}
 
-    def start(store: WorklistStore, past_due_hours: float = 24.0) -> int:
+    def start(store: WorklistStore, past_due_hours: float = 24.0, *, path: str = "fast") -> int:
         data_dir = store.root.parent.parent
         assert store.root == data_dir / "catalog" / "worklist", store.root
-        key = (data_dir, past_due_hours)
+        key = (data_dir, past_due_hours, path)
         if key not in running:
+            env = {"VANNAH_WORKLIST_PAST_DUE_HOURS": str(past_due_hours)}
+            if path == "pynetdicom":
+                env["VANNAH_RECEIVER_FAST_STORE"] = "false"
             running[key] = ReceiverProcess(
                 data_dir=data_dir,
                 port=0,
                 workers=1,
-                env={"VANNAH_WORKLIST_PAST_DUE_HOURS": str(past_due_hours)},
+                env=env,
+                runs=100 * len(running),  # port and log files apart from the others'
             ).start()
         return running[key].port
 
@@ -59,6 +65,14 @@ def mwl_scp() -> Iterator[Callable[..., int]]:
     for rx in running.values():
         if rx.proc is not None and rx.proc.poll() is None:
             rx.stop()
+
+
+@pytest.fixture(params=["fast", "pynetdicom"])
+def mwl_scp(
+    request: pytest.FixtureRequest, mwl_receivers: Callable[..., int]
+) -> Callable[..., int]:
+    """Factory as :func:`mwl_receivers`, C-FIND served on each DIMSE path in turn."""
+    return functools.partial(mwl_receivers, path=request.param)
 
 
 def findscu(
