@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -32,6 +31,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import RLELossless, generate_uid
 
 from tests.dicomweb.conftest import land_and_ingest
+from tests.processes import stop_process_group
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.settings import load_settings
 
@@ -202,13 +202,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         assert status == 200
         yield service
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)
 
 
 def _reason(body: bytes) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -22,6 +21,7 @@ from pydicom.uid import generate_uid
 
 from dicomweb.__main__ import uvicorn_config
 from tests.dicomweb.conftest import land_and_ingest
+from tests.processes import stop_process_group
 from tests.tls_support import make_pki
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.platform import banner
@@ -99,13 +99,7 @@ def https_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsSer
                 time.sleep(0.1)
         yield HttpsService(f"https://localhost:{port}/dicom-web", port, ca, study)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)
 
 
 def test_https_dicomweb_client_verifies_the_test_ca(https_service: HttpsService) -> None:

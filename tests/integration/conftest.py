@@ -1,9 +1,7 @@
 """Real servers for integration tests: PostgreSQL and the Dagster daemon, on loopback."""
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import stop_process_group
 from tests.receiver.receiver_support import free_port
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.dagster_home import prepare_dagster_home
@@ -132,16 +131,6 @@ def start_daemon(
         start_new_session=True,
     )
     return Daemon(data_dir, home, env, process)
-
-
-def stop_process_group(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 @pytest.fixture

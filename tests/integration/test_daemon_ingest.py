@@ -6,7 +6,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from tests.integration.conftest import Daemon, start_daemon, stop_process_group
+from tests.integration.conftest import Daemon, start_daemon
+from tests.processes import stop_process_group
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
 from vannah_pipelines.platform import PROJECT_DIR

@@ -17,7 +17,8 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode, split_dataset
 
 from receiver.status import StoreStatus
-from tests.integration.conftest import Daemon, free_port, start_daemon, stop_process_group
+from tests.integration.conftest import Daemon, free_port, start_daemon
+from tests.processes import stop_process_group
 from tests.receiver.receiver_support import (
     DCMTK_ENV,
     STORESCU_PROPOSE,

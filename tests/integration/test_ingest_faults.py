@@ -15,7 +15,8 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from tests.catalog.conftest import poisoned_instance
-from tests.integration.conftest import Daemon, start_daemon, stop_process_group
+from tests.integration.conftest import Daemon, start_daemon
+from tests.processes import stop_process_group
 from tests.receiver.receiver_raw_scu import RawAssociation, associate_rq, pdata, store_command
 from tests.receiver.receiver_support import ReceiverProcess, free_port, wait_sealed
 from vannah_pipelines.catalog.reader import CatalogReader

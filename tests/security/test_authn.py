@@ -53,6 +53,7 @@ def _claims(**extra: Any) -> dict[str, Any]:
 class _Jwks(BaseHTTPRequestHandler):
     document: bytes = b"{}"
     hits = 0
+    served: type[_Jwks] | None = None  # the handler class the jwks_url fixture serves with
 
     def do_GET(self) -> None:
         type(self).hits += 1
@@ -85,6 +86,7 @@ def jwks_url(keys: dict[str, Any]) -> Iterator[str]:
         )
         entries.append({**jwk, "kid": kid, "alg": alg, "use": "sig"})
     handler = type("Jwks", (_Jwks,), {"document": json.dumps({"keys": entries}).encode()})
+    _Jwks.served = handler
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -265,3 +267,24 @@ def test_anonymous_principal_reads_everything() -> None:
     from vannah_pipelines.security.principal import ANONYMOUS
 
     assert isinstance(ANONYMOUS, Principal) and ANONYMOUS.can_read_study("1", None)
+
+
+def test_unknown_key_ids_cannot_make_every_request_fetch_the_jwks(
+    tmp_path: Path, keys: dict[str, Any], jwks_url: str
+) -> None:
+    # A hostile client sending tokens with ever-new `kid`s must not turn each request into
+    # an outbound fetch from the identity provider (amplification, worker threads blocked).
+    auth = Authenticator(_settings(tmp_path, jwt_jwks_url=jwks_url))
+    good = jwt.encode(_claims(), keys["rsa"], algorithm="RS256", headers={"kid": "rsa"})
+    assert auth.from_bearer(good).subject == "bob"
+    served = _Jwks.served
+    assert served is not None
+    before = served.hits
+    for i in range(50):
+        forged = jwt.encode(
+            _claims(), keys["other_rsa"], algorithm="RS256", headers={"kid": f"k{i}"}
+        )
+        with pytest.raises(AuthenticationError, match="no JWKS key"):
+            auth.from_bearer(forged)
+    assert served.hits - before <= 1, served.hits - before
+    assert auth.from_bearer(good).subject == "bob"

@@ -22,6 +22,7 @@ from vannah_pipelines.settings import Settings
 LAUNCH_ISSUER = "vannah-launch"
 LAUNCH_AUDIENCE = "vannah"
 SCOPE_CLAIM = "vannah_scope"
+MAX_TTL_SECONDS = 7 * 86400  # the launch_token_ttl_seconds ceiling too
 
 
 def signing_key(path: Path) -> bytes:
@@ -65,6 +66,10 @@ def parse_ttl(text: str) -> float:
 
     >>> parse_ttl("15m"), parse_ttl("90"), parse_ttl("1.5h")
     (900.0, 90.0, 5400.0)
+    >>> parse_ttl("30d")
+    Traceback (most recent call last):
+    ...
+    ValueError: a launch token lives at most 7 days: '30d'
     >>> parse_ttl("soon")
     Traceback (most recent call last):
     ...
@@ -73,7 +78,10 @@ def parse_ttl(text: str) -> float:
     match = _TTL.fullmatch(text)
     if match is None or float(match.group(1)) <= 0:
         raise ValueError(f"not a lifetime (use 900, 15m, 2h or 1d): {text!r}")
-    return float(match.group(1)) * _UNIT[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if seconds > MAX_TTL_SECONDS:
+        raise ValueError(f"a launch token lives at most 7 days: {text!r}")
+    return seconds
 
 
 def mint_scoped_token(
