@@ -13,6 +13,7 @@ import os
 import subprocess
 import warnings
 from collections.abc import Iterator
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -165,17 +166,21 @@ def test_ingest_run_on_a_full_disk_is_tagged_for_the_sensor(
 def test_publishing_the_catalog_on_a_full_disk_is_a_disk_full_error(
     tmp_path: Path, full_disk: FullDisk
 ) -> None:
-    """DuckDB's IOException is reported as ENOSPC (so the sensor waits for space) and its
-    temp file is removed."""
-    writer = CatalogWriter(tmp_path / "catalog")
+    """Publishing a first generation (the serving database DuckDB writes) on a full disk is
+    reported as ENOSPC (so the sensor waits for space) and leaves no temp file."""
+    catalog = tmp_path / "catalog"
+    writer = CatalogWriter(catalog)
     writer.ensure()
     if not full_disk.mounted:
         pytest.skip("needs the real tmpfs: DuckDB writes its file itself")
-    (tmp_path / "catalog" / "catalog.duckdb").unlink()
+    (catalog / "catalog.duckdb").unlink()
+    (catalog / "manifest.json").unlink()
+    shutil.rmtree(catalog / "serving")
     full_disk.fill()
     with pytest.raises(OSError) as caught:
         writer.publish()
     assert is_disk_full(caught.value)
-    assert not list((tmp_path / "catalog").glob(".catalog.duckdb.*"))
+    assert not list(catalog.glob(".catalog.duckdb.*"))
+    assert not list((catalog / "serving").glob(".tmp-*"))
     full_disk.free()
     assert writer.publish().exists()

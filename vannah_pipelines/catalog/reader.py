@@ -1,21 +1,36 @@
-"""Read the catalog: an in-memory DuckDB copy that loads at start and tails new batch files.
+"""Read the catalog: the serving database on disk, plus a small in-memory overlay.
 
-Each reading service (DICOMweb, the receiver's Q/R, tests) keeps its own copy, so readers
-never hold a lock on anything a writer touches and queries run from memory. ``instances``,
-``series`` and ``studies`` are tables here (views in the researchers' ``catalog.duckdb``),
-maintained incrementally: a refresh costs what the new batch files touch, not the archive.
+Each reading service (DICOMweb, the receiver's Q/R, the CLI) opens the current generation's
+serving database (vannah_pipelines/catalog/compaction.py) read-only, with DuckDB's buffer
+pool held to `memory_limit_mb`: memory is bounded by that setting, not by the archive. What
+compaction has not merged yet, the batch files written since and (optionally) the instances
+landed but not indexed yet, is held in memory as an *overlay*: the versions themselves and
+the current rows, series, studies and patients they change. ``instances``, ``series``,
+``studies``, ``patients`` and ``quarantine`` are views that take a key's overlay row where it
+has one and the serving database's otherwise; a refresh costs what the new files touch.
+
+When compaction publishes a new generation, the next refresh builds a fresh state on it and
+swaps it in whole; the previous one is closed once queries that began on it had time to end.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
 
+from vannah_pipelines.catalog.compaction import (
+    SERVING_INSTANCE_COLUMNS,
+    Manifest,
+    batch_files,
+    pending_batch_files,
+)
 from vannah_pipelines.catalog.schema import (
     TABLES,
     current_select,
@@ -24,169 +39,382 @@ from vannah_pipelines.catalog.schema import (
     study_select,
 )
 
-_NEW = "_new_rows"
-# Columns held in memory: everything but the header JSON (read from the Parquet file on
-# demand, see headers()), plus the file each row came from.
-_LOADED = ", ".join(
-    [n for n in TABLES["instances"].names if n != "header_json"] + ["'' AS source_file"]
-)
+if TYPE_CHECKING:
+    from vannah_pipelines.catalog.landed import LandedIndex
+
+log = logging.getLogger(__name__)
+
+_COLS = ", ".join(SERVING_INSTANCE_COLUMNS)
+# Landed-but-not-indexed rows have no batch file; their headers are held by the overlay.
+LANDED = "landed:"
+# A replaced state is closed this long after the swap (queries begun on it end first).
+_RETIRE_SECONDS = 60.0
+_VIEWS = ("instances", "series", "studies", "patients", "quarantine", "instance_versions")
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "''")
+
+
+class _State:
+    """One generation's connection: the serving database attached as ``base`` (or empty
+    tables when nothing was compacted yet) and the overlay tables and views."""
+
+    def __init__(self, root: Path, manifest: Manifest, memory_limit_mb: int) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.loaded: dict[str, set[str]] = {t: set() for t in TABLES}
+        self.landed_version: int | None = None
+        self.landed_headers: dict[tuple[str, str], str] = {}
+        self.con = duckdb.connect(":memory:")
+        con = self.con
+        con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
+        con.execute("SET parquet_metadata_cache = true")
+        if manifest.serving is not None:
+            con.execute(f"ATTACH '{_quote(str(root / manifest.serving))}' AS base (READ_ONLY)")
+        else:
+            self._empty_base()
+        # Overlay: versions not compacted yet (without headers), and the rows they change.
+        con.execute(
+            "CREATE TABLE o_versions AS SELECT * EXCLUDE (instance_availability) "
+            "FROM base.compacted_instances LIMIT 0"
+        )
+        con.execute("CREATE TABLE o_instances AS SELECT * FROM base.compacted_instances LIMIT 0")
+        con.execute("CREATE TABLE o_sops (sop_instance_uid VARCHAR)")
+        for level, key in (("series", "series_instance_uid"), ("studies", "study_instance_uid"),
+                           ("patients", "patient_id")):
+            con.execute(f"CREATE TABLE o_{level} AS SELECT * FROM base.compacted_{level} LIMIT 0")
+            con.execute(f"CREATE TABLE o_{level}_keys ({key} VARCHAR)")
+        con.execute("CREATE TABLE o_quarantine AS SELECT * FROM base.compacted_quarantine LIMIT 0")
+        con.execute(
+            "CREATE VIEW instances AS SELECT * FROM base.compacted_instances b "
+            "ANTI JOIN o_sops USING (sop_instance_uid) UNION ALL BY NAME SELECT * FROM o_instances"
+        )
+        con.execute(
+            "CREATE VIEW series AS SELECT * FROM base.compacted_series "
+            "ANTI JOIN o_series_keys USING (series_instance_uid) "
+            "UNION ALL BY NAME SELECT * FROM o_series"
+        )
+        con.execute(
+            "CREATE VIEW studies AS SELECT * FROM base.compacted_studies "
+            "ANTI JOIN o_studies_keys USING (study_instance_uid) "
+            "UNION ALL BY NAME SELECT * FROM o_studies"
+        )
+        con.execute(
+            "CREATE VIEW patients AS SELECT * FROM base.compacted_patients b WHERE NOT EXISTS "
+            "(SELECT 1 FROM o_patients_keys k WHERE k.patient_id IS NOT DISTINCT FROM b.patient_id) "
+            "UNION ALL BY NAME SELECT * FROM o_patients"
+        )
+        con.execute(
+            "CREATE VIEW quarantine AS SELECT * FROM base.compacted_quarantine "
+            "UNION ALL BY NAME SELECT * FROM o_quarantine"
+        )
+        self._versions_view()
+        self.types: dict[str, dict[str, str]] = {
+            view: {r[0]: r[1] for r in con.execute(f"DESCRIBE {view}").fetchall()}
+            for view in _VIEWS
+        }
+
+    def _empty_base(self) -> None:
+        """Nothing compacted yet: an empty ``base`` with the serving database's tables."""
+        con = self.con
+        con.execute("ATTACH ':memory:' AS base")
+        con.register("_empty_i", TABLES["instances"].empty_table())
+        con.register("_empty_q", TABLES["quarantine"].empty_table())
+        con.execute(
+            "CREATE TABLE base.compacted_instances AS "
+            f"{current_select(f'(SELECT {_COLS}, {chr(39)}{chr(39)} AS source_file FROM _empty_i)')}"
+        )
+        con.execute(
+            f"CREATE TABLE base.compacted_series AS {series_select('base.compacted_instances')}"
+        )
+        con.execute(
+            f"CREATE TABLE base.compacted_studies AS {study_select('base.compacted_instances')}"
+        )
+        con.execute(
+            f"CREATE TABLE base.compacted_patients AS {patient_select('base.compacted_studies')}"
+        )
+        con.execute("CREATE TABLE base.compacted_quarantine AS SELECT * FROM _empty_q")
+        con.unregister("_empty_i")
+        con.unregister("_empty_q")
+
+    def _versions_view(self) -> None:
+        """``instance_versions``: every version with its header, from the compacted files and
+        the overlay's batch files (read when asked, never held)."""
+        files = [str(self.root / f) for f in self.manifest.files.get("instances", [])]
+        files += sorted(str(self.root / f) for f in self.loaded["instances"])
+        if not files:
+            files = [str(self.root / "instances" / "day=1970-01-01" / "schema.parquet")]
+        listed = ", ".join(f"'{_quote(f)}'" for f in files)
+        self.con.execute(
+            "CREATE OR REPLACE VIEW instance_versions AS SELECT * FROM "
+            f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
+        )
+
+    # ------------------------------------------------------------------ overlay upkeep
+
+    def add_files(self, quarantine: list[str], instances: list[str]) -> None:
+        """Add batch files (relative paths) to the overlay, in one transaction."""
+        cur = self.con.cursor()
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            if quarantine:
+                cols = ", ".join(TABLES["quarantine"].names)
+                cur.execute(
+                    f"INSERT INTO o_quarantine SELECT {cols} FROM read_parquet(?, "
+                    "hive_partitioning = false)",
+                    [[str(self.root / f) for f in quarantine]],
+                )
+            if instances:
+                cur.execute(
+                    f"CREATE TEMP TABLE _new AS SELECT {_COLS}, filename AS source_file "
+                    "FROM read_parquet(?, filename = true, hive_partitioning = false)",
+                    [[str(self.root / f) for f in instances]],
+                )
+                # An indexed version replaces the landed row of the same bytes.
+                cur.execute(
+                    f"DELETE FROM o_versions v WHERE starts_with(v.source_file, '{LANDED}') AND "
+                    "EXISTS (SELECT 1 FROM _new n WHERE n.sop_instance_uid = v.sop_instance_uid "
+                    "AND n.checksum = v.checksum)"
+                )
+                cur.execute("INSERT INTO o_versions SELECT * FROM _new")
+                cur.execute("CREATE TEMP TABLE _t AS SELECT DISTINCT sop_instance_uid, "
+                            "study_instance_uid FROM _new")
+                self._recompute(cur)
+                cur.execute("DROP TABLE _new")
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        finally:
+            cur.close()
+        self.loaded["quarantine"].update(quarantine)
+        self.loaded["instances"].update(instances)
+        if instances:
+            self._versions_view()
+
+    def set_landed(self, version: int, rows: pa.Table) -> None:
+        """Replace the overlay's landed rows by `rows` (the landed index's snapshot)."""
+        cur = self.con.cursor()
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            cur.execute(
+                "CREATE TEMP TABLE _t AS SELECT DISTINCT sop_instance_uid, study_instance_uid "
+                f"FROM o_versions WHERE starts_with(source_file, '{LANDED}')"
+            )
+            cur.execute(f"DELETE FROM o_versions WHERE starts_with(source_file, '{LANDED}')")
+            headers: dict[tuple[str, str], str] = {}
+            if rows.num_rows:
+                cur.register("_landed", rows)
+                # Versions already indexed (here or in the serving database) are not repeated.
+                cur.execute(
+                    f"CREATE TEMP TABLE _new AS SELECT {_COLS}, '{LANDED}' || batch_id "
+                    "AS source_file FROM _landed l WHERE NOT EXISTS (SELECT 1 FROM o_versions v "
+                    "WHERE v.sop_instance_uid = l.sop_instance_uid AND v.checksum = l.checksum) "
+                    "AND NOT EXISTS (SELECT 1 FROM base.compacted_instances b "
+                    "WHERE b.study_instance_uid = l.study_instance_uid "
+                    "AND b.sop_instance_uid = l.sop_instance_uid AND b.checksum = l.checksum)"
+                )
+                cur.unregister("_landed")
+                cur.execute("INSERT INTO o_versions SELECT * FROM _new")
+                cur.execute("INSERT INTO _t SELECT DISTINCT sop_instance_uid, study_instance_uid "
+                            "FROM _new")
+                cur.execute("DROP TABLE _new")
+                sops = rows.column("sop_instance_uid").to_pylist()
+                sums = rows.column("checksum").to_pylist()
+                texts = rows.column("header_json").to_pylist()
+                headers = {(s, c): h for s, c, h in zip(sops, sums, texts, strict=True) if h}
+            self._recompute(cur)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        finally:
+            cur.close()
+        self.landed_version = version
+        self.landed_headers = headers
+
+    def _recompute(self, cur: duckdb.DuckDBPyConnection) -> None:
+        """Derive again the current rows of the SOP UIDs in ``_t`` (sop, study) and every
+        series, study and patient they belong to (before and after); drops ``_t``."""
+        touched = "sop_instance_uid IN (SELECT sop_instance_uid FROM _t)"
+        cur.execute(f"""CREATE TEMP TABLE _k AS
+            SELECT series_instance_uid, study_instance_uid, patient_id FROM o_instances
+            WHERE {touched}""")
+        cur.execute(f"DELETE FROM o_instances WHERE {touched}")
+        cur.execute(f"DELETE FROM o_sops WHERE {touched}")
+        cur.execute(f"INSERT INTO o_sops SELECT DISTINCT sop_instance_uid FROM o_versions "
+                    f"WHERE {touched}")
+        in_studies = "study_instance_uid IN (SELECT study_instance_uid FROM _t)"
+        candidates = (
+            "(SELECT * EXCLUDE (instance_availability) FROM base.compacted_instances "
+            f"WHERE {in_studies} AND {touched} "
+            f"UNION ALL BY NAME SELECT * FROM o_versions WHERE {touched})"
+        )
+        cur.execute(
+            f"INSERT INTO o_instances SELECT * FROM ({current_select(candidates)}) c "
+            "WHERE sop_instance_uid IN (SELECT sop_instance_uid FROM o_sops)"
+        )
+        cur.execute(f"""INSERT INTO _k
+            SELECT series_instance_uid, study_instance_uid, patient_id FROM o_instances
+            WHERE {touched}
+            UNION ALL SELECT series_instance_uid, study_instance_uid, patient_id
+            FROM base.compacted_instances WHERE {in_studies} AND {touched}""")
+        k_studies = "study_instance_uid IN (SELECT study_instance_uid FROM _k)"
+        for level, key, select in (
+            ("series", "series_instance_uid", series_select),
+            ("studies", "study_instance_uid", study_select),
+        ):
+            in_keys = f"{key} IN (SELECT {key} FROM _k)"
+            cur.execute(f"INSERT INTO o_{level}_keys SELECT DISTINCT {key} FROM _k "
+                        f"WHERE {key} NOT IN (SELECT {key} FROM o_{level}_keys)")
+            cur.execute(f"DELETE FROM o_{level} WHERE {in_keys}")
+            cur.execute(f"INSERT INTO o_{level} "
+                        f"{select('instances', f'WHERE {k_studies} AND {in_keys}')}")
+        patient = ("EXISTS (SELECT 1 FROM _k WHERE _k.patient_id IS NOT DISTINCT FROM "
+                   "{t}.patient_id)")
+        cur.execute("INSERT INTO o_patients_keys SELECT DISTINCT patient_id FROM _k k WHERE "
+                    "NOT EXISTS (SELECT 1 FROM o_patients_keys p WHERE p.patient_id IS NOT "
+                    "DISTINCT FROM k.patient_id)")
+        cur.execute(f"DELETE FROM o_patients WHERE {patient.format(t='o_patients')}")
+        cur.execute(f"INSERT INTO o_patients {patient_select('studies s', 'WHERE ' + patient.format(t='s'))}")
+        cur.execute("DROP TABLE _k")
+        cur.execute("DROP TABLE _t")
+
+    def close(self) -> None:
+        self.con.close()
 
 
 class CatalogReader:
-    """A consistent, refreshable in-memory view of the catalog under `root`.
+    """A consistent, refreshable view of the catalog under `root`, with bounded memory.
 
-    Tables: ``instances`` (current version of each SOP Instance UID, without the header
-    JSON: see :meth:`headers`), ``series``, ``studies``, ``patients``, ``quarantine``; and
-    ``instance_versions`` (every ingested file), a view over the Parquet files. The same
-    names and columns as the views documented in docs/catalog.md.
+    Views: ``instances`` (current version of each SOP Instance UID, without the header
+    JSON: see :meth:`headers`), ``series``, ``studies``, ``patients``, ``quarantine`` and
+    ``instance_versions`` (every ingested version, with its header, read from the Parquet
+    files when asked): the names and columns of docs/catalog.md. With `landed`, instances
+    landed but not indexed yet are answered too (tier ``landing``).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        memory_limit_mb: int = 256,
+        landed: LandedIndex | None = None,
+    ) -> None:
         self.root = Path(root)
-        self._con = duckdb.connect(":memory:")
+        self.memory_limit_mb = memory_limit_mb
+        self.landed = landed
         self._lock = threading.Lock()
-        self._loaded: dict[str, set[str]] = {t: set() for t in TABLES}
-        con = self._con
-        con.register("_empty_q", TABLES["quarantine"].empty_table())
-        con.execute("CREATE TABLE quarantine AS SELECT * FROM _empty_q")
-        con.unregister("_empty_q")
-        con.register("_empty_i", TABLES["instances"].empty_table())
-        con.execute(f"CREATE TEMP VIEW _empty_rows AS SELECT {_LOADED} FROM _empty_i")
-        con.execute(f"CREATE TABLE instances AS {current_select('_empty_rows')} LIMIT 0")
-        con.execute("DROP VIEW _empty_rows")
-        con.unregister("_empty_i")
-        con.execute(f"CREATE TABLE series AS {series_select('instances')} LIMIT 0")
-        con.execute(f"CREATE TABLE studies AS {study_select('instances')} LIMIT 0")
-        con.execute(f"CREATE TABLE patients AS {patient_select('studies')} LIMIT 0")
-        # Every version of every instance, with its header: read from the Parquet files
-        # when asked (rarely), never held in memory.
-        self._versions_view = False
-        con.register("_empty_v", TABLES["instances"].empty_table())
-        con.execute("CREATE TABLE instance_versions AS SELECT * FROM _empty_v")
-        con.unregister("_empty_v")
-        # Refreshes add rows, never columns: the types are known from here on.
-        self._types: dict[str, dict[str, str]] = {}
-        for table, column, type_ in con.execute(
-            "SELECT table_name, column_name, data_type FROM duckdb_columns()"
-        ).fetchall():
-            self._types.setdefault(table, {})[column] = type_
+        self._retired: list[tuple[float, _State]] = []
+        self._manifest_stamp: tuple[int, int] | None = None
+        self._state = self._new_state(Manifest.load(self.root))
         self.refresh()
 
-    def _new_files(self, table: str) -> list[str]:
-        base = self.root / table
-        if not base.exists():
-            return []
-        found = sorted(str(p) for p in base.glob("day=*/*.parquet"))
-        return [f for f in found if f not in self._loaded[table]]
+    def _new_state(self, manifest: Manifest) -> _State:
+        self._manifest_stamp = self._stamp()
+        return _State(self.root, manifest, self.memory_limit_mb)
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = (self.root / "manifest.json").stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_ino)
+
+    @property
+    def generation(self) -> int:
+        return self._state.manifest.generation
 
     def refresh(self) -> int:
-        """Load batch files added since the last refresh; returns how many.
-
-        All changes of one refresh commit together, so a query sees a batch whole or not
-        at all.
-        """
+        """Bring the view up to date: a new generation if compaction published one, then
+        batch files added since, then landed instances. Returns how many batch files were
+        added (a new generation counts its overlay's files). Each step commits whole."""
         with self._lock:
-            quarantine = self._new_files("quarantine")
-            instances = self._new_files("instances")
-            if not quarantine and not instances:
-                return 0
-            cur = self._con.cursor()
-            try:
-                cur.execute("BEGIN TRANSACTION")
-                if quarantine:
-                    cols = ", ".join(TABLES["quarantine"].names)
-                    cur.execute(
-                        f"INSERT INTO quarantine SELECT {cols} FROM read_parquet(?)", [quarantine]
-                    )
-                if instances and not self._loaded["instances"]:
-                    self._load_all(cur, instances)
-                elif instances:
-                    self._add_instances(cur, instances)
-                if instances and not self._versions_view:
-                    glob = str(self.root.resolve() / "instances" / "*" / "*.parquet")
-                    cur.execute("DROP TABLE instance_versions")
-                    cur.execute(
-                        "CREATE VIEW instance_versions AS SELECT * FROM "
-                        f"read_parquet('{glob.replace(chr(39), chr(39) * 2)}')"
-                    )
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            finally:
-                cur.close()
-            self._loaded["quarantine"].update(quarantine)
-            self._loaded["instances"].update(instances)
-            self._versions_view = self._versions_view or bool(instances)
-            return len(quarantine) + len(instances)
+            now = time.monotonic()
+            for retired_at, old in list(self._retired):
+                if now - retired_at >= _RETIRE_SECONDS:
+                    old.close()
+                    self._retired.remove((retired_at, old))
+            state = self._state
+            if self._stamp() != self._manifest_stamp:
+                manifest = Manifest.load(self.root)
+                if manifest.generation != state.manifest.generation:
+                    fresh = self._new_state(manifest)
+                    self._load_files(fresh)
+                    self._load_landed(fresh, force=True)
+                    self._retired.append((now, state))
+                    self._state = fresh
+                    return len(fresh.loaded["instances"]) + len(fresh.loaded["quarantine"])
+            added = self._load_files(state)
+            self._load_landed(state, force=False)
+            return added
 
-    @staticmethod
-    def _load_all(cur: duckdb.DuckDBPyConnection, files: list[str]) -> None:
-        """First load: derive every table straight from the files (no per-batch bookkeeping)."""
-        loaded = _LOADED.replace("'' AS source_file", "filename AS source_file")
-        source = f"(SELECT {loaded} FROM read_parquet(?, filename = true))"
-        cur.execute(f"INSERT INTO instances {current_select(source)}", [files])
-        cur.execute(f"INSERT INTO series {series_select('instances')}")
-        cur.execute(f"INSERT INTO studies {study_select('instances')}")
-        cur.execute(f"INSERT INTO patients {patient_select('studies')}")
+    def _load_files(self, state: _State) -> int:
+        new = {
+            table: [f for f in pending_batch_files(self.root, state.manifest, table)
+                    if f not in state.loaded[table]]
+            for table in TABLES
+        }
+        if any(new.values()):
+            state.add_files(new["quarantine"], new["instances"])
+        return sum(len(v) for v in new.values())
 
-    @staticmethod
-    def _add_instances(cur: duckdb.DuckDBPyConnection, files: list[str]) -> None:
-        loaded = _LOADED.replace("'' AS source_file", "filename AS source_file")
-        cur.execute(
-            f"CREATE TEMP TABLE {_NEW} AS SELECT {loaded} FROM read_parquet(?, filename = true)",
-            [files],
-        )
-        # The current row of a touched SOP UID is the latest of its current row and the
-        # new versions; every series, study and patient either belongs to is re-derived.
-        touched = f"sop_instance_uid IN (SELECT sop_instance_uid FROM {_NEW})"
-        cur.execute(f"""CREATE TEMP TABLE _cand AS
-                        SELECT * EXCLUDE (instance_availability) FROM instances WHERE {touched}
-                        UNION ALL BY NAME SELECT * FROM {_NEW}""")
-        cur.execute("""CREATE TEMP TABLE _touched AS SELECT DISTINCT sop_instance_uid,
-                       series_instance_uid, study_instance_uid, patient_id FROM _cand""")
-        cur.execute(f"DELETE FROM instances WHERE {touched}")
-        cur.execute(f"INSERT INTO instances {current_select('_cand')}")
-        in_series = "series_instance_uid IN (SELECT series_instance_uid FROM _touched)"
-        in_studies = "study_instance_uid IN (SELECT study_instance_uid FROM _touched)"
-        cur.execute(f"DELETE FROM series WHERE {in_series}")
-        cur.execute(f"INSERT INTO series {series_select('instances', 'WHERE ' + in_series)}")
-        cur.execute(f"DELETE FROM studies WHERE {in_studies}")
-        cur.execute(f"INSERT INTO studies {study_select('instances', 'WHERE ' + in_studies)}")
-        in_patients = "WHERE patient_id IN (SELECT patient_id FROM _touched) OR patient_id IS NULL"
-        cur.execute(f"DELETE FROM patients {in_patients}")
-        cur.execute(f"INSERT INTO patients {patient_select('studies', in_patients)}")
-        for table in (_NEW, "_cand", "_touched"):
-            cur.execute(f"DROP TABLE {table}")
+    def _load_landed(self, state: _State, *, force: bool) -> None:
+        if self.landed is None:
+            return
+        self.landed.refresh()
+        version = self.landed.version
+        if force or version != state.landed_version:
+            state.set_landed(version, self.landed.rows())
+
+    def pending_files(self) -> int:
+        """Batch files in the overlay (not compacted yet)."""
+        state = self._state
+        return len(state.loaded["instances"]) + len(state.loaded["quarantine"])
 
     def headers(self, rows: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str], str]:
         """Header JSON of instances given as (source_file, sop_instance_uid, checksum).
 
-        Read from their Parquet batch files (only the files named), so the in-memory copy
-        never holds the headers; keyed by (sop_instance_uid, checksum).
+        Read from the Parquet file each row names (relative to the catalog, or absolute),
+        only the files named, so memory never holds the headers; landed instances' headers
+        come from the overlay. Keyed by (sop_instance_uid, checksum).
         """
         if not rows:
             return {}
-        files = sorted({r[0] for r in rows})
-        wanted = {(r[1], r[2]) for r in rows}
-        cursor = self._con.cursor()
+        state = self._state
+        found: dict[tuple[str, str], str] = {}
+        on_disk = []
+        for source, sop, checksum in rows:
+            if source.startswith(LANDED):
+                header = state.landed_headers.get((sop, checksum))
+                if header is not None:
+                    found[(sop, checksum)] = header
+            else:
+                on_disk.append((source, sop, checksum))
+        if not on_disk:
+            return found
+        files = sorted({str(self.root / r[0]) for r in on_disk})
+        wanted = {(r[1], r[2]) for r in on_disk}
+        cursor = state.con.cursor()
         try:
-            found = cursor.execute(
-                "SELECT sop_instance_uid, checksum, header_json FROM read_parquet(?) "
-                "WHERE sop_instance_uid IN (SELECT unnest(?))",
+            result = cursor.execute(
+                "SELECT sop_instance_uid, checksum, header_json FROM read_parquet(?, "
+                "hive_partitioning = false) WHERE sop_instance_uid IN (SELECT unnest(?))",
                 [files, sorted({w[0] for w in wanted})],
             ).fetchall()
         finally:
             cursor.close()
-        return {(sop, sha): header for sop, sha, header in found if (sop, sha) in wanted}
+        found.update({(s, c): h for s, c, h in result if (s, c) in wanted})
+        return found
 
     def column_types(self, table: str) -> dict[str, str]:
         """DuckDB type of each column of `table` (``{"series_number": "INTEGER", ...}``)."""
-        return self._types[table]
+        return self._state.types[table]
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Run `sql` with bound `params` on a cursor of its own (thread-safe)."""
-        cursor = self._con.cursor()
+        cursor = self._state.con.cursor()
         try:
             return cursor.execute(sql, list(params or [])).fetchall()
         finally:
@@ -194,7 +422,7 @@ class CatalogReader:
 
     def query_dicts(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         """Like :meth:`query`, each row as a dict keyed by column name."""
-        cursor = self._con.cursor()
+        cursor = self._state.con.cursor()
         try:
             result = cursor.execute(sql, list(params or []))
             names = [d[0] for d in result.description or []]
@@ -204,11 +432,18 @@ class CatalogReader:
 
     def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Like :meth:`query`, as an Arrow table."""
-        cursor = self._con.cursor()
+        cursor = self._state.con.cursor()
         try:
             return cursor.execute(sql, list(params or [])).fetch_arrow_table()
         finally:
             cursor.close()
 
     def close(self) -> None:
-        self._con.close()
+        with self._lock:
+            for _, old in self._retired:
+                old.close()
+            self._retired.clear()
+            self._state.close()
+
+
+__all__ = ["LANDED", "CatalogReader", "batch_files"]

@@ -120,15 +120,21 @@ def current_select(source: str, where: str = "") -> str:
     )
 
 
+def _latest(column: str, when: str, key: str) -> str:
+    """The value of `column` in the group's latest row that has one (ties: the largest
+    `key`): deterministic, whatever order the rows are read in."""
+    return f"arg_max({column}, ({column} IS NOT NULL, {when}, {key})) AS {column}"
+
+
 def series_select(source: str, where: str = "") -> str:
     """One row per series of the current instances in `source`, with derived attributes."""
     cols = [c for c in SERIES_COLUMNS if c != "series_instance_uid"] + [
         c for c in STUDY_COLUMNS if c != "study_instance_uid"
     ]
-    values = ",\n  ".join(f"any_value({c}) AS {c}" for c in cols)
+    values = ",\n  ".join(_latest(c, "received_at", "sop_instance_uid") for c in cols)
     return f"""SELECT
   series_instance_uid,
-  any_value(study_instance_uid) AS study_instance_uid,
+  {_latest("study_instance_uid", "received_at", "sop_instance_uid")},
   {values},
   count(*) AS number_of_series_related_instances,
   sum(size_bytes) AS size_bytes,
@@ -141,7 +147,9 @@ FROM {source} {where} GROUP BY series_instance_uid"""
 def study_select(source: str, where: str = "") -> str:
     """One row per study of the current instances in `source`, with derived attributes."""
     values = ",\n  ".join(
-        f"any_value({c}) AS {c}" for c in STUDY_COLUMNS if c != "study_instance_uid"
+        _latest(c, "received_at", "sop_instance_uid")
+        for c in STUDY_COLUMNS
+        if c != "study_instance_uid"
     )
     return f"""SELECT
   study_instance_uid,
@@ -160,7 +168,11 @@ PATIENT_COLUMNS = [c.name for c in DICOM_COLUMNS if c.level == "PATIENT"]
 
 def patient_select(source: str, where: str = "") -> str:
     """One row per Patient ID of the studies in `source` (PS3.4 C.6.1 patient level)."""
-    values = ",\n  ".join(f"any_value({c}) AS {c}" for c in PATIENT_COLUMNS if c != "patient_id")
+    values = ",\n  ".join(
+        _latest(c, "last_received_at", "study_instance_uid")
+        for c in PATIENT_COLUMNS
+        if c != "patient_id"
+    )
     return f"""SELECT
   patient_id,
   {values},

@@ -13,9 +13,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vannah_pipelines.catalog.schema import TABLES, view_sql
+from vannah_pipelines.catalog.schema import TABLES
 from vannah_pipelines.landing.layout import fsync_dir, make_dirs, write_atomic
-from vannah_pipelines.security.audit import audit_view_sql
 
 CATALOG_DB = "catalog.duckdb"
 # A zero-row file per table keeps globs valid on an empty catalog; its partition sorts first.
@@ -70,37 +69,34 @@ class CatalogWriter:
         return str(self.root.resolve() / table / "*" / "*.parquet").replace("'", "''")
 
     def publish(self) -> Path:
-        """Write ``catalog.duckdb``: views over the Parquet files, swapped in atomically.
+        """Point ``catalog.duckdb`` at the current generation's serving database (a hard
+        link, swapped in atomically), compacting first if no generation exists yet.
 
-        It holds no rows, so publishing costs the same at any size, and a researcher who has
-        it open read-only sees new batches on their next query.
+        The serving database holds the compacted tables and views that add the batch files
+        written since, found by glob: a researcher who has it open read-only sees new
+        batches on their next query, and publishing costs the same at any size.
         """
+        from vannah_pipelines.catalog.compaction import Manifest, compact  # compaction's own
+
         target = self.root / CATALOG_DB
+        manifest = Manifest.load(self.root)
+        if manifest.serving is None or not (self.root / manifest.serving).exists():
+            try:
+                compact(self.root)
+            except duckdb.IOException as exc:
+                if _DISK_FULL in str(exc):
+                    # DuckDB's own error type: say it the way the rest of the archive does.
+                    raise OSError(errno.ENOSPC, f"cannot publish {target}: {exc}") from exc
+                raise
+            manifest = Manifest.load(self.root)
+        assert manifest.serving is not None
+        source = self.root / manifest.serving
+        if target.exists() and os.path.samefile(target, source):
+            return target
         tmp = self.root / f".{CATALOG_DB}.{os.getpid()}.tmp"
         self.remove_stale_temp_files()
         tmp.unlink(missing_ok=True)
-        Path(f"{tmp}.wal").unlink(missing_ok=True)
-        try:
-            con = duckdb.connect(str(tmp))
-            try:
-                sources = {
-                    t: f"read_parquet('{self.glob(t)}', hive_partitioning = true, "
-                    "union_by_name = true)"
-                    for t in TABLES
-                }
-                for statement in view_sql(sources["instances"], sources["quarantine"]):
-                    con.execute(statement)
-                audit_glob = str(self.root.resolve() / "audit" / "*" / "*.jsonl")
-                con.execute(audit_view_sql(audit_glob))
-            finally:
-                con.close()
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            Path(f"{tmp}.wal").unlink(missing_ok=True)
-            if isinstance(exc, duckdb.IOException) and _DISK_FULL in str(exc):
-                # DuckDB's own error type: say it the way the rest of the archive does.
-                raise OSError(errno.ENOSPC, f"cannot publish {target}: {exc}") from exc
-            raise
+        os.link(source, tmp)
         tmp.replace(target)
         fsync_dir(self.root)
         return target

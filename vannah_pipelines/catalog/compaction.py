@@ -1,0 +1,569 @@
+"""Compaction: per-batch Parquet files merged into sorted per-day files and a serving database.
+
+Ingest adds one immutable Parquet file per landing batch (cheap at any archive size).
+Compaction, run daily by Dagster, merges every day that has new batch files into a few large
+files sorted by study, and writes the *serving database*: a DuckDB file with the current
+``instances`` (without their headers, which stay in the Parquet files), ``series``,
+``studies``, ``patients`` and ``quarantine``, sorted by their search keys so readers open it
+read-only and query it on disk with a bounded buffer pool (docs/benchmarks.md, "Catalog at
+scale").
+
+Everything a generation is made of is listed in ``manifest.json``, replaced atomically as the
+last step: readers see the previous generation or the new one, never a half state. Files a
+generation replaces are deleted by the next compaction once the replacing generation is older
+than a grace period, so a reader still holding the previous generation can finish.
+
+::
+
+    catalog/
+      manifest.json                                  the current generation
+      serving/g000007.duckdb                         serving database of generation 7
+      compacted/instances/day=YYYY-MM-DD/g000007-0.parquet   sorted, at most N rows each
+      instances/day=YYYY-MM-DD/<batch_id>.parquet    batch files not compacted yet
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vannah_pipelines.catalog.schema import (
+    TABLES,
+    current_select,
+    patient_select,
+    series_select,
+    study_select,
+)
+from vannah_pipelines.errors import VannahError
+from vannah_pipelines.landing.layout import fsync_dir, make_dirs, write_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+COMPACTED = "compacted"
+SERVING = "serving"
+# The zero-row file per table that keeps globs valid: never compacted, never deleted.
+SCHEMA_FILE = "day=1970-01-01/schema.parquet"
+# How each table's compacted files are sorted: a study's rows sit together, so row-group
+# statistics find them without reading the rest of the file.
+_FILE_ORDER = {
+    "instances": "study_instance_uid, series_instance_uid, instance_number, sop_instance_uid, "
+    "received_at",
+    "quarantine": "quarantined_at, quarantine_key",
+}
+INSTANCE_ORDER = "study_instance_uid, series_instance_uid, instance_number, sop_instance_uid"
+# Columns the serving database keeps per instance: all but the header, plus where it is.
+SERVING_INSTANCE_COLUMNS = [n for n in TABLES["instances"].names if n != "header_json"]
+
+
+class CompactionError(VannahError):
+    """Compaction refused to publish: the merged files do not hold the rows they replace."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One generation of the compacted catalog. Paths are relative to the catalog folder."""
+
+    generation: int = 0
+    serving: str | None = None
+    files: dict[str, list[str]] = field(default_factory=dict)  # table -> compacted files
+    covered: dict[str, list[str]] = field(default_factory=dict)  # batch files now compacted
+    retired: list[str] = field(default_factory=list)  # replaced, deleted by the next run
+    created_at: str = ""
+
+    @classmethod
+    def load(cls, root: Path) -> Manifest:
+        """The current generation (generation 0, nothing compacted, if none was written)."""
+        try:
+            raw = json.loads((Path(root) / MANIFEST).read_text())
+        except FileNotFoundError:
+            return cls()
+        return cls(
+            generation=int(raw["generation"]),
+            serving=raw.get("serving"),
+            files={t: list(v) for t, v in raw.get("files", {}).items()},
+            covered={t: list(v) for t, v in raw.get("covered", {}).items()},
+            retired=list(raw.get("retired", [])),
+            created_at=str(raw.get("created_at", "")),
+        )
+
+    def save(self, root: Path) -> None:
+        write_atomic(Path(root) / MANIFEST, json.dumps(asdict(self), indent=1).encode())
+
+    def covered_set(self, table: str) -> set[str]:
+        return set(self.covered.get(table, []))
+
+    def age_seconds(self, now: datetime) -> float:
+        if not self.created_at:
+            return float("inf")
+        return (now - datetime.fromisoformat(self.created_at)).total_seconds()
+
+
+def batch_files(root: Path, table: str) -> list[str]:
+    """Batch files of `table` on disk (relative paths), oldest day first, schema file left out."""
+    base = Path(root) / table
+    if not base.is_dir():
+        return []
+    found = sorted(f"{table}/{p.parent.name}/{p.name}" for p in base.glob("day=*/*.parquet"))
+    return [f for f in found if f != f"{table}/{SCHEMA_FILE}"]
+
+
+def pending_batch_files(root: Path, manifest: Manifest, table: str) -> list[str]:
+    """Batch files of `table` that `manifest`'s generation does not hold yet: the overlay."""
+    covered = manifest.covered_set(table)
+    return [f for f in batch_files(root, table) if f not in covered]
+
+
+@dataclass
+class CompactionResult:
+    """What one compaction did (the Dagster materialization's metadata)."""
+
+    generation: int
+    days: list[str] = field(default_factory=list)
+    batch_files: int = 0
+    files_before: int = 0  # files replaced: batch files plus the days' earlier compacted files
+    bytes_before: int = 0
+    files_after: int = 0
+    bytes_after: int = 0
+    rows: dict[str, int] = field(default_factory=dict)  # rows rewritten per table
+    serving_bytes: int = 0
+    instances: int = 0  # current instances in the serving database
+    deleted_files: int = 0
+    seconds: float = 0.0
+    replaced: dict[str, list[str]] = field(default_factory=dict)  # for verify()
+    written: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.days)
+
+
+def _sql_list(paths: Iterable[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def _day_of(relative: str) -> str:
+    """``instances/day=2026-01-02/x.parquet`` -> ``2026-01-02``."""
+    return Path(relative).parent.name.removeprefix("day=")
+
+
+def fingerprint(con: duckdb.DuckDBPyConnection, table: str, files: list[Path]) -> tuple[int, int]:
+    """(rows, order-independent hash of every row) of `table`'s columns in `files`."""
+    if not files:
+        return (0, 0)
+    cols = ", ".join(TABLES[table].names)
+    row = con.execute(
+        f"SELECT count(*), coalesce(sum(hash(t)), 0)::HUGEINT "
+        f"FROM (SELECT {cols} FROM read_parquet({_sql_list(files)}, hive_partitioning = false, "
+        "union_by_name = true)) t"
+    ).fetchone()
+    assert row is not None
+    return (int(row[0]), int(row[1]))
+
+
+def _connect(root: Path, memory_limit_mb: int, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    tmp = Path(root) / ".compaction-tmp"
+    make_dirs(tmp)
+    con = duckdb.connect(database)
+    con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
+    con.execute(f"SET temp_directory = '{str(tmp).replace(chr(39), chr(39) * 2)}'")
+    con.execute("SET preserve_insertion_order = true")
+    return con
+
+
+def _write_sorted(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    inputs: list[Path],
+    out_dir: Path,
+    stem: str,
+    rows_per_file: int,
+    row_group_rows: int,
+) -> list[Path]:
+    """Merge `inputs` into files ``<stem>-<n>.parquet`` sorted by the table's order."""
+    cols = ", ".join(TABLES[table].names)
+    relation = con.execute(
+        f"SELECT {cols} FROM read_parquet({_sql_list(inputs)}, hive_partitioning = false, "
+        f"union_by_name = true) ORDER BY {_FILE_ORDER[table]}"
+    )
+    reader = relation.fetch_record_batch(row_group_rows)
+    make_dirs(out_dir)
+    written: list[Path] = []
+    writer: pq.ParquetWriter | None = None
+    rows_in_file = 0
+    tmp: Path | None = None
+    try:
+        for batch in reader:
+            if writer is None or rows_in_file >= rows_per_file:
+                if writer is not None and tmp is not None:
+                    writer.close()
+                    written.append(_commit_tmp(tmp))
+                target = out_dir / f"{stem}-{len(written)}.parquet"
+                tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}")
+                writer = pq.ParquetWriter(tmp, TABLES[table], compression="zstd")
+                rows_in_file = 0
+            writer.write_table(pa.Table.from_batches([batch]).cast(TABLES[table]),
+                               row_group_size=row_group_rows)
+            rows_in_file += batch.num_rows
+        if writer is not None and tmp is not None:
+            writer.close()
+            written.append(_commit_tmp(tmp))
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(out_dir)
+    return written
+
+
+def _commit_tmp(tmp: Path) -> Path:
+    """fsync `tmp` and rename it to its final name (``.tmp-<name>.<pid>`` -> ``<name>``)."""
+    target = tmp.with_name(tmp.name.removeprefix(".tmp-").rsplit(".", 1)[0])
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(target)
+    return target
+
+
+def _build_serving(
+    root: Path,
+    target: Path,
+    previous: Manifest,
+    files: dict[str, list[str]],
+    written: dict[str, list[str]],
+    replaced: dict[str, list[str]],
+    covered: dict[str, list[str]],
+    memory_limit_mb: int,
+) -> int:
+    """Write the serving database for the compacted `files` to `target`; returns instances.
+
+    The previous serving database already holds the current version of every instance
+    outside the days rewritten now: only the SOP UIDs of those days are decided again.
+    """
+    tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    Path(f"{tmp}.wal").unlink(missing_ok=True)
+    try:
+        row = _write_serving(root, tmp, previous, files, written, replaced, covered,
+                             memory_limit_mb)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+        raise
+    Path(f"{tmp}.wal").unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(target)
+    fsync_dir(target.parent)
+    return row
+
+
+def _write_serving(
+    root: Path,
+    tmp: Path,
+    previous: Manifest,
+    files: dict[str, list[str]],
+    written: dict[str, list[str]],
+    replaced: dict[str, list[str]],
+    covered: dict[str, list[str]],
+    memory_limit_mb: int,
+) -> int:
+    prefix = str(root.resolve()) + os.sep
+    cols = ", ".join(SERVING_INSTANCE_COLUMNS)
+    con = _connect(root, memory_limit_mb, str(tmp))
+    try:
+        con.register("_empty_i", TABLES["instances"].empty_table())
+        new_rows = [root.resolve() / f for f in written.get("instances", [])]
+        fresh = (
+            f"SELECT {cols}, substr(filename, {len(prefix) + 1}) AS source_file FROM "
+            f"read_parquet({_sql_list(new_rows)}, filename = true, hive_partitioning = false)"
+            if new_rows
+            else f"SELECT {cols}, '' AS source_file FROM _empty_i"
+        )
+        con.execute(f"CREATE TEMP TABLE _fresh AS {fresh}")
+        con.execute("CREATE TEMP TABLE _touched AS SELECT DISTINCT sop_instance_uid FROM _fresh")
+        has_previous = previous.serving is not None and (root / previous.serving).exists()
+        if has_previous:
+            con.execute(f"ATTACH '{_quote(root / str(previous.serving))}' AS prev (READ_ONLY)")
+            con.execute("CREATE TEMP TABLE _gone (f VARCHAR)")
+            gone = replaced.get("instances", [])
+            if gone:
+                con.executemany("INSERT INTO _gone VALUES (?)", [[g] for g in gone])
+            kept = (
+                "SELECT * FROM prev.compacted_instances p WHERE NOT EXISTS (SELECT 1 FROM "
+                "_touched t WHERE t.sop_instance_uid = p.sop_instance_uid)"
+            )
+            candidates = (
+                "(SELECT * EXCLUDE (instance_availability) FROM prev.compacted_instances p "
+                "WHERE p.sop_instance_uid IN (SELECT sop_instance_uid FROM _touched) "
+                "AND p.source_file NOT IN (SELECT f FROM _gone) "
+                "UNION ALL BY NAME SELECT * FROM _fresh)"
+            )
+            source = f"{kept} UNION ALL BY NAME {current_select(candidates)}"
+        else:
+            source = current_select("_fresh")
+        con.execute(
+            f"CREATE TABLE compacted_instances AS SELECT * FROM ({source}) ORDER BY {INSTANCE_ORDER}"
+        )
+        if has_previous:
+            con.execute("DETACH prev")
+        con.execute(
+            "CREATE TABLE compacted_series AS "
+            f"{series_select('compacted_instances')} ORDER BY study_instance_uid"
+        )
+        con.execute(
+            "CREATE TABLE compacted_studies AS "
+            f"{study_select('compacted_instances')} ORDER BY study_date"
+        )
+        con.execute(
+            "CREATE TABLE compacted_patients AS "
+            f"{patient_select('compacted_studies')} ORDER BY patient_id"
+        )
+        quarantine = [root.resolve() / f for f in files.get("quarantine", [])]
+        qcols = ", ".join(TABLES["quarantine"].names)
+        con.register("_empty_q", TABLES["quarantine"].empty_table())
+        qsource = (
+            f"read_parquet({_sql_list(quarantine)}, hive_partitioning = false)"
+            if quarantine
+            else "_empty_q"
+        )
+        con.execute(
+            f"CREATE TABLE compacted_quarantine AS SELECT {qcols} FROM {qsource} "
+            "ORDER BY quarantined_at"
+        )
+        con.execute("CREATE TABLE covered_files (path VARCHAR)")
+        every = [str(root.resolve() / f) for t in TABLES for f in covered.get(t, [])]
+        if every:
+            con.executemany("INSERT INTO covered_files VALUES (?)", [[f] for f in every])
+        con.execute("CREATE TABLE compacted_files (tbl VARCHAR, path VARCHAR)")
+        listed = [[t, str(root.resolve() / f)] for t in TABLES for f in files.get(t, [])]
+        if listed:
+            con.executemany("INSERT INTO compacted_files VALUES (?, ?)", listed)
+        for statement in researcher_views(root, files):
+            con.execute(statement)
+        row = con.execute("SELECT count(*) FROM compacted_instances").fetchone()
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    assert row is not None
+    return int(row[0])
+
+
+def _quote(path: Path | str) -> str:
+    return str(path).replace("'", "''")
+
+
+def researcher_views(root: Path, files: dict[str, list[str]]) -> list[str]:
+    """The views of a serving database: the compacted tables plus the batch files written
+    since (found by glob, so a reader who keeps the file open sees new batches), with the
+    latest version of each instance winning across both. What ``catalog.duckdb`` shows."""
+    from vannah_pipelines.security.audit import audit_view_sql  # the audit trail's own view
+
+    base = root.resolve()
+    statements = []
+    for table in TABLES:
+        glob = _quote(base / table / "*" / "*.parquet")
+        statements.append(
+            f"CREATE VIEW pending_{table} AS SELECT * EXCLUDE (filename) FROM read_parquet("
+            f"'{glob}', filename = true, hive_partitioning = true, union_by_name = true) "
+            "WHERE filename NOT IN (SELECT path FROM covered_files)"
+        )
+    compacted = [base / f for f in files.get("instances", [])]
+    versions = (
+        f"SELECT * FROM read_parquet({_sql_list(compacted)}, hive_partitioning = true) "
+        "UNION ALL BY NAME SELECT * FROM pending_instances"
+        if compacted
+        else "SELECT * FROM pending_instances"
+    )
+    pending_sops = "(SELECT sop_instance_uid FROM pending_instances)"
+    candidates = (
+        "(SELECT * EXCLUDE (instance_availability, source_file) FROM compacted_instances "
+        f"WHERE sop_instance_uid IN {pending_sops} "
+        "UNION ALL BY NAME SELECT * EXCLUDE (header_json, day) FROM pending_instances)"
+    )
+    statements += [
+        f"CREATE VIEW instance_versions AS {versions}",
+        "CREATE VIEW instances AS SELECT * EXCLUDE (source_file) FROM compacted_instances "
+        f"WHERE sop_instance_uid NOT IN {pending_sops} "
+        f"UNION ALL BY NAME ({current_select(candidates)})",
+        _overlaid("series", "series_instance_uid", series_select),
+        _overlaid("studies", "study_instance_uid", study_select),
+        "CREATE VIEW patients AS " + patient_select("studies"),
+        "CREATE VIEW quarantine AS SELECT * FROM compacted_quarantine "
+        "UNION ALL BY NAME SELECT * EXCLUDE (day) FROM pending_quarantine",
+        audit_view_sql(str(base / "audit" / "*" / "*.jsonl")),
+    ]
+    return statements
+
+
+def _overlaid(view: str, key: str, select: Callable[[str, str], str]) -> str:
+    """``view``: the compacted rows, except those whose key has pending instances, which
+    are derived again from the ``instances`` view."""
+    touched = (
+        f"(SELECT {key} FROM instances WHERE sop_instance_uid IN "
+        "(SELECT sop_instance_uid FROM pending_instances))"
+    )
+    return (
+        f"CREATE VIEW {view} AS SELECT * FROM compacted_{view} WHERE {key} NOT IN {touched} "
+        f"UNION ALL BY NAME ({select('instances', f'WHERE {key} IN {touched}')})"
+    )
+
+
+def compact(
+    root: Path,
+    *,
+    memory_limit_mb: int = 1024,
+    rows_per_file: int = 1_000_000,
+    row_group_rows: int = 10_000,
+    grace_seconds: float = 600.0,
+    now: datetime | None = None,
+) -> CompactionResult:
+    """Merge the batch files of every day that has some into sorted files, write a new
+    serving database and publish both as the next generation (see the module doc).
+
+    Idempotent: with no new batch file it only deletes what an earlier generation retired
+    (once older than `grace_seconds`) and changes nothing else. A crash at any step leaves
+    the current generation intact (new files are not listed anywhere until the manifest is
+    replaced; the next run overwrites or ignores them).
+    """
+    started = time.monotonic()
+    root = Path(root)
+    now = now or datetime.now(UTC)
+    previous = Manifest.load(root)
+    generation = previous.generation + 1
+    result = CompactionResult(generation=previous.generation)
+    # What the previous generation replaced can go once readers had time to leave it.
+    deletable: list[str] = []
+    carried_covered = {t: list(v) for t, v in previous.covered.items()}
+    carried_retired = list(previous.retired)
+    if previous.age_seconds(now) >= grace_seconds:
+        deletable = carried_retired + [f for v in carried_covered.values() for f in v]
+        carried_covered, carried_retired = {}, []
+
+    pending = {t: pending_batch_files(root, previous, t) for t in TABLES}
+    days = sorted({_day_of(f) for files in pending.values() for f in files})
+    if days or previous.serving is None:
+        con = _connect(root, memory_limit_mb)
+        try:
+            files: dict[str, list[str]] = {t: list(previous.files.get(t, [])) for t in TABLES}
+            replaced: dict[str, list[str]] = {t: [] for t in TABLES}
+            written: dict[str, list[str]] = {t: [] for t in TABLES}
+            for table in TABLES:
+                for day in sorted({_day_of(f) for f in pending[table]}):
+                    earlier = [f for f in files[table] if _day_of(f) == day]
+                    batches = [f for f in pending[table] if _day_of(f) == day]
+                    inputs = [root / f for f in earlier + batches]
+                    out_dir = root / COMPACTED / table / f"day={day}"
+                    new = _write_sorted(
+                        con, table, inputs, out_dir, f"g{generation:06d}",
+                        rows_per_file, row_group_rows,
+                    )
+                    if fingerprint(con, table, inputs) != fingerprint(con, table, new):
+                        for path in new:
+                            path.unlink(missing_ok=True)
+                        raise CompactionError(
+                            f"merged {table} files of {day} do not hold the rows they replace"
+                        )
+                    relative = [str(p.relative_to(root)) for p in new]
+                    files[table] = [f for f in files[table] if f not in earlier] + relative
+                    replaced[table] += earlier + batches
+                    written[table] += relative
+                    result.files_before += len(inputs)
+                    result.bytes_before += sum(p.stat().st_size for p in inputs)
+                    result.files_after += len(new)
+                    result.bytes_after += sum(p.stat().st_size for p in new)
+                    row = con.execute(
+                        f"SELECT count(*) FROM read_parquet({_sql_list(new)})"
+                    ).fetchone() if new else (0,)
+                    assert row is not None
+                    result.rows[table] = result.rows.get(table, 0) + int(row[0])
+        finally:
+            con.close()
+        serving = f"{SERVING}/g{generation:06d}.duckdb"
+        make_dirs(root / SERVING)
+        covered = {t: carried_covered.get(t, []) + pending[t] for t in TABLES}
+        result.instances = _build_serving(
+            root, root / serving, previous, files, written, replaced, covered, memory_limit_mb
+        )
+        result.serving_bytes = (root / serving).stat().st_size
+        retired = carried_retired + [f for t in TABLES for f in replaced[t] if f not in pending[t]]
+        if previous.serving:
+            retired.append(previous.serving)
+        Manifest(
+            generation=generation,
+            serving=serving,
+            files=files,
+            covered=covered,
+            retired=retired,
+            created_at=now.isoformat(),
+        ).save(root)
+        result.generation = generation
+        result.days = days
+        result.batch_files = sum(len(v) for v in pending.values())
+        result.replaced = replaced
+        result.written = written
+    elif deletable:
+        # Nothing new: the same generation, minus what could be deleted.
+        Manifest(
+            generation=previous.generation,
+            serving=previous.serving,
+            files=previous.files,
+            covered=carried_covered,
+            retired=carried_retired,
+            created_at=previous.created_at,
+        ).save(root)
+    for relative in deletable:
+        path = root / relative
+        if path.exists():
+            path.unlink()
+            result.deleted_files += 1
+    _remove_stale_tmp(root)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Temp files of a compaction that crashed (only one compaction runs at a time)."""
+    for folder in [root / SERVING, *(root / COMPACTED).glob("*/day=*")]:
+        if folder.is_dir():
+            for path in folder.glob(".tmp-*"):
+                if not path.name.endswith(f".{os.getpid()}"):
+                    path.unlink(missing_ok=True)
+
+
+def verify(root: Path, result: CompactionResult) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """Per table, (rows, hash) of the files a compaction replaced and of those it wrote.
+
+    The replaced files are still on disk until the next compaction, so this re-reads both
+    sides: equal pairs mean the compacted data holds exactly the rows it replaced.
+    """
+    root = Path(root)
+    con = duckdb.connect(":memory:")
+    try:
+        return {
+            table: (
+                fingerprint(con, table, [root / f for f in result.replaced.get(table, [])]),
+                fingerprint(con, table, [root / f for f in result.written.get(table, [])]),
+            )
+            for table in TABLES
+        }
+    finally:
+        con.close()
