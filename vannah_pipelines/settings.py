@@ -360,6 +360,29 @@ class Settings(BaseSettings):
     qr_catalog_refresh_seconds: float = Field(
         default=0.5, ge=0, description="a Q/R request reloads the catalog at most this often"
     )
+    catalog_memory_limit_mb: int = Field(
+        default=256,
+        ge=32,
+        description="DuckDB buffer pool of each process that reads the catalog (DICOMweb, "
+        "each receiver worker serving Q/R): what stays in memory whatever the archive's size",
+    )
+    catalog_compaction_memory_limit_mb: int = Field(
+        default=1024, ge=64, description="DuckDB memory of a compaction run (it spills beyond)"
+    )
+    catalog_compaction_cron: str = Field(
+        default="30 2 * * *", description="when the daily compaction runs (cron, UTC)"
+    )
+    catalog_compaction_max_pending_files: int = Field(
+        default=2000,
+        ge=1,
+        description="compact before the daily run once this many batch files wait",
+    )
+    catalog_compaction_grace_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="files a compaction replaced are deleted by a later one, once the new "
+        "generation is this old (readers of the previous one finish first)",
+    )
 
     @field_validator("dicom_modalities", mode="before")
     @classmethod

@@ -24,11 +24,13 @@ than a grace period, so a reader still holding the previous generation can finis
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +70,29 @@ SERVING_INSTANCE_COLUMNS = [n for n in TABLES["instances"].names if n != "header
 
 class CompactionError(VannahError):
     """Compaction refused to publish: the merged files do not hold the rows they replace."""
+
+
+class CompactionBusyError(VannahError):
+    """Another compaction holds the catalog's compaction lock."""
+
+
+LOCK = ".compaction.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """Hold the catalog's compaction lock (one compaction at a time, on this host or any
+    sharing the folder over a file system with working flock)."""
+    make_dirs(root)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CompactionBusyError(f"another compaction of {root} is running") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -444,9 +469,20 @@ def compact(
     the current generation intact (new files are not listed anywhere until the manifest is
     replaced; the next run overwrites or ignores them).
     """
+    with _exclusive(Path(root)):
+        return _compact(Path(root), memory_limit_mb, rows_per_file, row_group_rows,
+                        grace_seconds, now or datetime.now(UTC))
+
+
+def _compact(
+    root: Path,
+    memory_limit_mb: int,
+    rows_per_file: int,
+    row_group_rows: int,
+    grace_seconds: float,
+    now: datetime,
+) -> CompactionResult:
     started = time.monotonic()
-    root = Path(root)
-    now = now or datetime.now(UTC)
     previous = Manifest.load(root)
     generation = previous.generation + 1
     result = CompactionResult(generation=previous.generation)

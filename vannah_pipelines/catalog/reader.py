@@ -66,6 +66,7 @@ class _State:
         self.loaded: dict[str, set[str]] = {t: set() for t in TABLES}
         self.landed_version: int | None = None
         self.landed_headers: dict[tuple[str, str], str] = {}
+        self._has_empty_versions = False
         self.con = duckdb.connect(":memory:")
         con = self.con
         con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
@@ -144,7 +145,15 @@ class _State:
         files = [str(self.root / f) for f in self.manifest.files.get("instances", [])]
         files += sorted(str(self.root / f) for f in self.loaded["instances"])
         if not files:
-            files = [str(self.root / "instances" / "day=1970-01-01" / "schema.parquet")]
+            if not self._has_empty_versions:
+                self.con.register("_empty_v", TABLES["instances"].empty_table())
+                self.con.execute("CREATE TABLE _no_versions AS SELECT *, NULL::DATE AS day "
+                                 "FROM _empty_v")
+                self.con.unregister("_empty_v")
+                self._has_empty_versions = True
+            self.con.execute("CREATE OR REPLACE VIEW instance_versions AS "
+                             "SELECT * FROM _no_versions")
+            return
         listed = ", ".join(f"'{_quote(f)}'" for f in files)
         self.con.execute(
             "CREATE OR REPLACE VIEW instance_versions AS SELECT * FROM "
