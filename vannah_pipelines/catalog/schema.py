@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pyarrow as pa
+
+from vannah_pipelines.catalog.changes import (
+    CHANGE_TABLES,
+    INSTANCE_LOCATIONS,
+    QUARANTINE_STATUS,
+    empty_sql,
+    instances_with_locations_sql,
+    quarantine_with_status_sql,
+)
 
 
 @dataclass(frozen=True)
@@ -172,17 +182,32 @@ def patient_select(source: str, where: str = "") -> str:
 FROM {source} {where} GROUP BY patient_id"""
 
 
-def view_sql(source_instances: str, source_quarantine: str) -> list[str]:
-    """CREATE VIEW statements over the two raw row sources (a table or a read_parquet()).
+def view_sql(
+    source_instances: str,
+    source_quarantine: str,
+    change_sources: Mapping[str, str] | None = None,
+) -> list[str]:
+    """CREATE VIEW statements over the raw row sources (a table or a read_parquet()).
 
     ``instances`` holds the current version of each SOP Instance UID (re-sends: the latest
-    received wins; every version stays in ``instance_versions``).
+    received wins; every version stays in ``instance_versions``). `change_sources` maps a
+    state-change table's name to its rows (missing: none): ``instance_locations`` sets the
+    ``tier`` and ``storage_key`` of each version (so of ``instances``, ``series`` and
+    ``studies``), ``quarantine_status`` the ``status`` of each quarantined file, and each
+    table's whole history is a view of its own name.
     """
+    changes = {name: empty_sql(name) for name in CHANGE_TABLES} | dict(change_sources or {})
+    versions = instances_with_locations_sql(source_instances, changes[INSTANCE_LOCATIONS.name])
+    quarantine = quarantine_with_status_sql(source_quarantine, changes[QUARANTINE_STATUS.name])
     return [
-        f"CREATE OR REPLACE VIEW instance_versions AS SELECT * FROM {source_instances}",
+        *(
+            f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source}"
+            for name, source in changes.items()
+        ),
+        f"CREATE OR REPLACE VIEW instance_versions AS {versions}",
         f"CREATE OR REPLACE VIEW instances AS {current_select('instance_versions')}",
         f"CREATE OR REPLACE VIEW series AS {series_select('instances')}",
         f"CREATE OR REPLACE VIEW studies AS {study_select('instances')}",
         f"CREATE OR REPLACE VIEW patients AS {patient_select('studies')}",
-        f"CREATE OR REPLACE VIEW quarantine AS SELECT * FROM {source_quarantine}",
+        f"CREATE OR REPLACE VIEW quarantine AS {quarantine}",
     ]
