@@ -115,9 +115,7 @@ INSTANCE_LOCATIONS = ChangeTable(
     doc="where one version (SOP Instance UID + checksum) of an instance lives now",
 )
 
-CHANGE_TABLES: dict[str, ChangeTable] = {
-    t.name: t for t in (QUARANTINE_STATUS, INSTANCE_LOCATIONS)
-}
+CHANGE_TABLES: dict[str, ChangeTable] = {t.name: t for t in (QUARANTINE_STATUS, INSTANCE_LOCATIONS)}
 
 
 def change_table(table: ChangeTable | str) -> ChangeTable:

@@ -78,6 +78,11 @@ class CatalogWriter:
     def glob(self, table: str) -> str:
         return str(self.root.resolve() / table / "*" / "*.parquet").replace("'", "''")
 
+    def source_sql(self, table: str) -> str:
+        """``read_parquet(...)`` of every file of `table` (a key of :data:`SCHEMAS`), as the
+        views of ``catalog.duckdb`` read them (hive ``day`` column, columns by name)."""
+        return f"read_parquet('{self.glob(table)}', hive_partitioning = true, union_by_name = true)"
+
     def publish(self) -> Path:
         """Write ``catalog.duckdb``: views over the Parquet files, swapped in atomically.
 
@@ -92,11 +97,7 @@ class CatalogWriter:
         try:
             con = duckdb.connect(str(tmp))
             try:
-                sources = {
-                    t: f"read_parquet('{self.glob(t)}', hive_partitioning = true, "
-                    "union_by_name = true)"
-                    for t in SCHEMAS
-                }
+                sources = {t: self.source_sql(t) for t in SCHEMAS}
                 changes = {name: sources[t.directory] for name, t in CHANGE_TABLES.items()}
                 for statement in view_sql(sources["instances"], sources["quarantine"], changes):
                     con.execute(statement)
@@ -126,7 +127,6 @@ class CatalogWriter:
             path.unlink(missing_ok=True)
             removed.append(path)
         return removed
-
 
     def _remove_stale_change_temps(self) -> None:
         """Remove the temp files of appends whose process died (each append has a file
