@@ -159,7 +159,8 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
     out.write(f"{'key':<60} {'quarantined at (UTC)':<20} {'status':<11} reason\n")
     for q in rows:
         when = f"{q.quarantined_at:%Y-%m-%d %H:%M:%S}" if q.quarantined_at else "?"
-        reason = " ".join(q.reason.split())
+        # One line, no terminal control characters (a reason may quote the file's bytes).
+        reason = "".join(c if c.isprintable() else "?" for c in " ".join(q.reason.split()))
         if len(reason) > args.reason_width:
             reason = reason[: args.reason_width - 1] + "…"
         status = q.status
