@@ -1,5 +1,5 @@
-"""The ``vannah`` command line: up, receiver, dicomweb, import, ingest, catalog, token,
-viewer."""
+"""The ``vannah`` command line: up, receiver, dicomweb, import, ingest, catalog, quarantine,
+token, viewer."""
 
 from __future__ import annotations
 
@@ -150,6 +150,53 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    from vannah_pipelines.catalog.quarantine import list_quarantine
+
+    settings = _settings(args)
+    rows = list_quarantine(settings.catalog_dir, args.status)
+    out = sys.stdout
+    out.write(f"{'key':<60} {'quarantined at (UTC)':<20} {'status':<11} reason\n")
+    for q in rows:
+        when = f"{q.quarantined_at:%Y-%m-%d %H:%M:%S}" if q.quarantined_at else "?"
+        # One line, no terminal control characters (a reason may quote the file's bytes).
+        reason = "".join(c if c.isprintable() else "?" for c in " ".join(q.reason.split()))
+        if len(reason) > args.reason_width:
+            reason = reason[: args.reason_width - 1] + "…"
+        status = q.status
+        if q.released_batch_id:
+            status += f" -> {q.released_batch_id}"
+        out.write(f"{q.quarantine_key:<60} {when:<20} {status:<11} {reason}\n")
+    sys.stderr.write(f"{len(rows)} quarantined file(s)\n")
+    return 0
+
+
+def cmd_quarantine_release(args: argparse.Namespace) -> int:
+    import getpass
+
+    from vannah_pipelines.catalog.ingest import IngestPaths
+    from vannah_pipelines.catalog.quarantine import QuarantineError, release_quarantined
+    from vannah_pipelines.catalog.writer import CatalogWriter
+
+    settings = _settings(args)
+    paths = IngestPaths(
+        settings.landing_dir, settings.hot_dir, settings.catalog_dir, settings.quarantine_dir
+    )
+    try:
+        release = release_quarantined(
+            paths, args.key, reason=args.reason, changed_by=f"cli:{getpass.getuser()}"
+        )
+    except QuarantineError as exc:
+        sys.stderr.write(f"vannah quarantine release: {exc}\n")
+        return 1
+    CatalogWriter(settings.catalog_dir).publish()  # the quarantine view shows the status
+    sys.stdout.write(
+        f"released {release.quarantine_key} into landing batch {release.batch_id}; "
+        "the Dagster sensor (landed_batch_sensor) ingests it, or run `vannah ingest` now\n"
+    )
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     """Print a viewer launch URL with a read-only token for one study (or its patient)."""
     import getpass
@@ -268,6 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sql", help="a query, e.g. 'FROM studies LIMIT 10'")
     p.add_argument("--max-rows", type=int, default=40)
     p.set_defaults(func=cmd_catalog)
+    quarantine = sub.add_parser("quarantine", help="list quarantined files, or release one")
+    quarantine_sub = quarantine.add_subparsers(dest="quarantine_command", required=True)
+    p = quarantine_sub.add_parser(
+        "list", help="quarantined files: key, when, status (quarantined/released), reason"
+    )
+    p.add_argument("--status", choices=["quarantined", "released"], help="only this status")
+    p.add_argument("--reason-width", type=int, default=100, help="cut reasons to this width")
+    p.set_defaults(func=cmd_quarantine_list)
+    p = quarantine_sub.add_parser(
+        "release",
+        help="copy a quarantined file back into the landing zone as a new batch, so ingest "
+        "indexes it (or quarantines it again under a new key); recorded as released",
+    )
+    p.add_argument("key", help="its quarantine key (<batch_id>/<file>, from `list`)")
+    p.add_argument("--reason", help="why it is released (kept in the catalog)")
+    p.set_defaults(func=cmd_quarantine_release)
     p = sub.add_parser(
         "token", help="print a viewer launch URL with a read-only token for one study"
     )

@@ -292,3 +292,49 @@ def test_readers_query_while_ingest_and_compaction_write(paths: IngestPaths) -> 
     assert all(rows == distinct == total for rows, distinct, total in seen)
     reader.refresh()
     assert reader.query("SELECT count(*) FROM instances")[0][0] == 4 + 6 * 3
+
+
+def _where(reader: CatalogReader, sop: str, study: str) -> tuple[Any, ...]:
+    row = reader.query("SELECT tier, storage_key, instance_availability FROM instances "
+                       "WHERE sop_instance_uid = ?", [sop])
+    series = reader.query("SELECT instance_availability FROM series WHERE series_instance_uid "
+                          "= (SELECT series_instance_uid FROM instances WHERE sop_instance_uid "
+                          "= ?)", [sop])
+    studies = reader.query("SELECT instance_availability, number_of_study_related_instances "
+                           "FROM studies WHERE study_instance_uid = ?", [study])
+    return (*row, *series, *studies)
+
+
+@pytest.mark.parametrize("compacted", [False, True], ids=["overlay", "compacted"])
+def test_one_location_append_moves_an_instance_for_the_services(
+    paths: IngestPaths, compacted: bool
+) -> None:
+    """A state-change row switches where an instance lives in the services' reader (its
+    instance, series and study rows), before and after compaction folds it in."""
+    from vannah_pipelines.catalog.changes import append_change
+
+    ingest_batches(paths, [land(paths, _study("CT", 3, "VHC-L-1"))])
+    catalog = paths.catalog_dir
+    if compacted:
+        compact(catalog)
+    reader = CatalogReader(catalog)
+    sop, study, checksum = reader.query(
+        "SELECT sop_instance_uid, study_instance_uid, checksum FROM instances LIMIT 1")[0]
+    assert _where(reader, sop, study)[0][0] == "hot"
+    append_change(CatalogWriter(catalog), "instance_locations",
+                  [{"sop_instance_uid": sop, "checksum": checksum, "tier": "cold",
+                    "storage_key": f"glacier/{sop}"}], changed_by="test")
+    reader.refresh()
+    moved = (("cold", f"glacier/{sop}", "NEARLINE"), ("NEARLINE",), ("NEARLINE", 3))
+    assert _where(reader, sop, study) == moved
+    others = reader.query("SELECT DISTINCT tier FROM instances WHERE sop_instance_uid <> ?", [sop])
+    assert others == [("hot",)]
+    compact(catalog)
+    reader.refresh()
+    assert _where(reader, sop, study) == moved
+    assert _where(CatalogReader(catalog), sop, study) == moved
+    CatalogWriter(catalog).publish()
+    con = duckdb.connect(str(catalog / CATALOG_DB), read_only=True)
+    assert con.execute("SELECT tier FROM instances WHERE sop_instance_uid = ?", [sop]).fetchall() \
+        == [("cold",)]
+    con.close()

@@ -32,3 +32,4 @@ def test_catalog_doc_queries_run(paths: IngestPaths) -> None:
     kvps = results["-- any header attribute, e.g. KVP (0018,0060) of CT instances"]
     assert [float(kvp) for _, kvp in kvps] == [120.0]
     assert results["-- what was refused, and why"][0][1] == 1
+    assert results["-- files still in quarantine, by reason"][0][1] == 1

@@ -39,13 +39,23 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vannah_pipelines.catalog.changes import (
+    INSTANCE_LOCATIONS,
+    ChangeTable,
+    QUARANTINE_STATUS,
+    instances_with_locations_sql,
+    latest_sql,
+    quarantine_with_status_sql,
+)
 from vannah_pipelines.catalog.schema import (
+    INSTANCE_AVAILABILITY,
     TABLES,
     current_select,
     patient_select,
     series_select,
     study_select,
 )
+from vannah_pipelines.catalog.writer import SCHEMAS
 from vannah_pipelines.errors import VannahError
 from vannah_pipelines.landing.layout import fsync_dir, make_dirs, write_atomic
 
@@ -62,7 +72,11 @@ _FILE_ORDER = {
     "instances": "study_instance_uid, series_instance_uid, instance_number, sop_instance_uid, "
     "received_at",
     "quarantine": "quarantined_at, quarantine_key",
+    INSTANCE_LOCATIONS.directory: "sop_instance_uid, checksum, changed_at, change_id",
+    QUARANTINE_STATUS.directory: "quarantine_key, changed_at, change_id",
 }
+LOCATIONS = INSTANCE_LOCATIONS.directory
+STATUS = QUARANTINE_STATUS.directory
 INSTANCE_ORDER = "study_instance_uid, series_instance_uid, instance_number, sop_instance_uid"
 # Columns the serving database keeps per instance: all but the header, plus where it is.
 SERVING_INSTANCE_COLUMNS = [n for n in TABLES["instances"].names if n != "header_json"]
@@ -186,7 +200,7 @@ def fingerprint(con: duckdb.DuckDBPyConnection, table: str, files: list[Path]) -
     """(rows, order-independent hash of every row) of `table`'s columns in `files`."""
     if not files:
         return (0, 0)
-    cols = ", ".join(TABLES[table].names)
+    cols = ", ".join(SCHEMAS[table].names)
     row = con.execute(
         f"SELECT count(*), coalesce(sum(hash(t)), 0)::HUGEINT "
         f"FROM (SELECT {cols} FROM read_parquet({_sql_list(files)}, hive_partitioning = false, "
@@ -216,7 +230,7 @@ def _write_sorted(
     row_group_rows: int,
 ) -> list[Path]:
     """Merge `inputs` into files ``<stem>-<n>.parquet`` sorted by the table's order."""
-    cols = ", ".join(TABLES[table].names)
+    cols = ", ".join(SCHEMAS[table].names)
     relation = con.execute(
         f"SELECT {cols} FROM read_parquet({_sql_list(inputs)}, hive_partitioning = false, "
         f"union_by_name = true) ORDER BY {_FILE_ORDER[table]}"
@@ -235,9 +249,9 @@ def _write_sorted(
                     written.append(_commit_tmp(tmp))
                 target = out_dir / f"{stem}-{len(written)}.parquet"
                 tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}")
-                writer = pq.ParquetWriter(tmp, TABLES[table], compression="zstd")
+                writer = pq.ParquetWriter(tmp, SCHEMAS[table], compression="zstd")
                 rows_in_file = 0
-            writer.write_table(pa.Table.from_batches([batch]).cast(TABLES[table]),
+            writer.write_table(pa.Table.from_batches([batch]).cast(SCHEMAS[table]),
                                row_group_size=row_group_rows)
             rows_in_file += batch.num_rows
         if writer is not None and tmp is not None:
@@ -345,8 +359,15 @@ def _write_serving(
             source = f"{kept} UNION ALL BY NAME {current_select(candidates)}"
         else:
             source = current_select("_fresh")
+        for change in (INSTANCE_LOCATIONS, QUARANTINE_STATUS):
+            _latest_changes(con, root, change, written.get(change.directory, []), has_previous)
+        located = instances_with_locations_sql(
+            f"({source})", f"compacted_{INSTANCE_LOCATIONS.name}"
+        )
         con.execute(
-            f"CREATE TABLE compacted_instances AS SELECT * FROM ({source}) ORDER BY {INSTANCE_ORDER}"
+            "CREATE TABLE compacted_instances AS SELECT * REPLACE "
+            f"({INSTANCE_AVAILABILITY} AS instance_availability) FROM ({located}) "
+            f"ORDER BY {INSTANCE_ORDER}"
         )
         if has_previous:
             con.execute("DETACH prev")
@@ -375,11 +396,11 @@ def _write_serving(
             "ORDER BY quarantined_at"
         )
         con.execute("CREATE TABLE covered_files (path VARCHAR)")
-        every = [str(root.resolve() / f) for t in TABLES for f in covered.get(t, [])]
+        every = [str(root.resolve() / f) for t in SCHEMAS for f in covered.get(t, [])]
         if every:
             con.executemany("INSERT INTO covered_files VALUES (?)", [[f] for f in every])
         con.execute("CREATE TABLE compacted_files (tbl VARCHAR, path VARCHAR)")
-        listed = [[t, str(root.resolve() / f)] for t in TABLES for f in files.get(t, [])]
+        listed = [[t, str(root.resolve() / f)] for t in SCHEMAS for f in files.get(t, [])]
         if listed:
             con.executemany("INSERT INTO compacted_files VALUES (?, ?)", listed)
         for statement in researcher_views(root, files):
@@ -392,63 +413,113 @@ def _write_serving(
     return int(row[0])
 
 
+def _latest_changes(
+    con: duckdb.DuckDBPyConnection,
+    root: Path,
+    change: ChangeTable,
+    written: list[str],
+    has_previous: bool,
+) -> None:
+    """``compacted_<change>``: the latest row per key of every change compacted so far (the
+    previous generation's table plus the rows of the days rewritten now)."""
+    cols = ", ".join(change.schema.names)
+    con.register(f"_empty_{change.name}", change.schema.empty_table())
+    parts = [f"SELECT {cols} FROM _empty_{change.name}"]
+    if has_previous:
+        parts.append(f"SELECT {cols} FROM prev.compacted_{change.name}")
+    if written:
+        files = _sql_list(root.resolve() / f for f in written)
+        parts.append(f"SELECT {cols} FROM read_parquet({files}, hive_partitioning = false)")
+    source = "(" + " UNION ALL BY NAME ".join(parts) + ")"
+    con.execute(
+        f"CREATE TABLE compacted_{change.name} AS {latest_sql(change, source)} "
+        f"ORDER BY {', '.join(change.key_columns)}"
+    )
+
+
 def _quote(path: Path | str) -> str:
     return str(path).replace("'", "''")
 
 
 def researcher_views(root: Path, files: dict[str, list[str]]) -> list[str]:
-    """The views of a serving database: the compacted tables plus the batch files written
-    since (found by glob, so a reader who keeps the file open sees new batches), with the
-    latest version of each instance winning across both. What ``catalog.duckdb`` shows."""
+    """The views of a serving database: the compacted tables plus the batch and change
+    files written since (found by glob, so a reader who keeps the file open sees them),
+    the latest version of each instance and the latest change of each key winning across
+    both. What ``catalog.duckdb`` shows."""
     from vannah_pipelines.security.audit import audit_view_sql  # the audit trail's own view
 
     base = root.resolve()
     statements = []
-    for table in TABLES:
+    for table in SCHEMAS:
         glob = _quote(base / table / "*" / "*.parquet")
         statements.append(
-            f"CREATE VIEW pending_{table} AS SELECT * EXCLUDE (filename) FROM read_parquet("
-            f"'{glob}', filename = true, hive_partitioning = true, union_by_name = true) "
-            "WHERE filename NOT IN (SELECT path FROM covered_files)"
+            f"CREATE VIEW pending_{Path(table).name} AS SELECT * EXCLUDE (filename) FROM "
+            f"read_parquet('{glob}', filename = true, hive_partitioning = true, "
+            "union_by_name = true) WHERE filename NOT IN (SELECT path FROM covered_files)"
         )
-    compacted = [base / f for f in files.get("instances", [])]
-    versions = (
-        f"SELECT * FROM read_parquet({_sql_list(compacted)}, hive_partitioning = true) "
-        "UNION ALL BY NAME SELECT * FROM pending_instances"
-        if compacted
-        else "SELECT * FROM pending_instances"
+
+    def history(table: str) -> str:
+        compacted = [base / f for f in files.get(table, [])]
+        pending = f"SELECT * FROM pending_{Path(table).name}"
+        if not compacted:
+            return pending
+        return (
+            f"SELECT * FROM read_parquet({_sql_list(compacted)}, hive_partitioning = true) "
+            f"UNION ALL BY NAME {pending}"
+        )
+
+    locations, status = INSTANCE_LOCATIONS.name, QUARANTINE_STATUS.name
+    touched = (
+        "(SELECT sop_instance_uid FROM pending_instances UNION ALL "
+        f"SELECT sop_instance_uid FROM pending_{locations})"
     )
-    pending_sops = "(SELECT sop_instance_uid FROM pending_instances)"
     candidates = (
         "(SELECT * EXCLUDE (instance_availability, source_file) FROM compacted_instances "
-        f"WHERE sop_instance_uid IN {pending_sops} "
+        f"WHERE sop_instance_uid IN {touched} "
         "UNION ALL BY NAME SELECT * EXCLUDE (header_json, day) FROM pending_instances)"
     )
+    moved = instances_with_locations_sql(
+        candidates,
+        f"(SELECT * FROM compacted_{locations} WHERE sop_instance_uid IN {touched} "
+        f"UNION ALL BY NAME SELECT * EXCLUDE (day) FROM pending_{locations})",
+    )
     statements += [
-        f"CREATE VIEW instance_versions AS {versions}",
+        "CREATE VIEW instance_versions AS "
+        + instances_with_locations_sql(
+            f"({history('instances')})",
+            f"(SELECT * FROM compacted_{locations} UNION ALL BY NAME "
+            f"SELECT * EXCLUDE (day) FROM pending_{locations})",
+        ),
+        f"CREATE VIEW {locations} AS {history(INSTANCE_LOCATIONS.directory)}",
+        f"CREATE VIEW {status} AS {history(QUARANTINE_STATUS.directory)}",
         "CREATE VIEW instances AS SELECT * EXCLUDE (source_file) FROM compacted_instances "
-        f"WHERE sop_instance_uid NOT IN {pending_sops} "
-        f"UNION ALL BY NAME ({current_select(candidates)})",
-        _overlaid("series", "series_instance_uid", series_select),
-        _overlaid("studies", "study_instance_uid", study_select),
+        f"WHERE sop_instance_uid NOT IN {touched} "
+        f"UNION ALL BY NAME ({current_select(f'({moved})')})",
+        _overlaid("series", "series_instance_uid", series_select, touched),
+        _overlaid("studies", "study_instance_uid", study_select, touched),
         "CREATE VIEW patients AS " + patient_select("studies"),
-        "CREATE VIEW quarantine AS SELECT * FROM compacted_quarantine "
-        "UNION ALL BY NAME SELECT * EXCLUDE (day) FROM pending_quarantine",
+        "CREATE VIEW quarantine AS "
+        + quarantine_with_status_sql(
+            "(SELECT * FROM compacted_quarantine UNION ALL BY NAME "
+            "SELECT * EXCLUDE (day) FROM pending_quarantine)",
+            f"(SELECT * FROM compacted_{status} UNION ALL BY NAME "
+            f"SELECT * EXCLUDE (day) FROM pending_{status})",
+        ),
         audit_view_sql(str(base / "audit" / "*" / "*.jsonl")),
     ]
     return statements
 
 
-def _overlaid(view: str, key: str, select: Callable[[str, str], str]) -> str:
-    """``view``: the compacted rows, except those whose key has pending instances, which
-    are derived again from the ``instances`` view."""
-    touched = (
-        f"(SELECT {key} FROM instances WHERE sop_instance_uid IN "
-        "(SELECT sop_instance_uid FROM pending_instances))"
+def _overlaid(view: str, key: str, select: Callable[[str, str], str], touched: str) -> str:
+    """``view``: the compacted rows, except those whose key has a pending instance or
+    location change, which are derived again from the ``instances`` view."""
+    keys = (
+        f"(SELECT {key} FROM instances WHERE sop_instance_uid IN {touched} UNION ALL "
+        f"SELECT {key} FROM compacted_instances WHERE sop_instance_uid IN {touched})"
     )
     return (
-        f"CREATE VIEW {view} AS SELECT * FROM compacted_{view} WHERE {key} NOT IN {touched} "
-        f"UNION ALL BY NAME ({select('instances', f'WHERE {key} IN {touched}')})"
+        f"CREATE VIEW {view} AS SELECT * FROM compacted_{view} WHERE {key} NOT IN {keys} "
+        f"UNION ALL BY NAME ({select('instances', f'WHERE {key} IN {keys}')})"
     )
 
 
@@ -494,15 +565,15 @@ def _compact(
         deletable = carried_retired + [f for v in carried_covered.values() for f in v]
         carried_covered, carried_retired = {}, []
 
-    pending = {t: pending_batch_files(root, previous, t) for t in TABLES}
+    pending = {t: pending_batch_files(root, previous, t) for t in SCHEMAS}
     days = sorted({_day_of(f) for files in pending.values() for f in files})
     if days or previous.serving is None:
         con = _connect(root, memory_limit_mb)
         try:
-            files: dict[str, list[str]] = {t: list(previous.files.get(t, [])) for t in TABLES}
-            replaced: dict[str, list[str]] = {t: [] for t in TABLES}
-            written: dict[str, list[str]] = {t: [] for t in TABLES}
-            for table in TABLES:
+            files: dict[str, list[str]] = {t: list(previous.files.get(t, [])) for t in SCHEMAS}
+            replaced: dict[str, list[str]] = {t: [] for t in SCHEMAS}
+            written: dict[str, list[str]] = {t: [] for t in SCHEMAS}
+            for table in SCHEMAS:
                 for day in sorted({_day_of(f) for f in pending[table]}):
                     earlier = [f for f in files[table] if _day_of(f) == day]
                     batches = [f for f in pending[table] if _day_of(f) == day]
@@ -535,12 +606,12 @@ def _compact(
             con.close()
         serving = f"{SERVING}/g{generation:06d}.duckdb"
         make_dirs(root / SERVING)
-        covered = {t: carried_covered.get(t, []) + pending[t] for t in TABLES}
+        covered = {t: carried_covered.get(t, []) + pending[t] for t in SCHEMAS}
         result.instances = _build_serving(
             root, root / serving, previous, files, written, replaced, covered, memory_limit_mb
         )
         result.serving_bytes = (root / serving).stat().st_size
-        retired = carried_retired + [f for t in TABLES for f in replaced[t] if f not in pending[t]]
+        retired = carried_retired + [f for t in SCHEMAS for f in replaced[t] if f not in pending[t]]
         if previous.serving:
             retired.append(previous.serving)
         Manifest(
@@ -599,7 +670,7 @@ def verify(root: Path, result: CompactionResult) -> dict[str, tuple[tuple[int, i
                 fingerprint(con, table, [root / f for f in result.replaced.get(table, [])]),
                 fingerprint(con, table, [root / f for f in result.written.get(table, [])]),
             )
-            for table in TABLES
+            for table in SCHEMAS
         }
     finally:
         con.close()

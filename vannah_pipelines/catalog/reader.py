@@ -25,12 +25,20 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import pyarrow as pa
 
+from vannah_pipelines.catalog.changes import (
+    CHANGE_TABLES,
+    INSTANCE_LOCATIONS,
+    QUARANTINE_STATUS,
+    instances_with_locations_sql,
+    quarantine_with_status_sql,
+)
 from vannah_pipelines.catalog.compaction import (
     SERVING_INSTANCE_COLUMNS,
     Manifest,
     batch_files,
     pending_batch_files,
 )
+from vannah_pipelines.catalog.writer import SCHEMAS
 from vannah_pipelines.catalog.schema import (
     TABLES,
     current_select,
@@ -49,7 +57,11 @@ _COLS = ", ".join(SERVING_INSTANCE_COLUMNS)
 LANDED = "landed:"
 # A replaced state is closed this long after the swap (queries begun on it end first).
 _RETIRE_SECONDS = 60.0
-_VIEWS = ("instances", "series", "studies", "patients", "quarantine", "instance_versions")
+_VIEWS = ("instances", "series", "studies", "patients", "quarantine", "instance_versions",
+          *CHANGE_TABLES)
+_LOCATIONS = INSTANCE_LOCATIONS.name
+# The views of every row ever written (read from the files when asked, never held).
+_HISTORY = {"instances": "instance_versions"} | {t.directory: t.name for t in CHANGE_TABLES.values()}
 
 
 def _quote(value: str) -> str:
@@ -63,10 +75,9 @@ class _State:
     def __init__(self, root: Path, manifest: Manifest, memory_limit_mb: int) -> None:
         self.root = root
         self.manifest = manifest
-        self.loaded: dict[str, set[str]] = {t: set() for t in TABLES}
+        self.loaded: dict[str, set[str]] = {t: set() for t in SCHEMAS}
         self.landed_version: int | None = None
         self.landed_headers: dict[tuple[str, str], str] = {}
-        self._has_empty_versions = False
         self.con = duckdb.connect(":memory:")
         con = self.con
         con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
@@ -87,6 +98,9 @@ class _State:
             con.execute(f"CREATE TABLE o_{level} AS SELECT * FROM base.compacted_{level} LIMIT 0")
             con.execute(f"CREATE TABLE o_{level}_keys ({key} VARCHAR)")
         con.execute("CREATE TABLE o_quarantine AS SELECT * FROM base.compacted_quarantine LIMIT 0")
+        for change in CHANGE_TABLES.values():
+            con.execute(f"CREATE TABLE o_{change.name} AS SELECT * FROM "
+                        f"base.compacted_{change.name} LIMIT 0")
         con.execute(
             "CREATE VIEW instances AS SELECT * FROM base.compacted_instances b "
             "ANTI JOIN o_sops USING (sop_instance_uid) UNION ALL BY NAME SELECT * FROM o_instances"
@@ -106,11 +120,18 @@ class _State:
             "(SELECT 1 FROM o_patients_keys k WHERE k.patient_id IS NOT DISTINCT FROM b.patient_id) "
             "UNION ALL BY NAME SELECT * FROM o_patients"
         )
+        status = QUARANTINE_STATUS.name
         con.execute(
-            "CREATE VIEW quarantine AS SELECT * FROM base.compacted_quarantine "
-            "UNION ALL BY NAME SELECT * FROM o_quarantine"
+            "CREATE VIEW quarantine AS "
+            + quarantine_with_status_sql(
+                "(SELECT * FROM base.compacted_quarantine UNION ALL BY NAME "
+                "SELECT * FROM o_quarantine)",
+                f"(SELECT * FROM base.compacted_{status} UNION ALL BY NAME "
+                f"SELECT * FROM o_{status})",
+            )
         )
-        self._versions_view()
+        for table in _HISTORY:
+            self._history_view(table)
         self.types: dict[str, dict[str, str]] = {
             view: {r[0]: r[1] for r in con.execute(f"DESCRIBE {view}").fetchall()}
             for view in _VIEWS
@@ -138,35 +159,44 @@ class _State:
         con.execute("CREATE TABLE base.compacted_quarantine AS SELECT * FROM _empty_q")
         con.unregister("_empty_i")
         con.unregister("_empty_q")
+        for change in CHANGE_TABLES.values():
+            con.register("_empty_c", change.schema.empty_table())
+            con.execute(f"CREATE TABLE base.compacted_{change.name} AS SELECT * FROM _empty_c")
+            con.unregister("_empty_c")
 
-    def _versions_view(self) -> None:
-        """``instance_versions``: every version with its header, from the compacted files and
-        the overlay's batch files (read when asked, never held)."""
-        files = [str(self.root / f) for f in self.manifest.files.get("instances", [])]
-        files += sorted(str(self.root / f) for f in self.loaded["instances"])
+    def _history_view(self, table: str) -> None:
+        """``instance_versions`` (every version with its header) or a change table's whole
+        history: the compacted files and the overlay's batch files, read when asked."""
+        view = _HISTORY[table]
+        files = [str(self.root / f) for f in self.manifest.files.get(table, [])]
+        files += sorted(str(self.root / f) for f in self.loaded[table])
         if not files:
-            if not self._has_empty_versions:
-                self.con.register("_empty_v", TABLES["instances"].empty_table())
-                self.con.execute("CREATE TABLE _no_versions AS SELECT *, NULL::DATE AS day "
-                                 "FROM _empty_v")
-                self.con.unregister("_empty_v")
-                self._has_empty_versions = True
-            self.con.execute("CREATE OR REPLACE VIEW instance_versions AS "
-                             "SELECT * FROM _no_versions")
+            self.con.register("_empty_h", SCHEMAS[table].empty_table())
+            self.con.execute(f"CREATE OR REPLACE TABLE _no_{view} AS SELECT *, NULL::DATE AS day "
+                             "FROM _empty_h")
+            self.con.unregister("_empty_h")
+            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _no_{view}")
             return
         listed = ", ".join(f"'{_quote(f)}'" for f in files)
-        self.con.execute(
-            "CREATE OR REPLACE VIEW instance_versions AS SELECT * FROM "
-            f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
-        )
+        rows = f"SELECT * FROM read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
+        if table == "instances":  # each version where it lives now
+            rows = instances_with_locations_sql(
+                f"({rows})",
+                f"(SELECT * FROM base.compacted_{_LOCATIONS} UNION ALL BY NAME "
+                f"SELECT * FROM o_{_LOCATIONS})",
+            )
+        self.con.execute(f"CREATE OR REPLACE VIEW {view} AS {rows}")
 
     # ------------------------------------------------------------------ overlay upkeep
 
-    def add_files(self, quarantine: list[str], instances: list[str]) -> None:
-        """Add batch files (relative paths) to the overlay, in one transaction."""
+    def add_files(self, new: dict[str, list[str]]) -> None:
+        """Add batch and change files (relative paths, per table) to the overlay, in one
+        transaction."""
+        quarantine, instances = new.get("quarantine", []), new.get("instances", [])
         cur = self.con.cursor()
         try:
             cur.execute("BEGIN TRANSACTION")
+            cur.execute("CREATE TEMP TABLE _t (sop_instance_uid VARCHAR, study_instance_uid VARCHAR)")
             if quarantine:
                 cols = ", ".join(TABLES["quarantine"].names)
                 cur.execute(
@@ -174,6 +204,27 @@ class _State:
                     "hive_partitioning = false)",
                     [[str(self.root / f) for f in quarantine]],
                 )
+            for change in CHANGE_TABLES.values():
+                files = new.get(change.directory, [])
+                if not files:
+                    continue
+                cols = ", ".join(change.schema.names)
+                cur.execute(
+                    f"CREATE TEMP TABLE _c AS SELECT {cols} FROM read_parquet(?, "
+                    "hive_partitioning = false)",
+                    [[str(self.root / f) for f in files]],
+                )
+                cur.execute(f"INSERT INTO o_{change.name} SELECT * FROM _c")
+                if change is INSTANCE_LOCATIONS:
+                    # Where those versions are: the overlay's or the serving database's.
+                    cur.execute(
+                        "INSERT INTO _t SELECT DISTINCT sop_instance_uid, study_instance_uid "
+                        "FROM (SELECT sop_instance_uid, study_instance_uid FROM o_versions "
+                        "UNION ALL SELECT sop_instance_uid, study_instance_uid "
+                        "FROM base.compacted_instances) WHERE sop_instance_uid IN "
+                        "(SELECT sop_instance_uid FROM _c)"
+                    )
+                cur.execute("DROP TABLE _c")
             if instances:
                 cur.execute(
                     f"CREATE TEMP TABLE _new AS SELECT {_COLS}, filename AS source_file "
@@ -187,20 +238,20 @@ class _State:
                     "AND n.checksum = v.checksum)"
                 )
                 cur.execute("INSERT INTO o_versions SELECT * FROM _new")
-                cur.execute("CREATE TEMP TABLE _t AS SELECT DISTINCT sop_instance_uid, "
+                cur.execute("INSERT INTO _t SELECT DISTINCT sop_instance_uid, "
                             "study_instance_uid FROM _new")
-                self._recompute(cur)
                 cur.execute("DROP TABLE _new")
+            self._recompute(cur)
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
         finally:
             cur.close()
-        self.loaded["quarantine"].update(quarantine)
-        self.loaded["instances"].update(instances)
-        if instances:
-            self._versions_view()
+        for table, files in new.items():
+            self.loaded[table].update(files)
+            if files and table in _HISTORY:
+                self._history_view(table)
 
     def set_landed(self, version: int, rows: pa.Table) -> None:
         """Replace the overlay's landed rows by `rows` (the landed index's snapshot)."""
@@ -260,8 +311,17 @@ class _State:
             f"WHERE {in_studies} AND {touched} "
             f"UNION ALL BY NAME SELECT * FROM o_versions WHERE {touched})"
         )
+        located = instances_with_locations_sql(
+            candidates,
+            f"(SELECT * FROM base.compacted_{_LOCATIONS} WHERE {touched} "
+            f"UNION ALL BY NAME SELECT * FROM o_{_LOCATIONS} WHERE {touched})",
+        )
+        # A version moved by a location change is in the overlay even if it was not re-sent.
+        cur.execute(f"INSERT INTO o_sops SELECT DISTINCT sop_instance_uid FROM o_{_LOCATIONS} "
+                    f"WHERE {touched} AND sop_instance_uid NOT IN "
+                    "(SELECT sop_instance_uid FROM o_sops)")
         cur.execute(
-            f"INSERT INTO o_instances SELECT * FROM ({current_select(candidates)}) c "
+            f"INSERT INTO o_instances SELECT * FROM ({current_select(f'({located})')}) c "
             "WHERE sop_instance_uid IN (SELECT sop_instance_uid FROM o_sops)"
         )
         cur.execute(f"""INSERT INTO _k
@@ -354,7 +414,7 @@ class CatalogReader:
                     self._load_landed(fresh, force=True)
                     self._retired.append((now, state))
                     self._state = fresh
-                    return len(fresh.loaded["instances"]) + len(fresh.loaded["quarantine"])
+                    return sum(len(v) for v in fresh.loaded.values())
             added = self._load_files(state)
             self._load_landed(state, force=False)
             return added
@@ -363,10 +423,10 @@ class CatalogReader:
         new = {
             table: [f for f in pending_batch_files(self.root, state.manifest, table)
                     if f not in state.loaded[table]]
-            for table in TABLES
+            for table in SCHEMAS
         }
         if any(new.values()):
-            state.add_files(new["quarantine"], new["instances"])
+            state.add_files(new)
         return sum(len(v) for v in new.values())
 
     def _load_landed(self, state: _State, *, force: bool) -> None:
@@ -379,8 +439,7 @@ class CatalogReader:
 
     def pending_files(self) -> int:
         """Batch files in the overlay (not compacted yet)."""
-        state = self._state
-        return len(state.loaded["instances"]) + len(state.loaded["quarantine"])
+        return sum(len(v) for v in self._state.loaded.values())
 
     def headers(self, rows: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str], str]:
         """Header JSON of instances given as (source_file, sop_instance_uid, checksum).

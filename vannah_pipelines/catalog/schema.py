@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 
+
 @dataclass(frozen=True)
 class Column:
     """A catalog column and the DICOM keyword it is read from (None: archive facts)."""
@@ -108,14 +109,14 @@ SERIES_COLUMNS = [c.name for c in DICOM_COLUMNS if c.level == "SERIES"]
 # Re-sent instances: the latest received version of a SOP Instance UID is current.
 LATEST_FIRST = "received_at DESC, indexed_at DESC, checksum"
 # PS3.3 C.4.23.1.1 Instance Availability: cold (archive class) needs a restore first.
-_INSTANCE_AVAILABILITY = "CASE WHEN tier = 'cold' THEN 'NEARLINE' ELSE 'ONLINE' END"
+INSTANCE_AVAILABILITY = "CASE WHEN tier = 'cold' THEN 'NEARLINE' ELSE 'ONLINE' END"
 _GROUP_AVAILABILITY = "CASE WHEN bool_or(tier = 'cold') THEN 'NEARLINE' ELSE 'ONLINE' END"
 
 
 def current_select(source: str, where: str = "") -> str:
     """The current version of each SOP Instance UID in `source`, with its availability."""
     return (
-        f"SELECT *, {_INSTANCE_AVAILABILITY} AS instance_availability FROM {source} {where} "
+        f"SELECT *, {INSTANCE_AVAILABILITY} AS instance_availability FROM {source} {where} "
         f"QUALIFY row_number() OVER (PARTITION BY sop_instance_uid ORDER BY {LATEST_FIRST}) = 1"
     )
 
@@ -182,19 +183,3 @@ def patient_select(source: str, where: str = "") -> str:
   {_GROUP_AVAILABILITY.replace("tier = 'cold'", "instance_availability = 'NEARLINE'")}
     AS instance_availability
 FROM {source} {where} GROUP BY patient_id"""
-
-
-def view_sql(source_instances: str, source_quarantine: str) -> list[str]:
-    """CREATE VIEW statements over the two raw row sources (a table or a read_parquet()).
-
-    ``instances`` holds the current version of each SOP Instance UID (re-sends: the latest
-    received wins; every version stays in ``instance_versions``).
-    """
-    return [
-        f"CREATE OR REPLACE VIEW instance_versions AS SELECT * FROM {source_instances}",
-        f"CREATE OR REPLACE VIEW instances AS {current_select('instance_versions')}",
-        f"CREATE OR REPLACE VIEW series AS {series_select('instances')}",
-        f"CREATE OR REPLACE VIEW studies AS {study_select('instances')}",
-        f"CREATE OR REPLACE VIEW patients AS {patient_select('studies')}",
-        f"CREATE OR REPLACE VIEW quarantine AS SELECT * FROM {source_quarantine}",
-    ]

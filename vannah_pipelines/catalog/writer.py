@@ -13,12 +13,16 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vannah_pipelines.catalog.changes import CHANGE_TABLES, CHANGES_DIR
 from vannah_pipelines.catalog.schema import TABLES
 from vannah_pipelines.landing.layout import fsync_dir, make_dirs, write_atomic
 
 CATALOG_DB = "catalog.duckdb"
 # A zero-row file per table keeps globs valid on an empty catalog; its partition sorts first.
 _SCHEMA_DAY = date(1970, 1, 1)
+# Every folder of Parquet files: the batch tables and the state-change tables
+# (``changes/<name>``, one file per append; see vannah_pipelines.catalog.changes).
+SCHEMAS: dict[str, pa.Schema] = TABLES | {t.directory: t.schema for t in CHANGE_TABLES.values()}
 
 
 class CatalogWriter:
@@ -38,14 +42,18 @@ class CatalogWriter:
         return self.batch_path(table, day, batch_id).exists()
 
     def write_batch(self, table: str, day: date, batch_id: str, rows: pa.Table) -> Path:
-        """Write `rows` (already in the table's schema) as one batch file, atomically."""
+        """Write `rows` (already in the table's schema) as one batch file, atomically.
+
+        `table` is a key of :data:`SCHEMAS`: a batch table, or a state-change table's
+        folder (``changes/<name>``, see :func:`vannah_pipelines.catalog.changes.append_change`).
+        """
         target = self.batch_path(table, day, batch_id)
         if not target.parent.is_dir():
             make_dirs(target.parent)  # a new day folder: its entry is made durable too
         for stale in target.parent.glob(f".tmp-{target.name}.*"):
             stale.unlink(missing_ok=True)  # left by a writer killed mid-write
         buffer = io.BytesIO()
-        pq.write_table(rows.cast(TABLES[table]), buffer, compression="zstd")
+        pq.write_table(rows.cast(SCHEMAS[table]), buffer, compression="zstd")
         write_atomic(target, buffer.getbuffer())
         return target
 
@@ -54,7 +62,8 @@ class CatalogWriter:
         the temp files of writers that were killed."""
         make_dirs(self.root)
         self.remove_stale_temp_files()
-        for table, schema in TABLES.items():
+        self._remove_stale_change_temps()
+        for table, schema in SCHEMAS.items():
             path = self.batch_path(table, _SCHEMA_DAY, "schema")
             if not path.exists():
                 self.write_batch(table, _SCHEMA_DAY, "schema", schema.empty_table())
@@ -67,6 +76,11 @@ class CatalogWriter:
 
     def glob(self, table: str) -> str:
         return str(self.root.resolve() / table / "*" / "*.parquet").replace("'", "''")
+
+    def source_sql(self, table: str) -> str:
+        """``read_parquet(...)`` of every file of `table` (a key of :data:`SCHEMAS`), as the
+        views of ``catalog.duckdb`` read them (hive ``day`` column, columns by name)."""
+        return f"read_parquet('{self.glob(table)}', hive_partitioning = true, union_by_name = true)"
 
     def publish(self) -> Path:
         """Point ``catalog.duckdb`` at the current generation's serving database (a hard
@@ -113,7 +127,16 @@ class CatalogWriter:
             removed.append(path)
         return removed
 
+    def _remove_stale_change_temps(self) -> None:
+        """Remove the temp files of appends whose process died (each append has a file
+        name of its own, so :meth:`write_batch` never meets them again)."""
+        for path in self.root.glob(f"{CHANGES_DIR}/*/day=*/.tmp-*"):
+            match = _TMP_APPEND.fullmatch(path.name)
+            if match is not None and not _pid_alive(int(match.group(1))):
+                path.unlink(missing_ok=True)
 
+
+_TMP_APPEND = re.compile(r"\.tmp-.+\.parquet\.([0-9]+)\.[0-9]+")
 _DISK_FULL = os.strerror(errno.ENOSPC)  # "No space left on device"
 _TMP_DB = re.compile(re.escape(f".{CATALOG_DB}.") + r"([0-9]+)\.tmp(\.wal)?")
 
