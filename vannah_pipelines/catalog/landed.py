@@ -73,13 +73,30 @@ class LandedNotFoundError(NotFoundError):
     """A landed instance is in none of the places it can be: open or sealed batch, hot tier."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
-    """One landed file: its catalog row in schema order, or None if it failed to parse
-    (ingest quarantines it; the overlay leaves it out and never parses it again)."""
+    """One landed file and its catalog row, or no row if it failed to parse (ingest
+    quarantines it; the overlay leaves it out and never parses it again).
+
+    The row is a tuple in schema order while its batch is open (it changes often); once
+    the batch is sealed it is only a reference into the batch's table (``ref``), so a
+    backlog of sealed batches costs one Arrow copy of each row, not two.
+    """
 
     ident: _Ident
     row: tuple[Any, ...] | None
+    ref: tuple[pa.Table, int] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.row is not None or self.ref is not None
+
+    def values(self) -> tuple[Any, ...] | None:
+        """The row as a tuple in schema order (None: no row)."""
+        if self.row is not None or self.ref is None:
+            return self.row
+        table, index = self.ref
+        return tuple(table.slice(index, 1).to_pylist()[0].values())
 
 
 @dataclass(eq=False)  # hashed by identity
@@ -102,12 +119,12 @@ class _Batch:
         if name in self.files:
             self.remove(name)
         self.files[name] = entry
-        self.held += entry.row is not None
+        self.held += entry.held
         self.table = None
 
     def remove(self, name: str) -> _Entry:
         entry = self.files.pop(name)
-        self.held -= entry.row is not None
+        self.held -= entry.held
         self.table = None
         return entry
 
@@ -300,7 +317,7 @@ class LandedIndex:
         for name in set(batch.files) - names:
             entry = batch.remove(name)
             gone[entry.ident] = entry
-            removed |= entry.row is not None
+            removed |= entry.held
         batch.left_out = 0
         for name in sorted(names - set(batch.files)):
             try:
@@ -324,12 +341,12 @@ class LandedIndex:
             if known is None:
                 fresh.append(cand)
                 continue
-            entry = _Entry(cand.ident, _moved(known.row, cand.batch, cand.name))
+            entry = _Entry(cand.ident, _moved(known.values(), cand.batch, cand.name))
             cand.batch.add(cand.name, entry)
             self._by_ident[cand.ident] = entry
             gone.pop(cand.ident, None)
-            held += entry.row is not None
-            added |= entry.row is not None
+            held += entry.held
+            added |= entry.held
         for cand in sorted(fresh, key=lambda c: c.order):
             if held >= self.max_instances:
                 cand.batch.left_out += 1
@@ -339,8 +356,8 @@ class LandedIndex:
                 continue
             cand.batch.add(cand.name, parsed)
             self._by_ident[cand.ident] = parsed
-            held += parsed.row is not None
-            added |= parsed.row is not None
+            held += parsed.held
+            added |= parsed.held
         return added
 
     def _parse(self, cand: _Candidate) -> _Entry | None:
@@ -394,12 +411,17 @@ class LandedIndex:
     @staticmethod
     def _table(batch: _Batch) -> pa.Table:
         if batch.table is None:
-            rows = [e.row for e in batch.files.values() if e.row is not None]
+            entries = [e for e in batch.files.values() if e.held]
+            rows = [e.values() for e in entries]
             columns = list(zip(*rows, strict=True)) if rows else [()] * len(_COLUMNS)
-            batch.table = pa.Table.from_arrays(
+            table = pa.Table.from_arrays(
                 [pa.array(c, type=f.type) for c, f in zip(columns, INSTANCE_SCHEMA, strict=True)],
                 schema=INSTANCE_SCHEMA,
             )
+            if batch.folder == "sealed":  # no more files: keep the Arrow copy only
+                for i, entry in enumerate(entries):
+                    entry.row, entry.ref = None, (table, i)
+            batch.table = table
         return batch.table
 
 
