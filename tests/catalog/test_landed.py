@@ -104,8 +104,7 @@ def test_landed_index_rows_are_the_rows_ingest_indexes(paths: IngestPaths) -> No
 
     def own(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         return sorted(
-            tuple(v for c, v in r.items() if c not in _OVERLAY_OWN and v is not None)
-            for r in rows
+            tuple(v for c, v in r.items() if c not in _OVERLAY_OWN and v is not None) for r in rows
         )
 
     assert own(before) == own(indexed)  # column for column, every version
@@ -187,9 +186,7 @@ def test_landed_index_leaves_out_files_that_fail_to_parse(paths: IngestPaths) ->
     _write(batch, good + bad)
     index = LandedIndex(paths.landing_dir, 100)
     assert index.refresh()
-    assert sorted(index.rows().column("sop_instance_uid").to_pylist()) == sorted(
-        u for u, _ in good
-    )
+    assert sorted(index.rows().column("sop_instance_uid").to_pylist()) == sorted(u for u, _ in good)
     assert index.parses == 6
     _write(batch, _study(1))
     assert index.refresh()
