@@ -102,9 +102,9 @@ def test_landed_index_rows_are_the_rows_ingest_indexes(paths: IngestPaths) -> No
     assert result.instances == len(indexed) == len(before) > 50
     assert result.quarantined == len(blobs) - len(before) > 0  # left out of both
 
-    def own(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    def own(rows: list[dict[str, Any]]) -> list[tuple[tuple[str, str], ...]]:
         return sorted(
-            tuple(v for c, v in r.items() if c not in _OVERLAY_OWN and v is not None) for r in rows
+            tuple((c, repr(v)) for c, v in r.items() if c not in _OVERLAY_OWN) for r in rows
         )
 
     assert own(before) == own(indexed)  # column for column, every version
@@ -168,6 +168,35 @@ def test_landed_index_sealed_batch_stays_visible_and_openable_then_ingest_hands_
     assert not (paths.landing_dir / "sealed" / sealed.batch_id).exists()
     assert all(read(r) == sent[r["sop_instance_uid"]] for r in rows + stale)  # hot tier
     assert index.refresh() and index.rows().num_rows == 0
+
+
+def test_landed_index_follows_a_split_and_a_stranded_batch_without_parsing_again(
+    paths: IngestPaths,
+) -> None:
+    zone = LandingZone(paths.landing_dir)
+    batch = zone.open_batch("dimse")
+    _write(batch, _study(4))
+    index = LandedIndex(paths.landing_dir, 100)
+    index.refresh()
+    sealed = batch.seal()
+    assert sealed is not None
+    halves = zone.split(sealed)
+    assert index.refresh()
+    rows = index.rows().to_pylist()
+    assert sorted(r["batch_id"] for r in rows) == sorted([h.batch_id for h in halves] * 2)
+    for r in rows:
+        assert r["storage_key"] == f"sealed/{r['batch_id']}/{r['sop_instance_uid']}.dcm"
+        assert (paths.landing_dir / r["storage_key"]).is_file()
+    # A writer that died: another process seals its open batch.
+    dead = zone.open_batch("dimse")
+    _write(dead, _study(2))
+    assert index.refresh() and index.rows().num_rows == 6
+    os.close(dead._lock_fd)  # the writer dies: its flock goes
+    [stranded] = zone.seal_stranded()
+    assert index.refresh()
+    keys = index.rows().column("storage_key").to_pylist()
+    assert sum(k.startswith(f"sealed/{stranded.batch_id}/") for k in keys) == 2
+    assert index.parses == 6
 
 
 def test_landed_index_leaves_out_files_that_fail_to_parse(paths: IngestPaths) -> None:

@@ -177,6 +177,7 @@ class LandedIndex:
         self._batches: dict[tuple[str, str], _Batch] = {}  # (folder, batch_id) -> batch
         self._by_ident: dict[_Ident, _Entry] = {}
         self._over = False
+        self._missed = False  # a folder or file went away while listed: list again
         self._snapshot: tuple[int, pa.Table] = (0, INSTANCE_SCHEMA.empty_table())
 
     @property
@@ -213,10 +214,12 @@ class LandedIndex:
     def _update(self, now_ns: int) -> bool:
         """List what changed and parse new files; True if the rows changed."""
         gone: dict[_Ident, _Entry] = {}
-        candidates: dict[tuple[int, str], _Candidate] = {}  # (id(batch), name) -> candidate
         changed = False
-        for _ in range(3):  # again if a batch folder went away while listed (sealed)
-            vanished = False
+        # Again (at most twice) if a batch folder or a file went away while it was being
+        # listed or parsed: renamed into sealed/ (or removed), it is found there at once.
+        for _ in range(3):
+            candidates: dict[tuple[int, str], _Candidate] = {}  # (id(batch), name) -> it
+            self._missed = False
             for folder in _LISTING:
                 changed |= self._list_folder(folder, now_ns, gone)
             room = any(b.left_out for b in self._batches.values()) and (
@@ -235,12 +238,12 @@ class LandedIndex:
                     changed |= self._list_batch(batch, mtime, now_ns, gone, candidates)
                 except (FileNotFoundError, NotADirectoryError):
                     changed |= self._drop(batch, gone)  # removed or renamed since listed
-                    self._tops.clear()  # list the folders again: where did it go?
-                    vanished = True
-            if not vanished:
+                    self._missed = True
+            if candidates:
+                changed |= self._admit(list(candidates.values()), gone)
+            if not self._missed:
                 break
-        if candidates:
-            changed |= self._admit(list(candidates.values()), gone)
+            self._tops.clear()  # list the folders again: where did it go?
         for ident, entry in gone.items():
             if self._by_ident.get(ident) is entry:
                 del self._by_ident[ident]
@@ -323,7 +326,8 @@ class LandedIndex:
             try:
                 st = (batch.path / name).stat()
             except FileNotFoundError:
-                continue  # moved meanwhile: its folder's mtime changed, seen next time
+                self._missed = True  # moved meanwhile: found where it went
+                continue
             ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             candidates[(id(batch), name)] = _Candidate(batch, name, ident)
         return removed
@@ -366,15 +370,16 @@ class LandedIndex:
         path = batch.path / cand.name
         facts = self._facts(batch, cand.name)
         item = LandedInstance(path, landed_uid(cand.name), facts)
-        self.parses += 1
         try:
             with path.open("rb") as handle:
                 data = handle.read()
         except FileNotFoundError:
-            return None  # sealed or ingested meanwhile: found where it went next time
+            self._missed = True  # sealed or ingested meanwhile: found where it went
+            return None
         except OSError as exc:
             log.warning("landed file %s of batch %s unreadable: %s", cand.name, batch.batch_id, exc)
             return _Entry(cand.ident, None)
+        self.parses += 1
         try:
             row = instance_row(item, data, batch.batch_id, datetime.now(UTC))
         # Deliberately broad, as ingest: whatever one file makes the parser raise leaves
