@@ -245,13 +245,26 @@ def test_landed_index_holds_at_most_max_instances_oldest_batches_first(
     assert not index.refresh()  # nothing changed, still full: no parse, no change
     assert index.parses == 5
 
-    sealed = batches[0].seal()
-    assert sealed is not None
-    ingest_batches(paths, [sealed.batch_id])
+    sealed1 = batches[1].seal()  # its 2 held files move; the third one still waits
+    assert sealed1 is not None
     assert index.refresh()
     held = index.rows().column("batch_id").to_pylist()
-    assert sorted(held) == sorted([batches[1].batch_id] * 3 + [batches[2].batch_id] * 2)
+    assert sorted(held) == sorted([batches[0].batch_id] * 3 + [sealed1.batch_id] * 2)
+    assert index.parses == 5
+
+    sealed0 = batches[0].seal()
+    assert sealed0 is not None
+    ingest_batches(paths, [sealed0.batch_id])
+    assert index.refresh()  # room: the sealed batch's last file first, then the oldest open
+    rows = index.rows().to_pylist()
+    assert sorted(r["batch_id"] for r in rows) == sorted(
+        [sealed1.batch_id] * 3 + [batches[2].batch_id] * 2
+    )
     assert index.parses == 8
+    for row in rows:
+        data = (paths.landing_dir / row["storage_key"]).read_bytes()
+        assert row["checksum"] == hashlib.sha256(data).hexdigest()
+        assert row["sop_instance_uid"] in row["storage_key"]
 
 
 def test_landed_index_unchanged_refresh_parses_nothing(paths: IngestPaths) -> None:

@@ -415,19 +415,38 @@ class LandedIndex:
 
     @staticmethod
     def _table(batch: _Batch) -> pa.Table:
+        """The batch's rows as a table (built again only after a change)."""
         if batch.table is None:
-            entries = [e for e in batch.files.values() if e.held]
-            rows = [e.values() for e in entries]
-            columns = list(zip(*rows, strict=True)) if rows else [()] * len(_COLUMNS)
-            table = pa.Table.from_arrays(
-                [pa.array(c, type=f.type) for c, f in zip(columns, INSTANCE_SCHEMA, strict=True)],
-                schema=INSTANCE_SCHEMA,
-            )
+            held = [e for e in batch.files.values() if e.held]
+            # Rows already in a table are taken from it; only new ones are converted.
+            by_table: dict[int, tuple[pa.Table, list[_Entry]]] = {}
+            fresh: list[_Entry] = []
+            for entry in held:
+                if entry.ref is None:
+                    fresh.append(entry)
+                else:
+                    by_table.setdefault(id(entry.ref[0]), (entry.ref[0], []))[1].append(entry)
+            parts = [
+                source.take([e.ref[1] for e in entries if e.ref is not None])
+                for source, entries in by_table.values()
+            ]
+            if fresh or not parts:
+                parts.append(_from_rows([e.row for e in fresh if e.row is not None]))
+            table = pa.concat_tables(parts).combine_chunks() if len(parts) > 1 else parts[0]
             if batch.folder == "sealed":  # no more files: keep the Arrow copy only
-                for i, entry in enumerate(entries):
+                ordered = [e for _, entries in by_table.values() for e in entries] + fresh
+                for i, entry in enumerate(ordered):
                     entry.row, entry.ref = None, (table, i)
             batch.table = table
         return batch.table
+
+
+def _from_rows(rows: list[tuple[Any, ...]]) -> pa.Table:
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(_COLUMNS)
+    return pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(columns, INSTANCE_SCHEMA, strict=True)],
+        schema=INSTANCE_SCHEMA,
+    )
 
 
 def _moved(row: tuple[Any, ...] | None, batch: _Batch, name: str) -> tuple[Any, ...] | None:
