@@ -199,7 +199,9 @@ def _placed_row(
     """Parse, validate and place one file; raise whatever it raises."""
     row = instance_row(item, data, batch_id, now)
     # An OSError here (hot tier full, unwritable) is the machine's: it fails the run.
-    LocalStorage(hot_dir, Tier.HOT).put(row["storage_key"], item.path, sync=False)
+    LocalStorage(hot_dir, Tier.HOT).put(
+        row["storage_key"], item.path, sync=False
+    )  # synced per chunk
     return row
 
 
