@@ -199,9 +199,8 @@ def _placed_row(
     """Parse, validate and place one file; raise whatever it raises."""
     row = instance_row(item, data, batch_id, now)
     # An OSError here (hot tier full, unwritable) is the machine's: it fails the run.
-    LocalStorage(hot_dir, Tier.HOT).put(
-        row["storage_key"], item.path, sync=False
-    )  # synced per chunk
+    # Not synced here: _index_chunk syncs the chunk's keys together.
+    LocalStorage(hot_dir, Tier.HOT).put(row["storage_key"], item.path, sync=False)
     return row
 
 
