@@ -251,6 +251,12 @@ class Settings(BaseSettings):
     landing_batch_max_files: int = Field(default=500, ge=1)
     landing_batch_max_age_seconds: float = Field(default=1.0, gt=0)
     ingest_run_max_files: int = Field(default=20_000, ge=1)
+    landed_overlay_max_instances: int = Field(
+        default=20_000,
+        ge=0,
+        description="landed, not yet indexed instances a reading process holds in memory so "
+        "they answer queries before ingest",
+    )
     ingest_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
     dagster_port: int = Field(default=3000, ge=0, le=65535)
     dicomweb_port: int = Field(default=8042, ge=0, le=65535)

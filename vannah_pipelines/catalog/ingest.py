@@ -123,33 +123,57 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0][:80]
 
 
-def _instance_row(
-    item: LandedInstance, data: bytes, batch_id: str, hot_dir: Path, now: datetime
-) -> dict[str, Any]:
-    """Parse, validate and place one file; raise whatever it raises."""
+def instance_row(item: LandedInstance, data: bytes, batch_id: str, now: datetime) -> dict[str, Any]:
+    """The catalog row of one landed file, exactly as ingest indexes it.
+
+    One piece of code for ingest and for the readers' overlay of landed instances
+    (:mod:`vannah_pipelines.catalog.landed`), so both see the same columns, checksum and
+    hot-tier key. Nothing is written: the row names the hot-tier key the file is placed
+    under (``storage_key``, tier ``hot``) and is indexed at `now`.
+
+    Parameters
+    ----------
+    item
+        The landed file and its receive facts.
+    data
+        Its bytes (the whole file: the checksum and the truncation check need them).
+    batch_id
+        The landing batch it is in.
+    now
+        The time of indexing (and of receipt, when the facts do not say).
+
+    Raises
+    ------
+    InvalidDicomError
+        The file is not valid DICOM, or was sent under another SOP Instance UID, or an
+        ``OSError`` was raised parsing it from memory (the file's doing).
+    Exception
+        Whatever else the parser raises for this file: the caller decides (ingest
+        quarantines it).
+    """
     facts = item.facts
     received_at = _parse_time(facts.received_at if facts else None)
     try:
         # Parsed from memory: whatever this raises, even an OSError, is the file's doing.
         with _quiet_pydicom():
             header = read_header(item.path, data)
-        if header.sop_instance_uid != item.sop_instance_uid:
-            raise InvalidDicomError(
-                "SOPInstanceUID in the data set differs from the one it was sent as"
-            )
-        key = instance_key(
-            header.study_instance_uid,
-            header.series_instance_uid,
-            header.sop_instance_uid,
-            header.checksum,
-        )
-        attributes = header.attributes
-        row: dict[str, Any] = {
-            name: (json_int if is_int else json_text)(attributes, tag)
-            for name, tag, is_int in _COLUMN_TAGS
-        }
     except OSError as exc:
-        raise _FileFaultError(exc) from exc
+        raise InvalidDicomError(f"{type(exc).__name__}: {exc}") from exc
+    if header.sop_instance_uid != item.sop_instance_uid:
+        raise InvalidDicomError(
+            "SOPInstanceUID in the data set differs from the one it was sent as"
+        )
+    key = instance_key(
+        header.study_instance_uid,
+        header.series_instance_uid,
+        header.sop_instance_uid,
+        header.checksum,
+    )
+    attributes = header.attributes
+    row: dict[str, Any] = {
+        name: (json_int if is_int else json_text)(attributes, tag)
+        for name, tag, is_int in _COLUMN_TAGS
+    }
     row.update(
         transfer_syntax_uid=header.transfer_syntax_uid
         or (facts.transfer_syntax_uid if facts else None),
@@ -166,8 +190,17 @@ def _instance_row(
         batch_id=batch_id,
         header_json=header.header_json,
     )
+    return row
+
+
+def _placed_row(
+    item: LandedInstance, data: bytes, batch_id: str, hot_dir: Path, now: datetime
+) -> dict[str, Any]:
+    """Parse, validate and place one file; raise whatever it raises."""
+    row = instance_row(item, data, batch_id, now)
     # An OSError here (hot tier full, unwritable) is the machine's: it fails the run.
-    LocalStorage(hot_dir, Tier.HOT).put(key, item.path, sync=False)  # synced per chunk
+    # Not synced here: _index_chunk syncs the chunk's keys together.
+    LocalStorage(hot_dir, Tier.HOT).put(row["storage_key"], item.path, sync=False)
     return row
 
 
@@ -184,10 +217,6 @@ def _quiet_pydicom() -> Iterator[None]:
             yield
     finally:
         pydicom_log.disabled = was_disabled
-
-
-class _FileFaultError(Exception):
-    """Wraps an OSError raised while parsing a file from memory: the file's fault."""
 
 
 def quarantine_row(
@@ -242,9 +271,7 @@ def _index_one(
     now = datetime.now(UTC)
     data = item.path.read_bytes()
     try:
-        return "instance", _instance_row(item, data, batch_id, hot_dir, now)
-    except _FileFaultError as fault:
-        reason = quarantine_reason(fault.__cause__ or fault)
+        return "instance", _placed_row(item, data, batch_id, hot_dir, now)
     except OSError:
         raise
     # Deliberately broad: ingest must survive ANY per-file failure (a pydicom exception

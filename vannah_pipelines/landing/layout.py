@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 _BATCH_ID = re.compile(r"[0-9]{8}T[0-9]{12}-[a-z]+-[0-9]+-[0-9]+")
 _LOCK = ".lock"
-_RECEIPTS = "receipts.jsonl"
+RECEIPTS = "receipts.jsonl"  # one line of receive facts per instance
 _TMP_PREFIX = ".tmp-"
 _VERSION_SEP = "~"  # <sop_uid>~<n>.dcm: the n-th re-send of a UID within one batch
 _counter = itertools.count()
@@ -218,23 +218,60 @@ class Batch:
 
     def instances(self) -> list[LandedInstance]:
         """The committed instances, sorted by file name; temp files are ignored."""
-        facts: dict[str, ReceiveFacts] = {}
-        receipts = self.path / _RECEIPTS
-        if receipts.exists():
-            for line in receipts.read_text(encoding="utf-8").splitlines():
-                try:
-                    fields = json.loads(line)
-                    name = fields.pop("file", None)
-                    record = ReceiveFacts(**fields)
-                except (ValueError, TypeError):
-                    continue  # a torn last line after a crash; the file itself still counts
-                facts[name or f"{record.sop_instance_uid}.dcm"] = record
+        facts, _ = read_receipts(self.path / RECEIPTS)
         found = []
         for entry in sorted(self.path.iterdir()):
-            if entry.suffix == ".dcm" and not entry.name.startswith(_TMP_PREFIX):
-                uid = entry.stem.split(_VERSION_SEP)[0]
-                found.append(LandedInstance(entry, uid, facts.get(entry.name)))
+            if is_landed_file(entry.name):
+                found.append(LandedInstance(entry, landed_uid(entry.name), facts.get(entry.name)))
         return found
+
+
+def is_landed_file(name: str) -> bool:
+    """Whether `name` is a committed instance file of a batch folder (not a temp file).
+
+    >>> is_landed_file("1.2.3.dcm"), is_landed_file("1.2.3~1.dcm"), is_landed_file(".tmp-1.dcm.9")
+    (True, True, False)
+    """
+    return name.endswith(".dcm") and not name.startswith(_TMP_PREFIX)
+
+
+def landed_uid(name: str) -> str:
+    """The SOP Instance UID a landed file was sent as, from its name (not validated).
+
+    >>> landed_uid("1.2.3.dcm"), landed_uid("1.2.3~2.dcm")
+    ('1.2.3', '1.2.3')
+    """
+    return name.removesuffix(".dcm").split(_VERSION_SEP)[0]
+
+
+def read_receipts(
+    path: Path, start: int = 0, *, whole_lines_only: bool = False
+) -> tuple[dict[str, ReceiveFacts], int]:
+    """The receive facts in a batch's ``receipts.jsonl`` from byte `start`, by file name.
+
+    A torn line (a crash mid-write) is skipped: its file still counts, without facts.
+    Returns the facts and the offset up to which the file was read. With
+    `whole_lines_only` a last line without its newline is left unread, for a reader that
+    follows a batch still being written and comes back from that offset.
+    """
+    try:
+        with path.open("rb") as handle:
+            handle.seek(start)
+            data = handle.read()
+    except FileNotFoundError:
+        return {}, start
+    if whole_lines_only:
+        data = data[: data.rfind(b"\n") + 1]
+    facts: dict[str, ReceiveFacts] = {}
+    for line in data.splitlines():
+        try:
+            fields = json.loads(line.decode("utf-8"))
+            name = fields.pop("file", None)
+            record = ReceiveFacts(**fields)
+        except (ValueError, TypeError, AttributeError):
+            continue  # a torn last line after a crash; the file itself still counts
+        facts[name or f"{record.sop_instance_uid}.dcm"] = record
+    return facts, start + len(data)
 
 
 class OpenBatch:
@@ -249,7 +286,7 @@ class OpenBatch:
         self._idle = threading.Condition(self._mutex)  # no write in flight
         self._writing = 0
         self._dir_sync = DirectorySync(path)
-        self._receipts = (path / _RECEIPTS).open("a", encoding="utf-8")
+        self._receipts = (path / RECEIPTS).open("a", encoding="utf-8")
         self.count = 0
         self._versions: dict[str, int] = {}
         self.created = time.monotonic()
@@ -438,7 +475,7 @@ class LandingZone:
         items = batch.instances()
         if len(items) < 2:
             raise LandingError(f"batch {batch.batch_id} has {len(items)} file(s): cannot split")
-        receipts = _receipt_lines(batch.path / _RECEIPTS)
+        receipts = _receipt_lines(batch.path / RECEIPTS)
         size = -(-len(items) // max(2, parts))
         stamp = batch_time(batch.batch_id)
         self.ensure()
@@ -449,7 +486,7 @@ class LandingZone:
             tmp, lock_fd = self._locked_tmp_folder(batch_id)
             try:
                 lines = [receipts[i.path.name] for i in chunk if i.path.name in receipts]
-                write_atomic(tmp / _RECEIPTS, "".join(lines).encode("utf-8"))
+                write_atomic(tmp / RECEIPTS, "".join(lines).encode("utf-8"))
                 for item in chunk:
                     item.path.rename(tmp / item.path.name)
                 fsync_dir(tmp)
@@ -472,7 +509,7 @@ _EMPTY_TMP_MAX_AGE = 3600.0  # an empty .tmp- batch folder this old has no live 
 
 
 def _committed_files(path: Path) -> list[Path]:
-    return [p for p in path.iterdir() if p.suffix == ".dcm" and not p.name.startswith(_TMP_PREFIX)]
+    return [p for p in path.iterdir() if is_landed_file(p.name)]
 
 
 def _age_seconds(path: Path) -> float:
