@@ -72,7 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url=f"{PREFIX}/openapi.json",
     )
     app.state.settings = settings
-    app.state.catalog = CatalogHolder(settings.catalog_dir, CATALOG_REFRESH_SECONDS)
+    app.state.catalog = CatalogHolder.for_settings(settings, CATALOG_REFRESH_SECONDS)
     app.state.catalog.load()  # at start-up, not on the first request
     # Added innermost first: the Host check runs before CORS, CORS before the body limit.
     app.add_middleware(BodyLimitGuard, max_bytes=settings.dicomweb_max_body_bytes, exempt=is_stow)

@@ -31,14 +31,18 @@ class Archive:
         self._client_tls: ssl.SSLContext | None = None
 
     @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
     def catalog(self) -> CatalogHolder:
         with self._lock:
             if self._catalog is None:
                 from vannah_pipelines.catalog.holder import CatalogHolder  # lazy: see the docstring
 
                 settings = self._settings
-                self._catalog = CatalogHolder(
-                    settings.catalog_dir, settings.qr_catalog_refresh_seconds
+                self._catalog = CatalogHolder.for_settings(
+                    settings, settings.qr_catalog_refresh_seconds
                 )
             return self._catalog
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
@@ -27,8 +28,32 @@ from receiver.responses import failure
 from receiver.retrieve import Destination, RetrievePlan, SubOperation
 from receiver.status import FindStatus, RetrieveStatus
 from receiver.worklist import handle_worklist_find
-from vannah_pipelines.errors import StorageError
+from vannah_pipelines.errors import NotFoundError, StorageError
 from vannah_pipelines.storage.base import Tier
+
+if TYPE_CHECKING:
+    from vannah_pipelines.catalog.lookup import StoredInstance
+
+# vannah_pipelines.catalog.landed.LANDING_TIER (imported lazily: see landed_path)
+LANDING_TIER = "landing"
+
+
+def landed_path(archive: Archive, inst: StoredInstance) -> Path:
+    """Where the file of an acknowledged, not yet indexed instance is now (it may have been
+    sealed or ingested since the catalog saw it)."""
+    from vannah_pipelines.catalog.landed import open_landed  # only Q/R workers need it
+
+    with open_landed(
+        archive.settings.landing_dir,
+        archive.hot,
+        inst.storage_key,
+        inst.checksum,
+        inst.study_instance_uid,
+        inst.series_instance_uid,
+        inst.sop_instance_uid,
+    ) as handle:
+        return Path(str(handle.name))
+
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +133,12 @@ def _retrieve_plan(event: Event, archive: Archive, *, move: bool) -> RetrievePla
     for inst in instances:
         path = None
         problem = ""
-        if inst.tier != Tier.HOT:
+        if inst.tier == LANDING_TIER:  # acknowledged, not indexed yet: wherever it is now
+            try:
+                path = landed_path(archive, inst)
+            except (StorageError, NotFoundError) as exc:
+                problem = str(exc)
+        elif inst.tier != Tier.HOT:
             problem = f"stored in the {inst.tier or 'unknown'} tier"
         else:
             try:

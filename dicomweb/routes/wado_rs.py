@@ -63,6 +63,7 @@ from dicomweb.rendering import (
     stored_frame,
     thumbnail_options,
 )
+from vannah_pipelines.catalog.landed import LANDING_TIER, open_landed
 from vannah_pipelines.catalog.lookup import StoredInstance, find_instances, iter_headers
 from vannah_pipelines.dicom.uids import require_uid
 from vannah_pipelines.errors import NotFoundError as StorageNotFoundError
@@ -115,6 +116,16 @@ def lookup(
 
 def opener(settings: Settings, instance: StoredInstance) -> Callable[[], BinaryIO]:
     """How to open the stored file of `instance` (503 for tiers not served yet)."""
+    if instance.tier == LANDING_TIER:  # acknowledged, not indexed yet: wherever it is now
+        return lambda: open_landed(
+            settings.landing_dir,
+            settings.hot_dir,
+            instance.storage_key,
+            instance.checksum,
+            instance.study_instance_uid,
+            instance.series_instance_uid,
+            instance.sop_instance_uid,
+        )
     if instance.tier != Tier.HOT.value:
         raise DicomWebError(
             f"instance {instance.sop_instance_uid} is in the {instance.tier or 'unknown'} "

@@ -29,9 +29,15 @@ def _study(modality: str, n: int, patient: str, **kwargs: Any) -> list[tuple[str
     blobs = [(str(first.SOPInstanceUID), to_part10(first))]
     for i in range(1, n):
         ds = make_instance(
-            modality, rows=8, columns=8, patient_id=patient, study_uid=first.StudyInstanceUID,
-            series_uid=first.SeriesInstanceUID if i % 2 else None, instance_number=i + 1,
-            seed=i, **kwargs,
+            modality,
+            rows=8,
+            columns=8,
+            patient_id=patient,
+            study_uid=first.StudyInstanceUID,
+            series_uid=first.SeriesInstanceUID if i % 2 else None,
+            instance_number=i + 1,
+            seed=i,
+            **kwargs,
         )
         blobs.append((str(ds.SOPInstanceUID), to_part10(ds)))
     return blobs
@@ -68,8 +74,9 @@ def answers(reader: CatalogReader) -> dict[str, Any]:
     """What QIDO-RS (JSON), C-FIND (the same engine) and WADO-RS metadata answer."""
     found: dict[str, Any] = {}
     for spec in SPECS:
-        found[f"json {spec}"] = sorted(run_query_json(reader, spec).body.decode()[1:-1]
-                                       .split("},{"))
+        found[f"json {spec}"] = sorted(
+            run_query_json(reader, spec).body.decode()[1:-1].split("},{")
+        )
         found[f"find {spec}"] = sorted(str(r) for r in run_query(reader, spec).rows)
     studies = [r[0] for r in reader.query("SELECT study_instance_uid FROM studies ORDER BY 1")]
     for study in studies:
@@ -102,8 +109,14 @@ def _researcher_counts(catalog: Path) -> dict[str, Any]:
     try:
         return {
             view: con.execute(f"SELECT count(*) FROM {view}").fetchone()
-            for view in ("instances", "series", "studies", "patients", "quarantine",
-                         "instance_versions")
+            for view in (
+                "instances",
+                "series",
+                "studies",
+                "patients",
+                "quarantine",
+                "instance_versions",
+            )
         } | {
             "distinct": con.execute(
                 "SELECT count(DISTINCT sop_instance_uid) FROM instances"
@@ -120,10 +133,18 @@ def _researcher_counts(catalog: Path) -> dict[str, Any]:
 def _reader_counts(reader: CatalogReader) -> dict[str, Any]:
     return {
         view: tuple(reader.query(f"SELECT count(*) FROM {view}")[0])
-        for view in ("instances", "series", "studies", "patients", "quarantine",
-                     "instance_versions")
+        for view in (
+            "instances",
+            "series",
+            "studies",
+            "patients",
+            "quarantine",
+            "instance_versions",
+        )
     } | {
-        "distinct": tuple(reader.query("SELECT count(DISTINCT sop_instance_uid) FROM instances")[0]),
+        "distinct": tuple(
+            reader.query("SELECT count(DISTINCT sop_instance_uid) FROM instances")[0]
+        ),
         "modalities": reader.query(
             "SELECT study_instance_uid, modalities_in_study, "
             "number_of_study_related_instances FROM studies ORDER BY 1"
@@ -161,19 +182,40 @@ def _more(paths: IngestPaths) -> None:
         "WHERE modality = 'CT' LIMIT 1"
     )[0]
     reader.close()
-    extra = make_instance("CT", rows=8, columns=8, patient_id="VHC-C-0", study_uid=study[0],
-                          series_uid=study[1], instance_number=9, seed=9)
-    resent = make_instance("CT", rows=8, columns=8, patient_id="VHC-C-0", study_uid=study[0],
-                           series_uid=study[1], seed=77, SOPInstanceUID=study[2],
-                           SeriesDescription="re-sent")
-    ingest_batches(paths, [
-        land(paths, [(str(extra.SOPInstanceUID), to_part10(extra))]),
-        land(paths, [(study[2], to_part10(resent))]),
-        land(paths, _study("MR", 2, "VHC-C-9")),
-    ])
+    extra = make_instance(
+        "CT",
+        rows=8,
+        columns=8,
+        patient_id="VHC-C-0",
+        study_uid=study[0],
+        series_uid=study[1],
+        instance_number=9,
+        seed=9,
+    )
+    resent = make_instance(
+        "CT",
+        rows=8,
+        columns=8,
+        patient_id="VHC-C-0",
+        study_uid=study[0],
+        series_uid=study[1],
+        seed=77,
+        SOPInstanceUID=study[2],
+        SeriesDescription="re-sent",
+    )
+    ingest_batches(
+        paths,
+        [
+            land(paths, [(str(extra.SOPInstanceUID), to_part10(extra))]),
+            land(paths, [(study[2], to_part10(resent))]),
+            land(paths, _study("MR", 2, "VHC-C-9")),
+        ],
+    )
 
 
-def test_answers_identical_before_and_after_compaction(archive: IngestPaths, tmp_path: Path) -> None:
+def test_answers_identical_before_and_after_compaction(
+    archive: IngestPaths, tmp_path: Path
+) -> None:
     paths = archive
     catalog = paths.catalog_dir
     CatalogWriter(catalog).ensure()
@@ -201,8 +243,9 @@ def test_answers_identical_before_and_after_compaction(archive: IngestPaths, tmp
     assert same(answers(live), expected)
     assert same(answers(CatalogReader(catalog)), expected)
     assert _researcher_counts(catalog) == _reader_counts(live)
-    resent = live.query("SELECT series_description FROM instances WHERE series_description "
-                        "= 're-sent'")
+    resent = live.query(
+        "SELECT series_description FROM instances WHERE series_description = 're-sent'"
+    )
     assert len(resent) == 1
 
     # Compact again, the earlier generation's files retired at once (no grace).
@@ -217,7 +260,9 @@ def test_answers_identical_before_and_after_compaction(archive: IngestPaths, tmp
     assert not list((catalog / "instances").glob("day=2*/*.parquet"))  # batch files gone
     manifest = Manifest.load(catalog)
     assert not manifest.covered.get("instances") and manifest.serving
-    on_disk = sorted(str(p.relative_to(catalog)) for p in (catalog / "compacted").rglob("*.parquet"))
+    on_disk = sorted(
+        str(p.relative_to(catalog)) for p in (catalog / "compacted").rglob("*.parquet")
+    )
     assert on_disk == sorted(manifest.files["instances"] + manifest.files["quarantine"])
     assert sorted(p.name for p in (catalog / "serving").iterdir()) == [Path(manifest.serving).name]
 
@@ -226,8 +271,9 @@ def before_versions(found: dict[str, Any]) -> int:
     return len(found["versions"])
 
 
-def test_compaction_is_idempotent_and_a_crash_leaves_the_generation(archive: IngestPaths,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compaction_is_idempotent_and_a_crash_leaves_the_generation(
+    archive: IngestPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     catalog = archive.catalog_dir
     reader = CatalogReader(catalog)
     before = answers(reader)
@@ -270,7 +316,8 @@ def test_readers_query_while_ingest_and_compaction_write(paths: IngestPaths) -> 
                 rows, distinct, total = reader.query(
                     "SELECT (SELECT count(*) FROM instances), (SELECT count(DISTINCT "
                     "sop_instance_uid) FROM instances), (SELECT coalesce(sum("
-                    "number_of_study_related_instances), 0) FROM studies)")[0]
+                    "number_of_study_related_instances), 0) FROM studies)"
+                )[0]
                 seen.append((rows, distinct, int(total)))
             except BaseException as exc:  # any error at all fails the test
                 errors.append(exc)
@@ -295,13 +342,21 @@ def test_readers_query_while_ingest_and_compaction_write(paths: IngestPaths) -> 
 
 
 def _where(reader: CatalogReader, sop: str, study: str) -> tuple[Any, ...]:
-    row = reader.query("SELECT tier, storage_key, instance_availability FROM instances "
-                       "WHERE sop_instance_uid = ?", [sop])
-    series = reader.query("SELECT instance_availability FROM series WHERE series_instance_uid "
-                          "= (SELECT series_instance_uid FROM instances WHERE sop_instance_uid "
-                          "= ?)", [sop])
-    studies = reader.query("SELECT instance_availability, number_of_study_related_instances "
-                           "FROM studies WHERE study_instance_uid = ?", [study])
+    row = reader.query(
+        "SELECT tier, storage_key, instance_availability FROM instances WHERE sop_instance_uid = ?",
+        [sop],
+    )
+    series = reader.query(
+        "SELECT instance_availability FROM series WHERE series_instance_uid "
+        "= (SELECT series_instance_uid FROM instances WHERE sop_instance_uid "
+        "= ?)",
+        [sop],
+    )
+    studies = reader.query(
+        "SELECT instance_availability, number_of_study_related_instances "
+        "FROM studies WHERE study_instance_uid = ?",
+        [study],
+    )
     return (*row, *series, *studies)
 
 
@@ -319,11 +374,22 @@ def test_one_location_append_moves_an_instance_for_the_services(
         compact(catalog)
     reader = CatalogReader(catalog)
     sop, study, checksum = reader.query(
-        "SELECT sop_instance_uid, study_instance_uid, checksum FROM instances LIMIT 1")[0]
+        "SELECT sop_instance_uid, study_instance_uid, checksum FROM instances LIMIT 1"
+    )[0]
     assert _where(reader, sop, study)[0][0] == "hot"
-    append_change(CatalogWriter(catalog), "instance_locations",
-                  [{"sop_instance_uid": sop, "checksum": checksum, "tier": "cold",
-                    "storage_key": f"glacier/{sop}"}], changed_by="test")
+    append_change(
+        CatalogWriter(catalog),
+        "instance_locations",
+        [
+            {
+                "sop_instance_uid": sop,
+                "checksum": checksum,
+                "tier": "cold",
+                "storage_key": f"glacier/{sop}",
+            }
+        ],
+        changed_by="test",
+    )
     reader.refresh()
     moved = (("cold", f"glacier/{sop}", "NEARLINE"), ("NEARLINE",), ("NEARLINE", 3))
     assert _where(reader, sop, study) == moved
@@ -335,6 +401,7 @@ def test_one_location_append_moves_an_instance_for_the_services(
     assert _where(CatalogReader(catalog), sop, study) == moved
     CatalogWriter(catalog).publish()
     con = duckdb.connect(str(catalog / CATALOG_DB), read_only=True)
-    assert con.execute("SELECT tier FROM instances WHERE sop_instance_uid = ?", [sop]).fetchall() \
-        == [("cold",)]
+    assert con.execute(
+        "SELECT tier FROM instances WHERE sop_instance_uid = ?", [sop]
+    ).fetchall() == [("cold",)]
     con.close()

@@ -10,10 +10,10 @@ raises ENOSPC.
 import contextlib
 import errno
 import os
+import shutil
 import subprocess
 import warnings
 from collections.abc import Iterator
-import shutil
 from pathlib import Path
 
 import dagster as dg

@@ -24,7 +24,7 @@ class FakeReader:
     opened: ClassVar[list[FakeReader]] = []
     open_delay = 0.0
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, **kwargs: object) -> None:
         time.sleep(self.open_delay)
         self.root = root
         self.refreshes = 0
@@ -32,6 +32,9 @@ class FakeReader:
         self.gate: threading.Event | None = None
         self.refreshing = threading.Event()
         FakeReader.opened.append(self)
+
+    def refresh_landed(self) -> bool:
+        return False
 
     def refresh(self) -> int:
         self.refreshing.set()

@@ -41,8 +41,8 @@ import pyarrow.parquet as pq
 
 from vannah_pipelines.catalog.changes import (
     INSTANCE_LOCATIONS,
-    ChangeTable,
     QUARANTINE_STATUS,
+    ChangeTable,
     instances_with_locations_sql,
     latest_sql,
     quarantine_with_status_sql,
@@ -210,7 +210,9 @@ def fingerprint(con: duckdb.DuckDBPyConnection, table: str, files: list[Path]) -
     return (int(row[0]), int(row[1]))
 
 
-def _connect(root: Path, memory_limit_mb: int, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+def _connect(
+    root: Path, memory_limit_mb: int, database: str = ":memory:"
+) -> duckdb.DuckDBPyConnection:
     tmp = Path(root) / ".compaction-tmp"
     make_dirs(tmp)
     con = duckdb.connect(database)
@@ -235,7 +237,7 @@ def _write_sorted(
         f"SELECT {cols} FROM read_parquet({_sql_list(inputs)}, hive_partitioning = false, "
         f"union_by_name = true) ORDER BY {_FILE_ORDER[table]}"
     )
-    reader = relation.fetch_record_batch(row_group_rows)
+    reader = relation.to_arrow_reader(row_group_rows)
     make_dirs(out_dir)
     written: list[Path] = []
     writer: pq.ParquetWriter | None = None
@@ -251,8 +253,9 @@ def _write_sorted(
                 tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}")
                 writer = pq.ParquetWriter(tmp, SCHEMAS[table], compression="zstd")
                 rows_in_file = 0
-            writer.write_table(pa.Table.from_batches([batch]).cast(SCHEMAS[table]),
-                               row_group_size=row_group_rows)
+            writer.write_table(
+                pa.Table.from_batches([batch]).cast(SCHEMAS[table]), row_group_size=row_group_rows
+            )
             rows_in_file += batch.num_rows
         if writer is not None and tmp is not None:
             writer.close()
@@ -298,8 +301,9 @@ def _build_serving(
     tmp.unlink(missing_ok=True)
     Path(f"{tmp}.wal").unlink(missing_ok=True)
     try:
-        row = _write_serving(root, tmp, previous, files, written, replaced, covered,
-                             memory_limit_mb)
+        row = _write_serving(
+            root, tmp, previous, files, written, replaced, covered, memory_limit_mb
+        )
     except BaseException:
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}.wal").unlink(missing_ok=True)
@@ -541,8 +545,14 @@ def compact(
     replaced; the next run overwrites or ignores them).
     """
     with _exclusive(Path(root)):
-        return _compact(Path(root), memory_limit_mb, rows_per_file, row_group_rows,
-                        grace_seconds, now or datetime.now(UTC))
+        return _compact(
+            Path(root),
+            memory_limit_mb,
+            rows_per_file,
+            row_group_rows,
+            grace_seconds,
+            now or datetime.now(UTC),
+        )
 
 
 def _compact(
@@ -580,8 +590,13 @@ def _compact(
                     inputs = [root / f for f in earlier + batches]
                     out_dir = root / COMPACTED / table / f"day={day}"
                     new = _write_sorted(
-                        con, table, inputs, out_dir, f"g{generation:06d}",
-                        rows_per_file, row_group_rows,
+                        con,
+                        table,
+                        inputs,
+                        out_dir,
+                        f"g{generation:06d}",
+                        rows_per_file,
+                        row_group_rows,
                     )
                     if fingerprint(con, table, inputs) != fingerprint(con, table, new):
                         for path in new:
@@ -597,9 +612,13 @@ def _compact(
                     result.bytes_before += sum(p.stat().st_size for p in inputs)
                     result.files_after += len(new)
                     result.bytes_after += sum(p.stat().st_size for p in new)
-                    row = con.execute(
-                        f"SELECT count(*) FROM read_parquet({_sql_list(new)})"
-                    ).fetchone() if new else (0,)
+                    row = (
+                        con.execute(
+                            f"SELECT count(*) FROM read_parquet({_sql_list(new)})"
+                        ).fetchone()
+                        if new
+                        else (0,)
+                    )
                     assert row is not None
                     result.rows[table] = result.rows.get(table, 0) + int(row[0])
         finally:
@@ -637,8 +656,8 @@ def _compact(
             retired=carried_retired,
             created_at=previous.created_at,
         ).save(root)
-    for relative in deletable:
-        path = root / relative
+    for name in deletable:
+        path = root / name
         if path.exists():
             path.unlink()
             result.deleted_files += 1
@@ -656,7 +675,9 @@ def _remove_stale_tmp(root: Path) -> None:
                     path.unlink(missing_ok=True)
 
 
-def verify(root: Path, result: CompactionResult) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+def verify(
+    root: Path, result: CompactionResult
+) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
     """Per table, (rows, hash) of the files a compaction replaced and of those it wrote.
 
     The replaced files are still on disk until the next compaction, so this re-reads both

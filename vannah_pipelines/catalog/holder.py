@@ -1,8 +1,11 @@
 """The one holder of the catalog in a reading process (the DICOMweb service, a receiver worker).
 
-Both services hold their catalog the same way: a :class:`CatalogReader` opened once (at
-start-up, or on the first request that needs it) and brought up to date with the published
-batch files at most every `refresh_seconds`, so a burst of requests costs one refresh.
+Both services hold their catalog the same way: a :class:`CatalogReader` on the serving
+database, its buffer pool held to `memory_limit_mb`, opened once (at start-up, or on the
+first request that needs it) and brought up to date with new batch files at most every
+`refresh_seconds`, so a burst of requests costs one refresh. With `landing_dir`, every
+request also picks up instances landed since the last one (a few stat calls when none
+were), so an instance answers the moment its store is acknowledged.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vannah_pipelines.catalog.reader import CatalogReader
+    from vannah_pipelines.settings import Settings
 
 
 class CatalogHolder:
@@ -27,13 +31,35 @@ class CatalogHolder:
     does not import DuckDB: a process that never queries never loads the catalog stack.
     """
 
-    def __init__(self, root: Path, refresh_seconds: float) -> None:
+    def __init__(
+        self,
+        root: Path,
+        refresh_seconds: float,
+        *,
+        memory_limit_mb: int = 256,
+        landing_dir: Path | None = None,
+        landed_max_instances: int = 0,
+    ) -> None:
         self.root = Path(root)
         self.refresh_seconds = refresh_seconds
+        self.memory_limit_mb = memory_limit_mb
+        self.landing_dir = landing_dir
+        self.landed_max_instances = landed_max_instances
         self._lock = threading.Lock()
         self._reader: CatalogReader | None = None
         # When the reader was last brought up to date; None: on the next get().
         self._refreshed: float | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings, refresh_seconds: float) -> CatalogHolder:
+        """The holder a service makes from its settings (memory bound, landed overlay)."""
+        return cls(
+            settings.catalog_dir,
+            refresh_seconds,
+            memory_limit_mb=settings.catalog_memory_limit_mb,
+            landing_dir=settings.landing_dir,
+            landed_max_instances=settings.landed_overlay_max_instances,
+        )
 
     def load(self) -> CatalogReader:
         """Open the reader now if it is not open (start-up pays for it, not the first
@@ -65,6 +91,8 @@ class CatalogHolder:
                     self._refreshed = now
             finally:
                 self._lock.release()
+        else:
+            reader.refresh_landed()
         return reader
 
     def close(self) -> None:
@@ -78,4 +106,9 @@ class CatalogHolder:
     def _open(self) -> CatalogReader:
         from vannah_pipelines.catalog.reader import CatalogReader  # lazy: see the module doc
 
-        return CatalogReader(self.root)
+        landed = None
+        if self.landing_dir is not None and self.landed_max_instances > 0:
+            from vannah_pipelines.catalog.landed import LandedIndex
+
+            landed = LandedIndex(self.landing_dir, self.landed_max_instances)
+        return CatalogReader(self.root, memory_limit_mb=self.memory_limit_mb, landed=landed)

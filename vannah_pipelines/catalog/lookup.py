@@ -17,7 +17,8 @@ from vannah_pipelines.dicom.uids import is_uid, require_uid
 
 _COLUMNS = (
     "study_instance_uid, series_instance_uid, sop_instance_uid, sop_class_uid, storage_key, "
-    "tier, transfer_syntax_uid, number_of_frames, rows, columns, size_bytes, instance_number"
+    "tier, transfer_syntax_uid, number_of_frames, rows, columns, size_bytes, instance_number, "
+    "checksum"
 )
 _ORDER = (
     "ORDER BY series_number NULLS LAST, series_instance_uid, instance_number NULLS LAST, "
@@ -41,6 +42,7 @@ class StoredInstance:
     columns: int | None
     size_bytes: int
     instance_number: int | None
+    checksum: str = ""  # SHA-256 of the stored bytes
 
     @property
     def frames(self) -> int:
@@ -64,6 +66,7 @@ def _instance(row: tuple[Any, ...]) -> StoredInstance:
         columns=row[9],
         size_bytes=row[10] or 0,
         instance_number=row[11],
+        checksum=row[12] or "",
     )
 
 

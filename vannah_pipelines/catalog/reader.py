@@ -38,7 +38,6 @@ from vannah_pipelines.catalog.compaction import (
     batch_files,
     pending_batch_files,
 )
-from vannah_pipelines.catalog.writer import SCHEMAS
 from vannah_pipelines.catalog.schema import (
     TABLES,
     current_select,
@@ -46,6 +45,7 @@ from vannah_pipelines.catalog.schema import (
     series_select,
     study_select,
 )
+from vannah_pipelines.catalog.writer import SCHEMAS
 
 if TYPE_CHECKING:
     from vannah_pipelines.catalog.landed import LandedIndex
@@ -57,11 +57,20 @@ _COLS = ", ".join(SERVING_INSTANCE_COLUMNS)
 LANDED = "landed:"
 # A replaced state is closed this long after the swap (queries begun on it end first).
 _RETIRE_SECONDS = 60.0
-_VIEWS = ("instances", "series", "studies", "patients", "quarantine", "instance_versions",
-          *CHANGE_TABLES)
+_VIEWS = (
+    "instances",
+    "series",
+    "studies",
+    "patients",
+    "quarantine",
+    "instance_versions",
+    *CHANGE_TABLES,
+)
 _LOCATIONS = INSTANCE_LOCATIONS.name
 # The views of every row ever written (read from the files when asked, never held).
-_HISTORY = {"instances": "instance_versions"} | {t.directory: t.name for t in CHANGE_TABLES.values()}
+_HISTORY = {"instances": "instance_versions"} | {
+    t.directory: t.name for t in CHANGE_TABLES.values()
+}
 
 
 def _quote(value: str) -> str:
@@ -93,14 +102,19 @@ class _State:
         )
         con.execute("CREATE TABLE o_instances AS SELECT * FROM base.compacted_instances LIMIT 0")
         con.execute("CREATE TABLE o_sops (sop_instance_uid VARCHAR)")
-        for level, key in (("series", "series_instance_uid"), ("studies", "study_instance_uid"),
-                           ("patients", "patient_id")):
+        for level, key in (
+            ("series", "series_instance_uid"),
+            ("studies", "study_instance_uid"),
+            ("patients", "patient_id"),
+        ):
             con.execute(f"CREATE TABLE o_{level} AS SELECT * FROM base.compacted_{level} LIMIT 0")
             con.execute(f"CREATE TABLE o_{level}_keys ({key} VARCHAR)")
         con.execute("CREATE TABLE o_quarantine AS SELECT * FROM base.compacted_quarantine LIMIT 0")
         for change in CHANGE_TABLES.values():
-            con.execute(f"CREATE TABLE o_{change.name} AS SELECT * FROM "
-                        f"base.compacted_{change.name} LIMIT 0")
+            con.execute(
+                f"CREATE TABLE o_{change.name} AS SELECT * FROM "
+                f"base.compacted_{change.name} LIMIT 0"
+            )
         con.execute(
             "CREATE VIEW instances AS SELECT * FROM base.compacted_instances b "
             "ANTI JOIN o_sops USING (sop_instance_uid) UNION ALL BY NAME SELECT * FROM o_instances"
@@ -117,7 +131,8 @@ class _State:
         )
         con.execute(
             "CREATE VIEW patients AS SELECT * FROM base.compacted_patients b WHERE NOT EXISTS "
-            "(SELECT 1 FROM o_patients_keys k WHERE k.patient_id IS NOT DISTINCT FROM b.patient_id) "
+            "(SELECT 1 FROM o_patients_keys k "
+            "WHERE k.patient_id IS NOT DISTINCT FROM b.patient_id) "
             "UNION ALL BY NAME SELECT * FROM o_patients"
         )
         status = QUARANTINE_STATUS.name
@@ -145,7 +160,7 @@ class _State:
         con.register("_empty_q", TABLES["quarantine"].empty_table())
         con.execute(
             "CREATE TABLE base.compacted_instances AS "
-            f"{current_select(f'(SELECT {_COLS}, {chr(39)}{chr(39)} AS source_file FROM _empty_i)')}"
+            + current_select(f"(SELECT {_COLS}, '' AS source_file FROM _empty_i)")
         )
         con.execute(
             f"CREATE TABLE base.compacted_series AS {series_select('base.compacted_instances')}"
@@ -172,13 +187,17 @@ class _State:
         files += sorted(str(self.root / f) for f in self.loaded[table])
         if not files:
             self.con.register("_empty_h", SCHEMAS[table].empty_table())
-            self.con.execute(f"CREATE OR REPLACE TABLE _no_{view} AS SELECT *, NULL::DATE AS day "
-                             "FROM _empty_h")
+            self.con.execute(
+                f"CREATE OR REPLACE TABLE _no_{view} AS SELECT *, NULL::DATE AS day FROM _empty_h"
+            )
             self.con.unregister("_empty_h")
             self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _no_{view}")
             return
         listed = ", ".join(f"'{_quote(f)}'" for f in files)
-        rows = f"SELECT * FROM read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
+        rows = (
+            f"SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
+            "union_by_name = true)"
+        )
         if table == "instances":  # each version where it lives now
             rows = instances_with_locations_sql(
                 f"({rows})",
@@ -196,7 +215,9 @@ class _State:
         cur = self.con.cursor()
         try:
             cur.execute("BEGIN TRANSACTION")
-            cur.execute("CREATE TEMP TABLE _t (sop_instance_uid VARCHAR, study_instance_uid VARCHAR)")
+            cur.execute(
+                "CREATE TEMP TABLE _t (sop_instance_uid VARCHAR, study_instance_uid VARCHAR)"
+            )
             if quarantine:
                 cols = ", ".join(TABLES["quarantine"].names)
                 cur.execute(
@@ -238,8 +259,9 @@ class _State:
                     "AND n.checksum = v.checksum)"
                 )
                 cur.execute("INSERT INTO o_versions SELECT * FROM _new")
-                cur.execute("INSERT INTO _t SELECT DISTINCT sop_instance_uid, "
-                            "study_instance_uid FROM _new")
+                cur.execute(
+                    "INSERT INTO _t SELECT DISTINCT sop_instance_uid, study_instance_uid FROM _new"
+                )
                 cur.execute("DROP TABLE _new")
             self._recompute(cur)
             cur.execute("COMMIT")
@@ -277,8 +299,9 @@ class _State:
                 )
                 cur.unregister("_landed")
                 cur.execute("INSERT INTO o_versions SELECT * FROM _new")
-                cur.execute("INSERT INTO _t SELECT DISTINCT sop_instance_uid, study_instance_uid "
-                            "FROM _new")
+                cur.execute(
+                    "INSERT INTO _t SELECT DISTINCT sop_instance_uid, study_instance_uid FROM _new"
+                )
                 cur.execute("DROP TABLE _new")
                 sops = rows.column("sop_instance_uid").to_pylist()
                 sums = rows.column("checksum").to_pylist()
@@ -303,8 +326,9 @@ class _State:
             WHERE {touched}""")
         cur.execute(f"DELETE FROM o_instances WHERE {touched}")
         cur.execute(f"DELETE FROM o_sops WHERE {touched}")
-        cur.execute(f"INSERT INTO o_sops SELECT DISTINCT sop_instance_uid FROM o_versions "
-                    f"WHERE {touched}")
+        cur.execute(
+            f"INSERT INTO o_sops SELECT DISTINCT sop_instance_uid FROM o_versions WHERE {touched}"
+        )
         in_studies = "study_instance_uid IN (SELECT study_instance_uid FROM _t)"
         candidates = (
             "(SELECT * EXCLUDE (instance_availability) FROM base.compacted_instances "
@@ -317,9 +341,11 @@ class _State:
             f"UNION ALL BY NAME SELECT * FROM o_{_LOCATIONS} WHERE {touched})",
         )
         # A version moved by a location change is in the overlay even if it was not re-sent.
-        cur.execute(f"INSERT INTO o_sops SELECT DISTINCT sop_instance_uid FROM o_{_LOCATIONS} "
-                    f"WHERE {touched} AND sop_instance_uid NOT IN "
-                    "(SELECT sop_instance_uid FROM o_sops)")
+        cur.execute(
+            f"INSERT INTO o_sops SELECT DISTINCT sop_instance_uid FROM o_{_LOCATIONS} "
+            f"WHERE {touched} AND sop_instance_uid NOT IN "
+            "(SELECT sop_instance_uid FROM o_sops)"
+        )
         cur.execute(
             f"INSERT INTO o_instances SELECT * FROM ({current_select(f'({located})')}) c "
             "WHERE sop_instance_uid IN (SELECT sop_instance_uid FROM o_sops)"
@@ -335,18 +361,27 @@ class _State:
             ("studies", "study_instance_uid", study_select),
         ):
             in_keys = f"{key} IN (SELECT {key} FROM _k)"
-            cur.execute(f"INSERT INTO o_{level}_keys SELECT DISTINCT {key} FROM _k "
-                        f"WHERE {key} NOT IN (SELECT {key} FROM o_{level}_keys)")
+            cur.execute(
+                f"INSERT INTO o_{level}_keys SELECT DISTINCT {key} FROM _k "
+                f"WHERE {key} NOT IN (SELECT {key} FROM o_{level}_keys)"
+            )
             cur.execute(f"DELETE FROM o_{level} WHERE {in_keys}")
-            cur.execute(f"INSERT INTO o_{level} "
-                        f"{select('instances', f'WHERE {k_studies} AND {in_keys}')}")
-        patient = ("EXISTS (SELECT 1 FROM _k WHERE _k.patient_id IS NOT DISTINCT FROM "
-                   "{t}.patient_id)")
-        cur.execute("INSERT INTO o_patients_keys SELECT DISTINCT patient_id FROM _k k WHERE "
-                    "NOT EXISTS (SELECT 1 FROM o_patients_keys p WHERE p.patient_id IS NOT "
-                    "DISTINCT FROM k.patient_id)")
+            cur.execute(
+                f"INSERT INTO o_{level} {select('instances', f'WHERE {k_studies} AND {in_keys}')}"
+            )
+        patient = (
+            "EXISTS (SELECT 1 FROM _k WHERE _k.patient_id IS NOT DISTINCT FROM {t}.patient_id)"
+        )
+        cur.execute(
+            "INSERT INTO o_patients_keys SELECT DISTINCT patient_id FROM _k k WHERE "
+            "NOT EXISTS (SELECT 1 FROM o_patients_keys p WHERE p.patient_id IS NOT "
+            "DISTINCT FROM k.patient_id)"
+        )
         cur.execute(f"DELETE FROM o_patients WHERE {patient.format(t='o_patients')}")
-        cur.execute(f"INSERT INTO o_patients {patient_select('studies s', 'WHERE ' + patient.format(t='s'))}")
+        cur.execute(
+            "INSERT INTO o_patients "
+            + patient_select("studies s", "WHERE " + patient.format(t="s"))
+        )
         cur.execute("DROP TABLE _k")
         cur.execute("DROP TABLE _t")
 
@@ -397,45 +432,64 @@ class CatalogReader:
 
     def refresh(self) -> int:
         """Bring the view up to date: a new generation if compaction published one, then
-        batch files added since, then landed instances. Returns how many batch files were
-        added (a new generation counts its overlay's files). Each step commits whole."""
+        batch and change files added since, then landed instances. Returns how many files
+        were added (a new generation counts its overlay's). Each step commits whole."""
         with self._lock:
             now = time.monotonic()
             for retired_at, old in list(self._retired):
                 if now - retired_at >= _RETIRE_SECONDS:
                     old.close()
                     self._retired.remove((retired_at, old))
+            # Landed first: a batch that left the landing zone was indexed before it left,
+            # so the file listing that follows finds its catalog file.
+            if self.landed is not None:
+                self.landed.refresh()
             state = self._state
             if self._stamp() != self._manifest_stamp:
                 manifest = Manifest.load(self.root)
                 if manifest.generation != state.manifest.generation:
                     fresh = self._new_state(manifest)
                     self._load_files(fresh)
-                    self._load_landed(fresh, force=True)
+                    self._load_landed(fresh)
                     self._retired.append((now, state))
                     self._state = fresh
                     return sum(len(v) for v in fresh.loaded.values())
             added = self._load_files(state)
-            self._load_landed(state, force=False)
+            self._load_landed(state)
             return added
+
+    def refresh_landed(self) -> bool:
+        """Only the landed instances (cheap when the landing zone did not change: a few
+        stat calls); when they changed, the catalog's new files are loaded too, so an
+        instance leaving the landing zone is answered from its catalog row at once."""
+        if self.landed is None:
+            return False
+        with self._lock:
+            if not self.landed.refresh() and self.landed.version == self._state.landed_version:
+                return False
+            self._load_files(self._state)
+            self._load_landed(self._state)
+            return True
 
     def _load_files(self, state: _State) -> int:
         new = {
-            table: [f for f in pending_batch_files(self.root, state.manifest, table)
-                    if f not in state.loaded[table]]
+            table: [
+                f
+                for f in pending_batch_files(self.root, state.manifest, table)
+                if f not in state.loaded[table]
+            ]
             for table in SCHEMAS
         }
         if any(new.values()):
             state.add_files(new)
         return sum(len(v) for v in new.values())
 
-    def _load_landed(self, state: _State, *, force: bool) -> None:
+    def _load_landed(self, state: _State) -> None:
         if self.landed is None:
             return
-        self.landed.refresh()
-        version = self.landed.version
-        if force or version != state.landed_version:
-            state.set_landed(version, self.landed.rows())
+        version, rows = self.landed.snapshot()
+        if version != state.landed_version:
+            state.set_landed(version, rows)
 
     def pending_files(self) -> int:
         """Batch files in the overlay (not compacted yet)."""

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 
-
 @dataclass(frozen=True)
 class Column:
     """A catalog column and the DICOM keyword it is read from (None: archive facts)."""

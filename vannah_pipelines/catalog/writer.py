@@ -105,7 +105,7 @@ class CatalogWriter:
             manifest = Manifest.load(self.root)
         assert manifest.serving is not None
         source = self.root / manifest.serving
-        if target.exists() and os.path.samefile(target, source):
+        if target.exists() and target.samefile(source):
             return target
         tmp = self.root / f".{CATALOG_DB}.{os.getpid()}.tmp"
         self.remove_stale_temp_files()

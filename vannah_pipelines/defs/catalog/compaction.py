@@ -49,8 +49,12 @@ def catalog_compaction(
     CatalogWriter(settings.catalog_dir).publish()
     context.log.info(
         "generation %d: %d batch files over %d days merged, %d -> %d files, %.1f s",
-        result.generation, result.batch_files, len(result.days), result.files_before,
-        result.files_after, result.seconds,
+        result.generation,
+        result.batch_files,
+        len(result.days),
+        result.files_before,
+        result.files_after,
+        result.seconds,
     )
     yield dg.MaterializeResult(
         metadata={
@@ -104,7 +108,9 @@ daily_compaction = dg.ScheduleDefinition(
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
-def overlay_size_sensor(context: dg.SensorEvaluationContext, archive: ArchiveResource) -> dg.SensorResult:
+def overlay_size_sensor(
+    context: dg.SensorEvaluationContext, archive: ArchiveResource
+) -> dg.SensorResult:
     """Compacts before the daily run when the batch files not compacted yet (what every
     reading service holds in memory) exceed ``catalog_compaction_max_pending_files``."""
     settings = archive.settings()
