@@ -229,6 +229,7 @@ def write_catalog(data_dir: Path, plan: list[StudyPlan], files: int = 100) -> in
     """Write the plan's instances as `files` catalog batch files; returns the row count."""
     import pyarrow as pa
 
+    from vannah_pipelines.catalog.compaction import publish
     from vannah_pipelines.catalog.schema import INSTANCE_SCHEMA
     from vannah_pipelines.catalog.writer import CatalogWriter
 
@@ -300,7 +301,7 @@ def write_catalog(data_dir: Path, plan: list[StudyPlan], files: int = 100) -> in
         table = pa.table(cols, schema=INSTANCE_SCHEMA)
         writer.write_batch("instances", day, batch_id, table)
         rows += table.num_rows
-    writer.publish()
+    publish(writer.root)
     return rows
 
 

@@ -99,8 +99,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from vannah_pipelines.catalog.compaction import publish
     from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
-    from vannah_pipelines.catalog.writer import CatalogWriter
     from vannah_pipelines.landing.layout import LandingZone
 
     settings = _settings(args)
@@ -114,7 +114,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         batch_ids,
         workers=settings.ingest_workers,
     )
-    CatalogWriter(settings.catalog_dir).publish()
+    publish(settings.catalog_dir)
     sys.stdout.write(
         f"indexed {result.instances} instances from {len(result.batches)} batches, "
         f"quarantined {result.quarantined}\n"
@@ -125,12 +125,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_catalog(args: argparse.Namespace) -> int:
     import duckdb
 
-    from vannah_pipelines.catalog.writer import CATALOG_DB, CatalogWriter
+    from vannah_pipelines.catalog.compaction import ensure_catalog
 
     settings = _settings(args)
-    writer = CatalogWriter(settings.catalog_dir)
-    writer.ensure()
-    path = (settings.catalog_dir / CATALOG_DB).resolve()
+    path = ensure_catalog(settings.catalog_dir).resolve()
     if not args.sql:
         sys.stdout.write(f"{path}\n")
         sys.stderr.write(
@@ -174,9 +172,9 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
 def cmd_quarantine_release(args: argparse.Namespace) -> int:
     import getpass
 
+    from vannah_pipelines.catalog.compaction import publish
     from vannah_pipelines.catalog.ingest import IngestPaths
     from vannah_pipelines.catalog.quarantine import QuarantineError, release_quarantined
-    from vannah_pipelines.catalog.writer import CatalogWriter
 
     settings = _settings(args)
     paths = IngestPaths(
@@ -189,7 +187,7 @@ def cmd_quarantine_release(args: argparse.Namespace) -> int:
     except QuarantineError as exc:
         sys.stderr.write(f"vannah quarantine release: {exc}\n")
         return 1
-    CatalogWriter(settings.catalog_dir).publish()  # the quarantine view shows the status
+    publish(settings.catalog_dir)  # the quarantine view shows the status
     sys.stdout.write(
         f"released {release.quarantine_key} into landing batch {release.batch_id}; "
         "the Dagster sensor (landed_batch_sensor) ingests it, or run `vannah ingest` now\n"

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vannah_pipelines.catalog.writer import CATALOG_DB, CatalogWriter
+from vannah_pipelines.catalog.compaction import ensure_catalog
+from vannah_pipelines.catalog.writer import CATALOG_DB
 from vannah_pipelines.dagster_home import (
     PlatformNotReadyError,
     prepare_dagster_home,
@@ -58,7 +59,7 @@ def prepare_data_dir(settings: Settings, config_file: Path | None = None) -> dic
     LandingZone(settings.landing_dir).ensure()
     for folder in (settings.hot_dir, settings.quarantine_dir, settings.catalog_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    CatalogWriter(settings.catalog_dir).ensure()
+    ensure_catalog(settings.catalog_dir)
     dagster_home = data / "dagster"
     dagster_home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(PROJECT_DIR / "dagster.yaml", dagster_home / "dagster.yaml")

@@ -25,6 +25,7 @@ from vannah_pipelines.catalog.changes import (
     quarantine_with_status_sql,
     require_change_id,
 )
+from vannah_pipelines.catalog.compaction import publish
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.catalog.writer import CATALOG_DB, CatalogWriter
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
@@ -208,7 +209,7 @@ def _ingest_one_study(paths: IngestPaths) -> list[tuple[str, str, str]]:
     assert real is not None
     blobs.append((str(pydicom.dcmread(real).SOPInstanceUID), Path(real).read_bytes()))
     ingest_batches(paths, [land(paths, blobs)])
-    CatalogWriter(paths.catalog_dir).publish()
+    publish(paths.catalog_dir)
     with duckdb.connect(str(paths.catalog_dir / CATALOG_DB), read_only=True) as con:
         return con.execute(
             "SELECT sop_instance_uid, checksum, study_instance_uid FROM instances ORDER BY 1"

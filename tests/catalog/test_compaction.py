@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from tests.catalog.conftest import land, pydicom_test_files
-from vannah_pipelines.catalog.compaction import Manifest, compact, verify
+from vannah_pipelines.catalog.compaction import Manifest, compact, publish, verify
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.catalog.lookup import iter_headers
 from vannah_pipelines.catalog.query import QuerySpec, run_query, run_query_json
@@ -233,7 +233,7 @@ def test_answers_identical_before_and_after_compaction(
     assert same(answers(live), before)
     fresh = CatalogReader(catalog)
     assert same(answers(fresh), before)
-    CatalogWriter(catalog).publish()
+    publish(catalog)
     assert _researcher_counts(catalog) == researchers_before == _reader_counts(fresh)
 
     # More batches on top of the compacted generation: the overlay.
@@ -255,7 +255,7 @@ def test_answers_identical_before_and_after_compaction(
     assert third.deleted_files > 0 and not third.changed
     live.refresh()
     assert same(answers(live), expected)
-    CatalogWriter(catalog).publish()
+    publish(catalog)
     assert _researcher_counts(catalog) == _reader_counts(live)
     assert not list((catalog / "instances").glob("day=2*/*.parquet"))  # batch files gone
     manifest = Manifest.load(catalog)
@@ -399,7 +399,7 @@ def test_one_location_append_moves_an_instance_for_the_services(
     reader.refresh()
     assert _where(reader, sop, study) == moved
     assert _where(CatalogReader(catalog), sop, study) == moved
-    CatalogWriter(catalog).publish()
+    publish(catalog)
     con = duckdb.connect(str(catalog / CATALOG_DB), read_only=True)
     assert con.execute(
         "SELECT tier FROM instances WHERE sop_instance_uid = ?", [sop]

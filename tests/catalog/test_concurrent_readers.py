@@ -6,6 +6,7 @@ import textwrap
 import threading
 
 from tests.catalog.conftest import land
+from vannah_pipelines.catalog.compaction import ensure_catalog, publish
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.catalog.writer import CATALOG_DB, CatalogWriter
@@ -43,7 +44,7 @@ def test_readers_query_while_ingest_writes(paths: IngestPaths) -> None:
             blobs.append((ds.SOPInstanceUID, to_part10(ds)))
         batch_ids.append(land(paths, blobs))
     writer = CatalogWriter(paths.catalog_dir)
-    writer.ensure()
+    ensure_catalog(paths.catalog_dir)
     reader = CatalogReader(paths.catalog_dir)
     researcher = subprocess.Popen(
         [
@@ -63,7 +64,7 @@ def test_readers_query_while_ingest_writes(paths: IngestPaths) -> None:
         try:
             for batch_id in batch_ids:
                 ingest_batches(paths, [batch_id])
-                writer.publish()
+                publish(writer.root)
         except BaseException as exc:
             errors.append(exc)
 

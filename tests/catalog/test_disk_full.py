@@ -21,9 +21,9 @@ import pytest
 
 from tests.catalog.conftest import land, poisoned_instance
 from vannah_pipelines.catalog import writer as writer_module
+from vannah_pipelines.catalog.compaction import ensure_catalog, publish
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.catalog.reader import CatalogReader
-from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.defs.catalog.assets import instance_index
 from vannah_pipelines.defs.resources import ArchiveResource
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
@@ -169,8 +169,7 @@ def test_publishing_the_catalog_on_a_full_disk_is_a_disk_full_error(
     """Publishing a first generation (the serving database DuckDB writes) on a full disk is
     reported as ENOSPC (so the sensor waits for space) and leaves no temp file."""
     catalog = tmp_path / "catalog"
-    writer = CatalogWriter(catalog)
-    writer.ensure()
+    ensure_catalog(catalog)
     if not full_disk.mounted:
         pytest.skip("needs the real tmpfs: DuckDB writes its file itself")
     (catalog / "catalog.duckdb").unlink()
@@ -178,9 +177,9 @@ def test_publishing_the_catalog_on_a_full_disk_is_a_disk_full_error(
     shutil.rmtree(catalog / "serving")
     full_disk.fill()
     with pytest.raises(OSError) as caught:
-        writer.publish()
+        publish(catalog)
     assert is_disk_full(caught.value)
     assert not list(catalog.glob(".catalog.duckdb.*"))
     assert not list((catalog / "serving").glob(".tmp-*"))
     full_disk.free()
-    assert writer.publish().exists()
+    assert publish(catalog).exists()

@@ -17,6 +17,7 @@ import pytest
 
 from tests.catalog.conftest import land, poisoned_instance, pydicom_test_files
 from vannah_pipelines.catalog import ingest as ingest_module
+from vannah_pipelines.catalog.compaction import publish
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.catalog.writer import CatalogWriter
@@ -355,7 +356,7 @@ def test_catalog_writer_removes_temp_files_of_dead_writers_only(tmp_path: Path) 
     writer.ensure()  # the next writer, before it writes anything
     assert not stale.exists() and not stale_wal.exists()
     assert live.exists()
-    writer.publish()
+    publish(writer.root)
     assert live.exists()
 
 

@@ -5,9 +5,9 @@ after ingest indexes it and after compaction merges it."""
 from __future__ import annotations
 
 import subprocess
-from io import BytesIO
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -40,11 +40,28 @@ def platform(tmp_path: Path) -> Iterator[tuple[ReceiverProcess, str, Path]]:
 def _findscu(port: int, study: str, out: Path) -> list[pydicom.Dataset]:
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["findscu", "-S", "-aec", "VANNAHCLOUD", "-X", "-od", str(out),
-         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
-         "-k", "NumberOfStudyRelatedInstances", "-k", "ModalitiesInStudy",
-         "127.0.0.1", str(port)],
-        check=True, capture_output=True, timeout=60,
+        [
+            "findscu",
+            "-S",
+            "-aec",
+            "VANNAHCLOUD",
+            "-X",
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "-k",
+            "NumberOfStudyRelatedInstances",
+            "-k",
+            "ModalitiesInStudy",
+            "127.0.0.1",
+            str(port),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
@@ -76,9 +93,17 @@ def test_an_acknowledged_instance_answers_at_once(
     study = write_study(tmp_path / "study", "CT", series=2, instances_per_series=3)
     sops = {pydicom.dcmread(p).SOPInstanceUID: p.read_bytes() for p in study.files}
     subprocess.run(
-        ["storescu", "-aec", "VANNAHCLOUD", "127.0.0.1", str(receiver.port),
-         *[str(p) for p in study.files]],
-        check=True, capture_output=True, timeout=60,
+        [
+            "storescu",
+            "-aec",
+            "VANNAHCLOUD",
+            "127.0.0.1",
+            str(receiver.port),
+            *[str(p) for p in study.files],
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     # storescu has returned: every instance was acknowledged. No sleep, no ingest.
     started = time.monotonic()
@@ -91,8 +116,9 @@ def test_an_acknowledged_instance_answers_at_once(
     deadline = time.monotonic() + 30
     while not zone.sealed_batches() and time.monotonic() < deadline:
         time.sleep(0.1)
-    paths = IngestPaths(settings.landing_dir, settings.hot_dir, settings.catalog_dir,
-                        settings.quarantine_dir)
+    paths = IngestPaths(
+        settings.landing_dir, settings.hot_dir, settings.catalog_dir, settings.quarantine_dir
+    )
     ingest_batches(paths, [b.batch_id for b in zone.sealed_batches()])
     assert not list(settings.landing_dir.glob("*/*/*.dcm"))
     assert _answers(url, receiver.port, study.study_uid, sops, tmp_path / "f2") == len(sops)

@@ -3,12 +3,14 @@
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
 
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.defs.catalog.assets import instance_index
+from vannah_pipelines.defs.catalog.compaction import catalog_compaction
 from vannah_pipelines.defs.landing.sensors import landed_batch_sensor
 from vannah_pipelines.defs.resources import ArchiveResource
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
@@ -132,12 +134,31 @@ def test_instance_files_present_fails_when_a_file_is_missing(tmp_path: Path) -> 
     assert len(missing) == 1 and victim.name in missing[0]
 
 
-def test_sop_instance_uids_unique_check_fails_on_a_uid_clash(tmp_path: Path) -> None:
-    """Two senders reuse one SOP Instance UID for instances of different series."""
+@pytest.mark.parametrize("compacted", [False, True], ids=["batch-files", "compacted"])
+def test_sop_instance_uids_unique_check_fails_on_a_uid_clash(
+    tmp_path: Path, compacted: bool
+) -> None:
+    """Two senders reuse one SOP Instance UID for instances of different series: found
+    whether the first one is still in its batch file or already compacted."""
     clash = make_instance("CT", rows=16, columns=16)
     other = make_instance("MR", rows=16, columns=16, SOPInstanceUID=clash.SOPInstanceUID)
+    if compacted:
+        first = _land_datasets(tmp_path, [clash])
+        day = f"{first[:4]}-{first[4:6]}-{first[6:8]}"
+        result = dg.materialize(
+            [instance_index],
+            partition_key=day,
+            resources={"archive": ArchiveResource()},
+            run_config=dg.RunConfig(ops={"instance_index": {"config": {"batch_ids": [first]}}}),
+        )
+        assert result.success
+        compaction = dg.materialize([catalog_compaction], resources={"archive": ArchiveResource()})
+        assert compaction.success
+        clashes = [other]
+    else:
+        clashes = [clash, other]
     ids = []
-    for ds in (clash, other):
+    for ds in clashes:
         batch = LandingZone(tmp_path / "landing").open_batch("dimse")
         batch.write_instance(
             to_part10(ds),
@@ -157,6 +178,45 @@ def test_sop_instance_uids_unique_check_fails_on_a_uid_clash(tmp_path: Path) -> 
     assert not checks["sop_instance_uids_unique"].passed
     assert checks["sop_instance_uids_unique"].metadata["duplicates"].value == 1
     assert checks["instance_files_present"].passed
+
+
+def _land_datasets(root: Path, datasets: list[Any]) -> str:
+    batch = LandingZone(root / "landing").open_batch("dimse")
+    for ds in datasets:
+        batch.write_instance(
+            to_part10(ds),
+            ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", "dimse"),
+        )
+    sealed = batch.seal()
+    assert sealed is not None
+    return sealed.batch_id
+
+
+def test_catalog_compaction_materializes_with_metadata_and_its_check(tmp_path: Path) -> None:
+    """The asset merges the batch files, reports before/after, and its check re-reads both."""
+    for n in range(3):
+        batch_id = _land_datasets(tmp_path, [make_instance("CT", rows=16, columns=16, seed=n)])
+        day = f"{batch_id[:4]}-{batch_id[4:6]}-{batch_id[6:8]}"
+        assert dg.materialize(
+            [instance_index],
+            partition_key=day,
+            resources={"archive": ArchiveResource()},
+            run_config=dg.RunConfig(ops={"instance_index": {"config": {"batch_ids": [batch_id]}}}),
+        ).success
+    result = dg.materialize([catalog_compaction], resources={"archive": ArchiveResource()})
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("catalog_compaction")
+    meta = {k: v.value for k, v in materialization.metadata.items()}
+    assert meta["batch_files_merged"] >= 3 and meta["instances"] == 3
+    assert meta["files_after"] < meta["files_before"]
+    assert meta["bytes_before"] > 0 and meta["bytes_after"] > 0 and meta["duration_s"] > 0
+    [check] = result.get_asset_check_evaluations()
+    assert check.check_name == "compacted_rows_match" and check.passed
+    assert check.metadata["instances_rows_replaced"].value == 3
+    assert check.metadata["instances_rows_written"].value == 3
+    again = dg.materialize([catalog_compaction], resources={"archive": ArchiveResource()})
+    [materialization] = again.asset_materializations_for_node("catalog_compaction")
+    assert materialization.metadata["batch_files_merged"].value == 0
 
 
 def test_run_config_cannot_point_ingest_at_another_folder(tmp_path: Path) -> None:

@@ -9,14 +9,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from vannah_pipelines.catalog.writer import CatalogWriter
+from vannah_pipelines.catalog.compaction import ensure_catalog
 from vannah_pipelines.security.audit import AuditEvent, AuditLog
 from vannah_pipelines.security.principal import Principal, Role
 
 
 def _catalog(root: Path) -> duckdb.DuckDBPyConnection:
-    CatalogWriter(root).ensure()
-    return duckdb.connect(str(root / "catalog.duckdb"), read_only=True)
+    return duckdb.connect(str(ensure_catalog(root)), read_only=True)
 
 
 def test_events_of_several_services_are_one_queryable_table(tmp_path: Path) -> None:

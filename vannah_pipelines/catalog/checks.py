@@ -6,32 +6,60 @@ from pathlib import Path
 
 import duckdb
 
-from vannah_pipelines.catalog.writer import CatalogWriter
+from vannah_pipelines.catalog.compaction import Manifest, pending_batch_files
 from vannah_pipelines.storage.base import Tier
 from vannah_pipelines.storage.local import LocalStorage
 
 
 def duplicate_sop_instance_uids(catalog_dir: Path, batch_ids: list[str]) -> list[str]:
     """SOP Instance UIDs of `batch_ids` that the catalog holds twice from one batch, or
-    under two different series (a UID clash: the second sender reused a UID)."""
+    under two different series (a UID clash: the second sender reused a UID).
+
+    Reads the batches' own files, the other batch files not compacted yet, and the
+    serving database's rows of the same SOP UIDs: the cost follows the batches, not the
+    archive."""
     if not batch_ids:
         return []
-    glob = CatalogWriter(catalog_dir).glob("instances")
+    manifest = Manifest.load(catalog_dir)
+    files = [catalog_dir / f for f in pending_batch_files(catalog_dir, manifest, "instances")]
+    wanted = set(batch_ids)
+    mine = [f for f in files if f.stem in wanted]
+    if not mine:
+        return []
     con = duckdb.connect(":memory:")
     try:
+        con.execute(
+            "CREATE TEMP TABLE mine AS SELECT sop_instance_uid, series_instance_uid, "
+            "study_instance_uid, batch_id FROM read_parquet(?, hive_partitioning = false)",
+            [[str(f) for f in mine]],
+        )
+        sources = ["SELECT sop_instance_uid, series_instance_uid, batch_id FROM mine"]
+        others = [str(f) for f in files if f.stem not in wanted]
+        if others:
+            sources.append(
+                "SELECT sop_instance_uid, series_instance_uid, batch_id FROM read_parquet("
+                "?, hive_partitioning = false) WHERE sop_instance_uid IN "
+                "(SELECT sop_instance_uid FROM mine)"
+            )
+        if manifest.serving and (catalog_dir / manifest.serving).exists():
+            path = str(catalog_dir / manifest.serving).replace("'", "''")
+            con.execute(f"ATTACH '{path}' AS serving (READ_ONLY)")
+            # The serving database's row of each UID, in any study (a clash between senders
+            # is a UID reused in another study): one scan of its SOP UID column.
+            sources.append(
+                "SELECT sop_instance_uid, series_instance_uid, batch_id FROM "
+                "serving.compacted_instances WHERE sop_instance_uid IN (SELECT "
+                "sop_instance_uid FROM mine) AND batch_id NOT IN (SELECT batch_id FROM mine)"
+            )
         rows = con.execute(
             f"""
-            WITH all_rows AS (SELECT sop_instance_uid, series_instance_uid, batch_id
-                              FROM read_parquet('{glob}'))
-            SELECT sop_instance_uid FROM all_rows
-            WHERE sop_instance_uid IN (SELECT sop_instance_uid FROM all_rows
-                                       WHERE batch_id IN (SELECT unnest(?)))
+            SELECT sop_instance_uid FROM ({" UNION ALL ".join(sources)})
             GROUP BY sop_instance_uid
             HAVING count(DISTINCT series_instance_uid) > 1
                 OR count(*) > count(DISTINCT batch_id)
             ORDER BY 1
             """,
-            [batch_ids],
+            [others] if others else [],
         ).fetchall()
     finally:
         con.close()

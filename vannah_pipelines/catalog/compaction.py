@@ -25,6 +25,7 @@ than a grace period, so a reader still holding the previous generation can finis
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -55,7 +56,7 @@ from vannah_pipelines.catalog.schema import (
     series_select,
     study_select,
 )
-from vannah_pipelines.catalog.writer import SCHEMAS
+from vannah_pipelines.catalog.writer import CATALOG_DB, SCHEMAS, CatalogWriter
 from vannah_pipelines.errors import VannahError
 from vannah_pipelines.landing.layout import fsync_dir, make_dirs, write_atomic
 
@@ -532,7 +533,7 @@ def compact(
     *,
     memory_limit_mb: int = 1024,
     rows_per_file: int = 1_000_000,
-    row_group_rows: int = 10_000,
+    row_group_rows: int = 2_000,
     grace_seconds: float = 600.0,
     now: datetime | None = None,
 ) -> CompactionResult:
@@ -564,6 +565,7 @@ def _compact(
     now: datetime,
 ) -> CompactionResult:
     started = time.monotonic()
+    CatalogWriter(root).ensure()  # the views' globs need a file in every folder
     previous = Manifest.load(root)
     generation = previous.generation + 1
     result = CompactionResult(generation=previous.generation)
@@ -695,3 +697,47 @@ def verify(
         }
     finally:
         con.close()
+
+
+_DISK_FULL = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+
+def publish(root: Path) -> Path:
+    """Point ``catalog.duckdb`` at the current generation's serving database (a hard link,
+    swapped in atomically), compacting first if no generation exists yet.
+
+    The serving database holds the compacted tables and views that add the batch and change
+    files written since, found by glob: a researcher who has it open read-only sees new
+    batches on their next query, and publishing costs the same at any size.
+    """
+    root = Path(root)
+    target = root / CATALOG_DB
+    manifest = Manifest.load(root)
+    if manifest.serving is None or not (root / manifest.serving).exists():
+        try:
+            compact(root)
+        except duckdb.IOException as exc:
+            if _DISK_FULL in str(exc):
+                # DuckDB's own error type: say it the way the rest of the archive does.
+                raise OSError(errno.ENOSPC, f"cannot publish {target}: {exc}") from exc
+            raise
+        manifest = Manifest.load(root)
+    assert manifest.serving is not None
+    source = root / manifest.serving
+    if target.exists() and target.samefile(source):
+        return target
+    writer = CatalogWriter(root)
+    writer.remove_stale_temp_files()
+    tmp = root / f".{CATALOG_DB}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    tmp.replace(target)
+    fsync_dir(root)
+    return target
+
+
+def ensure_catalog(root: Path) -> Path:
+    """The schema files (:meth:`CatalogWriter.ensure`) and ``catalog.duckdb`` if missing."""
+    CatalogWriter(root).ensure()
+    target = Path(root) / CATALOG_DB
+    return target if target.exists() else publish(root)

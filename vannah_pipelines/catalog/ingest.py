@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 from pydicom.datadict import tag_for_keyword
 
+from vannah_pipelines.catalog.compaction import ensure_catalog
 from vannah_pipelines.catalog.schema import DICOM_COLUMNS, INSTANCE_SCHEMA, QUARANTINE_SCHEMA
 from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.dicom.headers import json_int, json_text, read_header
@@ -398,7 +399,7 @@ def ingest_batches(
     quarantine = dict(quarantine or {})
     zone = LandingZone(paths.landing_dir)
     writer = CatalogWriter(paths.catalog_dir)
-    writer.ensure()
+    ensure_catalog(paths.catalog_dir)
     for folder in (paths.hot_dir, paths.quarantine_dir):
         folder.mkdir(parents=True, exist_ok=True)
 

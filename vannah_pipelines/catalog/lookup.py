@@ -129,7 +129,7 @@ def iter_headers(
     while True:
         rows = reader.query(sql, [*params, page, offset])
         # Headers live in the catalog's Parquet files, not in the in-memory copy.
-        headers = reader.headers([(r[-2], r[2], r[-1]) for r in rows])
+        headers = reader.headers([(r[-2], r[2], r[-1], r[0]) for r in rows])
         for row in rows:
             yield _instance(row), headers.get((row[2], row[-1]), "{}")
         if len(rows) < page:
@@ -165,13 +165,14 @@ def representative_headers(
         return {}
     column = _UNIQUE_COLUMNS[level]
     rows = reader.query(
-        f"SELECT {column}, source_file, sop_instance_uid, checksum FROM instances "
+        f"SELECT {column}, source_file, sop_instance_uid, checksum, study_instance_uid "
+        "FROM instances "
         f"WHERE {column} IN (SELECT unnest(?)) "
         f"QUALIFY row_number() OVER (PARTITION BY {column} "
         "ORDER BY instance_number NULLS LAST, sop_instance_uid) = 1",
         [sorted(set(keys))],
     )
-    headers = reader.headers([(r[1], r[2], r[3]) for r in rows])
+    headers = reader.headers([(r[1], r[2], r[3], r[4]) for r in rows])
     return {r[0]: json.loads(headers.get((r[2], r[3])) or "{}") for r in rows}
 
 

@@ -337,7 +337,7 @@ _INT_TYPES = frozenset(
     {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT"}
     | {"UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT"}
 )
-_HEADER_COLUMNS = ("source_file", "sop_instance_uid", "checksum")
+_HEADER_COLUMNS = ("source_file", "sop_instance_uid", "checksum", "study_instance_uid")
 # PS3.18 10.6.3.3: the RetrieveURL path of an answer at each level, from its UIDs.
 _RETRIEVE_PATH = {
     Level.STUDY: (("studies", "StudyInstanceUID"),),
@@ -518,11 +518,12 @@ class AnswerEncoder:
             self._whole = True
         self.select = [f"{s} AS _a{i}" for i, s in enumerate(self.select)]
 
-    def header_keys(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, str, str]]:
-        """(source_file, sop_instance_uid, checksum) of each row, to fetch their headers."""
+    def header_keys(self, rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, str, str, str]]:
+        """(source_file, sop_instance_uid, checksum, study_instance_uid) of each row, to
+        fetch their headers."""
         at = self.header_at
         assert at is not None
-        return [(r[at], r[at + 1], r[at + 2]) for r in rows]
+        return [(r[at], r[at + 1], r[at + 2], r[at + 3]) for r in rows]
 
     def texts(
         self,

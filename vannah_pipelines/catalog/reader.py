@@ -495,36 +495,51 @@ class CatalogReader:
         """Batch files in the overlay (not compacted yet)."""
         return sum(len(v) for v in self._state.loaded.values())
 
-    def headers(self, rows: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str], str]:
-        """Header JSON of instances given as (source_file, sop_instance_uid, checksum).
+    def headers(
+        self, rows: Sequence[tuple[str, str, str] | tuple[str, str, str, str]]
+    ) -> dict[tuple[str, str], str]:
+        """Header JSON of instances given as (source_file, sop_instance_uid, checksum[,
+        study_instance_uid]).
 
         Read from the Parquet file each row names (relative to the catalog, or absolute),
-        only the files named, so memory never holds the headers; landed instances' headers
-        come from the overlay. Keyed by (sop_instance_uid, checksum).
+        only the files named, and with the study UIDs only the row groups of those studies
+        (compacted files are sorted by study), so memory never holds the headers; landed
+        instances' headers come from the overlay. Keyed by (sop_instance_uid, checksum).
         """
         if not rows:
             return {}
         state = self._state
         found: dict[tuple[str, str], str] = {}
         on_disk = []
-        for source, sop, checksum in rows:
+        for row in rows:
+            source, sop, checksum = row[0], row[1], row[2]
             if source.startswith(LANDED):
                 header = state.landed_headers.get((sop, checksum))
                 if header is not None:
                     found[(sop, checksum)] = header
             else:
-                on_disk.append((source, sop, checksum))
+                on_disk.append(row)
         if not on_disk:
             return found
         files = sorted({str(self.root / r[0]) for r in on_disk})
         wanted = {(r[1], r[2]) for r in on_disk}
+        sql = (
+            "SELECT sop_instance_uid, checksum, header_json FROM read_parquet(?, "
+            "hive_partitioning = false) WHERE "
+        )
+        params: list[Any] = [files]
+        studies = sorted({r[3] for r in on_disk if len(r) > 3})
+        if studies and all(len(r) > 3 for r in on_disk):
+            # One placeholder per study: DuckDB prunes row groups on a literal IN list
+            # (measured 3 ms for a 500-instance study, against 30 ms matching 500 UIDs).
+            sql += f"study_instance_uid IN ({', '.join('?' * len(studies))})"
+            params += studies
+        else:
+            sql += "sop_instance_uid IN (SELECT unnest(?))"
+            params.append(sorted({w[0] for w in wanted}))
         cursor = state.con.cursor()
         try:
-            result = cursor.execute(
-                "SELECT sop_instance_uid, checksum, header_json FROM read_parquet(?, "
-                "hive_partitioning = false) WHERE sop_instance_uid IN (SELECT unnest(?))",
-                [files, sorted({w[0] for w in wanted})],
-            ).fetchall()
+            result = cursor.execute(sql, params).fetchall()
         finally:
             cursor.close()
         found.update({(s, c): h for s, c, h in result if (s, c) in wanted})

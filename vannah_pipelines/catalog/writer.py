@@ -1,21 +1,19 @@
-"""Write catalog batch files (Parquet, atomic) and publish the researchers' catalog.duckdb."""
+"""Write catalog batch files (Parquet, atomic): one per ingested batch or state change."""
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import re
 from datetime import date
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vannah_pipelines.catalog.changes import CHANGE_TABLES, CHANGES_DIR
 from vannah_pipelines.catalog.schema import TABLES
-from vannah_pipelines.landing.layout import fsync_dir, make_dirs, write_atomic
+from vannah_pipelines.landing.layout import make_dirs, write_atomic
 
 CATALOG_DB = "catalog.duckdb"
 # A zero-row file per table keeps globs valid on an empty catalog; its partition sorts first.
@@ -58,8 +56,8 @@ class CatalogWriter:
         return target
 
     def ensure(self) -> None:
-        """Create the zero-row schema files and publish catalog.duckdb if missing; remove
-        the temp files of writers that were killed."""
+        """The zero-row schema file of every table (globs stay valid on an empty catalog);
+        temp files of killed writers removed. (``catalog.duckdb``: compaction.publish.)"""
         make_dirs(self.root)
         self.remove_stale_temp_files()
         self._remove_stale_change_temps()
@@ -71,8 +69,6 @@ class CatalogWriter:
         if not schema_audit.exists():
             make_dirs(schema_audit.parent)
             write_atomic(schema_audit, b"")  # so the audit_events view always has a file
-        if not (self.root / CATALOG_DB).exists():
-            self.publish()
 
     def glob(self, table: str) -> str:
         return str(self.root.resolve() / table / "*" / "*.parquet").replace("'", "''")
@@ -81,39 +77,6 @@ class CatalogWriter:
         """``read_parquet(...)`` of every file of `table` (a key of :data:`SCHEMAS`), as the
         views of ``catalog.duckdb`` read them (hive ``day`` column, columns by name)."""
         return f"read_parquet('{self.glob(table)}', hive_partitioning = true, union_by_name = true)"
-
-    def publish(self) -> Path:
-        """Point ``catalog.duckdb`` at the current generation's serving database (a hard
-        link, swapped in atomically), compacting first if no generation exists yet.
-
-        The serving database holds the compacted tables and views that add the batch files
-        written since, found by glob: a researcher who has it open read-only sees new
-        batches on their next query, and publishing costs the same at any size.
-        """
-        from vannah_pipelines.catalog.compaction import Manifest, compact  # compaction's own
-
-        target = self.root / CATALOG_DB
-        manifest = Manifest.load(self.root)
-        if manifest.serving is None or not (self.root / manifest.serving).exists():
-            try:
-                compact(self.root)
-            except duckdb.IOException as exc:
-                if _DISK_FULL in str(exc):
-                    # DuckDB's own error type: say it the way the rest of the archive does.
-                    raise OSError(errno.ENOSPC, f"cannot publish {target}: {exc}") from exc
-                raise
-            manifest = Manifest.load(self.root)
-        assert manifest.serving is not None
-        source = self.root / manifest.serving
-        if target.exists() and target.samefile(source):
-            return target
-        tmp = self.root / f".{CATALOG_DB}.{os.getpid()}.tmp"
-        self.remove_stale_temp_files()
-        tmp.unlink(missing_ok=True)
-        os.link(source, tmp)
-        tmp.replace(target)
-        fsync_dir(self.root)
-        return target
 
     def remove_stale_temp_files(self) -> list[Path]:
         """Remove ``.catalog.duckdb.<pid>.tmp`` files (and their WAL) left by writers that
@@ -137,7 +100,6 @@ class CatalogWriter:
 
 
 _TMP_APPEND = re.compile(r"\.tmp-.+\.parquet\.([0-9]+)\.[0-9]+")
-_DISK_FULL = os.strerror(errno.ENOSPC)  # "No space left on device"
 _TMP_DB = re.compile(re.escape(f".{CATALOG_DB}.") + r"([0-9]+)\.tmp(\.wal)?")
 
 

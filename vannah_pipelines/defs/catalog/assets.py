@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from vannah_pipelines.catalog.checks import duplicate_sop_instance_uids, missing_files
+from vannah_pipelines.catalog.compaction import ensure_catalog
 from vannah_pipelines.catalog.ingest import ingest_batches
-from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.defs.partitions import landing_days
 from vannah_pipelines.defs.resources import ArchiveResource
 from vannah_pipelines.landing.layout import LandingZone, require_batch_id
@@ -79,7 +79,7 @@ def instance_index(
             quarantine=quarantine if config.quarantine_reason else None,
             free_space_reserve=settings.free_space_reserve_bytes,
         )
-        CatalogWriter(settings.catalog_dir).publish()
+        ensure_catalog(settings.catalog_dir)  # catalog.duckdb's views find the new files
     except Exception as exc:
         if not is_disk_full(exc):
             raise

@@ -9,10 +9,10 @@ from vannah_pipelines.catalog.compaction import (
     Manifest,
     compact,
     pending_batch_files,
+    publish,
     verify,
 )
 from vannah_pipelines.catalog.schema import TABLES
-from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.defs.resources import ArchiveResource
 from vannah_pipelines.settings import load_settings
 
@@ -46,7 +46,7 @@ def catalog_compaction(
         )
     except CompactionBusyError as exc:
         raise dg.Failure(description=str(exc), allow_retries=True) from exc
-    CatalogWriter(settings.catalog_dir).publish()
+    publish(settings.catalog_dir)
     context.log.info(
         "generation %d: %d batch files over %d days merged, %d -> %d files, %.1f s",
         result.generation,
