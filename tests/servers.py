@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,22 @@ from pathlib import Path
 import pytest
 
 from tests.processes import stop_process_group
-from tests.receiver.receiver_support import free_ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (held open together while chosen, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def pg_bin() -> Path:
@@ -211,20 +227,27 @@ def seaweedfs_server(buckets: tuple[str, ...] = (), timeout: float = 60.0) -> It
             _create_bucket(client, bucket, process, log, timeout)
         yield server
     finally:
-        stop_process_group(process)
+        # weed takes 25 s to shut down gracefully (SIGTERM or SIGINT); its data is thrown away
+        stop_process_group(process, grace=1.0)
         shutil.rmtree(root, ignore_errors=True)
 
 
 def _create_bucket(
     client: object, bucket: str, process: subprocess.Popen[bytes], log: Path, timeout: float
 ) -> None:
-    # The S3 gateway answers before the filer and a volume are ready: retry until it takes.
+    # The S3 gateway answers before the filer and a volume are ready: retry until it takes,
+    # unless the server says the request itself is wrong.
+    from botocore.exceptions import ClientError
+
     deadline = time.monotonic() + timeout
     while True:
         try:
             client.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
             return
         except Exception as exc:
+            code = exc.response["Error"]["Code"] if isinstance(exc, ClientError) else ""
+            if code.startswith("Invalid") or code == "AccessDenied":
+                pytest.fail(f"cannot create bucket {bucket}: {exc}")
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"cannot create bucket {bucket}: {exc}\n{log.read_text()[-3000:]}")
             time.sleep(0.5)

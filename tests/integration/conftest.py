@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.processes import stop_process_group
-from tests.servers import postgres_server
+from tests.servers import PostgresServer
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.dagster_home import prepare_dagster_home
 from vannah_pipelines.platform import PROJECT_DIR, dagster_daemon_argv, prepare_data_dir
@@ -18,10 +18,10 @@ from vannah_pipelines.settings import load_settings
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server on 127.0.0.1; yields a dagster-postgres URL."""
-    with postgres_server(("dagster",)) as server:
-        yield server.url("dagster", driver="postgresql+psycopg2")
+def postgres_url(postgres: PostgresServer) -> str:
+    """A database for Dagster on the session's PostgreSQL server: a dagster-postgres URL."""
+    postgres.create_database("dagster")
+    return postgres.url("dagster", driver="postgresql+psycopg2")
 
 
 @dataclass
