@@ -10,8 +10,10 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from vannah_pipelines.catalog.lake import (
     BATCHES,
     INSTANCE_VERSIONS,
     QUARANTINE,
+    WRITER_LOCK,
     LakeConfig,
     append_batch,
     attach_lake,
@@ -230,6 +233,7 @@ def test_a_retried_batch_does_not_duplicate_rows(
         return int(row[0])
 
     assert (count(INSTANCE_VERSIONS), count(QUARANTINE), count(BATCHES)) == (5, 1, 2)
+    assert count(WRITER_LOCK) == 1
     # A re-sent instance in a new batch is a new version, not a duplicate of the batch.
     later = instance_rows("batch-s", study, 5, received=T0 + timedelta(hours=1))
     assert append_batch(writer, config, "batch-s", {INSTANCE_VERSIONS: later}) is True
@@ -282,3 +286,48 @@ def test_rows_of_another_batch_are_refused_and_nothing_is_written(
         "SELECT (SELECT count(*) FROM lake.instance_versions), (SELECT count(*) FROM lake.batches)"
     ).fetchone()
     assert counts == (0, 0)
+
+
+def _append_together(config: LakeConfig, batches: list[tuple[str, pa.Table]]) -> list[bool]:
+    """Append each (batch_id, rows) from its own connection, all starting at one moment."""
+    connections = [attach_lake(config) for _ in batches]  # separate DuckDB instances
+    barrier = threading.Barrier(len(batches))
+
+    def append(con: duckdb.DuckDBPyConnection, batch_id: str, rows: pa.Table) -> bool:
+        barrier.wait(timeout=READ_TIMEOUT)
+        return append_batch(con, config, batch_id, {INSTANCE_VERSIONS: rows})
+
+    try:
+        with ThreadPoolExecutor(len(batches)) as pool:
+            futures = [
+                pool.submit(append, con, batch_id, rows)
+                for con, (batch_id, rows) in zip(connections, batches, strict=True)
+            ]
+            return [future.result(timeout=READ_TIMEOUT) for future in futures]
+    finally:
+        for con in connections:
+            con.close()
+
+
+def test_two_writers_appending_the_same_batch_at_once_add_it_once(
+    config: LakeConfig, writer: duckdb.DuckDBPyConnection
+) -> None:
+    rows = instance_rows("batch-d", "1.2.826.0.1.3680043.10.54.606", 50)
+    results = _append_together(config, [("batch-d", rows), ("batch-d", rows)])
+    assert sorted(results) == [False, True]
+    counts = writer.execute(
+        "SELECT count(*), count(DISTINCT sop_instance_uid) FROM lake.instance_versions"
+    ).fetchone()
+    assert counts == (50, 50)
+
+
+def test_two_writers_appending_different_batches_at_once_both_commit(
+    config: LakeConfig, writer: duckdb.DuckDBPyConnection
+) -> None:
+    one = instance_rows("batch-1", "1.2.826.0.1.3680043.10.54.701", 30)
+    two = instance_rows("batch-2", "1.2.826.0.1.3680043.10.54.702", 20)
+    assert _append_together(config, [("batch-1", one), ("batch-2", two)]) == [True, True]
+    counts = writer.execute(
+        "SELECT batch_id, count(*) FROM lake.instance_versions GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert counts == [("batch-1", 30), ("batch-2", 20)]

@@ -8,15 +8,19 @@ never downloaded at run time. The embedded default (local Parquet files, writer.
 of this.
 
 Lake tables: ``instance_versions`` (every ingested version of an instance, INSTANCE_SCHEMA),
-``quarantine`` (QUARANTINE_SCHEMA) and ``batches`` (one row per appended batch: what makes a
-retried batch a no-op). Every append is one DuckLake transaction, so one snapshot: readers see
-a batch whole or not at all.
+``quarantine`` (QUARANTINE_SCHEMA), ``batches`` (one row per appended batch and table: what
+makes a retried batch a no-op) and ``writer_lock`` (one row every append updates, so that
+concurrent appends conflict and one batch is never added twice). Every append is one DuckLake
+transaction, so one snapshot: readers see a batch whole or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import random
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +36,7 @@ from vannah_pipelines.errors import CatalogError
 INSTANCE_VERSIONS = "instance_versions"
 QUARANTINE = "quarantine"
 BATCHES = "batches"
+WRITER_LOCK = "writer_lock"
 
 BATCH_SCHEMA = pa.schema(
     [
@@ -48,7 +53,13 @@ LAKE_TABLES: dict[str, pa.Schema] = {
     INSTANCE_VERSIONS: TABLES["instances"],
     QUARANTINE: QUARANTINE_SCHEMA,
     BATCHES: BATCH_SCHEMA,
+    # One row that every append updates: DuckLake has no unique constraint, but two
+    # transactions deleting (updating) the same row conflict, so concurrent appends are
+    # serialised and the loser re-checks the batch ledger (see append_batch).
+    WRITER_LOCK: pa.schema([pa.field("appends", pa.int64())]),
 }
+# Conflicting commits (another writer appended first) are retried this many times.
+APPEND_ATTEMPTS = 20
 # Appended rows are sorted so each Parquet row group covers a narrow UID range: a point query
 # (``WHERE study_instance_uid = ?``) then skips most row groups by their min/max statistics.
 _SORT_KEYS: dict[str, str] = {
@@ -218,6 +229,9 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, config: LakeConfig) -> None:
                 con.execute(f"CREATE TABLE IF NOT EXISTS {lake}.{table} AS FROM {view} LIMIT 0")
             finally:
                 con.unregister(view)
+        row = con.execute(f"SELECT count(*) FROM {lake}.{WRITER_LOCK}").fetchone()
+        if row is not None and row[0] == 0:
+            con.execute(f"INSERT INTO {lake}.{WRITER_LOCK} VALUES (0)")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -243,10 +257,14 @@ def append_batch(
     Returns False, changing nothing, when the lake already holds `batch_id`: a retried batch
     (after a crash, or a run re-executed) never duplicates rows. Rows must carry `batch_id`
     in their ``batch_id`` column; they are cast to the table's schema (a missing or extra
-    column is an error) and sorted by their UIDs. Concurrent appends of *different* batches
-    commit without conflict (DuckLake retries the metadata commit); two writers appending the
-    *same* batch at the same moment are not guarded here: one batch has one writer (the
-    Dagster run that owns its run key).
+    column is an error) and sorted by their UIDs.
+
+    Concurrent writers: every append also updates the one row of ``writer_lock``, so two
+    appends that overlap conflict at COMMIT (DuckLake has no unique constraint to do it); the
+    loser is retried from the start (up to APPEND_ATTEMPTS times, with jittered backoff), sees
+    the winner's ledger row if it was the same batch and returns False, else commits after it.
+    A lost attempt leaves its uploaded Parquet file unreferenced: DuckLake's
+    ``ducklake_delete_orphaned_files`` removes such files.
     """
     unknown = set(tables) - {INSTANCE_VERSIONS, QUARANTINE}
     if unknown:
@@ -264,12 +282,30 @@ def append_batch(
         if rows.num_rows and set(rows.column("batch_id").unique().to_pylist()) != {batch_id}:
             raise CatalogError(f"{name} rows of batch {batch_id} carry another batch_id")
         prepared[name] = rows
+    for attempt in range(1, APPEND_ATTEMPTS + 1):
+        try:
+            return _append_once(con, config, batch_id, prepared)
+        except duckdb.TransactionException:
+            # Another writer committed first: if that was this batch, the retry sees it.
+            if attempt == APPEND_ATTEMPTS:
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
+
+def _append_once(
+    con: duckdb.DuckDBPyConnection,
+    config: LakeConfig,
+    batch_id: str,
+    prepared: Mapping[str, pa.Table],
+) -> bool:
     lake = config.alias
     con.execute("BEGIN")
     try:
         if has_batch(con, config, batch_id):
             con.execute("ROLLBACK")
             return False
+        con.execute(f"UPDATE {lake}.{WRITER_LOCK} SET appends = appends + 1")
         now = datetime.now(UTC)
         ledger = []
         for name, rows in prepared.items():
@@ -288,7 +324,8 @@ def append_batch(
         con.executemany(f"INSERT INTO {lake}.{BATCHES} VALUES (?, ?, ?, ?)", ledger)
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")  # a failed COMMIT may have ended the transaction already
         raise
     return True
 
