@@ -270,6 +270,11 @@ def test_the_data_files_are_in_the_seaweedfs_bucket(
         assert key in keys, f"{key} not in the bucket: {sorted(keys)}"
         body = client.get_object(Bucket=S3_TEST_BUCKET, Key=key)["Body"].read()  # type: ignore[attr-defined]
         assert body[:4] == b"PAR1" and body[-4:] == b"PAR1"
+    # The bookkeeping rows stay in PostgreSQL: an append adds no tiny file for them.
+    for table in (BATCHES, WRITER_LOCK):
+        listed_files = writer.execute("SELECT * FROM ducklake_list_files('lake', ?)", [table])
+        assert listed_files.fetchall() == [], table
+    assert all("/instance_versions/" in key for key in keys), sorted(keys)
 
 
 def test_rows_of_another_batch_are_refused_and_nothing_is_written(

@@ -21,7 +21,7 @@ import importlib.util
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +58,8 @@ LAKE_TABLES: dict[str, pa.Schema] = {
     # serialised and the loser re-checks the batch ledger (see append_batch).
     WRITER_LOCK: pa.schema([pa.field("appends", pa.int64())]),
 }
+_INLINED = (BATCHES, WRITER_LOCK)
+_INLINED_ROW_LIMIT = 1000  # rows per insert kept in PostgreSQL; a batch adds one per table
 # Conflicting commits (another writer appended first) are retried this many times.
 APPEND_ATTEMPTS = 20
 # Appended rows are sorted so each Parquet row group covers a narrow UID range: a point query
@@ -214,14 +216,15 @@ def attach_lake(
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection, config: LakeConfig) -> None:
-    """Create the lake tables that are missing (one transaction; a no-op when all exist).
+    """Create the lake tables that are missing, and set their options (idempotent).
 
-    Options: no data inlining (every batch becomes Parquet on S3, never rows in PostgreSQL).
+    Catalog rows are never inlined: every batch becomes Parquet files under the data path.
+    The small bookkeeping tables (``batches``, ``writer_lock``) are inlined into PostgreSQL,
+    so that an append adds no tiny file to S3 for them and the ledger look-up stays there.
     """
     lake = config.alias
     con.execute(f"CALL {lake}.set_option('data_inlining_row_limit', 0)")
-    con.execute("BEGIN")
-    try:
+    with _transaction(con):
         for table, schema in LAKE_TABLES.items():
             view = f"_vannah_lake_schema_{table}"
             con.register(view, schema.empty_table())
@@ -229,12 +232,26 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, config: LakeConfig) -> None:
                 con.execute(f"CREATE TABLE IF NOT EXISTS {lake}.{table} AS FROM {view} LIMIT 0")
             finally:
                 con.unregister(view)
+    for table in _INLINED:
+        con.execute(
+            f"CALL {lake}.set_option('data_inlining_row_limit', ?, table_name => ?)",
+            [_INLINED_ROW_LIMIT, table],
+        )
+    with _transaction(con):
         row = con.execute(f"SELECT count(*) FROM {lake}.{WRITER_LOCK}").fetchone()
         if row is not None and row[0] == 0:
             con.execute(f"INSERT INTO {lake}.{WRITER_LOCK} VALUES (0)")
+
+
+@contextlib.contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    con.execute("BEGIN")
+    try:
+        yield
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")  # a failed COMMIT may have ended the transaction already
         raise
 
 
@@ -300,11 +317,9 @@ def _append_once(
     prepared: Mapping[str, pa.Table],
 ) -> bool:
     lake = config.alias
-    con.execute("BEGIN")
-    try:
+    with _transaction(con):
         if has_batch(con, config, batch_id):
-            con.execute("ROLLBACK")
-            return False
+            return False  # nothing written: the commit is a no-op
         con.execute(f"UPDATE {lake}.{WRITER_LOCK} SET appends = appends + 1")
         now = datetime.now(UTC)
         ledger = []
@@ -322,11 +337,6 @@ def _append_once(
         if not ledger:
             ledger.append((batch_id, "", 0, now))  # an empty batch is recorded all the same
         con.executemany(f"INSERT INTO {lake}.{BATCHES} VALUES (?, ?, ?, ?)", ledger)
-        con.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):
-            con.execute("ROLLBACK")  # a failed COMMIT may have ended the transaction already
-        raise
     return True
 
 
