@@ -279,9 +279,9 @@ def append_batch(
     Concurrent writers: every append also updates the one row of ``writer_lock``, so two
     appends that overlap conflict at COMMIT (DuckLake has no unique constraint to do it); the
     loser is retried from the start (up to APPEND_ATTEMPTS times, with jittered backoff), sees
-    the winner's ledger row if it was the same batch and returns False, else commits after it.
-    A lost attempt leaves its uploaded Parquet file unreferenced: DuckLake's
-    ``ducklake_delete_orphaned_files`` removes such files.
+    the winner's ledger row if it was the same batch and returns False, else commits after it
+    (DuckLake deletes the files of the lost attempt). A writer killed mid-append can leave an
+    unreferenced file: ``ducklake_delete_orphaned_files`` removes those.
     """
     unknown = set(tables) - {INSTANCE_VERSIONS, QUARANTINE}
     if unknown:
