@@ -336,3 +336,43 @@ def test_two_writers_appending_different_batches_at_once_both_commit(
         "SELECT batch_id, count(*) FROM lake.instance_versions GROUP BY 1 ORDER BY 1"
     ).fetchall()
     assert counts == [("batch-1", 30), ("batch-2", 20)]
+
+
+def test_from_parts_quotes_the_connection_string_values(
+    postgres: PostgresServer, config: LakeConfig
+) -> None:
+    dbname = config.postgres.rsplit("dbname=", 1)[1]
+    quoted = LakeConfig.from_parts(
+        host=postgres.host,
+        port=postgres.port,
+        dbname=dbname,
+        user=postgres.user,
+        password="it's a \\ secret",  # ignored by the test server (trust), parsed by libpq
+        data_path=config.data_path,
+        s3_key_id=config.s3_key_id,
+        s3_secret=config.s3_secret,
+        s3_endpoint=config.s3_endpoint,
+        s3_use_ssl=False,
+    )
+    assert "password='it\\'s a \\\\ secret'" in quoted.postgres
+    assert "secret" not in repr(quoted)  # neither password nor S3 secret end up in a log
+    con = attach_lake(quoted)
+    try:
+        ensure_tables(con, quoted)
+        assert con.execute("SELECT count(*) FROM lake.instance_versions").fetchone() == (0,)
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"alias": "lake; DROP"}, "identifier"),
+        ({"data_path": "/local/folder"}, "s3://"),
+        ({"postgres": " "}, "empty"),
+    ],
+)
+def test_a_bad_lake_config_is_refused(changes: dict[str, str], message: str) -> None:
+    base = {"postgres": "host=db dbname=lake", "data_path": "s3://bucket/catalog/"}
+    with pytest.raises(CatalogError, match=message):
+        LakeConfig(**{**base, **changes})

@@ -98,7 +98,7 @@ class LakeConfig:
     S3-compatible server (SeaweedFS, MinIO); empty means AWS S3 itself.
     """
 
-    postgres: str
+    postgres: str = field(repr=False)  # may hold a password
     data_path: str
     s3_key_id: str = ""
     s3_secret: str = field(default="", repr=False)
