@@ -1,6 +1,7 @@
 """Suite-wide set-up: the tests' own pynetdicom SCUs get the same reactor-race fix as the
 receiver (receiver/pynetdicom_fixes.py); without it a loaded machine loses responses."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from receiver import pynetdicom_fixes
@@ -10,7 +11,15 @@ pynetdicom_fixes.install()
 
 import pytest  # noqa: E402  (after the fix above, which must come first)
 
+from tests.servers import (  # noqa: E402
+    PostgresServer,
+    S3Server,
+    postgres_server,
+    seaweedfs_server,
+)
 from vannah_pipelines.landing import layout  # noqa: E402
+
+S3_TEST_BUCKET = "vannah-test"
 
 
 @pytest.fixture
@@ -26,3 +35,17 @@ def synced_dirs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
     monkeypatch.setattr(layout, "fsync_dir", spy)
     return synced
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server on 127.0.0.1 for the session (tests/servers.py)."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[S3Server]:
+    """A SeaweedFS S3 server on 127.0.0.1 for the session, with the bucket ``vannah-test``."""
+    with seaweedfs_server(buckets=(S3_TEST_BUCKET,)) as server:
+        yield server

@@ -1,9 +1,7 @@
 """Real servers for integration tests: PostgreSQL and the Dagster daemon, on loopback."""
 
-import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,83 +10,18 @@ from pathlib import Path
 import pytest
 
 from tests.processes import stop_process_group
-from tests.receiver.receiver_support import free_port
+from tests.servers import PostgresServer
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.dagster_home import prepare_dagster_home
 from vannah_pipelines.platform import PROJECT_DIR, dagster_daemon_argv, prepare_data_dir
 from vannah_pipelines.settings import load_settings
 
 
-def _pg_bin() -> Path:
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not candidates:
-        pytest.fail("PostgreSQL server binaries missing: run .ci/bootstrap (make test does)")
-    return candidates[-1].parent
-
-
-def _as_postgres(argv: list[str]) -> list[str]:
-    # initdb refuses to run as root: drop to the postgres user Debian's package creates.
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server on 127.0.0.1; yields a dagster-postgres URL."""
-    bin_dir = _pg_bin()
-    root = Path(tempfile.mkdtemp(prefix="vannah-pg-"))
-    root.chmod(0o755)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-    data = root / "data"
-    port = free_port()
-    subprocess.run(
-        _as_postgres(
-            [str(bin_dir / "initdb"), "-D", str(data), "-U", "vannah", "--auth=trust", "-E", "UTF8"]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        _as_postgres(
-            [
-                str(bin_dir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-w",
-                "-l",
-                str(root / "log"),
-                "-o",
-                f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
-                "start",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    try:
-        subprocess.run(
-            _as_postgres(
-                [
-                    str(bin_dir.parent / "bin" / "createdb"),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "-U",
-                    "vannah",
-                    "dagster",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
-        yield f"postgresql+psycopg2://vannah@127.0.0.1:{port}/dagster"
-    finally:
-        subprocess.run(
-            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
-            capture_output=True,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+def postgres_url(postgres: PostgresServer) -> str:
+    """A database for Dagster on the session's PostgreSQL server: a dagster-postgres URL."""
+    postgres.create_database("dagster")
+    return postgres.url("dagster", driver="postgresql+psycopg2")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode, split_dataset
 
 from receiver.status import StoreStatus
-from tests.integration.conftest import Daemon, free_port, start_daemon
+from tests.integration.conftest import Daemon, start_daemon
 from tests.processes import stop_process_group
 from tests.receiver.receiver_support import (
     DCMTK_ENV,
@@ -26,6 +26,7 @@ from tests.receiver.receiver_support import (
     pydicom_files_with_meta,
     storescu_outcomes,
 )
+from tests.servers import free_port
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.dicom.synthetic import MODALITIES, make_instance, to_part10, write_study
 

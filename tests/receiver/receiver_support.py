@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,28 +18,14 @@ from pynetdicom.dsutils import split_dataset
 
 from receiver.app import ReusePortAssociationServer
 from receiver.fast_store import FastStore
+from tests.servers import free_port as free_port  # re-exported: the tests import it from here
+from tests.servers import free_ports as free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 START_DEADLINE = 60.0  # a deadline for "never came up", not a performance threshold
 WORKER_DEADLINE = 30.0  # bounds a hang, not a performance threshold
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (held open together while chosen, so none repeats)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @dataclass

