@@ -342,10 +342,13 @@ def _write_serving(
             if new_rows
             else f"SELECT {cols}, '' AS source_file FROM _empty_i"
         )
-        con.execute(f"CREATE TEMP TABLE _fresh AS {fresh}")
-        con.execute("CREATE TEMP TABLE _touched AS SELECT DISTINCT sop_instance_uid FROM _fresh")
+        # A view, not a table: at 10M rows a copy would not fit the memory limit.
+        con.execute(f"CREATE TEMP VIEW _fresh AS {fresh}")
         has_previous = previous.serving is not None and (root / previous.serving).exists()
         if has_previous:
+            con.execute(
+                "CREATE TEMP TABLE _touched AS SELECT DISTINCT sop_instance_uid FROM _fresh"
+            )
             con.execute(f"ATTACH '{_quote(root / str(previous.serving))}' AS prev (READ_ONLY)")
             con.execute("CREATE TEMP TABLE _gone (f VARCHAR)")
             gone = replaced.get("instances", [])
@@ -356,14 +359,15 @@ def _write_serving(
                 "_touched t WHERE t.sop_instance_uid = p.sop_instance_uid)"
             )
             candidates = (
-                "(SELECT * EXCLUDE (instance_availability) FROM prev.compacted_instances p "
+                "SELECT * EXCLUDE (instance_availability) FROM prev.compacted_instances p "
                 "WHERE p.sop_instance_uid IN (SELECT sop_instance_uid FROM _touched) "
                 "AND p.source_file NOT IN (SELECT f FROM _gone) "
-                "UNION ALL BY NAME SELECT * FROM _fresh)"
+                "UNION ALL BY NAME SELECT * FROM _fresh"
             )
-            source = f"{kept} UNION ALL BY NAME {current_select(candidates)}"
+            con.execute(f"CREATE TEMP VIEW _candidates AS {candidates}")
+            source = f"{kept} UNION ALL BY NAME {_current(con, '_candidates')}"
         else:
-            source = current_select("_fresh")
+            source = _current(con, "_fresh")
         for change in (INSTANCE_LOCATIONS, QUARANTINE_STATUS):
             _latest_changes(con, root, change, written.get(change.directory, []), has_previous)
         located = instances_with_locations_sql(
@@ -416,6 +420,25 @@ def _write_serving(
         con.close()
     assert row is not None
     return int(row[0])
+
+
+def _current(con: duckdb.DuckDBPyConnection, versions: str) -> str:
+    """SELECT the current version of each SOP UID in `versions` (a table or view), as
+    ``current_select`` does, ranking only the UIDs that have several versions: the window
+    over every row does not fit the memory limit at 10M rows, the aggregate spills."""
+    con.execute(
+        f"CREATE TEMP TABLE _resent AS SELECT sop_instance_uid FROM {versions} "
+        "GROUP BY sop_instance_uid HAVING count(*) > 1"
+    )
+    once = (
+        f"SELECT *, {INSTANCE_AVAILABILITY} AS instance_availability FROM {versions} "
+        "WHERE sop_instance_uid NOT IN (SELECT sop_instance_uid FROM _resent)"
+    )
+    several = current_select(
+        f"(SELECT * FROM {versions} WHERE sop_instance_uid IN "
+        "(SELECT sop_instance_uid FROM _resent))"
+    )
+    return f"{once} UNION ALL BY NAME {several}"
 
 
 def _latest_changes(
