@@ -10,8 +10,8 @@ in this process (``build_server``), with the fast path on or off.
 from __future__ import annotations
 
 import contextlib
-import select
 import os
+import select
 import shutil
 import socket
 import struct

@@ -87,6 +87,8 @@ class _State:
         self.loaded: dict[str, set[str]] = {t: set() for t in SCHEMAS}
         self.landed_version: int | None = None
         self.landed_headers: dict[tuple[str, str], str] = {}
+        # (sop, checksum) -> (storage_key, batch_id) of each landed version held.
+        self.landed_rows: dict[tuple[str, str], tuple[str, str]] = {}
         self.con = duckdb.connect(":memory:")
         con = self.con
         con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
@@ -275,47 +277,91 @@ class _State:
             if files and table in _HISTORY:
                 self._history_view(table)
 
-    def set_landed(self, version: int, rows: pa.Table) -> None:
-        """Replace the overlay's landed rows by `rows` (the landed index's snapshot)."""
-        cur = self.con.cursor()
-        try:
-            cur.execute("BEGIN TRANSACTION")
-            cur.execute(
-                "CREATE TEMP TABLE _t AS SELECT DISTINCT sop_instance_uid, study_instance_uid "
-                f"FROM o_versions WHERE starts_with(source_file, '{LANDED}')"
-            )
-            cur.execute(f"DELETE FROM o_versions WHERE starts_with(source_file, '{LANDED}')")
-            headers: dict[tuple[str, str], str] = {}
-            if rows.num_rows:
-                cur.register("_landed", rows)
-                # Versions already indexed (here or in the serving database) are not repeated.
+    def set_landed(self, version: int, rows: pa.Table) -> bool:
+        """Bring the overlay's landed rows to `rows` (the landed index's snapshot), touching
+        only what changed: new versions are added and derived, versions that left the
+        landing zone removed (their catalog rows are loaded first, see
+        :meth:`CatalogReader.refresh_landed`), and a version that merely moved (its batch
+        was sealed) gets its new place without deriving anything. Returns whether versions
+        left, i.e. whether the caller should look for new catalog files first."""
+        sops = rows.column("sop_instance_uid").to_pylist()
+        sums = rows.column("checksum").to_pylist()
+        keys = rows.column("storage_key").to_pylist()
+        batches = rows.column("batch_id").to_pylist()
+        now = {(s, c): (k, b) for s, c, k, b in zip(sops, sums, keys, batches, strict=True)}
+        before = self.landed_rows
+        added = [i for i, key in enumerate(zip(sops, sums, strict=True)) if key not in before]
+        removed = [key for key in before if key not in now]
+        moved = [
+            (key, place) for key, place in now.items() if key in before and before[key] != place
+        ]
+        if added or removed or moved:
+            cur = self.con.cursor()
+            try:
+                cur.execute("BEGIN TRANSACTION")
                 cur.execute(
-                    f"CREATE TEMP TABLE _new AS SELECT {_COLS}, '{LANDED}' || batch_id "
-                    "AS source_file FROM _landed l WHERE NOT EXISTS (SELECT 1 FROM o_versions v "
-                    "WHERE v.sop_instance_uid = l.sop_instance_uid AND v.checksum = l.checksum) "
-                    "AND NOT EXISTS (SELECT 1 FROM base.compacted_instances b "
-                    "WHERE b.study_instance_uid = l.study_instance_uid "
-                    "AND b.sop_instance_uid = l.sop_instance_uid AND b.checksum = l.checksum)"
+                    "CREATE TEMP TABLE _t (sop_instance_uid VARCHAR, study_instance_uid VARCHAR)"
                 )
-                cur.unregister("_landed")
-                cur.execute("INSERT INTO o_versions SELECT * FROM _new")
-                cur.execute(
-                    "INSERT INTO _t SELECT DISTINCT sop_instance_uid, study_instance_uid FROM _new"
-                )
-                cur.execute("DROP TABLE _new")
-                sops = rows.column("sop_instance_uid").to_pylist()
-                sums = rows.column("checksum").to_pylist()
-                texts = rows.column("header_json").to_pylist()
-                headers = {(s, c): h for s, c, h in zip(sops, sums, texts, strict=True) if h}
-            self._recompute(cur)
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        finally:
-            cur.close()
+                if removed:
+                    cur.execute(
+                        "CREATE TEMP TABLE _gone (sop_instance_uid VARCHAR, checksum VARCHAR)"
+                    )
+                    cur.executemany("INSERT INTO _gone VALUES (?, ?)", [list(k) for k in removed])
+                    cur.execute(
+                        "INSERT INTO _t SELECT DISTINCT sop_instance_uid, study_instance_uid "
+                        f"FROM o_versions v WHERE starts_with(source_file, '{LANDED}') AND EXISTS "
+                        "(SELECT 1 FROM _gone g WHERE g.sop_instance_uid = v.sop_instance_uid "
+                        "AND g.checksum = v.checksum)"
+                    )
+                    cur.execute(
+                        f"DELETE FROM o_versions v WHERE starts_with(source_file, '{LANDED}') AND "
+                        "EXISTS (SELECT 1 FROM _gone g WHERE g.sop_instance_uid = "
+                        "v.sop_instance_uid AND g.checksum = v.checksum)"
+                    )
+                    cur.execute("DROP TABLE _gone")
+                for (sop, checksum), (key, batch) in moved:
+                    for table in ("o_versions", "o_instances"):
+                        cur.execute(
+                            f"UPDATE {table} SET storage_key = ?, batch_id = ?, source_file = ? "
+                            "WHERE sop_instance_uid = ? AND checksum = ? AND "
+                            f"starts_with(source_file, '{LANDED}')",
+                            [key, batch, LANDED + batch, sop, checksum],
+                        )
+                if added:
+                    cur.register("_landed", rows.take(added))
+                    # Versions already indexed (here or in the serving database) are not
+                    # repeated.
+                    cur.execute(
+                        f"CREATE TEMP TABLE _new AS SELECT {_COLS}, '{LANDED}' || batch_id "
+                        "AS source_file FROM _landed l WHERE NOT EXISTS (SELECT 1 FROM "
+                        "o_versions v WHERE v.sop_instance_uid = l.sop_instance_uid AND "
+                        "v.checksum = l.checksum) AND NOT EXISTS (SELECT 1 FROM "
+                        "base.compacted_instances b WHERE b.study_instance_uid = "
+                        "l.study_instance_uid AND b.sop_instance_uid = l.sop_instance_uid "
+                        "AND b.checksum = l.checksum)"
+                    )
+                    cur.unregister("_landed")
+                    cur.execute("INSERT INTO o_versions SELECT * FROM _new")
+                    cur.execute(
+                        "INSERT INTO _t SELECT DISTINCT sop_instance_uid, study_instance_uid "
+                        "FROM _new"
+                    )
+                    cur.execute("DROP TABLE _new")
+                if added or removed:
+                    self._recompute(cur)
+                else:
+                    cur.execute("DROP TABLE _t")
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+        texts = rows.column("header_json").to_pylist()
+        self.landed_headers = {(s, c): h for s, c, h in zip(sops, sums, texts, strict=True) if h}
+        self.landed_rows = now
         self.landed_version = version
-        self.landed_headers = headers
+        return bool(removed)
 
     def _recompute(self, cur: duckdb.DuckDBPyConnection) -> None:
         """Derive again the current rows of the SOP UIDs in ``_t`` (sop, study) and every
@@ -460,15 +506,26 @@ class CatalogReader:
 
     def refresh_landed(self) -> bool:
         """Only the landed instances (cheap when the landing zone did not change: a few
-        stat calls); when they changed, the catalog's new files are loaded too, so an
-        instance leaving the landing zone is answered from its catalog row at once."""
+        stat calls). When versions left the landing zone (indexed), the catalog's new files
+        are loaded in the same step, so such an instance is answered from its catalog row
+        without a gap."""
         if self.landed is None:
             return False
         with self._lock:
             if not self.landed.refresh() and self.landed.version == self._state.landed_version:
                 return False
-            self._load_files(self._state)
-            self._load_landed(self._state)
+            state = self._state
+            version, rows = self.landed.snapshot()
+            gone = set(state.landed_rows) - set(
+                zip(
+                    rows.column("sop_instance_uid").to_pylist(),
+                    rows.column("checksum").to_pylist(),
+                    strict=True,
+                )
+            )
+            if gone:
+                self._load_files(state)
+            state.set_landed(version, rows)
             return True
 
     def _load_files(self, state: _State) -> int:
