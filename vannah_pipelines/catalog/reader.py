@@ -36,6 +36,7 @@ from vannah_pipelines.catalog.compaction import (
     SERVING_INSTANCE_COLUMNS,
     Manifest,
     batch_files,
+    create_empty_serving_tables,
     pending_batch_files,
 )
 from vannah_pipelines.catalog.schema import (
@@ -154,30 +155,8 @@ class _State:
 
     def _empty_base(self) -> None:
         """Nothing compacted yet: an empty ``base`` with the serving database's tables."""
-        con = self.con
-        con.execute("ATTACH ':memory:' AS base")
-        con.register("_empty_i", TABLES["instances"].empty_table())
-        con.register("_empty_q", TABLES["quarantine"].empty_table())
-        con.execute(
-            "CREATE TABLE base.compacted_instances AS "
-            + current_select(f"(SELECT {_COLS}, '' AS source_file FROM _empty_i)")
-        )
-        con.execute(
-            f"CREATE TABLE base.compacted_series AS {series_select('base.compacted_instances')}"
-        )
-        con.execute(
-            f"CREATE TABLE base.compacted_studies AS {study_select('base.compacted_instances')}"
-        )
-        con.execute(
-            f"CREATE TABLE base.compacted_patients AS {patient_select('base.compacted_studies')}"
-        )
-        con.execute("CREATE TABLE base.compacted_quarantine AS SELECT * FROM _empty_q")
-        con.unregister("_empty_i")
-        con.unregister("_empty_q")
-        for change in CHANGE_TABLES.values():
-            con.register("_empty_c", change.schema.empty_table())
-            con.execute(f"CREATE TABLE base.compacted_{change.name} AS SELECT * FROM _empty_c")
-            con.unregister("_empty_c")
+        self.con.execute("ATTACH ':memory:' AS base")
+        create_empty_serving_tables(self.con, "base")
 
     def _history_view(self, table: str) -> None:
         """``instance_versions`` (every version with its header) or a change table's whole
