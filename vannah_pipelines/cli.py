@@ -81,12 +81,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         from vannah_pipelines.catalog.ingest import IngestPaths
 
         result = ingest_batches(
-            IngestPaths(
-                settings.landing_dir,
-                settings.hot_dir,
-                settings.catalog_dir,
-                settings.quarantine_dir,
-            ),
+            IngestPaths.for_settings(settings),
             summary.batches,
             workers=settings.ingest_workers,
         )
@@ -108,9 +103,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     zone.seal_stranded()
     batch_ids = [b.batch_id for b in zone.sealed_batches()]
     result = ingest_batches(
-        IngestPaths(
-            settings.landing_dir, settings.hot_dir, settings.catalog_dir, settings.quarantine_dir
-        ),
+        IngestPaths.for_settings(settings),
         batch_ids,
         workers=settings.ingest_workers,
     )

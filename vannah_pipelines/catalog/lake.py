@@ -550,9 +550,7 @@ def serving_view_sql(lake: str) -> list[str]:
         f"CREATE OR REPLACE VIEW studies AS SELECT * FROM {lake}.compacted_studies",
         f"CREATE OR REPLACE VIEW patients AS SELECT * FROM {lake}.compacted_patients",
         "CREATE OR REPLACE VIEW quarantine AS "
-        + quarantine_with_status_sql(
-            f"{lake}.compacted_quarantine", f"{lake}.compacted_{status}"
-        ),
+        + quarantine_with_status_sql(f"{lake}.compacted_quarantine", f"{lake}.compacted_{status}"),
         "CREATE OR REPLACE VIEW instance_versions AS "
         + instances_with_locations_sql(
             f"{lake}.{INSTANCE_VERSIONS}", f"{lake}.compacted_{locations}"
@@ -573,4 +571,3 @@ def open_reader(config: LakeConfig) -> duckdb.DuckDBPyConnection:
     for statement in serving_view_sql(config.alias):
         con.execute(statement)
     return con
-
