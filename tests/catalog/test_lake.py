@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -43,19 +42,9 @@ T0 = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def config(postgres: PostgresServer, seaweedfs: S3Server) -> LakeConfig:
+def config(lake_config: LakeConfig) -> LakeConfig:
     """A new lake: a fresh PostgreSQL database and a fresh prefix in the test bucket."""
-    name = f"lake_{uuid.uuid4().hex[:12]}"
-    postgres.create_database(name)
-    return LakeConfig(
-        postgres=postgres.libpq(name),
-        data_path=f"s3://{S3_TEST_BUCKET}/{name}/",
-        s3_key_id=seaweedfs.access_key,
-        s3_secret=seaweedfs.secret_key,
-        s3_endpoint=seaweedfs.endpoint,
-        s3_region=seaweedfs.region,
-        s3_use_ssl=False,
-    )
+    return lake_config
 
 
 @pytest.fixture
