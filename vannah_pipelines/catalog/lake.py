@@ -253,7 +253,10 @@ def attach_lake(
             f"({', '.join(options)})"
         )
     except duckdb.Error as exc:
-        raise CatalogError(f"cannot attach the DuckLake catalog: {exc}") from exc
+        hint = ""
+        if read_only and "does not exist" in str(exc):
+            hint = " (a new lake: `vannah lake init` or the first ingest run creates it)"
+        raise CatalogError(f"cannot attach the DuckLake catalog: {exc}{hint}") from exc
     return con
 
 
@@ -284,6 +287,17 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, config: LakeConfig) -> None:
         row = con.execute(f"SELECT count(*) FROM {lake}.{WRITER_LOCK}").fetchone()
         if row is not None and row[0] == 0:
             con.execute(f"INSERT INTO {lake}.{WRITER_LOCK} VALUES (0)")
+
+
+def init_lake(config: LakeConfig) -> None:
+    """Create the lake (DuckLake metadata in PostgreSQL) and its tables if missing: what the
+    writer does on its first append, done ahead so readers can start before any ingest
+    (a reader attaches read-only and cannot create them). Idempotent."""
+    con = attach_lake(config)
+    try:
+        ensure_tables(con, config)
+    finally:
+        con.close()
 
 
 @contextlib.contextmanager
