@@ -253,3 +253,22 @@ def test_append_cost_follows_the_batch(lake_config: LakeConfig) -> None:
     assert timings[200][0] < 20.0
     reader.close()
     con.close()
+
+
+def test_vannah_lake_init_creates_the_tables_from_the_environment(
+    lake_config: LakeConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vannah lake init`` with the lake given as VANNAH_CATALOG_LAKE_* variables (as a
+    deployment sets them): a reader can then open the lake before any ingest."""
+    from tests.conftest import lake_settings
+    from vannah_pipelines.cli import main
+
+    for name, value in lake_settings(lake_config).items():
+        monkeypatch.setenv(
+            f"VANNAH_{name.upper()}", str(value).lower() if value is False else str(value)
+        )
+    assert main(["--data-dir", str(tmp_path), "lake", "init"]) == 0
+    assert main(["--data-dir", str(tmp_path), "lake", "init"]) == 0  # idempotent
+    reader = CatalogReader(tmp_path / "catalog", lake=lake_config)
+    assert reader.query("SELECT count(*) FROM studies") == [(0,)]
+    reader.close()
