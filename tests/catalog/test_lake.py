@@ -266,9 +266,7 @@ def test_the_data_files_are_in_the_seaweedfs_bucket(
         listed_files = writer.execute("SELECT * FROM ducklake_list_files('lake', ?)", [table])
         assert listed_files.fetchall() == [], table
     # The catalog rows and the served tables the append maintains: nothing else.
-    assert all(
-        "/instance_versions/" in key or "/compacted_" in key for key in keys
-    ), sorted(keys)
+    assert all("/instance_versions/" in key or "/compacted_" in key for key in keys), sorted(keys)
 
 
 def test_rows_of_another_batch_are_refused_and_nothing_is_written(
