@@ -440,8 +440,22 @@ def update_serving(
     """
     if not sops:
         return
+    # The studies as a literal list (row-group pruning), the SOP UIDs as a semi join on a
+    # registered table (a literal list of thousands of UIDs costs seconds to plan).
+    con.register(_TOUCHED, pa.table({"sop_instance_uid": pa.array(sops, pa.string())}))
+    try:
+        _update_serving(con, lake, studies)
+    finally:
+        con.unregister(_TOUCHED)
+
+
+_TOUCHED = "_vannah_lake_touched"
+_IN_TOUCHED = f"sop_instance_uid IN (SELECT sop_instance_uid FROM {_TOUCHED})"
+
+
+def _update_serving(con: duckdb.DuckDBPyConnection, lake: str, studies: list[str]) -> None:
     in_studies = _in("study_instance_uid", list(studies))
-    touched = f"{in_studies} AND {_in('sop_instance_uid', list(sops))}"
+    touched = f"{in_studies} AND {_IN_TOUCHED}"
     keys = "SELECT DISTINCT series_instance_uid, study_instance_uid, patient_id FROM "
     before = con.execute(f"{keys} {lake}.compacted_instances WHERE {touched}").fetchall()
     before_patients = con.execute(
@@ -452,10 +466,7 @@ def update_serving(
         f"(SELECT * EXCLUDE (header_json), {_literal(LAKE_SOURCE)} || batch_id AS source_file "
         f"FROM {lake}.{INSTANCE_VERSIONS} WHERE {touched})"
     )
-    locations = (
-        f"(SELECT * FROM {lake}.compacted_{INSTANCE_LOCATIONS.name} "
-        f"WHERE {_in('sop_instance_uid', list(sops))})"
-    )
+    locations = f"(SELECT * FROM {lake}.compacted_{INSTANCE_LOCATIONS.name} WHERE {_IN_TOUCHED})"
     located = instances_with_locations_sql(candidates, locations)
     con.execute(
         f"INSERT INTO {lake}.compacted_instances BY NAME "
