@@ -272,3 +272,23 @@ def test_vannah_lake_init_creates_the_tables_from_the_environment(
     reader = CatalogReader(tmp_path / "catalog", lake=lake_config)
     assert reader.query("SELECT count(*) FROM studies") == [(0,)]
     reader.close()
+
+
+def test_a_quarantine_release_reaches_the_lake(paths: IngestPaths, lake_config: LakeConfig) -> None:
+    """``release_quarantined`` appends its status change locally and to the lake (same
+    change id); the released file, ingested again, is then an instance on the lake."""
+    from tests.catalog.conftest import poisoned_instance
+    from vannah_pipelines.catalog.quarantine import release_quarantined
+
+    ingest_batches(paths, [land(paths, [poisoned_instance()])])
+    on_lake = CatalogReader(paths.catalog_dir / "elsewhere", lake=lake_config)
+    ((key, status),) = on_lake.query("SELECT quarantine_key, status FROM quarantine")
+    assert status == "quarantined"
+    release = release_quarantined(paths, key, reason="fixed", changed_by="test")
+    assert on_lake.query("SELECT status, released_batch_id FROM quarantine") == [
+        ("released", release.batch_id)
+    ]
+    local = CatalogReader(paths.catalog_dir)
+    assert local.query("SELECT status FROM quarantine") == [("released",)]
+    on_lake.close()
+    local.close()

@@ -29,11 +29,13 @@ from typing import TYPE_CHECKING, Literal
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vannah_pipelines.catalog.changes import (
     CHANGE_TABLES,
     INSTANCE_LOCATIONS,
     QUARANTINE_STATUS,
+    ChangeAppend,
     ChangeTable,
     change_table,
     instances_with_locations_sql,
@@ -525,6 +527,18 @@ def append_lake_change(
                 raise
             time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
     raise AssertionError("unreachable")
+
+
+def append_change_file(config: LakeConfig, change: ChangeAppend) -> bool:
+    """Append to the lake a state change already appended locally
+    (:func:`changes.append_change`: its file holds the rows), with the same ``change_id``:
+    the lake path next to the local one. Idempotent (False when the lake holds it)."""
+    con = attach_lake(config)
+    try:
+        ensure_tables(con, config)
+        return append_lake_change(con, config, change.table, pq.read_table(change.path))
+    finally:
+        con.close()
 
 
 def _append_change_once(
