@@ -51,6 +51,9 @@ def test_a_study_ingested_through_one_service_is_answered_by_both(
     this one: the bytes are in the first host's hot folder, which the second cannot read.
     Today it answers 500 before any byte, saying the stored object is not in this host's hot
     tier (not a broken stream); once the hot tier is shared storage it answers the bytes.
+
+    An instance landed on one host and not ingested yet is answered by that host only (its
+    landed overlay works on the lake as on local files), then by both once ingested.
     """
     (settings_a, url_a), (_, url_b) = services
     paths = IngestPaths.for_settings(settings_a)
@@ -90,3 +93,14 @@ def test_a_study_ingested_through_one_service_is_answered_by_both(
     there = requests.get(url_b + path, headers=accept, timeout=30)
     assert there.status_code == 500, there.status_code
     assert "not in this host's hot tier" in there.text
+
+    # Landed on host A, not ingested yet: A answers it (its landed overlay), B not yet;
+    # once ingested into the lake, both, once each.
+    batch = land(paths, _study("US", 2, "VHC-LAKE-2"))
+    search = {"PatientID": "VHC-LAKE-2"}
+    assert len(DICOMwebClient(url_a).search_for_studies(search_filters=search)) == 1
+    assert DICOMwebClient(url_b).search_for_studies(search_filters=search) == []
+    ingest_batches(paths, [batch])
+    for url in (url_a, url_b):
+        found = DICOMwebClient(url).search_for_studies(search_filters=search)
+        assert len(found) == 1 and found[0]["00201208"]["Value"] == [2], url
