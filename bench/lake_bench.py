@@ -33,6 +33,8 @@ from vannah_pipelines.catalog.lake import (
     ensure_tables,
     open_reader,
 )
+from vannah_pipelines.catalog.lookup import iter_headers
+from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.catalog.schema import current_select, study_select
 
 BUCKET = "vannah-bench"
@@ -138,6 +140,35 @@ def main() -> int:
                 f"point query {label}: p50 {_ms(statistics.median(lat))}, "
                 f"max {_ms(lat[-1])} ({len(got)} rows)"
             )
+        services = CatalogReader(work / "service-host", lake=config)  # what a service holds
+        for label, sql in (
+            ("service reader: a study's instances", "SELECT sop_instance_uid FROM instances "
+             "WHERE study_instance_uid = ?"),
+            ("service reader: the study row", "SELECT * FROM studies "
+             "WHERE study_instance_uid = ?"),
+        ):  # fmt: skip
+            lat = []
+            for uid in studies:
+                began = time.monotonic()
+                got = services.query(sql, [uid])
+                lat.append(time.monotonic() - began)
+                assert got, uid
+            lat.sort()
+            print(
+                f"point query {label}: p50 {_ms(statistics.median(lat))}, "
+                f"max {_ms(lat[-1])} ({len(got)} rows)"
+            )
+        lat = []
+        for uid in studies:
+            began = time.monotonic()
+            n_headers = sum(1 for _ in iter_headers(services, uid))
+            lat.append(time.monotonic() - began)
+        lat.sort()
+        print(
+            f"service reader: a study's headers (WADO-RS metadata): p50 "
+            f"{_ms(statistics.median(lat))}, max {_ms(lat[-1])} ({n_headers} instances)"
+        )
+        services.close()
         began = time.monotonic()
         total = reader.execute("SELECT count(*) FROM instances").fetchone()
         print(f"count(*) of current instances: {total[0]:,} in {_ms(time.monotonic() - began)}")

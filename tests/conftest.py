@@ -1,8 +1,12 @@
 """Suite-wide set-up: the tests' own pynetdicom SCUs get the same reactor-race fix as the
 receiver (receiver/pynetdicom_fixes.py); without it a loaded machine loses responses."""
 
+from __future__ import annotations
+
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from receiver import pynetdicom_fixes
 
@@ -18,6 +22,9 @@ from tests.servers import (  # noqa: E402
     seaweedfs_server,
 )
 from vannah_pipelines.landing import layout  # noqa: E402
+
+if TYPE_CHECKING:
+    from vannah_pipelines.catalog.lake import LakeConfig
 
 S3_TEST_BUCKET = "vannah-test"
 
@@ -49,3 +56,39 @@ def seaweedfs() -> Iterator[S3Server]:
     """A SeaweedFS S3 server on 127.0.0.1 for the session, with the bucket ``vannah-test``."""
     with seaweedfs_server(buckets=(S3_TEST_BUCKET,)) as server:
         yield server
+
+
+def new_lake(postgres: PostgresServer, seaweedfs: S3Server) -> LakeConfig:
+    """A new, empty DuckLake: a fresh PostgreSQL database and a fresh prefix in the bucket."""
+    from vannah_pipelines.catalog.lake import LakeConfig  # DuckDB only for the tests using it
+
+    name = f"lake_{uuid.uuid4().hex[:12]}"
+    postgres.create_database(name)
+    return LakeConfig(
+        postgres=postgres.libpq(name),
+        data_path=f"s3://{S3_TEST_BUCKET}/{name}/",
+        s3_key_id=seaweedfs.access_key,
+        s3_secret=seaweedfs.secret_key,
+        s3_endpoint=seaweedfs.endpoint,
+        s3_region=seaweedfs.region,
+        s3_use_ssl=False,
+    )
+
+
+def lake_settings(config: LakeConfig) -> dict[str, object]:
+    """The ``catalog_lake_*`` settings that describe `config` (for Settings(**...))."""
+    return {
+        "catalog_lake_postgres": config.postgres,
+        "catalog_lake_data_path": config.data_path,
+        "catalog_lake_s3_endpoint": config.s3_endpoint,
+        "catalog_lake_s3_key_id": config.s3_key_id,
+        "catalog_lake_s3_secret": config.s3_secret,
+        "catalog_lake_s3_region": config.s3_region,
+        "catalog_lake_s3_use_ssl": config.s3_use_ssl,
+    }
+
+
+@pytest.fixture
+def lake_config(postgres: PostgresServer, seaweedfs: S3Server) -> LakeConfig:
+    """A new lake on the session's PostgreSQL and SeaweedFS servers."""
+    return new_lake(postgres, seaweedfs)

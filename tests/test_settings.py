@@ -120,3 +120,24 @@ def test_load_settings_rejects_unreadable_file(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(bad)
+
+
+def test_lake_settings_are_both_or_neither_and_the_s3_secret_comes_from_env_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vannah_pipelines.catalog.lake import LakeConfig
+
+    assert LakeConfig.from_settings(load_settings(data_dir=tmp_path)) is None  # embedded
+    with pytest.raises(ConfigError, match="set both"):
+        load_settings(catalog_lake_postgres="host=db dbname=lake")
+    lake = {"catalog_lake_postgres": "host=db password=pw-db", "catalog_lake_data_path": "s3://b/"}
+    with pytest.raises(ConfigError, match="environment only"):
+        load_settings(_write(tmp_path, {**lake, "catalog_lake_s3_secret": "s3-secret"}))
+    monkeypatch.setenv("VANNAH_CATALOG_LAKE_S3_SECRET", "s3-secret")
+    settings = load_settings(_write(tmp_path, {**lake, "catalog_lake_s3_use_ssl": False}))
+    config = LakeConfig.from_settings(settings)
+    assert config is not None
+    assert (config.postgres, config.data_path) == ("host=db password=pw-db", "s3://b/")
+    assert (config.s3_secret, config.s3_use_ssl) == ("s3-secret", False)
+    for text in (repr(settings), repr(config)):
+        assert "s3-secret" not in text and "pw-db" not in text

@@ -81,12 +81,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         from vannah_pipelines.catalog.ingest import IngestPaths
 
         result = ingest_batches(
-            IngestPaths(
-                settings.landing_dir,
-                settings.hot_dir,
-                settings.catalog_dir,
-                settings.quarantine_dir,
-            ),
+            IngestPaths.for_settings(settings),
             summary.batches,
             workers=settings.ingest_workers,
         )
@@ -108,9 +103,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     zone.seal_stranded()
     batch_ids = [b.batch_id for b in zone.sealed_batches()]
     result = ingest_batches(
-        IngestPaths(
-            settings.landing_dir, settings.hot_dir, settings.catalog_dir, settings.quarantine_dir
-        ),
+        IngestPaths.for_settings(settings),
         batch_ids,
         workers=settings.ingest_workers,
     )
@@ -243,6 +236,22 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lake_init(args: argparse.Namespace) -> int:
+    from vannah_pipelines.catalog.lake import LakeConfig, init_lake
+
+    settings = _settings(args)
+    config = LakeConfig.from_settings(settings)
+    if config is None:
+        sys.stderr.write(
+            "vannah lake init: no lake configured (catalog_lake_postgres and "
+            "catalog_lake_data_path, docs/deployment.md)\n"
+        )
+        return 2
+    init_lake(config)
+    sys.stdout.write(f"lake ready: tables created or present under {config.data_prefix}\n")
+    return 0
+
+
 def cmd_viewer_fetch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -309,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_viewer_fetch)
+    lake = sub.add_parser("lake", help="the DuckLake catalog (catalog_lake_* settings)")
+    lake_sub = lake.add_subparsers(dest="lake_command", required=True)
+    lake_sub.add_parser(
+        "init", help="create the lake's tables (once, before the services start)"
+    ).set_defaults(func=cmd_lake_init)
     p = sub.add_parser("catalog", help="print the DuckDB catalog's path, or run --sql on it")
     p.add_argument("--sql", help="a query, e.g. 'FROM studies LIMIT 10'")
     p.add_argument("--max-rows", type=int, default=40)

@@ -54,6 +54,9 @@ ORTHANC_KEYS: dict[str, str] = {
 }
 
 
+# Secrets read from VANNAH_* environment variables only, never from the config file.
+ENV_ONLY = ("catalog_lake_s3_secret",)
+
 _config_file: ContextVar[Path | None] = ContextVar("vannah_config_file", default=None)
 
 
@@ -88,6 +91,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if name in values:
             raise ConfigError(f"config file {path} sets {name!r} twice (as {key!r})")
         values[name] = value
+    for name in ENV_ONLY:
+        if name in values:
+            raise ConfigError(
+                f"config file {path} sets {name!r}: a secret, taken from the environment only "
+                f"(VANNAH_{name.upper()})"
+            )
     return values
 
 
@@ -390,6 +399,24 @@ class Settings(BaseSettings):
         "generation is this old (readers of the previous one finish first)",
     )
 
+    catalog_lake_postgres: SecretStr | None = Field(
+        default=None,
+        description="libpq connection string of the DuckLake's PostgreSQL metadata database "
+        "(unset: the embedded catalog of local files, no server)",
+    )
+    catalog_lake_data_path: str | None = Field(
+        default=None, description="s3://bucket/prefix/ of the DuckLake's Parquet files"
+    )
+    catalog_lake_s3_endpoint: str = Field(
+        default="", description="host:port of an S3-compatible server (empty: AWS S3)"
+    )
+    catalog_lake_s3_key_id: str = Field(default="", description="S3 access key id of the lake")
+    catalog_lake_s3_secret: SecretStr = Field(
+        default=SecretStr(""), description="S3 secret key of the lake (environment only)"
+    )
+    catalog_lake_s3_region: str = Field(default="us-east-1", description="S3 region of the lake")
+    catalog_lake_s3_use_ssl: bool = Field(default=True, description="HTTPS to the S3 endpoint")
+
     @field_validator("dicom_modalities", mode="before")
     @classmethod
     def _orthanc_modalities(cls, value: Any) -> Any:
@@ -447,6 +474,11 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: {path} is not a readable file")
+        if (self.catalog_lake_postgres is None) != (self.catalog_lake_data_path is None):
+            raise ValueError(
+                "catalog_lake_postgres and catalog_lake_data_path: set both (the DuckLake "
+                "catalog) or neither (the embedded catalog)"
+            )
         if self.routing_rules:
             raise ValueError("rules: routing is not implemented yet; remove the rules")
         return self

@@ -133,6 +133,15 @@ def opener(settings: Settings, instance: StoredInstance) -> Callable[[], BinaryI
             status=503,
         )
     store = LocalStorage(settings.hot_dir, Tier.HOT)
+    if not store.exists(instance.storage_key):
+        # Before the answer starts (a stream cannot change its status): with a shared
+        # catalog (the DuckLake), the instance may be in another host's hot folder.
+        log.error("catalogued object not in this host's hot tier: %s", instance.storage_key)
+        raise DicomWebError(
+            f"the stored object of instance {instance.sop_instance_uid} is not in this "
+            "host's hot tier",
+            status=500,
+        )
     return lambda: store.open(instance.storage_key)
 
 

@@ -83,6 +83,48 @@ INSTANCE_ORDER = "study_instance_uid, series_instance_uid, instance_number, sop_
 SERVING_INSTANCE_COLUMNS = [n for n in TABLES["instances"].names if n != "header_json"]
 
 
+SERVING_TABLES = (
+    "compacted_instances",
+    "compacted_series",
+    "compacted_studies",
+    "compacted_patients",
+    "compacted_quarantine",
+    *(f"compacted_{c.name}" for c in (INSTANCE_LOCATIONS, QUARANTINE_STATUS)),
+)
+
+
+def create_empty_serving_tables(
+    con: duckdb.DuckDBPyConnection, catalog: str, *, if_not_exists: bool = False
+) -> None:
+    """Create the serving database's tables, empty, in the attached `catalog` (``base``
+    of a reader with nothing compacted; the DuckLake's copies the writer maintains): the
+    same names, columns and types, derived by the same SQL as the serving database's."""
+    create = "CREATE TABLE IF NOT EXISTS" if if_not_exists else "CREATE TABLE"
+    cols = ", ".join(SERVING_INSTANCE_COLUMNS)
+    con.register("_empty_i", TABLES["instances"].empty_table())
+    con.register("_empty_q", TABLES["quarantine"].empty_table())
+    try:
+        con.execute(
+            f"{create} {catalog}.compacted_instances AS "
+            + current_select(f"(SELECT {cols}, '' AS source_file FROM _empty_i)")
+        )
+        instances = f"(SELECT * FROM {catalog}.compacted_instances LIMIT 0)"
+        con.execute(f"{create} {catalog}.compacted_series AS {series_select(instances)}")
+        con.execute(f"{create} {catalog}.compacted_studies AS {study_select(instances)}")
+        studies = f"(SELECT * FROM {catalog}.compacted_studies LIMIT 0)"
+        con.execute(f"{create} {catalog}.compacted_patients AS {patient_select(studies)}")
+        con.execute(f"{create} {catalog}.compacted_quarantine AS SELECT * FROM _empty_q")
+    finally:
+        con.unregister("_empty_i")
+        con.unregister("_empty_q")
+    for change in (INSTANCE_LOCATIONS, QUARANTINE_STATUS):
+        con.register("_empty_c", change.schema.empty_table())
+        try:
+            con.execute(f"{create} {catalog}.compacted_{change.name} AS SELECT * FROM _empty_c")
+        finally:
+            con.unregister("_empty_c")
+
+
 class CompactionError(VannahError):
     """Compaction refused to publish: the merged files do not hold the rows they replace."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from vannah_pipelines.catalog.lake import LakeConfig
     from vannah_pipelines.catalog.reader import CatalogReader
     from vannah_pipelines.settings import Settings
 
@@ -39,12 +40,14 @@ class CatalogHolder:
         memory_limit_mb: int = 256,
         landing_dir: Path | None = None,
         landed_max_instances: int = 0,
+        lake: LakeConfig | None = None,
     ) -> None:
         self.root = Path(root)
         self.refresh_seconds = refresh_seconds
         self.memory_limit_mb = memory_limit_mb
         self.landing_dir = landing_dir
         self.landed_max_instances = landed_max_instances
+        self.lake = lake
         self._lock = threading.Lock()
         self._reader: CatalogReader | None = None
         # When the reader was last brought up to date; None: on the next get().
@@ -52,13 +55,20 @@ class CatalogHolder:
 
     @classmethod
     def for_settings(cls, settings: Settings, refresh_seconds: float) -> CatalogHolder:
-        """The holder a service makes from its settings (memory bound, landed overlay)."""
+        """The holder a service makes from its settings (memory bound, landed overlay, and
+        the DuckLake as the base when ``catalog_lake_*`` is set)."""
+        lake = None
+        if settings.catalog_lake_postgres is not None:  # lazy: see the module doc
+            from vannah_pipelines.catalog.lake import LakeConfig
+
+            lake = LakeConfig.from_settings(settings)
         return cls(
             settings.catalog_dir,
             refresh_seconds,
             memory_limit_mb=settings.catalog_memory_limit_mb,
             landing_dir=settings.landing_dir,
             landed_max_instances=settings.landed_overlay_max_instances,
+            lake=lake,
         )
 
     def load(self) -> CatalogReader:
@@ -111,4 +121,6 @@ class CatalogHolder:
             from vannah_pipelines.catalog.landed import LandedIndex
 
             landed = LandedIndex(self.landing_dir, self.landed_max_instances)
-        return CatalogReader(self.root, memory_limit_mb=self.memory_limit_mb, landed=landed)
+        return CatalogReader(
+            self.root, memory_limit_mb=self.memory_limit_mb, landed=landed, lake=self.lake
+        )

@@ -25,12 +25,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydicom.datadict import tag_for_keyword
 
 from vannah_pipelines.catalog.compaction import ensure_catalog
+from vannah_pipelines.catalog.lake import (
+    INSTANCE_VERSIONS,
+    QUARANTINE,
+    LakeConfig,
+    append_batch,
+    attach_lake,
+    ensure_tables,
+)
 from vannah_pipelines.catalog.schema import DICOM_COLUMNS, INSTANCE_SCHEMA, QUARANTINE_SCHEMA
 from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.dicom.headers import json_int, json_text, read_header
@@ -40,6 +49,11 @@ from vannah_pipelines.landing.layout import Batch, LandedInstance, LandingZone
 from vannah_pipelines.landing.space import require_free_space
 from vannah_pipelines.storage.base import Tier, instance_key
 from vannah_pipelines.storage.local import LocalStorage
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from vannah_pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +72,26 @@ _POOL_THRESHOLD = 64
 
 @dataclass(frozen=True)
 class IngestPaths:
-    """Where ingest reads and writes (all from Settings)."""
+    """Where ingest reads and writes (all from Settings). With `lake`, every batch is also
+    appended to that DuckLake after its local batch file is written (the local Parquet
+    record stays): what services on other hosts read."""
 
     landing_dir: Path
     hot_dir: Path
     catalog_dir: Path
     quarantine_dir: Path
+    lake: LakeConfig | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> IngestPaths:
+        """The folders of `settings`, and its DuckLake when ``catalog_lake_*`` is set."""
+        return cls(
+            settings.landing_dir,
+            settings.hot_dir,
+            settings.catalog_dir,
+            settings.quarantine_dir,
+            LakeConfig.from_settings(settings),
+        )
 
 
 @dataclass
@@ -309,14 +337,49 @@ def _quarantine_batch(
     return [("quarantine", quarantine_row(i, batch_id, quarantine_dir, reason)) for i in items]
 
 
+class LakeAppender:
+    """Appends ingested batches to the DuckLake (one connection per ingest run)."""
+
+    def __init__(self, config: LakeConfig) -> None:
+        self.config = config
+        self.con: duckdb.DuckDBPyConnection = attach_lake(config)
+        ensure_tables(self.con, config)
+
+    def append(self, batch_id: str, instances: pa.Table, quarantined: pa.Table | None) -> bool:
+        """Append one batch's rows: idempotent (False when the lake holds the batch)."""
+        tables = {INSTANCE_VERSIONS: instances}
+        if quarantined is not None and quarantined.num_rows:
+            tables[QUARANTINE] = quarantined
+        return append_batch(self.con, self.config, batch_id, tables)
+
+    def append_files(self, writer: CatalogWriter, batch: Batch) -> bool:
+        """Append a batch from its local batch files (indexed by a run that died before
+        the lake took it)."""
+        day, batch_id = batch.day, batch.batch_id
+        quarantined = None
+        if writer.has_batch("quarantine", day, batch_id):
+            quarantined = pq.read_table(writer.batch_path("quarantine", day, batch_id))
+        instances = pq.read_table(writer.batch_path("instances", day, batch_id))
+        return self.append(batch_id, instances, quarantined)
+
+    def close(self) -> None:
+        self.con.close()
+
+
 def _pending_items(
-    batch: Batch, zone: LandingZone, writer: CatalogWriter, result: IngestResult
+    batch: Batch,
+    zone: LandingZone,
+    writer: CatalogWriter,
+    result: IngestResult,
+    lake: LakeAppender | None = None,
 ) -> list[LandedInstance] | None:
     """The batch's files, or None if it needs no parsing (gone, or already indexed)."""
     if not batch.path.exists():
         result.missing.append(batch.batch_id)
         return None
     if writer.has_batch("instances", batch.day, batch.batch_id):
+        if lake is not None:
+            lake.append_files(writer, batch)  # a no-op when the lake has it already
         zone.remove(batch)  # indexed by a run that died before its last step
         result.already_indexed.append(batch.batch_id)
         return None
@@ -329,21 +392,21 @@ def _commit(
     zone: LandingZone,
     writer: CatalogWriter,
     result: IngestResult,
+    lake: LakeAppender | None = None,
 ) -> None:
-    """Append the batch to the catalog, then remove it from the landing zone."""
+    """Append the batch to the catalog (and the lake), then remove it from the landing zone."""
     rows = [row for kind, row in outcomes if kind == "instance"]
     quarantined = [row for kind, row in outcomes if kind == "quarantine"]
+    quarantine_table = None
     if quarantined:
-        writer.write_batch(
-            "quarantine",
-            batch.day,
-            batch.batch_id,
-            pa.Table.from_pylist(quarantined, QUARANTINE_SCHEMA),
-        )
-    # The instances file is the commit point of the batch: written last but for the removal.
-    path = writer.write_batch(
-        "instances", batch.day, batch.batch_id, pa.Table.from_pylist(rows, INSTANCE_SCHEMA)
-    )
+        quarantine_table = pa.Table.from_pylist(quarantined, QUARANTINE_SCHEMA)
+        writer.write_batch("quarantine", batch.day, batch.batch_id, quarantine_table)
+    # The instances file is the commit point of the batch: written last but for the lake
+    # and the removal (a run dying between them appends the files on its retry).
+    instances = pa.Table.from_pylist(rows, INSTANCE_SCHEMA)
+    path = writer.write_batch("instances", batch.day, batch.batch_id, instances)
+    if lake is not None:
+        lake.append(batch.batch_id, instances, quarantine_table)
     zone.remove(batch)
     result.batches.append(batch.batch_id)
     result.catalog_files.append(str(path))
@@ -410,6 +473,7 @@ def ingest_batches(
 
     batches = [zone.batch(b) for b in batch_ids]
     result = IngestResult()
+    lake = LakeAppender(paths.lake) if paths.lake is not None else None
     total = sum(1 for b in batches if b.path.exists() for _ in b.instances())
     pool = None
     if workers > 1 and total >= _POOL_THRESHOLD:
@@ -422,11 +486,11 @@ def ingest_batches(
 
     def commit_oldest() -> None:
         batch, futures = pending.popleft()
-        _commit(batch, [o for f in futures for o in f.result()], zone, writer, result)
+        _commit(batch, [o for f in futures for o in f.result()], zone, writer, result, lake)
 
     try:
         for batch in batches:
-            items = _pending_items(batch, zone, writer, result)
+            items = _pending_items(batch, zone, writer, result, lake)
             if items is None:
                 continue
             require_space()
@@ -453,6 +517,8 @@ def ingest_batches(
     finally:
         if pool is not None:
             pool.shutdown()
+        if lake is not None:
+            lake.close()
     log.info(
         "ingested %d instances (%d quarantined) from %d batches",
         result.instances,

@@ -25,13 +25,36 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from vannah_pipelines.catalog.schema import QUARANTINE_SCHEMA, TABLES, view_sql
+from vannah_pipelines.catalog.changes import (
+    CHANGE_TABLES,
+    INSTANCE_LOCATIONS,
+    QUARANTINE_STATUS,
+    ChangeAppend,
+    ChangeTable,
+    change_table,
+    instances_with_locations_sql,
+    latest_sql,
+    quarantine_with_status_sql,
+)
+from vannah_pipelines.catalog.compaction import create_empty_serving_tables
+from vannah_pipelines.catalog.schema import (
+    QUARANTINE_SCHEMA,
+    TABLES,
+    current_select,
+    patient_select,
+    series_select,
+    study_select,
+)
 from vannah_pipelines.errors import CatalogError
+
+if TYPE_CHECKING:
+    from vannah_pipelines.settings import Settings
 
 INSTANCE_VERSIONS = "instance_versions"
 QUARANTINE = "quarantine"
@@ -57,7 +80,11 @@ LAKE_TABLES: dict[str, pa.Schema] = {
     # transactions deleting (updating) the same row conflict, so concurrent appends are
     # serialised and the loser re-checks the batch ledger (see append_batch).
     WRITER_LOCK: pa.schema([pa.field("appends", pa.int64())]),
+    # Every row of each state-change table (the history; the latest per key is served).
+    **{c.name: c.schema for c in CHANGE_TABLES.values()},
 }
+# Where the header of a served row is: the lake's instance_versions (``lake:<batch_id>``).
+LAKE_SOURCE = "lake:"
 _INLINED = (BATCHES, WRITER_LOCK)
 _INLINED_ROW_LIMIT = 1000  # rows per insert kept in PostgreSQL; a batch adds one per table
 # Conflicting commits (another writer appended first) are retried this many times.
@@ -67,6 +94,7 @@ APPEND_ATTEMPTS = 20
 _SORT_KEYS: dict[str, str] = {
     INSTANCE_VERSIONS: "study_instance_uid, series_instance_uid, sop_instance_uid",
     QUARANTINE: "file_name",
+    **{c.name: ", ".join(c.key_columns) for c in CHANGE_TABLES.values()},
 }
 # The PyPI package holding each extension, and the extension's own name (LOAD derives the
 # entry point from the file name: the ``postgres`` alias's file would not load).
@@ -135,6 +163,22 @@ class LakeConfig:
             pieces["password"] = password
         conninfo = " ".join(f"{k}={_conninfo_value(v)}" for k, v in pieces.items())
         return cls(conninfo, data_path, **s3)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LakeConfig | None:
+        """The lake the settings describe (``catalog_lake_*``), or None: the embedded
+        catalog of local files."""
+        if settings.catalog_lake_postgres is None or settings.catalog_lake_data_path is None:
+            return None
+        return cls(
+            postgres=settings.catalog_lake_postgres.get_secret_value(),
+            data_path=settings.catalog_lake_data_path,
+            s3_key_id=settings.catalog_lake_s3_key_id,
+            s3_secret=settings.catalog_lake_s3_secret.get_secret_value(),
+            s3_endpoint=settings.catalog_lake_s3_endpoint,
+            s3_region=settings.catalog_lake_s3_region,
+            s3_use_ssl=settings.catalog_lake_s3_use_ssl,
+        )
 
     @property
     def bucket_scope(self) -> str:
@@ -211,7 +255,10 @@ def attach_lake(
             f"({', '.join(options)})"
         )
     except duckdb.Error as exc:
-        raise CatalogError(f"cannot attach the DuckLake catalog: {exc}") from exc
+        hint = ""
+        if read_only and "does not exist" in str(exc):
+            hint = " (a new lake: `vannah lake init` or the first ingest run creates it)"
+        raise CatalogError(f"cannot attach the DuckLake catalog: {exc}{hint}") from exc
     return con
 
 
@@ -232,6 +279,7 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, config: LakeConfig) -> None:
                 con.execute(f"CREATE TABLE IF NOT EXISTS {lake}.{table} AS FROM {view} LIMIT 0")
             finally:
                 con.unregister(view)
+        create_empty_serving_tables(con, lake, if_not_exists=True)
     for table in _INLINED:
         con.execute(
             f"CALL {lake}.set_option('data_inlining_row_limit', ?, table_name => ?)",
@@ -241,6 +289,17 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, config: LakeConfig) -> None:
         row = con.execute(f"SELECT count(*) FROM {lake}.{WRITER_LOCK}").fetchone()
         if row is not None and row[0] == 0:
             con.execute(f"INSERT INTO {lake}.{WRITER_LOCK} VALUES (0)")
+
+
+def init_lake(config: LakeConfig) -> None:
+    """Create the lake (DuckLake metadata in PostgreSQL) and its tables if missing: what the
+    writer does on its first append, done ahead so readers can start before any ingest
+    (a reader attaches read-only and cannot create them). Idempotent."""
+    con = attach_lake(config)
+    try:
+        ensure_tables(con, config)
+    finally:
+        con.close()
 
 
 @contextlib.contextmanager
@@ -337,17 +396,217 @@ def _append_once(
         if not ledger:
             ledger.append((batch_id, "", 0, now))  # an empty batch is recorded all the same
         con.executemany(f"INSERT INTO {lake}.{BATCHES} VALUES (?, ?, ?, ?)", ledger)
+        if QUARANTINE in prepared and prepared[QUARANTINE].num_rows:
+            _insert(con, f"{lake}.compacted_quarantine", prepared[QUARANTINE], "quarantined_at")
+        rows = prepared.get(INSTANCE_VERSIONS)
+        if rows is not None and rows.num_rows:
+            update_serving(
+                con,
+                lake,
+                sorted(set(rows.column("sop_instance_uid").to_pylist())),
+                sorted(set(rows.column("study_instance_uid").to_pylist())),
+            )
     return True
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, order: str) -> None:
+    view = "_vannah_lake_rows"
+    con.register(view, rows)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {view} ORDER BY {order}")
+    finally:
+        con.unregister(view)
+
+
+def _in(column: str, values: list[str | None]) -> str:
+    """``column IN ('a', 'b')`` with the values as quoted literals (DuckDB prunes row groups
+    by their statistics on a literal list; a NULL among them matches NULL)."""
+    present = [v for v in values if v is not None]
+    clauses = []
+    if present:
+        clauses.append(f"{column} IN ({', '.join(_literal(v) for v in present)})")
+    if len(present) < len(values):
+        clauses.append(f"{column} IS NULL")
+    return "(" + (" OR ".join(clauses) or "false") + ")"
+
+
+def update_serving(
+    con: duckdb.DuckDBPyConnection, lake: str, sops: list[str], studies: list[str]
+) -> None:
+    """Derive again, inside the caller's transaction, the lake's served rows that the SOP
+    Instance UIDs `sops` (of the studies `studies`) change: their current rows in
+    ``compacted_instances`` and the rows of every series, study and patient they belong to,
+    before and after. The same SQL as the serving database (schema.py's ``current_select``,
+    ``series_select``, ``study_select``, ``patient_select`` and changes.py's location rule),
+    read through the studies' UIDs only, so the cost follows the batch, not the lake.
+    """
+    if not sops:
+        return
+    # The studies as a literal list (row-group pruning), the SOP UIDs as a semi join on a
+    # registered table (a literal list of thousands of UIDs costs seconds to plan).
+    con.register(_TOUCHED, pa.table({"sop_instance_uid": pa.array(sops, pa.string())}))
+    try:
+        _update_serving(con, lake, studies)
+    finally:
+        con.unregister(_TOUCHED)
+
+
+_TOUCHED = "_vannah_lake_touched"
+_IN_TOUCHED = f"sop_instance_uid IN (SELECT sop_instance_uid FROM {_TOUCHED})"
+
+
+def _update_serving(con: duckdb.DuckDBPyConnection, lake: str, studies: list[str]) -> None:
+    in_studies = _in("study_instance_uid", list(studies))
+    touched = f"{in_studies} AND {_IN_TOUCHED}"
+    keys = "SELECT DISTINCT series_instance_uid, study_instance_uid, patient_id FROM "
+    before = con.execute(f"{keys} {lake}.compacted_instances WHERE {touched}").fetchall()
+    before_patients = con.execute(
+        f"SELECT DISTINCT patient_id FROM {lake}.compacted_studies WHERE {in_studies}"
+    ).fetchall()
+    con.execute(f"DELETE FROM {lake}.compacted_instances WHERE {touched}")
+    candidates = (
+        f"(SELECT * EXCLUDE (header_json), {_literal(LAKE_SOURCE)} || batch_id AS source_file "
+        f"FROM {lake}.{INSTANCE_VERSIONS} WHERE {touched})"
+    )
+    locations = f"(SELECT * FROM {lake}.compacted_{INSTANCE_LOCATIONS.name} WHERE {_IN_TOUCHED})"
+    located = instances_with_locations_sql(candidates, locations)
+    con.execute(
+        f"INSERT INTO {lake}.compacted_instances BY NAME "
+        f"SELECT * FROM ({current_select(f'({located})')}) "
+        "ORDER BY study_instance_uid, series_instance_uid, instance_number, sop_instance_uid"
+    )
+    after = con.execute(f"{keys} {lake}.compacted_instances WHERE {touched}").fetchall()
+    series = sorted({r[0] for r in before + after if r[0] is not None})
+    all_studies = _in("study_instance_uid", sorted({r[1] for r in before + after} | set(studies)))
+    in_series = _in("series_instance_uid", list(series))
+    con.execute(f"DELETE FROM {lake}.compacted_series WHERE {in_series}")
+    con.execute(
+        f"INSERT INTO {lake}.compacted_series BY NAME "
+        + series_select(f"{lake}.compacted_instances", f"WHERE {all_studies} AND {in_series}")
+    )
+    con.execute(f"DELETE FROM {lake}.compacted_studies WHERE {all_studies}")
+    con.execute(
+        f"INSERT INTO {lake}.compacted_studies BY NAME "
+        + study_select(f"{lake}.compacted_instances", f"WHERE {all_studies}")
+    )
+    patients = {r[2] for r in before + after} | {r[0] for r in before_patients}
+    in_patients = _in("patient_id", sorted(patients, key=lambda p: (p is None, p or "")))
+    con.execute(f"DELETE FROM {lake}.compacted_patients WHERE {in_patients}")
+    con.execute(
+        f"INSERT INTO {lake}.compacted_patients BY NAME "
+        + patient_select(f"{lake}.compacted_studies", f"WHERE {in_patients}")
+    )
+
+
+def append_lake_change(
+    con: duckdb.DuckDBPyConnection,
+    config: LakeConfig,
+    table: ChangeTable | str,
+    rows: pa.Table,
+) -> bool:
+    """Append state-change rows (made by :func:`changes.change_rows`: one ``change_id``)
+    to the lake's ``table`` in one transaction, with its latest-per-key table
+    ``compacted_<table>`` and, for ``instance_locations``, the instances, series, studies
+    and patients it moves derived again (:func:`update_serving`).
+
+    Idempotent by ``change_id`` (kept in the batch ledger): False when the lake holds it.
+    """
+    t = change_table(table)
+    if not rows.num_rows:
+        raise CatalogError(f"{t.name}: an append needs at least one row")
+    rows = rows.select(t.schema.names).cast(t.schema)
+    ids = set(rows.column("change_id").to_pylist())
+    if len(ids) != 1:
+        raise CatalogError(f"{t.name}: the rows of one append share one change_id")
+    change_id = str(ids.pop())
+    for attempt in range(1, APPEND_ATTEMPTS + 1):
+        try:
+            return _append_change_once(con, config, t, change_id, rows)
+        except duckdb.TransactionException:
+            if attempt == APPEND_ATTEMPTS:
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
+
+def append_change_file(config: LakeConfig, change: ChangeAppend) -> bool:
+    """Append to the lake a state change already appended locally
+    (:func:`changes.append_change`: its file holds the rows), with the same ``change_id``:
+    the lake path next to the local one. Idempotent (False when the lake holds it)."""
+    con = attach_lake(config)
+    try:
+        ensure_tables(con, config)
+        return append_lake_change(con, config, change.table, pq.read_table(change.path))
+    finally:
+        con.close()
+
+
+def _append_change_once(
+    con: duckdb.DuckDBPyConnection,
+    config: LakeConfig,
+    t: ChangeTable,
+    change_id: str,
+    rows: pa.Table,
+) -> bool:
+    lake = config.alias
+    with _transaction(con):
+        if has_batch(con, config, change_id):
+            return False
+        con.execute(f"UPDATE {lake}.{WRITER_LOCK} SET appends = appends + 1")
+        _insert(con, f"{lake}.{t.name}", rows, _SORT_KEYS[t.name])
+        con.execute(
+            f"INSERT INTO {lake}.{BATCHES} VALUES (?, ?, ?, ?)",
+            [change_id, t.name, rows.num_rows, datetime.now(UTC)],
+        )
+        first = t.key_columns[0]
+        keyed = _in(first, sorted(set(rows.column(first).to_pylist())))
+        con.execute(f"DELETE FROM {lake}.compacted_{t.name} WHERE {keyed}")
+        con.execute(
+            f"INSERT INTO {lake}.compacted_{t.name} BY NAME "
+            + latest_sql(t, f"(SELECT * FROM {lake}.{t.name} WHERE {keyed})")
+        )
+        if t is INSTANCE_LOCATIONS:
+            sops = sorted(set(rows.column("sop_instance_uid").to_pylist()))
+            # A location row names no study: its instances' studies are looked up once.
+            studies = con.execute(
+                f"SELECT DISTINCT study_instance_uid FROM {lake}.{INSTANCE_VERSIONS} "
+                f"WHERE {_in('sop_instance_uid', list(sops))}"
+            ).fetchall()
+            update_serving(con, lake, sops, sorted(r[0] for r in studies))
+    return True
+
+
+def serving_view_sql(lake: str) -> list[str]:
+    """The catalog's views over the lake's tables: ``instances``, ``series``, ``studies``,
+    ``patients`` and ``quarantine`` over the served tables the writer maintains (the names
+    and columns of docs/catalog.md), ``instance_versions`` and the state-change tables'
+    history over the raw ones."""
+    locations, status = INSTANCE_LOCATIONS.name, QUARANTINE_STATUS.name
+    return [
+        "CREATE OR REPLACE VIEW instances AS SELECT * EXCLUDE (source_file) "
+        f"FROM {lake}.compacted_instances",
+        f"CREATE OR REPLACE VIEW series AS SELECT * FROM {lake}.compacted_series",
+        f"CREATE OR REPLACE VIEW studies AS SELECT * FROM {lake}.compacted_studies",
+        f"CREATE OR REPLACE VIEW patients AS SELECT * FROM {lake}.compacted_patients",
+        "CREATE OR REPLACE VIEW quarantine AS "
+        + quarantine_with_status_sql(f"{lake}.compacted_quarantine", f"{lake}.compacted_{status}"),
+        "CREATE OR REPLACE VIEW instance_versions AS "
+        + instances_with_locations_sql(
+            f"{lake}.{INSTANCE_VERSIONS}", f"{lake}.compacted_{locations}"
+        ),
+        f"CREATE OR REPLACE VIEW {locations} AS SELECT * FROM {lake}.{locations}",
+        f"CREATE OR REPLACE VIEW {status} AS SELECT * FROM {lake}.{status}",
+    ]
 
 
 def open_reader(config: LakeConfig) -> duckdb.DuckDBPyConnection:
     """A read-only connection on the lake with the catalog's views (``instances``,
-    ``series``, ``studies``, ``patients``, ``instance_versions``, ``quarantine``) over it.
+    ``series``, ``studies``, ``patients``, ``instance_versions``, ``quarantine``, the
+    state-change tables) over it: :func:`serving_view_sql`.
 
     Each query runs on the newest snapshot committed when it starts.
     """
     con = attach_lake(config, read_only=True)
-    lake = config.alias
-    for statement in view_sql(f"{lake}.{INSTANCE_VERSIONS}", f"{lake}.{QUARANTINE}"):
+    for statement in serving_view_sql(config.alias):
         con.execute(statement)
     return con

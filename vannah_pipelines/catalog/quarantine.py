@@ -29,6 +29,7 @@ from vannah_pipelines.catalog.changes import (
     quarantine_with_status_sql,
 )
 from vannah_pipelines.catalog.ingest import IngestPaths
+from vannah_pipelines.catalog.lake import append_change_file
 from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.errors import CatalogError
 from vannah_pipelines.landing.layout import (
@@ -220,4 +221,6 @@ def release_quarantined(
             ],
             changed_by=changed_by,
         )
+        if paths.lake is not None:  # the services on the lake see the status too
+            append_change_file(paths.lake, change)
         return Release(key, sealed.batch_id, change)

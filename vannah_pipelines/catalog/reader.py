@@ -15,6 +15,7 @@ swaps it in whole; the previous one is closed once queries that began on it had 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -36,8 +37,10 @@ from vannah_pipelines.catalog.compaction import (
     SERVING_INSTANCE_COLUMNS,
     Manifest,
     batch_files,
+    create_empty_serving_tables,
     pending_batch_files,
 )
+from vannah_pipelines.catalog.lake import LAKE_SOURCE
 from vannah_pipelines.catalog.schema import (
     TABLES,
     current_select,
@@ -48,6 +51,7 @@ from vannah_pipelines.catalog.schema import (
 from vannah_pipelines.catalog.writer import SCHEMAS
 
 if TYPE_CHECKING:
+    from vannah_pipelines.catalog.lake import LakeConfig
     from vannah_pipelines.catalog.landed import LandedIndex
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,8 @@ log = logging.getLogger(__name__)
 _COLS = ", ".join(SERVING_INSTANCE_COLUMNS)
 # Landed-but-not-indexed rows have no batch file; their headers are held by the overlay.
 LANDED = "landed:"
+# The attached lake's name: its served tables are the base the overlay views read.
+_LAKE_ALIAS = "base"
 # A replaced state is closed this long after the swap (queries begun on it end first).
 _RETIRE_SECONDS = 60.0
 _VIEWS = (
@@ -81,19 +87,35 @@ class _State:
     """One generation's connection: the serving database attached as ``base`` (or empty
     tables when nothing was compacted yet) and the overlay tables and views."""
 
-    def __init__(self, root: Path, manifest: Manifest, memory_limit_mb: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        manifest: Manifest,
+        memory_limit_mb: int,
+        lake: LakeConfig | None = None,
+    ) -> None:
         self.root = root
         self.manifest = manifest
+        self.lake = lake
         self.loaded: dict[str, set[str]] = {t: set() for t in SCHEMAS}
         self.landed_version: int | None = None
         self.landed_headers: dict[tuple[str, str], str] = {}
         # (sop, checksum) -> (storage_key, batch_id) of each landed version held.
         self.landed_rows: dict[tuple[str, str], tuple[str, str]] = {}
-        self.con = duckdb.connect(":memory:")
+        if lake is not None:
+            from vannah_pipelines.catalog.lake import attach_lake, connect
+
+            self.con = connect()
+        else:
+            self.con = duckdb.connect(":memory:")
         con = self.con
         con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
         con.execute("SET parquet_metadata_cache = true")
-        if manifest.serving is not None:
+        if lake is not None:
+            # The DuckLake's served tables, maintained by every append, are the base; each
+            # query reads the newest snapshot committed when it starts.
+            attach_lake(dataclasses.replace(lake, alias=_LAKE_ALIAS), con, read_only=True)
+        elif manifest.serving is not None:
             con.execute(f"ATTACH '{_quote(str(root / manifest.serving))}' AS base (READ_ONLY)")
         else:
             self._empty_base()
@@ -156,35 +178,24 @@ class _State:
 
     def _empty_base(self) -> None:
         """Nothing compacted yet: an empty ``base`` with the serving database's tables."""
-        con = self.con
-        con.execute("ATTACH ':memory:' AS base")
-        con.register("_empty_i", TABLES["instances"].empty_table())
-        con.register("_empty_q", TABLES["quarantine"].empty_table())
-        con.execute(
-            "CREATE TABLE base.compacted_instances AS "
-            + current_select(f"(SELECT {_COLS}, '' AS source_file FROM _empty_i)")
-        )
-        con.execute(
-            f"CREATE TABLE base.compacted_series AS {series_select('base.compacted_instances')}"
-        )
-        con.execute(
-            f"CREATE TABLE base.compacted_studies AS {study_select('base.compacted_instances')}"
-        )
-        con.execute(
-            f"CREATE TABLE base.compacted_patients AS {patient_select('base.compacted_studies')}"
-        )
-        con.execute("CREATE TABLE base.compacted_quarantine AS SELECT * FROM _empty_q")
-        con.unregister("_empty_i")
-        con.unregister("_empty_q")
-        for change in CHANGE_TABLES.values():
-            con.register("_empty_c", change.schema.empty_table())
-            con.execute(f"CREATE TABLE base.compacted_{change.name} AS SELECT * FROM _empty_c")
-            con.unregister("_empty_c")
+        self.con.execute("ATTACH ':memory:' AS base")
+        create_empty_serving_tables(self.con, "base")
 
     def _history_view(self, table: str) -> None:
         """``instance_versions`` (every version with its header) or a change table's whole
         history: the compacted files and the overlay's batch files, read when asked."""
         view = _HISTORY[table]
+        if self.lake is not None:
+            # Every version and change is in the lake (another host has no files).
+            rows = f"SELECT * FROM {_LAKE_ALIAS}.{view}"
+            if table == "instances":
+                rows = instances_with_locations_sql(
+                    f"({rows})",
+                    f"(SELECT * FROM base.compacted_{_LOCATIONS} UNION ALL BY NAME "
+                    f"SELECT * FROM o_{_LOCATIONS})",
+                )
+            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS {rows}")
+            return
         files = [str(self.root / f) for f in self.manifest.files.get(table, [])]
         files += sorted(str(self.root / f) for f in self.loaded[table])
         if not files:
@@ -443,6 +454,11 @@ class CatalogReader:
     ``instance_versions`` (every ingested version, with its header, read from the Parquet
     files when asked): the names and columns of docs/catalog.md. With `landed`, instances
     landed but not indexed yet are answered too (tier ``landing``).
+
+    With `lake`, the base is the DuckLake's served tables (attached read-only; the writer
+    keeps them current at every append) instead of the local serving database, and the
+    overlay of local batch files is off: another host has none, and the lake shows every
+    append on the next query. Headers come from the lake's ``instance_versions``.
     """
 
     def __init__(
@@ -451,10 +467,12 @@ class CatalogReader:
         *,
         memory_limit_mb: int = 256,
         landed: LandedIndex | None = None,
+        lake: LakeConfig | None = None,
     ) -> None:
         self.root = Path(root)
         self.memory_limit_mb = memory_limit_mb
         self.landed = landed
+        self.lake = lake
         self._lock = threading.Lock()
         self._retired: list[tuple[float, _State]] = []
         self._manifest_stamp: tuple[int, int] | None = None
@@ -463,9 +481,11 @@ class CatalogReader:
 
     def _new_state(self, manifest: Manifest) -> _State:
         self._manifest_stamp = self._stamp()
-        return _State(self.root, manifest, self.memory_limit_mb)
+        return _State(self.root, manifest, self.memory_limit_mb, self.lake)
 
     def _stamp(self) -> tuple[int, int] | None:
+        if self.lake is not None:
+            return None  # no generations: the lake is current at every query
         try:
             st = (self.root / "manifest.json").stat()
         except FileNotFoundError:
@@ -529,6 +549,8 @@ class CatalogReader:
             return True
 
     def _load_files(self, state: _State) -> int:
+        if self.lake is not None:
+            return 0  # no local files: the lake holds every append
         new = {
             table: [
                 f
@@ -568,14 +590,19 @@ class CatalogReader:
         state = self._state
         found: dict[tuple[str, str], str] = {}
         on_disk = []
+        in_lake = []
         for row in rows:
             source, sop, checksum = row[0], row[1], row[2]
             if source.startswith(LANDED):
                 header = state.landed_headers.get((sop, checksum))
                 if header is not None:
                     found[(sop, checksum)] = header
+            elif source.startswith(LAKE_SOURCE):
+                in_lake.append(row)
             else:
                 on_disk.append(row)
+        if in_lake:
+            found.update(self._lake_headers(state, in_lake))
         if not on_disk:
             return found
         files = sorted({str(self.root / r[0]) for r in on_disk})
@@ -601,6 +628,28 @@ class CatalogReader:
             cursor.close()
         found.update({(s, c): h for s, c, h in result if (s, c) in wanted})
         return found
+
+    def _lake_headers(
+        self, state: _State, rows: Sequence[tuple[str, ...]]
+    ) -> dict[tuple[str, str], str]:
+        """Headers from the lake's ``instance_versions``: by study UID (the files are sorted
+        by it, so row-group statistics skip the rest) and SOP Instance UID."""
+        wanted = {(r[1], r[2]) for r in rows}
+        studies = sorted({r[3] for r in rows if len(r) > 3})
+        sql = (
+            f"SELECT sop_instance_uid, checksum, header_json FROM {_LAKE_ALIAS}.instance_versions "
+            "WHERE sop_instance_uid IN (SELECT unnest(?))"
+        )
+        params: list[Any] = [sorted({w[0] for w in wanted})]
+        if studies and all(len(r) > 3 for r in rows):
+            sql += f" AND study_instance_uid IN ({', '.join('?' * len(studies))})"
+            params += studies
+        cursor = state.con.cursor()
+        try:
+            result = cursor.execute(sql, params).fetchall()
+        finally:
+            cursor.close()
+        return {(s, c): h for s, c, h in result if (s, c) in wanted}
 
     def column_types(self, table: str) -> dict[str, str]:
         """DuckDB type of each column of `table` (``{"series_number": "INTEGER", ...}``)."""

@@ -22,8 +22,7 @@ class ArchiveResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return LandingZone(self.settings().landing_dir)
 
     def ingest_paths(self) -> IngestPaths:
-        s = self.settings()
-        return IngestPaths(s.landing_dir, s.hot_dir, s.catalog_dir, s.quarantine_dir)
+        return IngestPaths.for_settings(self.settings())
 
 
 @dg.definitions
