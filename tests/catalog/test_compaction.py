@@ -405,3 +405,18 @@ def test_one_location_append_moves_an_instance_for_the_services(
         "SELECT tier FROM instances WHERE sop_instance_uid = ?", [sop]
     ).fetchall() == [("cold",)]
     con.close()
+
+
+def test_series_and_studies_derived_by_buckets_are_the_same(
+    archive: IngestPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large archives derive series and studies a bucket of studies at a time (bounded
+    memory): with buckets of a few instances the answers are those of one pass."""
+    from vannah_pipelines.catalog import compaction
+
+    expected = answers(_reference(archive, tmp_path / "ref"))
+    monkeypatch.setattr(compaction, "_ROWS_PER_BUCKET", 7)
+    compact(archive.catalog_dir)
+    reader = CatalogReader(archive.catalog_dir)
+    assert reader.pending_files() == 0
+    assert same(answers(reader), expected)

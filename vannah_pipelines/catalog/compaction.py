@@ -79,6 +79,8 @@ _FILE_ORDER = {
 LOCATIONS = INSTANCE_LOCATIONS.directory
 STATUS = QUARANTINE_STATUS.directory
 INSTANCE_ORDER = "study_instance_uid, series_instance_uid, instance_number, sop_instance_uid"
+# Instances per bucket of studies when series and studies are derived (bounded memory).
+_ROWS_PER_BUCKET = 1_000_000
 # Columns the serving database keeps per instance: all but the header, plus where it is.
 SERVING_INSTANCE_COLUMNS = [n for n in TABLES["instances"].names if n != "header_json"]
 
@@ -422,14 +424,23 @@ def _write_serving(
         )
         if has_previous:
             con.execute("DETACH prev")
-        con.execute(
-            "CREATE TABLE compacted_series AS "
-            f"{series_select('compacted_instances')} ORDER BY study_instance_uid"
-        )
-        con.execute(
-            "CREATE TABLE compacted_studies AS "
-            f"{study_select('compacted_instances')} ORDER BY study_date"
-        )
+        # Series and studies by buckets of studies: the aggregates' states of every series
+        # at once do not fit the memory limit at 10M instances (they do not spill).
+        row = con.execute("SELECT count(*) FROM compacted_instances").fetchone()
+        assert row is not None
+        buckets = max(1, -(-int(row[0]) // _ROWS_PER_BUCKET))
+        for level, select, order in (
+            ("series", series_select, "study_instance_uid"),
+            ("studies", study_select, "study_date"),
+        ):
+            con.execute(f"CREATE TEMP TABLE _{level} AS {select('compacted_instances')} LIMIT 0")
+            for bucket in range(buckets):
+                where = f"WHERE hash(study_instance_uid) % {buckets} = {bucket}"
+                con.execute(f"INSERT INTO _{level} {select('compacted_instances', where)}")
+            con.execute(
+                f"CREATE TABLE compacted_{level} AS SELECT * FROM _{level} ORDER BY {order}"
+            )
+            con.execute(f"DROP TABLE _{level}")
         con.execute(
             "CREATE TABLE compacted_patients AS "
             f"{patient_select('compacted_studies')} ORDER BY patient_id"
