@@ -318,24 +318,33 @@ def _write_sorted(
 def _commit_tmp(tmp: Path) -> Path:
     """fsync `tmp` and rename it to its final name (``.tmp-<name>.<pid>`` -> ``<name>``)."""
     target = tmp.with_name(tmp.name.removeprefix(".tmp-").rsplit(".", 1)[0])
+    _fsync_replace(tmp, target)
+    return target
+
+
+def _fsync_replace(tmp: Path, target: Path) -> None:
+    """Make `tmp`'s bytes durable, then rename it to `target` (atomic)."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
     tmp.replace(target)
-    return target
+
+
+@dataclass(frozen=True)
+class _Merge:
+    """What this compaction merged, per table: the generation's files, those written now,
+    those they replace, and the batch files now compacted."""
+
+    files: dict[str, list[str]]
+    written: dict[str, list[str]]
+    replaced: dict[str, list[str]]
+    covered: dict[str, list[str]]
 
 
 def _build_serving(
-    root: Path,
-    target: Path,
-    previous: Manifest,
-    files: dict[str, list[str]],
-    written: dict[str, list[str]],
-    replaced: dict[str, list[str]],
-    covered: dict[str, list[str]],
-    memory_limit_mb: int,
+    root: Path, target: Path, previous: Manifest, merge: _Merge, memory_limit_mb: int
 ) -> int:
     """Write the serving database for the compacted `files` to `target`; returns instances.
 
@@ -346,34 +355,21 @@ def _build_serving(
     tmp.unlink(missing_ok=True)
     Path(f"{tmp}.wal").unlink(missing_ok=True)
     try:
-        row = _write_serving(
-            root, tmp, previous, files, written, replaced, covered, memory_limit_mb
-        )
+        row = _write_serving(root, tmp, previous, merge, memory_limit_mb)
     except BaseException:
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}.wal").unlink(missing_ok=True)
         raise
     Path(f"{tmp}.wal").unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(target)
+    _fsync_replace(tmp, target)
     fsync_dir(target.parent)
     return row
 
 
 def _write_serving(
-    root: Path,
-    tmp: Path,
-    previous: Manifest,
-    files: dict[str, list[str]],
-    written: dict[str, list[str]],
-    replaced: dict[str, list[str]],
-    covered: dict[str, list[str]],
-    memory_limit_mb: int,
+    root: Path, tmp: Path, previous: Manifest, merge: _Merge, memory_limit_mb: int
 ) -> int:
+    files, written, replaced, covered = merge.files, merge.written, merge.replaced, merge.covered
     prefix = str(root.resolve()) + os.sep
     cols = ", ".join(SERVING_INSTANCE_COLUMNS)
     con = _connect(root, memory_limit_mb, str(tmp))
@@ -704,9 +700,8 @@ def _compact(
         serving = f"{SERVING}/g{generation:06d}.duckdb"
         make_dirs(root / SERVING)
         covered = {t: carried_covered.get(t, []) + pending[t] for t in SCHEMAS}
-        result.instances = _build_serving(
-            root, root / serving, previous, files, written, replaced, covered, memory_limit_mb
-        )
+        merge = _Merge(files, written, replaced, covered)
+        result.instances = _build_serving(root, root / serving, previous, merge, memory_limit_mb)
         result.serving_bytes = (root / serving).stat().st_size
         retired = carried_retired + [f for t in SCHEMAS for f in replaced[t] if f not in pending[t]]
         if previous.serving:
