@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,52 +105,32 @@ def same(found: dict[str, Any], expected: dict[str, Any]) -> bool:
     return found == expected
 
 
+_COUNTED = ("instances", "series", "studies", "patients", "quarantine", "instance_versions")
+
+
+def _counts(query: Callable[[str], list[tuple[Any, ...]]]) -> dict[str, Any]:
+    """Row counts of every view, and each study's derived attributes."""
+    return {view: query(f"SELECT count(*) FROM {view}") for view in _COUNTED} | {
+        "distinct": query("SELECT count(DISTINCT sop_instance_uid) FROM instances"),
+        "modalities": query(
+            "SELECT study_instance_uid, modalities_in_study, "
+            "number_of_study_related_instances FROM studies ORDER BY 1"
+        ),
+    }
+
+
 def _researcher_counts(catalog: Path) -> dict[str, Any]:
+    """What a researcher's read-only catalog.duckdb shows."""
     con = duckdb.connect(str(catalog / CATALOG_DB), read_only=True)
     try:
-        return {
-            view: con.execute(f"SELECT count(*) FROM {view}").fetchone()
-            for view in (
-                "instances",
-                "series",
-                "studies",
-                "patients",
-                "quarantine",
-                "instance_versions",
-            )
-        } | {
-            "distinct": con.execute(
-                "SELECT count(DISTINCT sop_instance_uid) FROM instances"
-            ).fetchone(),
-            "modalities": con.execute(
-                "SELECT study_instance_uid, modalities_in_study, "
-                "number_of_study_related_instances FROM studies ORDER BY 1"
-            ).fetchall(),
-        }
+        return _counts(lambda sql: con.execute(sql).fetchall())
     finally:
         con.close()
 
 
 def _reader_counts(reader: CatalogReader) -> dict[str, Any]:
-    return {
-        view: tuple(reader.query(f"SELECT count(*) FROM {view}")[0])
-        for view in (
-            "instances",
-            "series",
-            "studies",
-            "patients",
-            "quarantine",
-            "instance_versions",
-        )
-    } | {
-        "distinct": tuple(
-            reader.query("SELECT count(DISTINCT sop_instance_uid) FROM instances")[0]
-        ),
-        "modalities": reader.query(
-            "SELECT study_instance_uid, modalities_in_study, "
-            "number_of_study_related_instances FROM studies ORDER BY 1"
-        ),
-    }
+    """What a service's reader shows."""
+    return _counts(reader.query)
 
 
 @pytest.fixture
