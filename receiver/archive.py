@@ -12,6 +12,7 @@ from vannah_pipelines.storage.base import Tier
 from vannah_pipelines.storage.local import LocalStorage
 
 if TYPE_CHECKING:
+    from receiver.worklist import WorklistAnswers
     from vannah_pipelines.catalog.holder import CatalogHolder
     from vannah_pipelines.worklist.store import WorklistStore
 
@@ -29,6 +30,7 @@ class Archive:
         self._catalog: CatalogHolder | None = None
         self._worklist: WorklistStore | None = None
         self._client_tls: ssl.SSLContext | None = None
+        self._worklist_answers: WorklistAnswers | None = None
 
     @property
     def settings(self) -> Settings:
@@ -54,6 +56,16 @@ class Archive:
 
                 self._worklist = WorklistStore(self._settings.catalog_dir / "worklist")
             return self._worklist
+
+    @property
+    def worklist_answers(self) -> WorklistAnswers:
+        """The worker's remembered MWL answers (``receiver.worklist.WorklistAnswers``)."""
+        with self._lock:
+            if self._worklist_answers is None:
+                from receiver.worklist import WorklistAnswers  # lazy, as the worklist
+
+                self._worklist_answers = WorklistAnswers()
+            return self._worklist_answers
 
     @property
     def hot(self) -> LocalStorage:

@@ -86,6 +86,16 @@ class FindEvent:
         return self._identifier
 
     @property
+    def identifier_bytes(self) -> bytes:
+        """The identifier as received (its key in ``receiver.worklist.WorklistAnswers``)."""
+        return self._data
+
+    @property
+    def syntax(self) -> UID:
+        """The transfer syntax of the request's presentation context."""
+        return self._syntax
+
+    @property
     def is_cancelled(self) -> bool:
         """Whether a C-CANCEL-RQ for this request has arrived (checked without waiting)."""
         return self._cancelled(self.request.MessageID)

@@ -24,7 +24,7 @@ from receiver.query_retrieve import (
     match_instances,
     parse_identifier,
 )
-from receiver.responses import failure
+from receiver.responses import EncodedIdentifier, failure
 from receiver.retrieve import Destination, RetrievePlan, SubOperation
 from receiver.status import FindStatus, RetrieveStatus
 from receiver.worklist import handle_worklist_find
@@ -71,7 +71,7 @@ def _identifier(event: Event, *, retrieve: bool) -> ParsedIdentifier:
 
 def handle_find(
     event: Event, archive: Archive
-) -> Iterator[tuple[int | Dataset, Dataset | dict[str, Any] | None]]:
+) -> Iterator[tuple[int | Dataset, Dataset | dict[str, Any] | EncodedIdentifier | None]]:
     """EVT_C_FIND: Patient Root / Study Root C-FIND through the shared query engine, each
     answer as DICOM JSON (``receiver.retrieve.ArchiveQueryRetrieveService`` encodes it);
     worklist answers as Datasets (pynetdicom's worklist service encodes them).
@@ -82,7 +82,12 @@ def handle_find(
     """
     if str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND:
         # pynetdicom binds one C-FIND handler: Modality Worklist goes to its own.
-        yield from handle_worklist_find(event, archive.worklist, archive.worklist_past_due_hours)
+        yield from handle_worklist_find(
+            event,
+            archive.worklist,
+            archive.worklist_past_due_hours,
+            remembered=archive.worklist_answers,
+        )
         return
     calling_ae = event.assoc.requestor.ae_title
     try:

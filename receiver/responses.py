@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
@@ -36,3 +37,12 @@ def failure(status: int, comment: str) -> Dataset:
     rsp.Status = int(status)
     rsp.ErrorComment = error_comment(comment)
     return rsp
+
+
+@dataclass(frozen=True)
+class EncodedIdentifier:
+    """A C-FIND answer a handler has already encoded, in the transfer syntax `syntax`
+    (``receiver.retrieve.answer_find`` sends `data` as it is, or decodes it for another)."""
+
+    data: bytes
+    syntax: str

@@ -34,13 +34,14 @@ from pydicom.uid import UID
 from pynetdicom import association as _association
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass, ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from receiver import pdu, pynetdicom_fixes
 from receiver.contexts import PATIENT_ROOT_FIND, RETRIEVE_SOP_CLASSES, STUDY_ROOT_FIND
+from receiver.responses import EncodedIdentifier
 from receiver.status import RetrieveStatus
 from receiver.store_scu import StoreAssociationError, StoreSCU, data_set_offset, send_message
 from vannah_pipelines.dicom.json_encode import NotEncodableError, encode_json_dataset
@@ -470,9 +471,22 @@ def answer_find(
             respond(FIND_HANDLER_FAILED, comment="internal error")
 
 
-def _encode_identifier(identifier: Dataset | Mapping[str, Any], syntax: UID) -> bytes | None:
-    """An answer's bytes in the context's transfer syntax: DICOM JSON written directly when
-    it is plain (:mod:`vannah_pipelines.dicom.json_encode`), else through pydicom."""
+def _encode_identifier(
+    identifier: Dataset | Mapping[str, Any] | EncodedIdentifier, syntax: UID
+) -> bytes | None:
+    """An answer's bytes in the context's transfer syntax: as the handler encoded it when
+    in that syntax, DICOM JSON written directly when it is plain
+    (:mod:`vannah_pipelines.dicom.json_encode`), else through pydicom."""
+    if isinstance(identifier, EncodedIdentifier):
+        if identifier.syntax == syntax:
+            return identifier.data
+        source = UID(identifier.syntax)
+        identifier = decode(
+            BytesIO(identifier.data),
+            source.is_implicit_VR,
+            source.is_little_endian,
+            source.is_deflated,
+        )
     if isinstance(identifier, Mapping):
         if syntax.is_little_endian and not syntax.is_deflated:
             try:

@@ -259,3 +259,19 @@ def test_answer_encoder_writes_in_python_what_sql_cannot_write_exactly() -> None
         expected = _expected(dict(zip(names, row, strict=True)), returned, {})
         assert json.loads(text) == expected
         assert list(json.loads(text)) == list(expected)
+    # Python alone (run_query's encoder) writes the same answers, members in tag order.
+    python = AnswerEncoder(returned, types, Level.IMAGE, in_sql=False)
+    assert all(s.split(" AS ")[0] in names for s in python.select)  # raw columns only
+    rows = con.execute(f"SELECT {', '.join(python.select)} FROM t ORDER BY id").fetchall()
+    for answer, text in zip(python.dicts(rows), encoder.texts(rows_sql(con, encoder)), strict=True):
+        assert answer == json.loads(text)
+        assert list(answer) == list(json.loads(text))
+
+
+def rows_sql(con: duckdb.DuckDBPyConnection, encoder: AnswerEncoder) -> list[tuple[object, ...]]:
+    return con.execute(f"SELECT {', '.join(encoder.select)} FROM t ORDER BY id").fetchall()
+
+
+def test_python_encoder_refuses_a_retrieve_url() -> None:
+    with pytest.raises(ValueError, match="RetrieveURL"):
+        AnswerEncoder([], {}, Level.STUDY, BASE, in_sql=False)

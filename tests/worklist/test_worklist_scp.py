@@ -223,3 +223,85 @@ def test_findscu_cancel_after_one(store: WorklistStore, mwl_scp: Any, tmp_path: 
 def test_step_without_time_is_visible_on_its_day(past_due_hours: float) -> None:
     item = item_from_fields(step_fields(scheduled_procedure_step_start_time=None))
     assert item.visible(datetime.now(), past_due_hours)
+
+
+def _fast_event(identifier: bytes, cancelled: Any = lambda _id: False) -> Any:
+    from pydicom.uid import UID
+
+    from receiver import pdu
+    from receiver.fast_find import FindEvent
+
+    command = pdu.Command(
+        command_field=pdu.C_FIND_RQ,
+        message_id=1,
+        has_data_set=True,
+        affected_sop_class_uid=MODALITY_WORKLIST_FIND.encode(),
+    )
+    return FindEvent(command, identifier, UID("1.2.840.10008.1.2.1"), "SCU", cancelled)
+
+
+def _answer_bytes(answers: list[Any]) -> list[tuple[int, bytes | None]]:
+    from pydicom.uid import UID
+
+    from receiver.retrieve import _encode_identifier, _status_and_comment
+
+    syntax = UID("1.2.840.10008.1.2.1")
+    return [
+        (_status_and_comment(s)[0], None if i is None else _encode_identifier(i, syntax))
+        for s, i in answers
+    ]
+
+
+def test_remembered_answers_are_the_answers(store: WorklistStore) -> None:
+    """The fast path's remembered MWL answers: the same statuses and bytes as answering
+    afresh, on the first query and the next ones, and a changed step is answered anew."""
+    from pynetdicom.dsutils import encode
+
+    from receiver.responses import EncodedIdentifier
+    from receiver.worklist import WorklistAnswers
+
+    _seed(store)
+    memory = WorklistAnswers()
+    raw = encode(_query(), False, True)
+    assert raw is not None
+
+    def both() -> tuple[list[Any], list[Any]]:
+        fresh = list(handle_worklist_find(_fast_event(raw), store))
+        kept = list(handle_worklist_find(_fast_event(raw), store, remembered=memory))
+        return fresh, kept
+
+    for _ in range(2):
+        fresh, kept = both()
+        assert _answer_bytes(kept) == _answer_bytes(fresh)
+        assert [int(s) for s, _ in kept] == [0xFF00, 0xFF00, 0x0000]
+        assert all(isinstance(i, EncodedIdentifier) for _, i in kept[:-1])
+    (first,) = [i for i in store.items() if i.step_id == "SPS1"]
+    store.upsert([first.with_status(StepStatus.DISCONTINUED)], "test")  # no longer visible
+    fresh, kept = both()
+    assert _answer_bytes(kept) == _answer_bytes(fresh)
+    assert [int(s) for s, _ in kept] == [0xFF00, 0x0000]
+    # Bytes cut short, and a malformed query: the same answers, the failure never remembered.
+    malformed = encode(_query(ScheduledProcedureStepStartDate="2024-13-99x"), False, True)
+    truncated = b"\x08\x00\x50\x00SH\x10\x00AB"  # a 16-byte value, 2 bytes sent
+    for bad in (truncated, malformed):
+        assert bad is not None
+        for _ in range(2):
+            got = list(handle_worklist_find(_fast_event(bad), store, remembered=memory))
+            assert _answer_bytes(got) == _answer_bytes(
+                list(handle_worklist_find(_fast_event(bad), store))
+            )
+    assert [int(s) for s, _ in _answer_bytes(got)] == [0xA900]  # the malformed one
+
+
+def test_remembered_answers_stop_at_c_cancel(store: WorklistStore) -> None:
+    from pynetdicom.dsutils import encode
+
+    from receiver.worklist import WorklistAnswers
+
+    _seed(store)
+    raw = encode(_query(), False, True)
+    assert raw is not None
+    flags = iter([False, True, True])
+    event = _fast_event(raw, lambda _id: next(flags))
+    got = [int(s) for s, _ in handle_worklist_find(event, store, remembered=WorklistAnswers())]
+    assert got == [0xFF00, 0xFE00]

@@ -87,10 +87,18 @@ def find_items(items: Iterable[WorklistItem], identifier: Dataset) -> Iterator[D
 
 def _answer(query: _Query, items: Iterable[WorklistItem]) -> Iterator[Dataset]:
     for item in items:
-        response = query.apply(item.dataset)
-        if response is None:
-            continue
-        charset = item.dataset.get(SPECIFIC_CHARACTER_SET)
-        if charset is not None and charset.value:
-            response.add(DataElement(SPECIFIC_CHARACTER_SET, "CS", charset.value))
-        yield response
+        response = answer_item(query, item)
+        if response is not None:
+            yield response
+
+
+def answer_item(query: _Query, item: WorklistItem) -> Dataset | None:
+    """The response identifier for `item` (a query from :func:`compile_identifier`), or
+    None if it does not match; what :func:`find_items` yields for it."""
+    response = query.apply(item.dataset)
+    if response is None:
+        return None
+    charset = item.dataset.get(SPECIFIC_CHARACTER_SET)
+    if charset is not None and charset.value:
+        response.add(DataElement(SPECIFIC_CHARACTER_SET, "CS", charset.value))
+    return response
