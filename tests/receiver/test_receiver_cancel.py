@@ -21,7 +21,9 @@ from vannah_pipelines.settings import load_settings
 pytestmark = pytest.mark.integration
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-STUDIES = 600
+# Enough answers that sending them all takes longer than a C-CANCEL needs to arrive, even
+# on a loaded machine (with 600, pynetdicom's path once sent every answer first).
+STUDIES = 2000
 
 
 @pytest.fixture(scope="module", params=["fast", "pynetdicom"])
@@ -69,7 +71,7 @@ def _find_all(rx: ReceiverProcess, cancel_after: float | None) -> list[int]:
     done = threading.Event()
     if cancel_after is not None:
         # C-CANCEL may come any time after the request (PS3.7 9.3.2.3). Sent from another
-        # thread, not after reading an answer: the 600 answers would all be in the socket
+        # thread, not after reading an answer: the answers would all be in the socket
         # buffers before a loaded client read the first one. Sent again every 20 ms until the
         # answer ends, because pynetdicom drops a C-CANCEL that arrives before it dispatches
         # the request to the handler (association.py clears cancel_req first): on a loaded
