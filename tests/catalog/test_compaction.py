@@ -239,6 +239,8 @@ def test_answers_identical_before_and_after_compaction(
     publish(catalog)
     assert _researcher_counts(catalog) == _reader_counts(live)
     assert not list((catalog / "instances").glob("day=2*/*.parquet"))  # batch files gone
+    assert not (catalog / "instances" / "day=2020-01-02").exists()  # emptied old day: gone
+    assert (catalog / "instances" / "day=1970-01-01" / "schema.parquet").exists()
     manifest = Manifest.load(catalog)
     assert not manifest.covered.get("instances") and manifest.serving
     on_disk = sorted(

@@ -33,7 +33,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -461,7 +461,7 @@ def _write_serving(
         listed = [[t, str(root.resolve() / f)] for t in SCHEMAS for f in files.get(t, [])]
         if listed:
             con.executemany("INSERT INTO compacted_files VALUES (?, ?)", listed)
-        for statement in researcher_views(root, files):
+        for statement in researcher_views(root, files, covered):
             con.execute(statement)
         row = con.execute("SELECT count(*) FROM compacted_instances").fetchone()
         con.execute("CHECKPOINT")
@@ -518,7 +518,9 @@ def _quote(path: Path | str) -> str:
     return str(path).replace("'", "''")
 
 
-def researcher_views(root: Path, files: dict[str, list[str]]) -> list[str]:
+def researcher_views(
+    root: Path, files: dict[str, list[str]], covered: dict[str, list[str]]
+) -> list[str]:
     """The views of a serving database: the compacted tables plus the batch and change
     files written since (found by glob, so a reader who keeps the file open sees them),
     the latest version of each instance and the latest change of each key winning across
@@ -529,10 +531,13 @@ def researcher_views(root: Path, files: dict[str, list[str]]) -> list[str]:
     statements = []
     for table in SCHEMAS:
         glob = _quote(base / table / "*" / "*.parquet")
+        # A constant list: DuckDB then skips the compacted batch files without opening them
+        # (measured at 10M: 51 ms against 510 ms with a subquery).
+        done = ", ".join(f"'{_quote(base / f)}'" for f in covered.get(table, []))
         statements.append(
             f"CREATE VIEW pending_{Path(table).name} AS SELECT * EXCLUDE (filename) FROM "
             f"read_parquet('{glob}', filename = true, hive_partitioning = true, "
-            "union_by_name = true) WHERE filename NOT IN (SELECT path FROM covered_files)"
+            f"union_by_name = true) WHERE NOT list_contains([{done}]::VARCHAR[], filename)"
         )
 
     def history(table: str) -> str:
@@ -572,8 +577,8 @@ def researcher_views(root: Path, files: dict[str, list[str]]) -> list[str]:
         "CREATE VIEW instances AS SELECT * EXCLUDE (source_file) FROM compacted_instances "
         f"WHERE sop_instance_uid NOT IN {touched} "
         f"UNION ALL BY NAME ({current_select(f'({moved})')})",
-        _overlaid("series", "series_instance_uid", series_select, touched),
-        _overlaid("studies", "study_instance_uid", study_select, touched),
+        _overlaid("series", "series_instance_uid", series_select),
+        _overlaid("studies", "study_instance_uid", study_select),
         "CREATE VIEW patients AS " + patient_select("studies"),
         "CREATE VIEW quarantine AS "
         + quarantine_with_status_sql(
@@ -587,16 +592,21 @@ def researcher_views(root: Path, files: dict[str, list[str]]) -> list[str]:
     return statements
 
 
-def _overlaid(view: str, key: str, select: Callable[[str, str], str], touched: str) -> str:
-    """``view``: the compacted rows, except those whose key has a pending instance or
-    location change, which are derived again from the ``instances`` view."""
-    keys = (
-        f"(SELECT {key} FROM instances WHERE sop_instance_uid IN {touched} UNION ALL "
-        f"SELECT {key} FROM compacted_instances WHERE sop_instance_uid IN {touched})"
+def _overlaid(view: str, key: str, select: Callable[[str, str], str]) -> str:
+    """``view``: the compacted rows, except those of the studies that have pending versions
+    or location changes, which are derived again from the ``instances`` view. The studies
+    are found from the pending rows and the compacted instances they move, never by reading
+    the ``instances`` view whole."""
+    locations = INSTANCE_LOCATIONS.name
+    studies = (
+        "(SELECT study_instance_uid FROM pending_instances UNION ALL "
+        "SELECT study_instance_uid FROM compacted_instances WHERE sop_instance_uid IN "
+        f"(SELECT sop_instance_uid FROM pending_{locations}))"
     )
     return (
-        f"CREATE VIEW {view} AS SELECT * FROM compacted_{view} WHERE {key} NOT IN {keys} "
-        f"UNION ALL BY NAME ({select('instances', f'WHERE {key} IN {keys}')})"
+        f"CREATE VIEW {view} AS SELECT * FROM compacted_{view} "
+        f"WHERE study_instance_uid NOT IN {studies} "
+        f"UNION ALL BY NAME ({select('instances', f'WHERE study_instance_uid IN {studies}')})"
     )
 
 
@@ -734,9 +744,25 @@ def _compact(
         if path.exists():
             path.unlink()
             result.deleted_files += 1
+    if deletable:
+        _remove_empty_days(root, now)
     _remove_stale_tmp(root)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _remove_empty_days(root: Path, now: datetime) -> None:
+    """Remove the batch tables' day folders emptied by compaction, but the last two days
+    (ingest may still write there) and the schema files' day: every query's glob lists
+    them, so a year of empty folders would cost each researcher's query."""
+    recent = {(now - timedelta(days=d)).date().isoformat() for d in (0, 1)}
+    for table in SCHEMAS:
+        for folder in (root / table).glob("day=*"):
+            day = folder.name.removeprefix("day=")
+            if day in recent or f"{table}/{folder.name}/schema.parquet".endswith(SCHEMA_FILE):
+                continue
+            with contextlib.suppress(OSError):  # not empty (a late batch), or gone
+                folder.rmdir()
 
 
 def _remove_stale_tmp(root: Path) -> None:
