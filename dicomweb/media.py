@@ -7,6 +7,8 @@ reason this module gives).
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, BinaryIO
@@ -423,6 +425,33 @@ def transcode(source: BinaryIO, target: str, max_decoded_bytes: int) -> bytes:
 
 
 # ---------------------------------------------------------------- metadata
+
+
+_TOP_LEVEL_BULK = re.compile(
+    r'"([0-9A-Fa-f]{8})":\s*\{\s*"vr":\s*"([A-Z]{2})",\s*"BulkDataURI":\s*""\s*\}'
+)
+_EMPTY_BULK = re.compile(r'"BulkDataURI":\s*""')
+
+
+def header_with_bulk_data_uris(header: str, instance_url: str) -> str:
+    """The stored DICOM JSON text `header` with its BulkDataURIs filled as
+    :func:`fill_bulk_data_uris` fills them, without parsing it when it can: a header with no
+    bulk data is returned as is, one whose bulk data are all top-level elements (no
+    sequence) is completed by substitution; anything else is parsed and written again."""
+    if '"BulkDataURI"' not in header:
+        return header
+    if '"SQ"' not in header:
+        filled = _TOP_LEVEL_BULK.sub(
+            lambda m: (
+                f'"{m[1]}":{{"vr":"{m[2]}","BulkDataURI":'
+                f"{json.dumps(f'{instance_url}/bulk/{m[1]}')}}}"
+            ),
+            header,
+        )
+        if not _EMPTY_BULK.search(filled):
+            return filled
+    attributes = fill_bulk_data_uris(json.loads(header), instance_url)
+    return json.dumps(attributes, separators=(",", ":"))
 
 
 def fill_bulk_data_uris(

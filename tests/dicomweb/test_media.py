@@ -14,6 +14,7 @@ from dicomweb.media import (
     choose_metadata,
     choose_rendered,
     fill_bulk_data_uris,
+    header_with_bulk_data_uris,
     parse_accept,
     transcode_reason,
 )
@@ -156,6 +157,28 @@ def test_fill_bulk_data_uris_points_at_bulk_route_including_sequences() -> None:
     assert pixel == "/dicom-web/studies/1/series/2/instances/3/bulk/7FE00010"
     item = filled["00081140"]["Value"][0]["00091001"]
     assert item["BulkDataURI"].endswith("/bulk/00081140/0/00091001")
+
+
+def test_header_text_with_bulk_data_uris_equals_the_parsed_fill() -> None:
+    """The metadata route's unparsed path gives what parsing and filling gives, over the
+    header JSON ingest writes for pydicom's test files (pixel data, sequences, overlays)."""
+    import json
+
+    from tests.catalog.conftest import pydicom_test_files
+    from vannah_pipelines.dicom.headers import read_header
+
+    url = "/dicom-web/studies/1.2/series/3.4/instances/5.6"
+    kinds = {"none": 0, "top-level": 0, "parsed": 0}
+    for path in pydicom_test_files():
+        try:
+            text = read_header(path).header_json
+        except Exception:  # the files ingest quarantines have no header to serve
+            continue
+        fast = header_with_bulk_data_uris(text, url)
+        assert json.loads(fast) == fill_bulk_data_uris(json.loads(text), url), path.name
+        kind = "none" if fast is text else ("parsed" if '"SQ"' in text else "top-level")
+        kinds[kind] += 1
+    assert all(kinds.values()), kinds  # every path was taken
 
 
 def test_parse_frame_list_and_viewport_reject_bad_values() -> None:

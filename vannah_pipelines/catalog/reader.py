@@ -196,9 +196,9 @@ class _State:
                 )
             self.con.execute(f"CREATE OR REPLACE VIEW {view} AS {rows}")
             return
-        files = [str(self.root / f) for f in self.manifest.files.get(table, [])]
-        files += sorted(str(self.root / f) for f in self.loaded[table])
-        if not files:
+        compacted = [str(self.root / f) for f in self.manifest.files.get(table, [])]
+        batches = sorted(str(self.root / f) for f in self.loaded[table])
+        if not compacted and not batches:
             self.con.register("_empty_h", SCHEMAS[table].empty_table())
             self.con.execute(
                 f"CREATE OR REPLACE TABLE _no_{view} AS SELECT *, NULL::DATE AS day FROM _empty_h"
@@ -206,11 +206,20 @@ class _State:
             self.con.unregister("_empty_h")
             self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _no_{view}")
             return
-        listed = ", ".join(f"'{_quote(f)}'" for f in files)
-        rows = (
-            f"SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
-            "union_by_name = true)"
-        )
+        # Compaction writes every file of a table with one schema: no union_by_name, which
+        # would read every file's footer when the view is made (+430 MiB at 10M, measured).
+        # The batch files written since (few) may predate a column added later.
+        parts = []
+        if compacted:
+            listed = ", ".join(f"'{_quote(f)}'" for f in compacted)
+            parts.append(f"SELECT * FROM read_parquet([{listed}], hive_partitioning = true)")
+        if batches:
+            listed = ", ".join(f"'{_quote(f)}'" for f in batches)
+            parts.append(
+                f"SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
+                "union_by_name = true)"
+            )
+        rows = " UNION ALL BY NAME ".join(parts)
         if table == "instances":  # each version where it lives now
             rows = instances_with_locations_sql(
                 f"({rows})",
