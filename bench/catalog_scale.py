@@ -8,7 +8,7 @@ folder (catalog only: no instance files, so no retrieval), and measures
 * memory: VmRSS of the DICOMweb process, and of the receiver's process tree, after start and
   after the queries (peak sampled every 50 ms);
 * the query kinds of bench/catalog_design.py over HTTP (one keep-alive connection) and the
-  study searches as C-FIND (pynetdicom, one association per query as findscu does), 30
+  study searches as C-FIND (DCMTK findscu, a process per query), 30
   varied values each after a warm-up: p50 / p95 / min-max.
 
 ``ingest``: the cost of adding a batch to the archive (real DICOM files landed, then what
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog_design import KINDS, query_set
+from cfind_latency import findscu
 from common import DicomWebServer, HttpClient, ReceiverServer, markdown_table, quantile
 
 QIDO = KINDS[:5]  # the study searches
@@ -48,10 +49,6 @@ def _stats(times: list[float]) -> str:
 
 
 def services(archive: Path, instances: int) -> dict[str, Any]:
-    from pydicom.dataset import Dataset
-    from pynetdicom import AE
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
-
     queries = query_set(instances)
     work = Path(tempfile.mkdtemp(prefix="vhc-scale-"))
     web = DicomWebServer(work / "web", archive, extra_env={"VANNAH_DICOMWEB_MAX_LIMIT": "100000"})
@@ -105,8 +102,6 @@ def services(archive: Path, instances: int) -> dict[str, Any]:
             rows.append([f"QIDO/WADO {kind}", _stats(times), str(statistics.median(counts))])
             figures[f"http {kind}"] = times
 
-        ae = AE(ae_title="SCALESCU")
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         keyword = {
             KINDS[0]: "PatientID",
             KINDS[1]: "PatientName",
@@ -117,21 +112,11 @@ def services(archive: Path, instances: int) -> dict[str, Any]:
             values = queries[kind]
 
             def find(value: dict[str, str], _kind: str = kind) -> int:
-                ds = Dataset()
-                ds.QueryRetrieveLevel = "STUDY"
-                ds.StudyInstanceUID = ""
-                ds.PatientName = ""
-                setattr(ds, keyword[_kind], value[keyword[_kind]])
-                assoc = ae.associate("127.0.0.1", receiver.dicom_port, ae_title=receiver.aet)
-                assert assoc.is_established
-                n = 0
-                for status, identifier in assoc.send_c_find(
-                    ds, StudyRootQueryRetrieveInformationModelFind
-                ):
-                    if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
-                        n += 1
-                assoc.release()
-                return n
+                # DCMTK's findscu, a whole process per query (association, C-FIND, release)
+                params = {keyword[_kind]: value[keyword[_kind]]}
+                _, answers, _, error = findscu(receiver, params)
+                assert not error, error
+                return answers
 
             find(values[-1])
             times, counts = [], []
@@ -139,7 +124,7 @@ def services(archive: Path, instances: int) -> dict[str, Any]:
                 t = time.perf_counter()
                 counts.append(find(value))
                 times.append((time.perf_counter() - t) * 1000)
-            rows.append([f"C-FIND {kind}", _stats(times), str(statistics.median(counts))])
+            rows.append([f"C-FIND (findscu) {kind}", _stats(times), str(statistics.median(counts))])
             figures[f"cfind {kind}"] = times
         http.close()
         figures["dicomweb_rss_end_mib"] = web.memory.sample() / 2**20

@@ -127,12 +127,15 @@ def iter_headers(
     )
     offset = 0
     while True:
-        rows = reader.query(sql, [*params, page, offset])
-        # Headers live in the catalog's Parquet files, not in the in-memory copy.
+        # One row more than a page says whether another page follows (no empty last query).
+        rows = reader.query(sql, [*params, page + 1, offset])
+        more = len(rows) > page
+        rows = rows[:page]
+        # Headers live in the catalog's Parquet files, not in the reader's memory.
         headers = reader.headers([(r[-2], r[2], r[-1], r[0]) for r in rows])
         for row in rows:
             yield _instance(row), headers.get((row[2], row[-1]), "{}")
-        if len(rows) < page:
+        if not more:
             return
         offset += page
 
