@@ -9,6 +9,7 @@ Workers die with the parent (``PR_SET_PDEATHSIG`` plus a parent-pid watch).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import ctypes
 import gc
@@ -152,11 +153,11 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
             )
             self.shutdown_request(request)
             return
-        thread = threading.Thread(
-            target=self._serve_connection, args=(request, client_address, release), daemon=True
-        )
+        # The low-level start: threading.Thread.start() waits until the new thread runs,
+        # a GIL round trip on every association; this returns at once and the accept loop
+        # goes back to select(), which lets the new thread run.
         try:
-            thread.start()
+            _thread.start_new_thread(self._serve_connection, (request, client_address, release))
         except BaseException:
             release()
             self.shutdown_request(request)
