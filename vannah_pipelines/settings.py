@@ -266,6 +266,12 @@ class Settings(BaseSettings):
         description="landed, not yet indexed instances a reading process holds in memory so "
         "they answer queries before ingest",
     )
+    landed_overlay_max_file_bytes: int = Field(
+        default=64 * 1024**2,
+        ge=0,
+        description="larger landed files answer once ingested, not before (each reading "
+        "process would read them whole)",
+    )
     ingest_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
     dagster_port: int = Field(default=3000, ge=0, le=65535)
     dicomweb_port: int = Field(default=8042, ge=0, le=65535)

@@ -422,3 +422,30 @@ def test_landed_index_refresh_and_parse_costs(paths: IngestPaths) -> None:
         )
     rows = index.rows()
     print(f"overlay rows: {rows.num_rows}, {rows.nbytes / 1024:.0f} KiB of Arrow data")
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_landed_file_over_the_bound_is_left_to_ingest_unread(paths: IngestPaths) -> None:
+    """The worst case a reader meets: a landed file as large as the receiver accepts. It is
+    never read by the overlay (each reading process would hold it whole): the process's
+    memory stays flat, and the small files beside it answer (it answers once ingested)."""
+    zone = LandingZone(paths.landing_dir)
+    batch = zone.open_batch("dimse")
+    small = _study(1)
+    big = make_instance("CT", rows=16, columns=16)
+    data = to_part10(big) + b"\0" * (300 * 1024**2)  # 300 MiB: trailing padding
+    _write(batch, small + [(str(big.SOPInstanceUID), data)])
+    del data
+    index = LandedIndex(paths.landing_dir, 100, max_file_bytes=64 * 1024**2)
+    before = _rss_mib()
+    assert index.refresh()
+    grew = _rss_mib() - before
+    assert index.rows().column("sop_instance_uid").to_pylist() == [small[0][0]]
+    assert index.parses == 1  # the big file was not read
+    assert grew < 50, f"RSS grew {grew:.0f} MiB"

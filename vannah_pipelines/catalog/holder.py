@@ -40,6 +40,7 @@ class CatalogHolder:
         memory_limit_mb: int = 256,
         landing_dir: Path | None = None,
         landed_max_instances: int = 0,
+        landed_max_file_bytes: int = 64 * 1024**2,
         lake: LakeConfig | None = None,
     ) -> None:
         self.root = Path(root)
@@ -47,6 +48,7 @@ class CatalogHolder:
         self.memory_limit_mb = memory_limit_mb
         self.landing_dir = landing_dir
         self.landed_max_instances = landed_max_instances
+        self.landed_max_file_bytes = landed_max_file_bytes
         self.lake = lake
         self._lock = threading.Lock()
         self._reader: CatalogReader | None = None
@@ -68,6 +70,7 @@ class CatalogHolder:
             memory_limit_mb=settings.catalog_memory_limit_mb,
             landing_dir=settings.landing_dir,
             landed_max_instances=settings.landed_overlay_max_instances,
+            landed_max_file_bytes=settings.landed_overlay_max_file_bytes,
             lake=lake,
         )
 
@@ -120,7 +123,9 @@ class CatalogHolder:
         if self.landing_dir is not None and self.landed_max_instances > 0:
             from vannah_pipelines.catalog.landed import LandedIndex
 
-            landed = LandedIndex(self.landing_dir, self.landed_max_instances)
+            landed = LandedIndex(
+                self.landing_dir, self.landed_max_instances, self.landed_max_file_bytes
+            )
         return CatalogReader(
             self.root, memory_limit_mb=self.memory_limit_mb, landed=landed, lake=self.lake
         )

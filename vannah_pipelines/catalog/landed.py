@@ -165,11 +165,16 @@ class LandedIndex:
         The most rows held (``Settings.landed_overlay_max_instances``).
     """
 
-    def __init__(self, landing_dir: Path, max_instances: int) -> None:
+    def __init__(
+        self, landing_dir: Path, max_instances: int, max_file_bytes: int = 64 * 1024**2
+    ) -> None:
         if max_instances < 0:
             raise ValueError(f"max_instances must be >= 0, not {max_instances}")
         self.landing_dir = Path(landing_dir)
         self.max_instances = max_instances
+        # Every reading process parses a landed file whole (as ingest does): a larger one
+        # waits for ingest rather than cost each process its size in memory.
+        self.max_file_bytes = max_file_bytes
         self.parses = 0  # files parsed so far (each landed file once)
         self._dirs = {f: self.landing_dir / f for f in _FOLDERS}
         self._lock = threading.Lock()
@@ -370,6 +375,12 @@ class LandedIndex:
         path = batch.path / cand.name
         facts = self._facts(batch, cand.name)
         item = LandedInstance(path, landed_uid(cand.name), facts)
+        if cand.ident[2] > self.max_file_bytes:
+            log.info(
+                "landed file %s of batch %s (%d bytes) left to ingest: over the overlay's %d",
+                cand.name, batch.batch_id, cand.ident[2], self.max_file_bytes,
+            )  # fmt: skip
+            return _Entry(cand.ident, None)
         try:
             with path.open("rb") as handle:
                 data = handle.read()
