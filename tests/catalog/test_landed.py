@@ -440,7 +440,7 @@ def test_a_landed_file_over_the_bound_is_left_to_ingest_unread(paths: IngestPath
     small = _study(1)
     big = make_instance("CT", rows=16, columns=16)
     data = to_part10(big) + b"\0" * (300 * 1024**2)  # 300 MiB: trailing padding
-    _write(batch, small + [(str(big.SOPInstanceUID), data)])
+    _write(batch, [*small, (str(big.SOPInstanceUID), data)])
     del data
     index = LandedIndex(paths.landing_dir, 100, max_file_bytes=64 * 1024**2)
     before = _rss_mib()

@@ -453,14 +453,6 @@ def _write_serving(
             f"CREATE TABLE compacted_quarantine AS SELECT {qcols} FROM {qsource} "
             "ORDER BY quarantined_at"
         )
-        con.execute("CREATE TABLE covered_files (path VARCHAR)")
-        every = [str(root.resolve() / f) for t in SCHEMAS for f in covered.get(t, [])]
-        if every:
-            con.executemany("INSERT INTO covered_files VALUES (?)", [[f] for f in every])
-        con.execute("CREATE TABLE compacted_files (tbl VARCHAR, path VARCHAR)")
-        listed = [[t, str(root.resolve() / f)] for t in SCHEMAS for f in files.get(t, [])]
-        if listed:
-            con.executemany("INSERT INTO compacted_files VALUES (?, ?)", listed)
         for statement in researcher_views(root, files, covered):
             con.execute(statement)
         row = con.execute("SELECT count(*) FROM compacted_instances").fetchone()

@@ -182,20 +182,3 @@ def patient_select(source: str, where: str = "") -> str:
   {_GROUP_AVAILABILITY.replace("tier = 'cold'", "instance_availability = 'NEARLINE'")}
     AS instance_availability
 FROM {source} {where} GROUP BY patient_id"""
-
-
-def view_sql(source_instances: str, source_quarantine: str) -> list[str]:
-    """CREATE VIEW statements over the two raw row sources (a table or a read_parquet()),
-    with nothing compacted: what a catalog without a serving database (the DuckLake) shows.
-
-    ``instances`` holds the current version of each SOP Instance UID (re-sends: the latest
-    received wins; every version stays in ``instance_versions``).
-    """
-    return [
-        f"CREATE OR REPLACE VIEW instance_versions AS SELECT * FROM {source_instances}",
-        f"CREATE OR REPLACE VIEW instances AS {current_select('instance_versions')}",
-        f"CREATE OR REPLACE VIEW series AS {series_select('instances')}",
-        f"CREATE OR REPLACE VIEW studies AS {study_select('instances')}",
-        f"CREATE OR REPLACE VIEW patients AS {patient_select('studies')}",
-        f"CREATE OR REPLACE VIEW quarantine AS SELECT * FROM {source_quarantine}",
-    ]
