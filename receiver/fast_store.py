@@ -343,11 +343,12 @@ class FastStore:
             sock.settimeout(self.acse_timeout)
             if not proposal.consumed:
                 pdu.recv_exactly(sock, proposal.length)
-            sock.sendall(pdu.associate_rj(*REJECT_LIMIT))
         except OSError:
-            pass
-        finally:
-            _close(sock)
+            pdu.close(sock)
+            return
+        pdu.send_final(
+            sock, pdu.associate_rj(*REJECT_LIMIT), min(self.acse_timeout, pdu.ARTIM_SECONDS)
+        )
 
 
 class FastAssociation:
@@ -457,7 +458,7 @@ class FastAssociation:
         finally:
             if opened:
                 store.associations.ended(id(self), outcome)
-            _close(self._sock)
+            pdu.close(self._sock)
             self._done.set()
 
     # ------------------------------------------------------------------ PDUs
@@ -790,9 +791,3 @@ def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
         socket.SO_RCVTIMEO,
         _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000)),
     )
-
-
-def _close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()

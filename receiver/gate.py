@@ -129,7 +129,7 @@ class Gate:
         try:
             tls_sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         except (OSError, ValueError) as exc:
-            _close(sock)
+            pdu.close(sock)
             self._refused_event(address, "", "", f"TLS setup failed: {exc}")
             return None
         try:
@@ -148,7 +148,7 @@ class Gate:
                 time.monotonic() - started,
                 exc,
             )
-            _close(tls_sock)
+            pdu.close(tls_sock)
             self._refused_event(address, "", "", f"TLS handshake failed: {exc}")
             return None
         return tls_sock
@@ -188,10 +188,9 @@ class Gate:
                 refusal.detail,
                 *refusal.rsd,
             )
-            with contextlib.suppress(OSError):
-                sock.settimeout(self.acse_timeout)
-                sock.sendall(pdu.associate_rj(*refusal.rsd))
-            _close(sock)
+            pdu.send_final(
+                sock, pdu.associate_rj(*refusal.rsd), min(self.acse_timeout, pdu.ARTIM_SECONDS)
+            )
             self._refused_event(
                 address,
                 request.calling_ae,
@@ -206,7 +205,7 @@ class Gate:
         """Answer a first PDU that cannot be admitted (not a decodable A-ASSOCIATE-RQ)."""
         with contextlib.suppress(OSError):
             sock.sendall(pdu.abort(pdu.ABORT_SERVICE_PROVIDER, pdu.REASON_NOT_SPECIFIED))
-        _close(sock)
+        pdu.close(sock)
 
     def _refused_event(
         self,
@@ -282,9 +281,3 @@ def _claimed_user(identity: UserIdentity | None) -> str:
     if identity is None or identity.identity_type not in (1, 2):
         return ""
     return identity.primary.decode("utf-8", "replace")[:64]
-
-
-def _close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()

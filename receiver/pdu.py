@@ -7,8 +7,10 @@ endian command set of a request, and the C-STORE-RSP / C-ECHO-RSP command sets.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -262,6 +264,38 @@ def abort(source: int = ABORT_SERVICE_USER, reason: int = REASON_NOT_SPECIFIED) 
 def associate_rj(result: int, source: int, reason: int) -> bytes:
     """A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
     return PDU_HEADER.pack(A_ASSOCIATE_RJ, 4) + bytes((0, result, source, reason))
+
+
+# How long an acceptor waits, after its A-ASSOCIATE-RJ, for the requestor to close the
+# connection (PS3.8 ARTIM timer, state Sta13).
+ARTIM_SECONDS = 5.0
+
+
+def close(sock: socket.socket) -> None:
+    """Close `sock` now, both directions (errors ignored: the peer may be gone)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def send_final(sock: socket.socket, data: bytes, artim: float = ARTIM_SECONDS) -> None:
+    """Send a last PDU (A-ASSOCIATE-RJ), then close once the peer has (PS3.8 Sta13).
+
+    Closing straight after the PDU races the requestor, which may see the connection
+    end before it reads the rejection and report an abort instead; so wait for its close,
+    up to `artim` seconds (a peer that keeps the connection open is cut off then).
+    """
+    deadline = time.monotonic() + artim
+    try:
+        sock.settimeout(artim)
+        sock.sendall(data)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(4096):
+                break
+    except OSError:
+        pass
+    close(sock)
 
 
 def encode_request(
