@@ -18,6 +18,7 @@ import pytest  # noqa: E402  (after the fix above, which must come first)
 from tests.servers import (  # noqa: E402
     PostgresServer,
     S3Server,
+    moto_server,
     postgres_server,
     seaweedfs_server,
 )
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from vannah_pipelines.catalog.lake import LakeConfig
 
 S3_TEST_BUCKET = "vannah-test"
+COLD_TEST_BUCKET = "vannah-cold-test"
 
 
 @pytest.fixture
@@ -56,6 +58,43 @@ def seaweedfs() -> Iterator[S3Server]:
     """A SeaweedFS S3 server on 127.0.0.1 for the session, with the bucket ``vannah-test``."""
     with seaweedfs_server(buckets=(S3_TEST_BUCKET,)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[S3Server]:
+    """moto's S3 server on 127.0.0.1 for the session (the cold tier), with its bucket."""
+    with moto_server(buckets=(COLD_TEST_BUCKET,)) as server:
+        yield server
+
+
+def object_tier_settings(warm: S3Server, cold: S3Server) -> dict[str, object]:
+    """Settings putting the warm tier on `warm` (SeaweedFS, minio SDK) and the cold tier on
+    `cold` (moto, boto3, DEEP_ARCHIVE), each under a fresh key prefix."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    return {
+        "warm_storage": "s3",
+        "warm_s3_endpoint": warm.endpoint,
+        "warm_s3_bucket": S3_TEST_BUCKET,
+        "warm_s3_prefix": prefix,
+        "warm_s3_access_key": warm.access_key,
+        "warm_s3_secret_key": warm.secret_key,
+        "warm_s3_region": warm.region,
+        "warm_s3_secure": False,
+        "cold_storage": "s3-archive",
+        "cold_s3_endpoint_url": cold.url,
+        "cold_s3_bucket": COLD_TEST_BUCKET,
+        "cold_s3_prefix": prefix,
+        "cold_s3_access_key": cold.access_key,
+        "cold_s3_secret_key": cold.secret_key,
+        "cold_s3_region": cold.region,
+        "cold_storage_class": "DEEP_ARCHIVE",
+    }
+
+
+@pytest.fixture
+def object_tiers(seaweedfs: S3Server, moto_s3: S3Server) -> dict[str, object]:
+    """Settings of a warm tier on SeaweedFS and a cold tier on moto (fresh prefixes)."""
+    return object_tier_settings(seaweedfs, moto_s3)
 
 
 def new_lake(postgres: PostgresServer, seaweedfs: S3Server) -> LakeConfig:

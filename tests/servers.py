@@ -251,3 +251,28 @@ def _create_bucket(
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"cannot create bucket {bucket}: {exc}\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def moto_server(buckets: tuple[str, ...] = (), timeout: float = 60.0) -> Iterator[S3Server]:
+    """moto's S3 server (``moto[server]``) as its own process on 127.0.0.1: the cold tier's
+    S3 in tests, the only server here that enforces archive storage classes (GetObject of
+    a GLACIER / DEEP_ARCHIVE object is InvalidObjectState until restore_object)."""
+    root = Path(tempfile.mkdtemp(prefix="vannah-moto-"))
+    (port,) = free_ports(1)
+    server = S3Server("127.0.0.1", port, "moto-test-key", "moto-test-secret")
+    log = root / "moto.log"
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
+        )
+    try:
+        _wait_http(server.url + "/moto-api/", process, log, timeout)
+        client = server.client()
+        for bucket in buckets:
+            _create_bucket(client, bucket, process, log, timeout)
+        yield server
+    finally:
+        stop_process_group(process, grace=2.0)
+        shutil.rmtree(root, ignore_errors=True)

@@ -44,6 +44,18 @@ class NotFoundError(StorageError):
     """The object does not exist in the storage tier asked."""
 
 
+class ChecksumMismatchError(StorageError):
+    """Bytes read or stored do not hash to the catalog's SHA-256: nothing was kept."""
+
+
+class ArchivedError(StorageError):
+    """The object is in an archive storage class: it must be restored before it is read."""
+
+    def __init__(self, message: str, *, restoring: bool = False) -> None:
+        super().__init__(message)
+        self.restoring = restoring
+
+
 class ViewerFetchError(VannahError):
     """The built-in viewer's package could not be downloaded, verified or extracted."""
 

@@ -12,7 +12,7 @@ import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -55,7 +55,7 @@ ORTHANC_KEYS: dict[str, str] = {
 
 
 # Secrets read from VANNAH_* environment variables only, never from the config file.
-ENV_ONLY = ("catalog_lake_s3_secret",)
+ENV_ONLY = ("catalog_lake_s3_secret", "warm_s3_secret_key", "cold_s3_secret_key")
 
 _config_file: ContextVar[Path | None] = ContextVar("vannah_config_file", default=None)
 
@@ -135,6 +135,21 @@ def _modality(name: str, value: Any) -> Any:
             entry["use_dicom_tls"] = lower["usedicomtls"]
         return entry
     return value
+
+
+class TierDays(BaseModel):
+    """Per-modality lifecycle ages (``tier_modality_days``): days hot, days until cold."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hot_days: int = Field(ge=0)
+    warm_days: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TierDays:
+        if self.warm_days < self.hot_days:
+            raise ValueError("warm_days (days until cold) must be at least hot_days")
+        return self
 
 
 class Settings(BaseSettings):
@@ -423,6 +438,99 @@ class Settings(BaseSettings):
     catalog_lake_s3_region: str = Field(default="us-east-1", description="S3 region of the lake")
     catalog_lake_s3_use_ssl: bool = Field(default=True, description="HTTPS to the S3 endpoint")
 
+    # ---------------------------------------------------------------- storage tiers
+    warm_storage: Literal["local", "s3"] = Field(
+        default="local",
+        description="warm tier backend: a local folder (data/warm) or S3-compatible object "
+        "storage (MinIO) through the minio SDK",
+    )
+    warm_s3_endpoint: str = Field(default="", description="host:port of the warm S3 server")
+    warm_s3_bucket: str = Field(default="vannah-warm", description="bucket of the warm tier")
+    warm_s3_prefix: str = Field(default="", description="key prefix inside the warm bucket")
+    warm_s3_access_key: str = Field(default="", description="access key of the warm tier")
+    warm_s3_secret_key: SecretStr = Field(
+        default=SecretStr(""), description="secret key of the warm tier (environment only)"
+    )
+    warm_s3_region: str = Field(default="", description="region of the warm bucket (optional)")
+    warm_s3_secure: bool = Field(default=True, description="HTTPS to the warm S3 server")
+    cold_storage: Literal["local", "s3-archive"] = Field(
+        default="local",
+        description="cold tier backend: a local folder (data/cold) or S3 with an archive "
+        "storage class through boto3",
+    )
+    cold_s3_endpoint_url: str = Field(
+        default="", description="URL of the cold S3 endpoint (empty: AWS S3 of the region)"
+    )
+    cold_s3_bucket: str = Field(default="vannah-cold", description="bucket of the cold tier")
+    cold_s3_prefix: str = Field(default="", description="key prefix inside the cold bucket")
+    cold_s3_access_key: str = Field(
+        default="", description="access key of the cold tier (empty: boto3's own chain)"
+    )
+    cold_s3_secret_key: SecretStr = Field(
+        default=SecretStr(""), description="secret key of the cold tier (environment only)"
+    )
+    cold_s3_region: str = Field(default="us-east-1", description="region of the cold bucket")
+    cold_storage_class: Literal["GLACIER", "DEEP_ARCHIVE"] = Field(
+        default="DEEP_ARCHIVE", description="S3 storage class of cold objects"
+    )
+    cold_restore_tier: Literal["Expedited", "Standard", "Bulk"] = Field(
+        default="Standard", description="S3 restore speed asked for cold objects"
+    )
+    cold_restore_expected_hours: float = Field(
+        default=12.0,
+        gt=0,
+        description="how long a cold restore is expected to take (shown in the catalog, "
+        "sent as Retry-After)",
+    )
+    restore_cache_days: int = Field(
+        default=7,
+        ge=1,
+        description="days a study restored from the cold tier stays hot before it is re-tiered",
+    )
+    storage_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="connect/read timeout of object storage calls"
+    )
+    storage_spool_memory_mb: int = Field(
+        default=8,
+        ge=1,
+        description="an object read from object storage is spooled in memory up to this "
+        "size, then to a temporary file",
+    )
+    tier_hot_days: int = Field(default=30, ge=0, description="days a study stays hot")
+    tier_warm_days: int = Field(
+        default=365, ge=0, description="days until a study moves to the cold tier"
+    )
+    tier_age_from: Literal["last_received", "study_date"] = Field(
+        default="last_received",
+        description="a study's age counts from its last received instance, or from its "
+        "StudyDate (an empty or bad date falls back to the last received instance)",
+    )
+    tier_modality_days: dict[str, TierDays] = Field(
+        default_factory=dict,
+        description='per-modality ages, e.g. {"MG": {"hot_days": 90, "warm_days": 3650}}; '
+        "a study with several modalities takes the longest",
+    )
+    tier_grace_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="after a study's new location is recorded, readers holding the old "
+        "one get this long before its source objects are deleted",
+    )
+    tier_cron: str = Field(default="0 2 * * *", description="when the daily tiering runs")
+    tier_max_studies_per_run: int = Field(
+        default=2000, ge=1, description="studies one tiering run moves at most"
+    )
+    prefetch_priors: bool = Field(
+        default=True,
+        description="restore a scheduled patient's prior studies from the cold tier",
+    )
+    prefetch_lookback_days: int = Field(
+        default=1825, ge=0, description="priors as old as this are restored (0: any age)"
+    )
+    prefetch_max_studies: int = Field(
+        default=5, ge=0, description="most recent prior studies restored per scheduled step"
+    )
+
     @field_validator("dicom_modalities", mode="before")
     @classmethod
     def _orthanc_modalities(cls, value: Any) -> Any:
@@ -536,6 +644,11 @@ class Settings(BaseSettings):
     @property
     def cold_dir(self) -> Path:
         return self.data_dir / "cold"
+
+    @property
+    def restore_requests_dir(self) -> Path:
+        """The restore spool: one file per study a read found in the cold tier."""
+        return self.data_dir / "restore-requests"
 
     @property
     def catalog_dir(self) -> Path:

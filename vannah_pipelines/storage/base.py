@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 
 from vannah_pipelines.dicom.uids import require_uid
+from vannah_pipelines.errors import ChecksumMismatchError
 
 
 class Tier(StrEnum):
@@ -41,17 +45,35 @@ def instance_key(study_uid: str, series_uid: str, sop_uid: str, checksum: str) -
     return f"{parts[0]}/{parts[1]}/{parts[2]}.{short}.dcm"
 
 
+class RestoreState(StrEnum):
+    """Whether an object can be read now (PS3.18 InstanceAvailability in brackets)."""
+
+    ONLINE = "online"  # readable now (ONLINE)
+    RESTORING = "restoring"  # an archive restore is under way (NEARLINE)
+    ARCHIVED = "archived"  # in an archive storage class, no restore asked (OFFLINE)
+
+
 class Storage(Protocol):
     """A tier's object store. Keys are relative, '/'-separated, made by instance_key()."""
 
     tier: Tier
+    # True when objects sit in an archive storage class (S3 GLACIER, DEEP_ARCHIVE): they are
+    # read only after restore(); open() raises ArchivedError until then.
+    needs_restore: bool
 
     def put(self, key: str, source: Path) -> int:
         """Store the file `source` under `key` durably; return its size in bytes."""
         ...
 
+    def write(self, key: str, stream: BinaryIO, size: int, sha256: str) -> None:
+        """Store `size` bytes of the seekable `stream` (read from its start) under `key`,
+        verified: the bytes stored hash to `sha256` (hex), or ChecksumMismatchError is
+        raised and nothing is left under `key`."""
+        ...
+
     def open(self, key: str) -> BinaryIO:
-        """A readable binary stream of the object (raises NotFoundError)."""
+        """A readable, seekable binary stream of the object (raises NotFoundError, or
+        ArchivedError for an archived object not restored)."""
         ...
 
     def stat(self, key: str) -> int:
@@ -65,3 +87,57 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool:
         """Whether the object is there."""
         ...
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Every object key under `prefix` (a study's ``<study uid>/``, or all)."""
+        ...
+
+    def restore(self, key: str, days: int) -> RestoreState:
+        """Ask the archive to make `key` readable for `days` days; its state after."""
+        ...
+
+    def restore_state(self, key: str) -> RestoreState:
+        """Whether `key` can be read now (raises NotFoundError)."""
+        ...
+
+
+CHUNK_BYTES = 1 << 20
+SPOOL_MEMORY_BYTES = 8 << 20  # a spooled object larger than this goes to a temporary file
+
+
+def spool(chunks: Iterable[bytes], max_memory: int = SPOOL_MEMORY_BYTES) -> BinaryIO:
+    """The bytes of `chunks` as a seekable stream at position 0: in memory up to
+    `max_memory`, then in an anonymous temporary file (pydicom and the C-STORE sender seek)."""
+    out: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=max_memory)  # noqa: SIM115
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+        out.seek(0)
+    except BaseException:
+        out.close()
+        raise
+    return out  # type: ignore[return-value]
+
+
+def sha256_of(stream: BinaryIO, size: int | None = None) -> str:
+    """The hex SHA-256 of `stream` from its start; the stream is left at position 0.
+    With `size`, a stream of another length is a ChecksumMismatchError."""
+    digest = hashlib.sha256()
+    stream.seek(0)
+    read = 0
+    while chunk := stream.read(CHUNK_BYTES):
+        digest.update(chunk)
+        read += len(chunk)
+    stream.seek(0)
+    if size is not None and read != size:
+        raise ChecksumMismatchError(f"{read} bytes where {size} were expected")
+    return digest.hexdigest()
+
+
+def verify_sha256(stream: BinaryIO, size: int, sha256: str, what: str) -> None:
+    """Raise ChecksumMismatchError unless `stream` holds `size` bytes hashing to `sha256`."""
+    actual = sha256_of(stream, size)
+    if actual != sha256.lower():
+        raise ChecksumMismatchError(
+            f"{what}: SHA-256 {actual[:16]}... where the catalog has {sha256[:16]}..."
+        )

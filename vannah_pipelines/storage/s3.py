@@ -1,0 +1,217 @@
+"""S3-compatible object storage through the `minio` SDK: the warm tier (MinIO in production,
+SeaweedFS in the tests).
+
+Imported only by what reads or moves warm objects (``StorageTiers`` opens it on first use),
+never by the receiver's store-only workers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from vannah_pipelines.errors import ChecksumMismatchError, NotFoundError, StorageError
+from vannah_pipelines.storage.base import (
+    CHUNK_BYTES,
+    SPOOL_MEMORY_BYTES,
+    RestoreState,
+    Tier,
+    sha256_of,
+    spool,
+)
+
+# Objects up to this size are one PUT, whose ETag is the MD5 of the bytes (checked); larger
+# ones are multipart uploads (parts of this size held in memory) and are read back.
+PART_BYTES = 32 << 20
+_MISSING = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"})
+
+
+def object_name(prefix: str, key: str) -> str:
+    """`key` under the bucket prefix `prefix` (``''`` or ``'a/b/'``)."""
+    return f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key
+
+
+class MinioStorage:
+    """One bucket (and optional prefix) of an S3-compatible server, through the minio SDK.
+
+    Reads are spooled (memory up to `spool_memory`, then a temporary file) so pydicom and
+    the C-STORE sender can seek. Every call is bounded: connect and read timeouts, a few
+    retries on connection errors; a server that is down is a StorageError, never a hang.
+    """
+
+    needs_restore = False
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        secure: bool = True,
+        region: str | None = None,
+        prefix: str = "",
+        tier: Tier = Tier.WARM,
+        timeout_seconds: float = 30.0,
+        spool_memory: int = SPOOL_MEMORY_BYTES,
+        pool_size: int = 16,
+    ) -> None:
+        self.tier = tier
+        self.bucket = bucket
+        self.prefix = prefix
+        self.endpoint = endpoint
+        self.spool_memory = spool_memory
+        http = urllib3.PoolManager(
+            maxsize=pool_size,
+            timeout=urllib3.Timeout(connect=min(5.0, timeout_seconds), read=timeout_seconds),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503)),
+        )
+        self._client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region or None,
+            http_client=http,
+        )
+
+    def __repr__(self) -> str:
+        return f"MinioStorage({self.endpoint!r}, {self.bucket!r}, {self.tier.value})"
+
+    def _name(self, key: str) -> str:
+        _check_key(key)
+        return object_name(self.prefix, key)
+
+    def _fail(self, key: str, exc: Exception) -> StorageError:
+        if isinstance(exc, S3Error) and exc.code in _MISSING:
+            return NotFoundError(f"{self.tier}: no object {key!r}")
+        return StorageError(f"{self.tier} ({self.endpoint}): {key!r}: {_reason(exc)}")
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (``vannah storage init`` and the tests)."""
+        try:
+            if not self._client.bucket_exists(self.bucket):
+                self._client.make_bucket(self.bucket)
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StorageError(
+                f"{self.tier} ({self.endpoint}): bucket {self.bucket!r}: {_reason(exc)}"
+            ) from exc
+
+    def put(self, key: str, source: Path) -> int:
+        with Path(source).open("rb") as stream:
+            size = stream.seek(0, 2)
+            self.write(key, stream, size, sha256_of(stream, size))
+        return size
+
+    def write(self, key: str, stream: BinaryIO, size: int, sha256: str) -> None:
+        """Upload verified: the bytes are hashed first (SHA-256 against `sha256`, MD5 for
+        the ETag), sent with ``x-amz-checksum-sha256`` (a server that checks it refuses a
+        corrupted body), and the single-PUT ETag must equal their MD5; a multipart upload
+        is read back and hashed. On a mismatch the object is deleted."""
+        name = self._name(key)
+        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+        stream.seek(0)
+        read = 0
+        while chunk := stream.read(CHUNK_BYTES):
+            sha.update(chunk)
+            md5.update(chunk)
+            read += len(chunk)
+        stream.seek(0)
+        if read != size or sha.hexdigest() != sha256.lower():
+            raise ChecksumMismatchError(
+                f"{self.tier}: {key!r}: the source holds {read} bytes hashing to "
+                f"{sha.hexdigest()[:16]}..., the catalog says {size} hashing to {sha256[:16]}..."
+            )
+        single = size <= PART_BYTES  # one PUT; a whole-object checksum header only fits it
+        headers: dict[str, str | list[str] | tuple[str]] = (
+            {"x-amz-checksum-sha256": base64.b64encode(sha.digest()).decode()} if single else {}
+        )
+        try:
+            result = self._client.put_object(
+                self.bucket, name, stream, size, metadata=headers, part_size=PART_BYTES
+            )
+        except (S3Error, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise self._fail(key, exc) from exc
+        etag = (result.etag or "").strip('"')
+        if single and "-" not in etag:
+            ok = etag == md5.hexdigest()
+        else:
+            with self.open(key) as back:
+                ok = sha256_of(back) == sha256.lower()
+        if not ok:
+            self.delete(key)
+            raise ChecksumMismatchError(f"{self.tier}: {key!r} stored bytes differ from the source")
+
+    def open(self, key: str) -> BinaryIO:
+        name = self._name(key)
+        try:
+            response = self._client.get_object(self.bucket, name)
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(key, exc) from exc
+        try:
+            return spool(response.stream(CHUNK_BYTES), self.spool_memory)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(key, exc) from exc
+        finally:
+            response.close()
+            response.release_conn()
+
+    def stat(self, key: str) -> int:
+        try:
+            return int(self._client.stat_object(self.bucket, self._name(key)).size or 0)
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(key, exc) from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except NotFoundError:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.remove_object(self.bucket, self._name(key))
+        except S3Error as exc:
+            if exc.code not in _MISSING:
+                raise self._fail(key, exc) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(key, exc) from exc
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        start = object_name(self.prefix, prefix) if prefix else self.prefix.strip("/")
+        strip = len(self.prefix.strip("/")) + 1 if self.prefix.strip("/") else 0
+        try:
+            for obj in self._client.list_objects(self.bucket, prefix=start or None, recursive=True):
+                if obj.object_name and not obj.is_dir:
+                    yield obj.object_name[strip:]
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(prefix or "*", exc) from exc
+
+    def restore(self, key: str, days: int) -> RestoreState:
+        return self.restore_state(key)
+
+    def restore_state(self, key: str) -> RestoreState:
+        self.stat(key)
+        return RestoreState.ONLINE
+
+
+def _check_key(key: str) -> None:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"unsafe storage key: {key[:120]!r}")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, S3Error):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        return f"unreachable ({type(exc.reason).__name__})"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
