@@ -144,9 +144,9 @@ def open_stored(tiers: StorageTiers, instance: StoredInstance) -> BinaryIO:
         ) from exc
     except StorageError as exc:
         log.warning("instance %s unreadable: %s", sop, exc)
-        tier = instance.tier if instance.tier in (Tier.WARM, Tier.COLD) else "a"
+        which = f"the {instance.tier}" if instance.tier in (Tier.WARM, Tier.COLD) else "a"
         raise ServiceUnavailableError(
-            f"instance {sop} cannot be read now: {tier} storage tier is unavailable; "
+            f"instance {sop} cannot be read now: {which} storage tier is unavailable; "
             "try again later"
         ) from exc
 
