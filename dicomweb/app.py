@@ -21,6 +21,7 @@ from vannah_pipelines.errors import PermissionDeniedError
 from vannah_pipelines.security.audit import AuditLog
 from vannah_pipelines.security.authn import Authenticator
 from vannah_pipelines.settings import Settings
+from vannah_pipelines.storage.tiers import StorageTiers
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.catalog = CatalogHolder.for_settings(settings, CATALOG_REFRESH_SECONDS)
     app.state.catalog.load()  # at start-up, not on the first request
+    # Every read of an instance's bytes goes through this one object (each tier's backend
+    # is built on first use: the S3 clients only if a warm or cold tier is configured).
+    app.state.tiers = StorageTiers(settings)
     # Added innermost first: the Host check runs before CORS, CORS before the body limit.
     app.add_middleware(BodyLimitGuard, max_bytes=settings.dicomweb_max_body_bytes, exempt=is_stow)
     # Credentials are checked (401) after the Host check and CORS (so a browser can read

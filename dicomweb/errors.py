@@ -44,6 +44,13 @@ class UnsupportedMediaTypeError(DicomWebError):
     status = 415
 
 
+class ServiceUnavailableError(DicomWebError):
+    """RFC 9110 15.6.4: the instance cannot be read now (archived, or a storage tier is
+    down); with ``Retry-After`` when the archive said how long a restore takes."""
+
+    status = 503
+
+
 class InsufficientStorageError(DicomWebError):
     """RFC 4918 11.5: the archive would eat into its free-space reserve."""
 

@@ -1,4 +1,4 @@
-"""What the Q/R and worklist handlers read, opened on first use (catalog, hot tier, worklist)."""
+"""What the Q/R and worklist handlers read, each opened on first use (catalog, tiers, worklist)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,18 @@ from typing import TYPE_CHECKING
 
 from receiver.gate import client_tls_context
 from vannah_pipelines.settings import RemoteModality, Settings
-from vannah_pipelines.storage.base import Tier
-from vannah_pipelines.storage.local import LocalStorage
 
 if TYPE_CHECKING:
     from receiver.worklist import WorklistAnswers
     from vannah_pipelines.catalog.holder import CatalogHolder
+    from vannah_pipelines.storage.tiers import StorageTiers
     from vannah_pipelines.worklist.store import WorklistStore
 
 
 class Archive:
-    """What the Q/R handlers read: the worker's catalog copy, the hot tier, the worklist,
-    known peers. Each is opened on first use, so a worker that only stores never loads the
-    catalog stack (DuckDB, pyarrow)."""
+    """What the Q/R handlers read: the worker's catalog copy, its storage tiers, the
+    worklist, known peers. Each is opened on first use, so a worker that only stores never
+    loads the catalog stack (DuckDB, pyarrow) nor an object-storage client (minio, boto3)."""
 
     def __init__(self, settings: Settings) -> None:
         self.aet = settings.dicom_aet
@@ -28,6 +27,7 @@ class Archive:
         self._settings = settings
         self._lock = threading.Lock()
         self._catalog: CatalogHolder | None = None
+        self._tiers: StorageTiers | None = None
         self._worklist: WorklistStore | None = None
         self._client_tls: ssl.SSLContext | None = None
         self._worklist_answers: WorklistAnswers | None = None
@@ -68,8 +68,15 @@ class Archive:
             return self._worklist_answers
 
     @property
-    def hot(self) -> LocalStorage:
-        return LocalStorage(self._settings.hot_dir, Tier.HOT)
+    def tiers(self) -> StorageTiers:
+        """The worker's one :class:`StorageTiers`: every C-GET / C-MOVE reads instance bytes
+        through it (each tier's backend built on its first read)."""
+        with self._lock:
+            if self._tiers is None:
+                from vannah_pipelines.storage.tiers import StorageTiers  # lazy, as the catalog
+
+                self._tiers = StorageTiers(self._settings)
+            return self._tiers
 
     def client_tls(self) -> ssl.SSLContext:
         """The TLS context of associations to ``UseDicomTls`` peers (built once)."""

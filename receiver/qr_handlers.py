@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
@@ -28,32 +28,6 @@ from receiver.responses import EncodedIdentifier, failure
 from receiver.retrieve import Destination, RetrievePlan, SubOperation
 from receiver.status import FindStatus, RetrieveStatus
 from receiver.worklist import handle_worklist_find
-from vannah_pipelines.errors import NotFoundError, StorageError
-from vannah_pipelines.storage.base import Tier
-
-if TYPE_CHECKING:
-    from vannah_pipelines.catalog.lookup import StoredInstance
-
-# vannah_pipelines.catalog.landed.LANDING_TIER (imported lazily: see landed_path)
-LANDING_TIER = "landing"
-
-
-def landed_path(archive: Archive, inst: StoredInstance) -> Path:
-    """Where the file of an acknowledged, not yet indexed instance is now (it may have been
-    sealed or ingested since the catalog saw it)."""
-    from vannah_pipelines.catalog.landed import open_landed  # only Q/R workers need it
-
-    with open_landed(
-        archive.settings.landing_dir,
-        archive.hot,
-        inst.storage_key,
-        inst.checksum,
-        inst.study_instance_uid,
-        inst.series_instance_uid,
-        inst.sop_instance_uid,
-    ) as handle:
-        return Path(str(handle.name))
-
 
 log = logging.getLogger(__name__)
 
@@ -134,27 +108,18 @@ def _retrieve_plan(event: Event, archive: Archive, *, move: bool) -> RetrievePla
     except QueryRefusedError as exc:
         log.info("refused retrieve from %s: 0x%04X %s", calling_ae, exc.status, exc.comment)
         return RetrievePlan.refuse(RetrieveStatus(exc.status), exc.comment)
-    subops: list[SubOperation] = []
-    for inst in instances:
-        path = None
-        problem = ""
-        if inst.tier == LANDING_TIER:  # acknowledged, not indexed yet: wherever it is now
-            try:
-                path = landed_path(archive, inst)
-            except (StorageError, NotFoundError) as exc:
-                problem = str(exc)
-        elif inst.tier != Tier.HOT:
-            problem = f"stored in the {inst.tier or 'unknown'} tier"
-        else:
-            try:
-                path = archive.hot.path(inst.storage_key)
-            except StorageError:
-                problem = "unsafe storage key"
-        subops.append(
-            SubOperation(
-                inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax_uid, path, problem
-            )
+    # Each instance's bytes are opened when its sub-operation runs, from whatever tier holds
+    # them: one that cannot be read (archived, a tier down) fails that sub-operation.
+    tiers = archive.tiers
+    subops = [
+        SubOperation(
+            inst.sop_class_uid,
+            inst.sop_instance_uid,
+            inst.transfer_syntax_uid,
+            partial(tiers.open_instance, inst),
         )
+        for inst in instances
+    ]
     log.info(
         "%s from %s at %s level: %d instances%s",
         "C-MOVE" if move else "C-GET",

@@ -5,14 +5,17 @@ pynetdicom's own Q/R service re-encodes every instance from a decoded Dataset, w
 byte-identical for every file, and passes every message through its DUL thread and queue.
 :class:`ArchiveQueryRetrieveService` writes C-FIND answers to the socket itself and replaces
 C-GET / C-MOVE: the EVT_C_GET / EVT_C_MOVE handler returns a
-:class:`RetrievePlan` (instances with their stored file, or a refusal), and each file is
-sent in its stored transfer syntax, never decoded, its data set read from disk straight into
+:class:`RetrievePlan` (instances with how to open their stored bytes, or a refusal), and
+each instance is opened through the storage tiers when its sub-operation runs and sent in
+its stored transfer syntax, never decoded, its data set read from the stream straight into
 P-DATA PDUs (:func:`receiver.store_scu.send_message`): C-MOVE sub-operations on an
 association of our own (:class:`receiver.store_scu.StoreSCU`), C-GET ones written to the
 C-GET association's socket by the thread pynetdicom runs the request on. pynetdicom's own
 sending passes every PDU through its DUL thread and queue, three times slower. A peer that
 does not accept the stored syntax fails that sub-operation (an uncompressed file goes
-re-encoded in another accepted uncompressed syntax).
+re-encoded in another accepted uncompressed syntax). An instance that cannot be read (in
+the cold tier: a restore is requested; a tier that is down) fails its sub-operation, and
+the reason goes in the final response's Error Comment.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
-from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
 from pydicom import dcmread
@@ -45,7 +47,8 @@ from receiver.responses import EncodedIdentifier
 from receiver.status import RetrieveStatus
 from receiver.store_scu import StoreAssociationError, StoreSCU, data_set_offset, send_message
 from vannah_pipelines.dicom.json_encode import NotEncodableError, encode_json_dataset
-from vannah_pipelines.errors import InvalidDicomError
+from vannah_pipelines.errors import ArchivedError, InvalidDicomError, NotFoundError, StorageError
+from vannah_pipelines.storage.tiers import RestoreRequiredError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,6 @@ MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9
 # response encode per instance, so they are sent at most this often (seconds).
 PENDING_INTERVAL = 0.2
 GET_POLL_DELAY = 0.0001  # seconds between the DUL's socket checks during a C-GET
-VERIFICATION = "1.2.840.10008.1.1"
 QUERY_RETRIEVE_SOP_CLASSES = RETRIEVE_SOP_CLASSES | {PATIENT_ROOT_FIND, STUDY_ROOT_FIND}
 FIND_PENDING, FIND_PENDING_WARNING = 0xFF00, 0xFF01
 FIND_HANDLER_FAILED = 0xC311  # as pynetdicom answers an exception in the handler
@@ -67,13 +69,14 @@ UNCOMPRESSED_PREFERENCE = ("1.2.840.10008.1.2.1", IMPLICIT_VR_LE, "1.2.840.10008
 
 @dataclass(frozen=True)
 class SubOperation:
-    """One instance to send: its identity, transfer syntax and file (None: cannot be sent)."""
+    """One instance to send: its identity, transfer syntax, and how to open its stored bytes
+    (a seekable stream from whatever tier holds them; raises StorageError, OSError or
+    InvalidDicomError when they cannot be read)."""
 
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
-    path: Path | None
-    problem: str = ""  # why `path` is None (logged with the UID)
+    opener: Callable[[], BinaryIO]
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,13 @@ class _Counts:
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # distinct, for the Error Comment
+
+    def fail(self, uid: str, reason: str = "") -> None:
+        self.failed += 1
+        self.failed_uids.append(uid)
+        if reason and reason not in self.reasons and len(self.reasons) < 4:
+            self.reasons.append(reason)
 
 
 def _comment(rsp: C_GET | C_MOVE, text: str) -> None:
@@ -219,18 +229,27 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                     self._final(rsp, cx_id, context, counts, cancelled=True)
                     return
                 msg_id = (cast(int, req.MessageID) + index) % 65535 + 1
-                if scu is not None:
-                    kind = self._send_move(scu, subop, msg_id, cast(int, req.MessageID))
+                reason = ""
+                try:
+                    stream = subop.opener()
+                except (StorageError, OSError, InvalidDicomError) as exc:
+                    log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
+                    kind, reason = "failure", unreadable_reason(exc)
                 else:
-                    kind = self._send_get(subop, msg_id)
+                    with stream:
+                        if scu is not None:
+                            kind = self._send_move(
+                                scu, subop, stream, msg_id, cast(int, req.MessageID)
+                            )
+                        else:
+                            kind = self._send_get(subop, stream, msg_id)
                 counts.remaining -= 1
                 if kind == "success":
                     counts.completed += 1
                 elif kind == "warning":
                     counts.warning += 1
                 else:
-                    counts.failed += 1
-                    counts.failed_uids.append(subop.sop_instance_uid)
+                    counts.fail(subop.sop_instance_uid, reason)
                 now = time.monotonic()
                 if counts.remaining and now - last_pending >= PENDING_INTERVAL:
                     last_pending = now
@@ -273,24 +292,20 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
             return None
 
     def _send_move(
-        self, scu: StoreSCU, subop: SubOperation, msg_id: int, originator_id: int
+        self, scu: StoreSCU, subop: SubOperation, fp: BinaryIO, msg_id: int, originator_id: int
     ) -> str:
-        """One C-MOVE sub-operation on our own storage association."""
-        if subop.path is None:
-            log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, subop.problem)
-            return "failure"
+        """One C-MOVE sub-operation on our own storage association, from the open `fp`."""
         try:
-            with subop.path.open("rb") as fp:
-                syntax, data = _prepare(subop, fp, scu.accepted_syntaxes(subop.sop_class_uid))
-                result = scu.store(
-                    data,
-                    sop_class=subop.sop_class_uid,
-                    sop_instance=subop.sop_instance_uid,
-                    transfer_syntax=syntax,
-                    message_id=msg_id,
-                    originator_ae=self.ae.ae_title,
-                    originator_message_id=originator_id,
-                )
+            syntax, data = _prepare(subop, fp, scu.accepted_syntaxes(subop.sop_class_uid))
+            result = scu.store(
+                data,
+                sop_class=subop.sop_class_uid,
+                sop_instance=subop.sop_instance_uid,
+                transfer_syntax=syntax,
+                message_id=msg_id,
+                originator_ae=self.ae.ae_title,
+                originator_message_id=originator_id,
+            )
         except (OSError, InvalidDicomError, StoreAssociationError, NotAcceptedError) as exc:
             log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
             return "failure"
@@ -314,36 +329,33 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
             raise OSError("the association has no socket")
         return sock.socket
 
-    def _send_get(self, subop: SubOperation, msg_id: int) -> str:
-        """One C-GET sub-operation on the C-GET association: the C-STORE-RQ written to its
-        socket directly (this thread is the one pynetdicom runs the request on, so nothing
-        else writes meanwhile), the response read from pynetdicom's DIMSE queue."""
-        if subop.path is None:
-            log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, subop.problem)
-            return "failure"
+    def _send_get(self, subop: SubOperation, fp: BinaryIO, msg_id: int) -> str:
+        """One C-GET sub-operation on the C-GET association, from the open `fp`: the
+        C-STORE-RQ written to its socket directly (this thread is the one pynetdicom runs
+        the request on, so nothing else writes meanwhile), the response read from
+        pynetdicom's DIMSE queue."""
         try:
-            with subop.path.open("rb") as fp:
-                # Contexts on which this association may send the SOP class (SCU role).
-                contexts = {
-                    str(cx.transfer_syntax[0]): cast(int, cx.context_id)
-                    for cx in reversed(self.assoc.accepted_contexts)
-                    if cx.abstract_syntax == subop.sop_class_uid and cx.as_scu
-                }
-                syntax, data = _prepare(subop, fp, list(contexts))
-                command = pdu.encode_request(
-                    pdu.C_STORE_RQ,
-                    msg_id,
-                    subop.sop_class_uid.encode("ascii"),
-                    subop.sop_instance_uid.encode("ascii"),
-                    has_data_set=True,
-                )
-                send_message(
-                    self._socket(),
-                    self.dimse.maximum_pdu_size,
-                    contexts[syntax],
-                    command,
-                    data,
-                )
+            # Contexts on which this association may send the SOP class (SCU role).
+            contexts = {
+                str(cx.transfer_syntax[0]): cast(int, cx.context_id)
+                for cx in reversed(self.assoc.accepted_contexts)
+                if cx.abstract_syntax == subop.sop_class_uid and cx.as_scu
+            }
+            syntax, data = _prepare(subop, fp, list(contexts))
+            command = pdu.encode_request(
+                pdu.C_STORE_RQ,
+                msg_id,
+                subop.sop_class_uid.encode("ascii"),
+                subop.sop_instance_uid.encode("ascii"),
+                has_data_set=True,
+            )
+            send_message(
+                self._socket(),
+                self.dimse.maximum_pdu_size,
+                contexts[syntax],
+                command,
+                data,
+            )
         except (NotAcceptedError, OSError, InvalidDicomError) as exc:
             # No accepted context for the stored SOP class / transfer syntax, or I/O.
             log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
@@ -373,8 +385,10 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
         cancelled: bool = False,
         comment: str = "",
     ) -> None:
-        """The final response (PS3.4 C.4.2.1.5): success, 0xB000 some failed or warned,
-        0xA702 all failed, or 0xFE00 cancelled; with the Failed SOP Instance UID List."""
+        """The final response (PS3.4 C.4.2.1.5, C.4.3.1.5): success, 0xB000 some failed or
+        warned, 0xA702 all failed, or 0xFE00 cancelled; with the Failed SOP Instance UID
+        List, and in Error Comment (PS3.7 C.4.2) `comment` or else why instances could not
+        be read (archived: a restore was requested; a storage tier down)."""
         if not cancelled:
             if not counts.failed and not counts.warning:
                 rsp.Status = int(RetrieveStatus.SUCCESS)
@@ -382,6 +396,7 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                 rsp.Status = int(RetrieveStatus.UNABLE_TO_PERFORM_SUBOPERATIONS)
             else:
                 rsp.Status = int(RetrieveStatus.SUBOPERATIONS_FAILED)
+        comment = comment or "; ".join(counts.reasons)
         if comment:
             _comment(rsp, comment)
         rsp.NumberOfCompletedSuboperations = counts.completed
@@ -514,13 +529,30 @@ def _proposals(subops: list[SubOperation]) -> list[tuple[str, tuple[str, ...]]]:
     """The presentation contexts a C-MOVE proposes: each (SOP class, stored syntax) alone,
     then, for SOP classes with uncompressed files, every uncompressed syntax in one context
     (a fallback the file is re-encoded into if the peer refuses its stored syntax)."""
-    pairs = sorted({(s.sop_class_uid, s.transfer_syntax_uid) for s in subops if s.path})
+    pairs = sorted({(s.sop_class_uid, s.transfer_syntax_uid) for s in subops})
     exact: list[tuple[str, tuple[str, ...]]] = [(sop, (ts,)) for sop, ts in pairs]
     fallback = sorted({sop for sop, ts in pairs if ts in UNCOMPRESSED})
-    proposals = exact + [(sop, UNCOMPRESSED_PREFERENCE) for sop in fallback]
-    if not proposals:  # nothing sendable: every sub-operation fails without a peer
-        proposals = [(VERIFICATION, (IMPLICIT_VR_LE,))]
-    return proposals
+    return exact + [(sop, UNCOMPRESSED_PREFERENCE) for sop in fallback]
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Why an instance could not be read, short enough for an Error Comment (LO, 64
+    characters) and free of patient data.
+
+    >>> unreadable_reason(NotFoundError("hot: no object 'a/b/c.dcm'"))
+    'stored object in no storage tier'
+    """
+    if isinstance(exc, RestoreRequiredError):
+        seconds = exc.retry_after_seconds
+        wait = f"{seconds // 3600} h" if seconds >= 3600 else f"{seconds} s"
+        return f"in cold storage: restore requested, retry in {wait}"
+    if isinstance(exc, ArchivedError):
+        return "in cold storage, not restored yet"
+    if isinstance(exc, NotFoundError):
+        return "stored object in no storage tier"
+    if isinstance(exc, StorageError):
+        return "storage tier unavailable"
+    return "stored object unreadable"
 
 
 class NotAcceptedError(Exception):
@@ -528,7 +560,7 @@ class NotAcceptedError(Exception):
 
 
 def _prepare(subop: SubOperation, fp: BinaryIO, accepted: list[str]) -> tuple[str, BinaryIO]:
-    """The transfer syntax to send `subop` in and its data set, from the open file `fp`:
+    """The transfer syntax to send `subop` in and its data set, from the open stream `fp`:
     the stored bytes when the peer accepted the stored syntax; else, for an uncompressed
     file, pydicom's re-encoding in an accepted uncompressed syntax (the same elements, not
     the same bytes).
@@ -540,7 +572,6 @@ def _prepare(subop: SubOperation, fp: BinaryIO, accepted: list[str]) -> tuple[st
     InvalidDicomError
         If the file has no Part-10 header.
     """
-    assert subop.path is not None
     data_set_offset(fp)
     syntax = subop.transfer_syntax_uid
     if syntax in accepted:
@@ -549,13 +580,14 @@ def _prepare(subop: SubOperation, fp: BinaryIO, accepted: list[str]) -> tuple[st
     if syntax not in UNCOMPRESSED or not others:
         raise NotAcceptedError(f"{syntax} not accepted by the peer")
     log.info("sub-operation for %s re-encoded", subop.sop_instance_uid)
-    return others[0], BytesIO(_reencode(subop.path, others[0]))
+    return others[0], BytesIO(_reencode(fp, others[0]))
 
 
-def _reencode(path: Path, syntax: str) -> bytes:
-    """The data set of `path` encoded in the uncompressed `syntax`."""
+def _reencode(fp: BinaryIO, syntax: str) -> bytes:
+    """The data set of the Part-10 stream `fp` encoded in the uncompressed `syntax`."""
     ts = UID(syntax)
-    data = encode(dcmread(path), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    fp.seek(0)
+    data = encode(dcmread(fp), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
     if data is None:
         raise OSError(f"cannot encode in {syntax}")
     return data

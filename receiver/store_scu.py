@@ -277,12 +277,11 @@ def send_message(
         sock.sendall(piece)
     if data is None:
         return
+    # Any seekable stream: a file, or an object spooled from a storage tier (asking a
+    # spooled one for its fileno would move it from memory to disk).
     start = data.tell()
-    size = os.fstat(data.fileno()).st_size - start if _has_fileno(data) else None
-    if size is None:
-        data.seek(0, os.SEEK_END)
-        size = data.tell() - start
-        data.seek(start)
+    size = data.seek(0, os.SEEK_END) - start
+    data.seek(start)
     room = (1 << 20) if max_pdu == 0 else max(1, max_pdu - pdu.PDV_HEADER.size)
     view = memoryview(bytearray(min(room, max(size, 1))))
     sent = 0
@@ -295,14 +294,6 @@ def send_message(
         _send_parts(sock, [header, pdv, view[:count]])
         if last:
             return
-
-
-def _has_fileno(data: BinaryIO) -> bool:
-    try:
-        data.fileno()
-    except (OSError, AttributeError, ValueError):
-        return False
-    return True
 
 
 def _send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:

@@ -255,3 +255,112 @@ def test_receiver_loads_the_catalog_stack_only_for_query_retrieve() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_receiver_imports_no_object_storage_client_until_a_tier_needs_one() -> None:
+    """A store-only worker, and a Q/R worker reading the hot tier, never import the
+    ``minio`` SDK or boto3; the worker's StorageTiers builds a backend (and imports its
+    client) the first time its tier is read."""
+    code = (
+        "import sys, tempfile\n"
+        "clients = ('minio', 'boto3', 'botocore')\n"
+        "import receiver.app, receiver.fast_store\n"
+        "import receiver.qr_handlers\n"
+        "from receiver.archive import Archive\n"
+        "from vannah_pipelines.settings import load_settings\n"
+        "from vannah_pipelines.storage.base import Tier\n"
+        "settings = load_settings(data_dir=tempfile.mkdtemp(), warm_storage='s3',\n"
+        "    warm_s3_endpoint='127.0.0.1:9', cold_storage='s3-archive')\n"
+        "tiers = Archive(settings).tiers\n"
+        "tiers[Tier.HOT]\n"
+        "assert not [c for c in clients if c in sys.modules], 'eager'\n"
+        "tiers[Tier.WARM]\n"
+        "assert 'minio' in sys.modules and 'boto3' not in sys.modules, 'warm'\n"
+        "tiers[Tier.COLD]\n"
+        "assert 'boto3' in sys.modules, 'cold'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# Services read an instance's bytes through StorageTiers only (STYLE.md section 3): they
+# build no backend, name no tier folder and make no storage path themselves.
+SERVICE_PACKAGES = ("dicomweb", "receiver")
+STORAGE_FORBIDDEN_NAMES = frozenset(
+    {
+        "LocalStorage",
+        "MinioStorage",
+        "ArchiveStorage",
+        "build_backend",
+        "open_landed",
+        "landed_path",
+        "instance_key",
+        "hot_dir",
+        "warm_dir",
+        "cold_dir",
+    }
+)
+STORAGE_FORBIDDEN_MODULES = (
+    "vannah_pipelines.storage.local",
+    "vannah_pipelines.storage.s3",
+    "vannah_pipelines.storage.archive",
+)
+
+
+def storage_bypasses(source: str) -> list[str]:
+    """What in `source` reads storage other than through StorageTiers: a backend class, a
+    tier folder setting, a storage-path builder, or an import of a backend module."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        name = None
+        if isinstance(node, ast.Name):
+            name = node.id
+        elif isinstance(node, ast.Attribute):
+            name = node.attr
+        elif isinstance(node, ast.alias):
+            name = node.name.rsplit(".", 1)[-1]
+            if any(_matches(node.name, m) for m in STORAGE_FORBIDDEN_MODULES):
+                found.append(f"line {getattr(node, 'lineno', '?')}: imports {node.name}")
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            name = node.name
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and any(_matches(node.module, m) for m in STORAGE_FORBIDDEN_MODULES)
+        ):
+            found.append(f"line {node.lineno}: imports from {node.module}")
+        if name in STORAGE_FORBIDDEN_NAMES:
+            found.append(f"line {getattr(node, 'lineno', '?')}: {name}")
+    return found
+
+
+def test_storage_bypass_finder_finds_each_kind() -> None:
+    source = (
+        "from vannah_pipelines.storage.local import LocalStorage\n"
+        "import vannah_pipelines.storage.s3\n"
+        "def landed_path(archive): ...\n"
+        "store = LocalStorage(settings.hot_dir)\n"
+        "key = instance_key(a, b, c, d)\n"
+        "tiers.open_instance(row)\n"
+    )
+    found = storage_bypasses(source)
+    for what in ("vannah_pipelines.storage.local", "vannah_pipelines.storage.s3", "landed_path"):
+        assert any(what in f for f in found), (what, found)
+    for what in ("LocalStorage", "hot_dir", "instance_key"):
+        assert any(f.endswith(what) for f in found), (what, found)
+    assert storage_bypasses("tiers = StorageTiers(settings)\ntiers.open_instance(row)\n") == []
+
+
+@pytest.mark.parametrize(
+    "module", sorted(m for m in MODULES if m.split(".")[0] in SERVICE_PACKAGES)
+)
+def test_services_read_instance_bytes_through_storage_tiers_only(module: str) -> None:
+    found = storage_bypasses(MODULES[module].read_text(encoding="utf-8"))
+    assert not found, f"{module} reads storage around StorageTiers: {found}"
+
+
+def test_each_service_holds_one_storage_tiers() -> None:
+    """DICOMweb keeps its StorageTiers on the app state, a receiver worker on its Archive."""
+    for module, holder in (("dicomweb.app", "app.state.tiers"), ("receiver.archive", "_tiers")):
+        source = MODULES[module].read_text(encoding="utf-8")
+        assert "StorageTiers(" in source and holder in source, module

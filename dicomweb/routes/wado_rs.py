@@ -15,8 +15,14 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydicom.dataset import Dataset
 
-from dicomweb.deps import CatalogDep, SettingsDep
-from dicomweb.errors import BadRequestError, DicomWebError, NotAcceptableError, NotFoundError
+from dicomweb.deps import CatalogDep, SettingsDep, TiersDep
+from dicomweb.errors import (
+    BadRequestError,
+    DicomWebError,
+    NotAcceptableError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from dicomweb.media import (
     DICOM,
     OCTET_STREAM,
@@ -62,14 +68,13 @@ from dicomweb.rendering import (
     stored_frame,
     thumbnail_options,
 )
-from vannah_pipelines.catalog.landed import LANDING_TIER, open_landed
 from vannah_pipelines.catalog.lookup import StoredInstance, find_instances, iter_headers
 from vannah_pipelines.dicom.uids import require_uid
+from vannah_pipelines.errors import ArchivedError, StorageError, UnsafeUidError
 from vannah_pipelines.errors import NotFoundError as StorageNotFoundError
-from vannah_pipelines.errors import UnsafeUidError
 from vannah_pipelines.settings import Settings
 from vannah_pipelines.storage.base import Tier
-from vannah_pipelines.storage.local import LocalStorage
+from vannah_pipelines.storage.tiers import RestoreRequiredError, StorageTiers
 
 log = logging.getLogger(__name__)
 
@@ -113,47 +118,60 @@ def lookup(
     return found
 
 
-def opener(settings: Settings, instance: StoredInstance) -> Callable[[], BinaryIO]:
-    """How to open the stored file of `instance` (503 for tiers not served yet)."""
-    if instance.tier == LANDING_TIER:  # acknowledged, not indexed yet: wherever it is now
-        return lambda: open_landed(
-            settings.landing_dir,
-            settings.hot_dir,
-            instance.storage_key,
-            instance.checksum,
-            instance.study_instance_uid,
-            instance.series_instance_uid,
-            instance.sop_instance_uid,
-        )
-    if instance.tier != Tier.HOT.value:
-        raise DicomWebError(
-            f"instance {instance.sop_instance_uid} is in the {instance.tier or 'unknown'} "
-            "tier; retrieval from it is not available yet",
-            status=503,
-        )
-    store = LocalStorage(settings.hot_dir, Tier.HOT)
-    if not store.exists(instance.storage_key):
+def open_stored(tiers: StorageTiers, instance: StoredInstance) -> BinaryIO:
+    """The stored bytes of `instance` as a seekable stream, from whatever tier holds them
+    (:meth:`StorageTiers.open_instance`); a storage failure becomes the answer the client
+    gets: 503 with ``Retry-After`` for an archived instance (its restore is requested),
+    503 for a tier that cannot be read now, 500 for an object in no tier at all."""
+    sop = instance.sop_instance_uid
+    try:
+        return tiers.open_instance(instance)
+    except RestoreRequiredError as exc:
+        log.info("instance %s is archived: restore of study %s requested", sop, exc.study_uid)
+        raise ServiceUnavailableError(
+            f"instance {sop} is archived: {exc}; retry after {exc.retry_after_seconds} s",
+            headers={"Retry-After": str(exc.retry_after_seconds)},
+        ) from exc
+    except ArchivedError as exc:
+        raise ServiceUnavailableError(f"instance {sop} is archived: {exc}") from exc
+    except StorageNotFoundError as exc:
         # Before the answer starts (a stream cannot change its status): with a shared
         # catalog (the DuckLake), the instance may be in another host's hot folder.
-        log.error("catalogued object not in this host's hot tier: %s", instance.storage_key)
+        log.error("catalogued object in no storage tier: %s", exc)
         raise DicomWebError(
-            f"the stored object of instance {instance.sop_instance_uid} is not in this "
-            "host's hot tier",
+            f"the stored object of instance {sop} is in no storage tier this service reads",
             status=500,
-        )
-    return lambda: store.open(instance.storage_key)
-
-
-def read_dataset(settings: Settings, instance: StoredInstance) -> Dataset:
-    """The whole stored instance, parsed (one instance in memory)."""
-    try:
-        with opener(settings, instance)() as stream:
-            return pydicom.dcmread(stream, force=True)
-    except StorageNotFoundError as exc:
-        log.error("catalogued object missing from storage: %s", exc)
-        raise DicomWebError(
-            f"the stored object of instance {instance.sop_instance_uid} is missing", status=500
         ) from exc
+    except StorageError as exc:
+        log.warning("instance %s unreadable: %s", sop, exc)
+        which = f"the {instance.tier}" if instance.tier in (Tier.WARM, Tier.COLD) else "a"
+        raise ServiceUnavailableError(
+            f"instance {sop} cannot be read now: {which} storage tier is unavailable; "
+            "try again later"
+        ) from exc
+
+
+def opener(
+    tiers: StorageTiers, instance: StoredInstance, *, at_once: bool = False
+) -> Callable[[], BinaryIO]:
+    """How to open the stored bytes of `instance` (see :func:`open_stored`). With
+    `at_once` they are opened now, so an instance that cannot be read is answered (503,
+    500) before the response starts: the first call gets that stream, later ones open it
+    again."""
+    if not at_once:
+        return lambda: open_stored(tiers, instance)
+    first = [open_stored(tiers, instance)]
+
+    def open_stream() -> BinaryIO:
+        return first.pop() if first else open_stored(tiers, instance)
+
+    return open_stream
+
+
+def read_dataset(tiers: StorageTiers, instance: StoredInstance) -> Dataset:
+    """The whole stored instance, parsed (one instance in memory)."""
+    with open_stored(tiers, instance) as stream:
+        return pydicom.dcmread(stream, force=True)
 
 
 def instance_body(
@@ -183,14 +201,8 @@ def check_transcode(
     (nothing is decoded). `whole`: read the pixel data too, to check the frame count and
     codestreams; else (one of many instances) the header's budget only, the rest being
     checked again by :func:`~dicomweb.media.transcode` just before it decodes."""
-    try:
-        with open_stream() as stream:
-            ds = pydicom.dcmread(stream, force=True, stop_before_pixels=not whole)
-    except StorageNotFoundError as exc:
-        log.error("catalogued object missing from storage: %s", exc)
-        raise DicomWebError(
-            f"the stored object of instance {instance.sop_instance_uid} is missing", status=500
-        ) from exc
+    with open_stream() as stream:
+        ds = pydicom.dcmread(stream, force=True, stop_before_pixels=not whole)
     try:
         if whole:
             check_decompress(ds, settings.dicomweb_max_decoded_bytes)
@@ -222,9 +234,13 @@ def render_options(
 
 
 def rendered_response(
-    settings: Settings, instance: StoredInstance, number: int, options: RenderOptions
+    settings: Settings,
+    tiers: StorageTiers,
+    instance: StoredInstance,
+    number: int,
+    options: RenderOptions,
 ) -> Response:
-    ds = read_dataset(settings, instance)
+    ds = read_dataset(tiers, instance)
     try:
         data = render_frame(ds, number, options, settings.dicomweb_max_decoded_bytes)
     except PixelError as exc:
@@ -243,15 +259,27 @@ def pixel_error(instance: StoredInstance, exc: PixelError) -> DicomWebError:
 # ---------------------------------------------------------------- instances
 
 
-def _retrieve(settings: Settings, instances: list[StoredInstance], accept: str | None) -> Response:
+def _retrieve(
+    settings: Settings,
+    tiers: StorageTiers,
+    instances: list[StoredInstance],
+    accept: str | None,
+) -> Response:
     ranges = parse_accept(accept)
     single = len(instances) == 1
-    planned: list[tuple[StoredInstance, Callable[[], BinaryIO], InstanceChoice]] = []
+    choices: list[InstanceChoice] = []
     for instance in instances:
-        open_stream = opener(settings, instance)
         choice = choose_instance(ranges, instance.transfer_syntax_uid, single_part_ok=single)
         if isinstance(choice, str):
             raise NotAcceptableError(f"instance {instance.sop_instance_uid}: {choice}")
+        choices.append(choice)
+    planned: list[tuple[StoredInstance, Callable[[], BinaryIO], InstanceChoice]] = []
+    tried: set[str] = set()
+    for instance, choice in zip(instances, choices, strict=True):
+        # The first instance of each catalog tier is opened before the answer starts: an
+        # archived study or a tier that is down is answered 503 then, not a broken stream.
+        open_stream = opener(tiers, instance, at_once=instance.tier not in tried)
+        tried.add(instance.tier)
         if choice.transcode(instance.transfer_syntax_uid):
             check_transcode(settings, instance, open_stream, whole=single)
         planned.append((instance, open_stream, choice))
@@ -277,9 +305,13 @@ def _retrieve(settings: Settings, instances: list[StoredInstance], accept: str |
 
 @router.get(STUDY, summary="Retrieve a study")
 def retrieve_study(
-    study: str, catalog: CatalogDep, settings: SettingsDep, accept: AcceptHeader = None
+    study: str,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    tiers: TiersDep,
+    accept: AcceptHeader = None,
 ) -> Response:
-    return _retrieve(settings, lookup(catalog, study), accept)
+    return _retrieve(settings, tiers, lookup(catalog, study), accept)
 
 
 @router.get(SERIES, summary="Retrieve a series")
@@ -288,9 +320,10 @@ def retrieve_series(
     series: str,
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     accept: AcceptHeader = None,
 ) -> Response:
-    return _retrieve(settings, lookup(catalog, study, series), accept)
+    return _retrieve(settings, tiers, lookup(catalog, study, series), accept)
 
 
 @router.get(INSTANCE, summary="Retrieve an instance")
@@ -300,9 +333,10 @@ def retrieve_instance(
     instance: str,
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     accept: AcceptHeader = None,
 ) -> Response:
-    return _retrieve(settings, lookup(catalog, study, series, instance), accept)
+    return _retrieve(settings, tiers, lookup(catalog, study, series, instance), accept)
 
 
 # ---------------------------------------------------------------- metadata
@@ -435,6 +469,7 @@ def retrieve_frames(
     frames: str,
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     accept: AcceptHeader = None,
 ) -> Response:
     try:
@@ -442,7 +477,7 @@ def retrieve_frames(
     except FrameError as exc:
         raise BadRequestError(str(exc)) from exc
     stored = lookup(catalog, study, series, instance)[0]
-    ds = read_dataset(settings, stored)
+    ds = read_dataset(tiers, stored)
     return _frames_response(stored, ds, numbers, accept, settings.dicomweb_max_decoded_bytes)
 
 
@@ -454,6 +489,7 @@ def retrieve_bulk_data(
     path: str,
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     accept: AcceptHeader = None,
 ) -> Response:
     try:
@@ -461,7 +497,7 @@ def retrieve_bulk_data(
     except ValueError as exc:
         raise BadRequestError(str(exc)) from exc
     stored = lookup(catalog, study, series, instance)[0]
-    ds = read_dataset(settings, stored)
+    ds = read_dataset(tiers, stored)
     if tags == [PIXEL_DATA_TAG]:
         try:
             count = frame_count(ds)  # checked against the data: never a list of 2^31 frames
@@ -546,9 +582,12 @@ def rendered_instance(
     instance: str,
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     options: RenderDep,
 ) -> Response:
-    return rendered_response(settings, lookup(catalog, study, series, instance)[0], 1, options)
+    return rendered_response(
+        settings, tiers, lookup(catalog, study, series, instance)[0], 1, options
+    )
 
 
 @router.get(INSTANCE + "/frames/{frames}/rendered", summary="Retrieve a rendered frame")
@@ -559,11 +598,12 @@ def rendered_frame(
     frames: str,
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     options: RenderDep,
 ) -> Response:
     number = _frame_number(frames)
     stored = lookup(catalog, study, series, instance)[0]
-    return rendered_response(settings, stored, number, options)
+    return rendered_response(settings, tiers, stored, number, options)
 
 
 @router.get(INSTANCE + "/thumbnail", summary="Retrieve an instance thumbnail")
@@ -573,9 +613,12 @@ def instance_thumbnail(
     instance: str,
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     options: ThumbnailDep,
 ) -> Response:
-    return rendered_response(settings, lookup(catalog, study, series, instance)[0], 1, options)
+    return rendered_response(
+        settings, tiers, lookup(catalog, study, series, instance)[0], 1, options
+    )
 
 
 @router.get(INSTANCE + "/frames/{frames}/thumbnail", summary="Retrieve a frame thumbnail")
@@ -586,11 +629,12 @@ def frame_thumbnail(
     frames: str,
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     options: ThumbnailDep,
 ) -> Response:
     number = _frame_number(frames)
     stored = lookup(catalog, study, series, instance)[0]
-    return rendered_response(settings, stored, number, options)
+    return rendered_response(settings, tiers, stored, number, options)
 
 
 @router.get(SERIES + "/thumbnail", summary="Retrieve a series thumbnail (its middle image)")
@@ -599,10 +643,11 @@ def series_thumbnail(
     series: str,
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     options: ThumbnailDep,
 ) -> Response:
     middle = _middle(lookup(catalog, study, series))
-    return rendered_response(settings, middle, 1, options)
+    return rendered_response(settings, tiers, middle, 1, options)
 
 
 @router.get(STUDY + "/thumbnail", summary="Retrieve a study thumbnail (a middle image)")
@@ -610,7 +655,8 @@ def study_thumbnail(
     study: str,
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     options: ThumbnailDep,
 ) -> Response:
     middle = _middle(lookup(catalog, study))
-    return rendered_response(settings, middle, 1, options)
+    return rendered_response(settings, tiers, middle, 1, options)

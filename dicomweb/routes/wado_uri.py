@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
 
-from dicomweb.deps import CatalogDep, SettingsDep
+from dicomweb.deps import CatalogDep, SettingsDep, TiersDep
 from dicomweb.errors import BadRequestError, NotAcceptableError
 from dicomweb.media import DICOM, RENDERED_MEDIA_TYPES, InstanceChoice, transcode_reason
 from dicomweb.rendering import RenderOptions, Window
@@ -76,6 +76,7 @@ def _window(center: str | None, width: str | None) -> Window | None:
 def wado(
     catalog: CatalogDep,
     settings: SettingsDep,
+    tiers: TiersDep,
     request_type: Annotated[str | None, Query(alias="requestType")] = None,
     study_uid: Annotated[str | None, Query(alias="studyUID")] = None,
     series_uid: Annotated[str | None, Query(alias="seriesUID")] = None,
@@ -101,7 +102,7 @@ def wado(
         if reason is not None:
             raise NotAcceptableError(f"transferSyntax {target[:80]}: {reason}")
         choice = InstanceChoice(False, target)
-        open_stream = opener(settings, stored)
+        open_stream = opener(tiers, stored, at_once=True)
         if choice.transcode(stored.transfer_syntax_uid):
             check_transcode(settings, stored, open_stream)
         return StreamingResponse(
@@ -125,4 +126,4 @@ def wado(
         _int("imageQuality", image_quality, 1, 100) or 90,
     )
     number = _int("frameNumber", frame_number, 1, 1 << 30) or 1
-    return rendered_response(settings, stored, number, options)
+    return rendered_response(settings, tiers, stored, number, options)

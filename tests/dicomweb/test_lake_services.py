@@ -49,8 +49,9 @@ def test_a_study_ingested_through_one_service_is_answered_by_both(
 
     WADO-RS of the instances themselves from the other host is the storage tier's issue, not
     this one: the bytes are in the first host's hot folder, which the second cannot read.
-    Today it answers 500 before any byte, saying the stored object is not in this host's hot
-    tier (not a broken stream); once the hot tier is shared storage it answers the bytes.
+    Today it answers 500 before any byte, saying the stored object is in no storage tier
+    this host reads (not a broken stream); once the hot tier is shared storage it answers
+    the bytes.
 
     An instance landed on one host and not ingested yet is answered by that host only (its
     landed overlay works on the lake as on local files), then by both once ingested.
@@ -92,7 +93,7 @@ def test_a_study_ingested_through_one_service_is_answered_by_both(
     assert here.status_code == 200
     there = requests.get(url_b + path, headers=accept, timeout=30)
     assert there.status_code == 500, there.status_code
-    assert "not in this host's hot tier" in there.text
+    assert "in no storage tier this service reads" in there.text
 
     # Landed on host A, not ingested yet: A answers it (its landed overlay), B not yet;
     # once ingested into the lake, both, once each.

@@ -7,7 +7,7 @@ from pathlib import Path
 import duckdb
 
 from vannah_pipelines.catalog.compaction import Manifest, pending_batch_files
-from vannah_pipelines.storage.base import Tier
+from vannah_pipelines.storage.base import Storage, Tier
 from vannah_pipelines.storage.local import LocalStorage
 
 
@@ -66,8 +66,10 @@ def duplicate_sop_instance_uids(catalog_dir: Path, batch_ids: list[str]) -> list
     return [r[0] for r in rows]
 
 
-def missing_files(catalog_dir: Path, hot_dir: Path, catalog_files: list[str]) -> list[str]:
-    """Storage keys, listed in `catalog_files`, whose hot-tier file is not there."""
+def missing_files(catalog_dir: Path, hot: Storage | Path, catalog_files: list[str]) -> list[str]:
+    """Storage keys, listed in `catalog_files` as hot-tier objects, that the hot tier does
+    not hold. `hot` is the hot tier's backend (``StorageTiers(settings).hot``), or the
+    root folder of a local one."""
     if not catalog_files:
         return []
     con = duckdb.connect(":memory:")
@@ -78,5 +80,5 @@ def missing_files(catalog_dir: Path, hot_dir: Path, catalog_files: list[str]) ->
         ).fetchall()
     finally:
         con.close()
-    hot = LocalStorage(hot_dir, Tier.HOT)
-    return [k for (k,) in keys if not hot.exists(k)]
+    store = LocalStorage(hot, Tier.HOT) if isinstance(hot, Path) else hot
+    return [k for (k,) in keys if not store.exists(k)]

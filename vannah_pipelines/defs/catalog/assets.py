@@ -14,6 +14,7 @@ from vannah_pipelines.defs.resources import ArchiveResource
 from vannah_pipelines.landing.layout import LandingZone, require_batch_id
 from vannah_pipelines.landing.plan import BACKLOG_MAX_AGE_SECONDS, Backlog, landing_backlog
 from vannah_pipelines.landing.space import is_disk_full
+from vannah_pipelines.storage.tiers import StorageTiers
 
 # A run that failed because a disk is full carries this tag: the sensor retries it once
 # space returns, without counting it as an attempt of its batches.
@@ -127,7 +128,7 @@ def instance_index(
             "examples": dg.MetadataValue.json(dupes[:10]),
         },
     )
-    missing = missing_files(settings.catalog_dir, settings.hot_dir, result.catalog_files)
+    missing = missing_files(settings.catalog_dir, StorageTiers(settings).hot, result.catalog_files)
     yield dg.AssetCheckResult(
         check_name="instance_files_present",
         passed=not missing,
