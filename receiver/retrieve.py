@@ -47,7 +47,13 @@ from receiver.responses import EncodedIdentifier
 from receiver.status import RetrieveStatus
 from receiver.store_scu import StoreAssociationError, StoreSCU, data_set_offset, send_message
 from vannah_pipelines.dicom.json_encode import NotEncodableError, encode_json_dataset
-from vannah_pipelines.errors import ArchivedError, InvalidDicomError, NotFoundError, StorageError
+from vannah_pipelines.errors import (
+    ArchivedError,
+    InvalidDicomError,
+    NotFoundError,
+    StorageError,
+    StorageUnavailableError,
+)
 from vannah_pipelines.storage.tiers import RestoreRequiredError
 
 log = logging.getLogger(__name__)
@@ -550,7 +556,7 @@ def unreadable_reason(exc: BaseException) -> str:
         return "in cold storage, not restored yet"
     if isinstance(exc, NotFoundError):
         return "stored object in no storage tier"
-    if isinstance(exc, StorageError):
+    if isinstance(exc, StorageUnavailableError):
         return "storage tier unavailable"
     return "stored object unreadable"
 

@@ -44,6 +44,11 @@ class NotFoundError(StorageError):
     """The object does not exist in the storage tier asked."""
 
 
+class StorageUnavailableError(StorageError):
+    """A storage tier cannot be reached or answers it is busy (a server down, a timeout,
+    an HTTP 5xx): the same read may succeed later."""
+
+
 class ChecksumMismatchError(StorageError):
     """Bytes read or stored do not hash to the catalog's SHA-256: nothing was kept."""
 

@@ -70,7 +70,12 @@ from dicomweb.rendering import (
 )
 from vannah_pipelines.catalog.lookup import StoredInstance, find_instances, iter_headers
 from vannah_pipelines.dicom.uids import require_uid
-from vannah_pipelines.errors import ArchivedError, StorageError, UnsafeUidError
+from vannah_pipelines.errors import (
+    ArchivedError,
+    StorageError,
+    StorageUnavailableError,
+    UnsafeUidError,
+)
 from vannah_pipelines.errors import NotFoundError as StorageNotFoundError
 from vannah_pipelines.settings import Settings
 from vannah_pipelines.storage.base import Tier
@@ -122,7 +127,8 @@ def open_stored(tiers: StorageTiers, instance: StoredInstance) -> BinaryIO:
     """The stored bytes of `instance` as a seekable stream, from whatever tier holds them
     (:meth:`StorageTiers.open_instance`); a storage failure becomes the answer the client
     gets: 503 with ``Retry-After`` for an archived instance (its restore is requested),
-    503 for a tier that cannot be read now, 500 for an object in no tier at all."""
+    503 for a tier that cannot be reached now, 500 for an object in no tier at all or one
+    the store refuses."""
     sop = instance.sop_instance_uid
     try:
         return tiers.open_instance(instance)
@@ -142,12 +148,17 @@ def open_stored(tiers: StorageTiers, instance: StoredInstance) -> BinaryIO:
             f"the stored object of instance {sop} is in no storage tier this service reads",
             status=500,
         ) from exc
-    except StorageError as exc:
+    except StorageUnavailableError as exc:
         log.warning("instance %s unreadable: %s", sop, exc)
         which = f"the {instance.tier}" if instance.tier in (Tier.WARM, Tier.COLD) else "a"
         raise ServiceUnavailableError(
             f"instance {sop} cannot be read now: {which} storage tier is unavailable; "
             "try again later"
+        ) from exc
+    except StorageError as exc:  # refused by the store, or a location that makes no sense
+        log.error("instance %s unreadable: %s", sop, exc)
+        raise DicomWebError(
+            f"the stored object of instance {sop} cannot be read", status=500
         ) from exc
 
 

@@ -20,6 +20,7 @@ from vannah_pipelines.errors import (
     ChecksumMismatchError,
     NotFoundError,
     StorageError,
+    StorageUnavailableError,
 )
 from vannah_pipelines.settings import Settings
 from vannah_pipelines.storage.archive import ArchiveStorage
@@ -147,10 +148,18 @@ def test_a_stopped_server_is_a_storage_error_not_a_hang() -> None:
         store = _minio(server, "gone")
         key, body, sha = _key()
         store.write(key, io.BytesIO(body), len(body), sha)
-    with pytest.raises(StorageError) as caught:
+    with pytest.raises(StorageUnavailableError) as caught:
         store.open(key)
-    assert not isinstance(caught.value, NotFoundError)
     assert "unreachable" in str(caught.value)
+
+
+def test_refused_credentials_are_an_error_but_not_an_outage(seaweedfs: S3Server) -> None:
+    wrong = S3Server(seaweedfs.host, seaweedfs.port, seaweedfs.access_key, "not-the-secret")
+    key, body, sha = _key()
+    with pytest.raises(StorageError) as caught:
+        _minio(wrong, "refused").write(key, io.BytesIO(body), len(body), sha)
+    assert not isinstance(caught.value, StorageUnavailableError)  # DICOMweb: 500, not 503
+    assert "SignatureDoesNotMatch" in str(caught.value) or "AccessDenied" in str(caught.value)
 
 
 # ------------------------------------------------------------------ tiers and fallback

@@ -19,7 +19,12 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from vannah_pipelines.errors import ArchivedError, NotFoundError, StorageError
+from vannah_pipelines.errors import (
+    ArchivedError,
+    NotFoundError,
+    StorageError,
+    StorageUnavailableError,
+)
 from vannah_pipelines.storage.base import (
     CHUNK_BYTES,
     SPOOL_MEMORY_BYTES,
@@ -93,8 +98,13 @@ class ArchiveStorage:
                 return NotFoundError(f"{self.tier}: no object {key!r}")
             if code == "InvalidObjectState":
                 return ArchivedError(f"{self.tier}: {key!r} is archived ({self.storage_class})")
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if status >= 500 or code in ("SlowDown", "RequestTimeout"):
+                return StorageUnavailableError(f"{self.tier} ({self.endpoint}): {key!r}: {code}")
             return StorageError(f"{self.tier} ({self.endpoint}): {key!r}: {code}")
-        return StorageError(f"{self.tier} ({self.endpoint}): {key!r}: {type(exc).__name__}")
+        return StorageUnavailableError(
+            f"{self.tier} ({self.endpoint}): {key!r}: unreachable ({type(exc).__name__})"
+        )
 
     def ensure_bucket(self) -> None:
         try:

@@ -17,7 +17,12 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from vannah_pipelines.errors import ChecksumMismatchError, NotFoundError, StorageError
+from vannah_pipelines.errors import (
+    ChecksumMismatchError,
+    NotFoundError,
+    StorageError,
+    StorageUnavailableError,
+)
 from vannah_pipelines.storage.base import (
     CHUNK_BYTES,
     SPOOL_MEMORY_BYTES,
@@ -31,6 +36,7 @@ from vannah_pipelines.storage.base import (
 # ones are multipart uploads (parts of this size held in memory) and are read back.
 PART_BYTES = 32 << 20
 _MISSING = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"})
+_BUSY = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"})
 
 
 def object_name(prefix: str, key: str) -> str:
@@ -92,7 +98,10 @@ class MinioStorage:
     def _fail(self, key: str, exc: Exception) -> StorageError:
         if isinstance(exc, S3Error) and exc.code in _MISSING:
             return NotFoundError(f"{self.tier}: no object {key!r}")
-        return StorageError(f"{self.tier} ({self.endpoint}): {key!r}: {_reason(exc)}")
+        message = f"{self.tier} ({self.endpoint}): {key!r}: {_reason(exc)}"
+        if isinstance(exc, S3Error) and exc.code not in _BUSY:
+            return StorageError(message)  # refused (access denied, bad request): not transient
+        return StorageUnavailableError(message)
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (``vannah storage init`` and the tests)."""
