@@ -355,13 +355,13 @@ class RestorePlan:
     runs: list[RestoreRun]
     state: dict[str, Attempt]
     running: int = 0  # requests whose run is under way
-    waiting: int = 0  # requests run before, re-checked later (the archive is restoring)
+    waiting: int = 0  # requests run before, run again later (the archive may be restoring)
     deferred: int = 0  # due, but over this tick's limit
 
     def describe(self) -> str:
         return (
-            f"{len(self.runs)} runs requested, {self.running} running, {self.waiting} waiting "
-            f"for the archive (re-checked later), {self.deferred} deferred"
+            f"{len(self.runs)} runs requested, {self.running} running, {self.waiting} run "
+            f"before (re-checked later), {self.deferred} deferred"
         )
 
 
