@@ -154,6 +154,9 @@ def test_a_read_of_a_cold_study_is_restored_by_the_sensor_and_job(
         assert meta["bytes_restored"] == sum(len(b) for b in sent.values())
         assert isinstance(meta["restore_latency_s"], float) and meta["restore_latency_s"] >= 0
         assert meta["pending_requests"] == 0
+        [check] = result.get_asset_check_evaluations()
+        assert check.check_name == "restored_copies_match_catalog" and check.passed
+        assert request.tags["dagster/max_runtime_seconds"]
 
         after = _tick(instance, first.cursor)
         assert not after.run_requests

@@ -116,6 +116,10 @@ def add_subparsers(sub: Any) -> None:
         "restore",
         help="bring a study back from the cold tier into the hot tier (kept "
         "restore_cache_days), showing each instance's state",
+        description="Restore a study from the cold tier now, as far as the archive allows. "
+        "Exit status: 0 the study is hot; 1 unknown study, or a copy failed verification; "
+        "2 not a UID; 3 the archive is still restoring (the request stays filed and the "
+        "Dagster sensor finishes it).",
     )
     p.add_argument("study_uid", help="Study Instance UID")
     p.add_argument(

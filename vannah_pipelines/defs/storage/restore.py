@@ -2,6 +2,7 @@
 re-checked while the archive is still restoring; the restored studies as an asset."""
 
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -9,8 +10,8 @@ import dagster as dg
 from vannah_pipelines.defs.resources import ArchiveResource
 from vannah_pipelines.storage.restore import complete_request, pending_requests
 from vannah_pipelines.storage.restoring import (
+    InstanceState,
     RestoreBacklog,
-    StudyState,
     UnknownStudyError,
     dump_attempts,
     load_attempts,
@@ -25,6 +26,9 @@ from vannah_pipelines.storage.restoring import (
 STUDY_TAG = "vannah/study_uid"
 RUN_KEY_TAG = "vannah/run_key"
 MAX_RUNS_PER_TICK = 25  # the rest wait for the next tick (the run queue limits the rest)
+# Run monitoring (dagster.yaml) fails a run that exceeds this; the sensor then runs the
+# study again like any failed run.
+MAX_RUNTIME_SECONDS = 6 * 3600
 _UNDER_WAY = [
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.QUEUED,
@@ -56,12 +60,20 @@ def backlog_metadata(backlog: RestoreBacklog) -> dict[str, dg.MetadataValue]:
 @dg.asset(
     group_name="storage",
     kinds={"dicom", "s3"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "restored_copies_match_catalog",
+            asset="restored_studies",
+            description="Every copy the archive handed back hashed to the catalog's SHA-256 "
+            "(a copy that did not is neither kept nor recorded hot; its request stays).",
+        )
+    ],
     tags={"vannah/domain": "storage"},
     retry_policy=dg.RetryPolicy(max_retries=3, delay=10),
 )
 def restored_studies(
     context: dg.AssetExecutionContext, config: RestoreConfig, archive: ArchiveResource
-) -> dg.MaterializeResult[None]:
+) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
     """Studies brought back from the cold tier into the hot tier: copied from the archive
     once it has made them readable, verified against the catalog's SHA-256, recorded hot
     and held there for restore_cache_days (then the lifecycle drops the hot copy; the cold
@@ -75,9 +87,11 @@ def restored_studies(
     except UnknownStudyError as exc:
         complete_request(settings, config.study_uid)  # nothing to restore, ever
         context.log.warning("%s: its restore request is removed", exc)
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
             metadata={"study_uid": config.study_uid, "state": "unknown study"}
         )
+        yield dg.AssetCheckResult(check_name="restored_copies_match_catalog", passed=True)
+        return
     finally:
         catalog.close()
     now = datetime.now(UTC)
@@ -106,14 +120,20 @@ def restored_studies(
             metadata=metadata,
             allow_retries=False,
         )
-    if result.state is StudyState.FAILED:
-        context.log.warning(
-            "%d instances of study %s could not be restored: %s",
-            result.failed,
-            result.study_uid,
-            "; ".join(f"{i.sop_instance_uid}: {i.detail}" for i in result.instances if i.detail),
-        )
-    return dg.MaterializeResult(metadata=metadata)
+    failed = [i for i in result.instances if i.state is InstanceState.FAILED]
+    for i in failed:
+        context.log.warning("instance %s not restored: %s", i.sop_instance_uid, i.detail)
+    yield dg.MaterializeResult(metadata=metadata)
+    mismatched = [i.sop_instance_uid for i in failed if i.detail.startswith("checksum")]
+    yield dg.AssetCheckResult(
+        check_name="restored_copies_match_catalog",
+        passed=not mismatched,
+        metadata={
+            "mismatched": dg.MetadataValue.int(len(mismatched)),
+            "examples": dg.MetadataValue.json(mismatched[:10]),
+            "failed": dg.MetadataValue.int(len(failed)),
+        },
+    )
 
 
 restore_study_job = dg.define_asset_job(
@@ -181,6 +201,7 @@ def restore_request_sensor(
                     RUN_KEY_TAG: run.run_key,
                     "vannah/attempt": str(run.attempt),
                     "vannah/reason": run.reason[:40],
+                    "dagster/max_runtime_seconds": str(MAX_RUNTIME_SECONDS),
                 },
             )
             for run in plan.runs
