@@ -145,7 +145,7 @@ def test_a_read_of_a_cold_study_is_restored_by_the_sensor_and_job(
         assert result.success
         [mat] = result.asset_materializations_for_node("restored_studies")
         meta = {k: v.value for k, v in mat.metadata.items()}
-        assert meta["state"] == "hot"
+        assert meta["state"] == "online"
         assert (meta["instances"], meta["instances_restored"], meta["instances_pending"]) == (
             3,
             3,

@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 from vannah_pipelines.catalog.changes import INSTANCE_LOCATIONS, append_change
 from vannah_pipelines.catalog.compaction import ensure_catalog
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
+from vannah_pipelines.catalog.lake import LakeConfig, append_change_file
 from vannah_pipelines.catalog.lookup import StoredInstance, find_instances
 from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
@@ -72,13 +73,14 @@ def study_instances(settings: Settings, study_uid: str) -> list[StoredInstance]:
 
 def move_to_cold(settings: Settings, study_uid: str) -> list[StoredInstance]:
     """Do what the lifecycle does, by hand: copy the study's objects to the cold tier
-    (verified), record them cold with one append, delete the hot files."""
+    (verified), record them cold with one append (to the lake too, if configured), delete
+    the hot files."""
     tiers = StorageTiers(settings)
     found = study_instances(settings, study_uid)
     for i in found:
         with tiers.hot.open(i.storage_key) as stream:
             tiers[Tier.COLD].write(i.storage_key, stream, i.size_bytes, i.checksum)
-    append_change(
+    change = append_change(
         CatalogWriter(settings.catalog_dir),
         INSTANCE_LOCATIONS,
         [
@@ -92,6 +94,9 @@ def move_to_cold(settings: Settings, study_uid: str) -> list[StoredInstance]:
         ],
         changed_by="test:lifecycle",
     )
+    lake = LakeConfig.from_settings(settings)
+    if lake is not None:
+        append_change_file(lake, change)
     for i in found:
         tiers.hot.delete(i.storage_key)
     return found

@@ -12,7 +12,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from tests.conftest import COLD_TEST_BUCKET
+from tests.conftest import COLD_TEST_BUCKET, lake_settings
 from tests.servers import S3Server
 from tests.storage.restore_support import (
     hot_bytes,
@@ -21,7 +21,9 @@ from tests.storage.restore_support import (
     study_instances,
     tiers_of,
 )
+from vannah_pipelines.catalog.lake import LakeConfig
 from vannah_pipelines.catalog.lookup import find_instances
+from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.cli import main
 from vannah_pipelines.errors import ArchivedError
 from vannah_pipelines.settings import Settings
@@ -73,7 +75,7 @@ def test_restore_study_brings_a_cold_study_back_hot_byte_identical(settings: Set
     before = datetime.now(UTC)
     result = _restore(settings, study, progress=lambda o: seen.append(o.state))
 
-    assert result.state is StudyState.HOT
+    assert result.state is StudyState.ONLINE
     assert seen == [InstanceState.RESTORED] * 3
     assert (result.restored, result.pending, result.failed) == (3, 0, 0)
     assert result.bytes_restored == sum(len(b) for b in sent.values())
@@ -92,7 +94,7 @@ def test_restore_study_brings_a_cold_study_back_hot_byte_identical(settings: Set
     assert tiers_of(settings, other) == ["hot"] and get_hold(settings, other) is None
 
     again = _restore(settings, study)  # nothing left in the cold tier: nothing to do
-    assert again.state is StudyState.HOT and again.restored == 0 and again.change is None
+    assert again.state is StudyState.ONLINE and again.restored == 0 and again.change is None
 
 
 def test_restore_study_of_an_unknown_study_raises(settings: Settings) -> None:
@@ -164,7 +166,7 @@ def test_vannah_restore_restores_by_hand_and_shows_each_instance(
     assert code == 0, out
     for sop in sent:
         assert f"{sop} " in out and "restored" in out
-    assert f"study {study}: hot; 3 instances, 3 restored" in out
+    assert f"study {study}: online; 3 instances, 3 restored" in out
     assert "held hot until" in out
     catalog = open_catalog(settings)
     try:
@@ -205,3 +207,35 @@ def test_plan_restore_runs_reads_first_once_per_study_then_rechecks() -> None:
     assert [(r.study_uid, r.attempt) for r in later.runs] == [("1.2", 2), ("1.1", 2)]
     assert len({r.run_key for r in [*plan.runs, *later.runs]}) == 4
     assert set(later.state) == {"1.1", "1.2"}  # completed requests are forgotten
+
+
+def test_a_restore_is_recorded_on_the_lake(
+    tmp_path: Path, object_tiers: dict[str, Any], lake_config: LakeConfig
+) -> None:
+    """With the DuckLake configured, the catalog is read from the lake and the hot location
+    is appended to it as well as locally: services on other hosts see the study hot."""
+    settings = Settings(
+        data_dir=tmp_path / "data", storage_timeout_seconds=5, **object_tiers,
+        **lake_settings(lake_config),
+    )  # fmt: skip
+    study, sent = ingest_study(settings, instances=2)
+    move_to_cold(settings, study)
+    elsewhere = CatalogReader(tmp_path / "elsewhere", lake=lake_config)
+    try:
+        assert elsewhere.query(
+            "SELECT DISTINCT tier FROM instances WHERE study_instance_uid = ?", [study]
+        ) == [("cold",)]
+        result = _restore(settings, study)
+        assert result.state is StudyState.ONLINE and result.restored == 2
+        assert elsewhere.query(
+            "SELECT DISTINCT tier FROM instances WHERE study_instance_uid = ?", [study]
+        ) == [("hot",)]
+    finally:
+        elsewhere.close()
+    local = CatalogReader(settings.catalog_dir)
+    try:
+        assert {i.tier for i in find_instances(local, study)} == {"hot"}
+    finally:
+        local.close()
+    for i in study_instances(settings, study):
+        assert hot_bytes(settings, i.storage_key) == sent[i.sop_instance_uid]

@@ -70,7 +70,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         finally:
             catalog.close()
         _report(result, verbose=not args.summary_only)
-        if result.state is StudyState.HOT:
+        if result.state is StudyState.ONLINE:
             return 0
         # The sensor finishes what this run could not (the archive may take hours).
         request_restore(settings, study, reason="cli")
@@ -117,15 +117,15 @@ def add_subparsers(sub: Any) -> None:
         help="bring a study back from the cold tier into the hot tier (kept "
         "restore_cache_days), showing each instance's state",
         description="Restore a study from the cold tier now, as far as the archive allows. "
-        "Exit status: 0 the study is hot; 1 unknown study, or a copy failed verification; "
-        "2 not a UID; 3 the archive is still restoring (the request stays filed and the "
-        "Dagster sensor finishes it).",
+        "Exit status: 0 no instance left in the cold tier; 1 unknown study, or a copy "
+        "failed verification; 2 not a UID; 3 the archive is still restoring (the request "
+        "stays filed and the Dagster sensor finishes it).",
     )
     p.add_argument("study_uid", help="Study Instance UID")
     p.add_argument(
         "--wait",
         action="store_true",
-        help="poll the archive until every instance is hot (cold restores take hours)",
+        help="poll the archive until no instance is left in the cold tier (hours)",
     )
     p.add_argument(
         "--poll-seconds", type=float, default=300.0, help="between polls with --wait (300)"

@@ -54,7 +54,7 @@ class UnknownStudyError(CatalogError):
 class InstanceState(StrEnum):
     """What a restore run found or did for one instance."""
 
-    HOT = "hot"  # not in the cold tier (hot or warm already): nothing to do
+    ONLINE = "online"  # not in the cold tier (hot, or warm): readable, nothing to do
     RESTORED = "restored"  # copied from the archive into the hot tier by this run
     RESTORING = "restoring"  # the archive is making a readable copy (hours in production)
     FAILED = "failed"  # not copied: see the detail (checksum mismatch, object missing)
@@ -64,7 +64,7 @@ class InstanceState(StrEnum):
 class StudyState(StrEnum):
     """Where a study stands after a restore run."""
 
-    HOT = "hot"  # no instance left in the cold tier: the request is complete
+    ONLINE = "online"  # no instance left in the cold tier: the request is complete
     RESTORING = "restoring"  # waiting for the archive
     FAILED = "failed"  # an instance could not be copied, or the archive could not be reached
 
@@ -115,7 +115,7 @@ class StudyRestore:
     def state(self) -> StudyState:
         if self.error is not None or self.failed:
             return StudyState.FAILED
-        return StudyState.RESTORING if self.pending else StudyState.HOT
+        return StudyState.RESTORING if self.pending else StudyState.ONLINE
 
     def describe(self) -> str:
         text = (
@@ -171,7 +171,7 @@ def restore_study(
     Returns
     -------
     StudyRestore
-        Each instance's outcome; ``state`` is ``hot`` once no instance is left in the cold
+        Each instance's outcome; ``state`` is ``online`` once no instance is left in the cold
         tier (the request is then removed), ``restoring`` while the archive is working,
         ``failed`` when a copy did not verify or the archive could not be reached (the
         request stays; what was copied is recorded).
@@ -193,7 +193,7 @@ def restore_study(
     for instance in found:
         if instance.tier != Tier.COLD.value:
             outcome = InstanceRestore(
-                instance.sop_instance_uid, instance.storage_key, InstanceState.HOT
+                instance.sop_instance_uid, instance.storage_key, InstanceState.ONLINE
             )
         elif result.error is not None:
             outcome = InstanceRestore(
@@ -223,7 +223,7 @@ def restore_study(
             settings, study_uid, hot_until, reason="restored from the cold tier"
         ).hot_until
         result.change = record_hot(settings, copied, changed_by=changed_by)
-    if result.state is StudyState.HOT:
+    if result.state is StudyState.ONLINE:
         request = _request_of(settings, study_uid)
         result.requested_at = request.requested_at if request is not None else None
         complete_request(settings, study_uid)
