@@ -239,3 +239,22 @@ def test_a_restore_is_recorded_on_the_lake(
         local.close()
     for i in study_instances(settings, study):
         assert hot_bytes(settings, i.storage_key) == sent[i.sop_instance_uid]
+
+
+def test_a_hot_copy_left_by_a_run_that_stopped_is_recorded_without_asking_the_archive(
+    settings: Settings,
+) -> None:
+    study, sent = ingest_study(settings, instances=2)
+    cold = move_to_cold(settings, study)
+    # A run copied the first instance, then died before its append.
+    first = cold[0]
+    (settings.hot_dir / first.storage_key).write_bytes(sent[first.sop_instance_uid])
+
+    result = _restore(settings, study)
+
+    assert result.state is StudyState.ONLINE and result.restored == 2
+    assert [i.detail for i in result.instances] == ["hot copy found", ""]
+    archive = StorageTiers(settings)[Tier.COLD]
+    assert archive.restore_state(first.storage_key) is RestoreState.ARCHIVED  # never asked
+    assert archive.restore_state(cold[1].storage_key) is RestoreState.ONLINE
+    assert tiers_of(settings, study) == ["hot"]

@@ -53,6 +53,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             total = catalog.query(
                 "SELECT count(*) FROM instances WHERE study_instance_uid = ?", [study]
             )[0][0]
+            if not total:
+                raise UnknownStudyError(study)
             with tqdm(
                 total=total, unit="instance", desc="restore", disable=args.quiet, file=sys.stderr
             ) as bar:
@@ -104,7 +106,7 @@ def _report(result: StudyRestore, *, verbose: bool) -> None:
     if verbose:
         for i in result.instances:
             detail = f"  {i.detail}" if i.detail else ""
-            out.write(f"{i.sop_instance_uid:<64} {i.state.value:<9}{detail}\n")
+            out.write(f"{i.sop_instance_uid:<64} {i.state.value}{detail}\n")
     out.write(result.describe() + "\n")
     if result.hot_until is not None:
         out.write(f"held hot until {result.hot_until:%Y-%m-%d %H:%M} UTC\n")

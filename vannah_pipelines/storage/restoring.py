@@ -193,7 +193,10 @@ def restore_study(
     for instance in found:
         if instance.tier != Tier.COLD.value:
             outcome = InstanceRestore(
-                instance.sop_instance_uid, instance.storage_key, InstanceState.ONLINE
+                instance.sop_instance_uid,
+                instance.storage_key,
+                InstanceState.ONLINE,
+                detail=f"{instance.tier} tier",
             )
         elif result.error is not None:
             outcome = InstanceRestore(
@@ -240,7 +243,9 @@ def _restore_instance(
     sop, key = instance.sop_instance_uid, instance.storage_key
     hot, cold = tiers[Tier.HOT], tiers[Tier.COLD]
     if _hot_copy_verified(tiers, instance):  # a run that stopped before its append
-        return InstanceRestore(sop, key, InstanceState.RESTORED, instance.size_bytes)
+        return InstanceRestore(
+            sop, key, InstanceState.RESTORED, instance.size_bytes, detail="hot copy found"
+        )
     try:
         state = cold.restore(key, settings.restore_cache_days)
     except NotFoundError:
