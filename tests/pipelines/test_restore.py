@@ -271,3 +271,32 @@ def test_a_scheduled_step_files_prior_restores_for_its_patient_only(
         )
         assert isinstance(off, dg.SensorResult) and not off.run_requests
         assert "prefetch_priors is off" in _skip(off) and off.cursor == "4"
+
+
+def test_a_mismatching_restored_copy_fails_the_check_and_keeps_the_request(
+    settings: Settings, moto_s3: S3Server, clock: list[float]
+) -> None:
+    from tests.conftest import COLD_TEST_BUCKET
+
+    study, _ = ingest_study(settings, instances=2)
+    cold = move_to_cold(settings, study)
+    client: Any = moto_s3.client()
+    client.put_object(
+        Bucket=COLD_TEST_BUCKET,
+        Key=f"{settings.cold_s3_prefix}/{cold[0].storage_key}",
+        Body=b"other bytes than were archived",
+        StorageClass="DEEP_ARCHIVE",
+    )
+    request_restore(settings, study, reason="read")
+    with dg.instance_for_test() as instance:
+        [request] = _tick(instance, None).run_requests or []
+        result = _run(instance, request)
+        assert result.success
+        [check] = result.get_asset_check_evaluations()
+        assert check.check_name == "restored_copies_match_catalog" and not check.passed
+        assert check.metadata["examples"].value == [cold[0].sop_instance_uid]
+        [mat] = result.asset_materializations_for_node("restored_studies")
+        assert mat.metadata["state"].value == "failed"
+        assert mat.metadata["instances_failed"].value == 1
+    assert [r.study_uid for r in pending_requests(settings)] == [study]
+    assert sorted(i.tier for i in study_instances(settings, study)) == ["cold", "hot"]

@@ -78,6 +78,7 @@ class InstanceRestore:
     state: InstanceState
     size_bytes: int = 0
     detail: str = ""
+    mismatch: bool = False  # the archive's copy did not hash to the catalog's SHA-256
 
 
 @dataclass
@@ -263,7 +264,9 @@ def _restore_instance(
             hot.write(key, stream, instance.size_bytes, instance.checksum)
     except ChecksumMismatchError as exc:
         log.warning("restored copy of %s does not match the catalog: %s", sop, exc)
-        return InstanceRestore(sop, key, InstanceState.FAILED, detail=f"checksum: {exc}")
+        return InstanceRestore(
+            sop, key, InstanceState.FAILED, detail=f"checksum: {exc}", mismatch=True
+        )
     return InstanceRestore(sop, key, InstanceState.RESTORED, instance.size_bytes)
 
 

@@ -124,7 +124,7 @@ def restored_studies(
     for i in failed:
         context.log.warning("instance %s not restored: %s", i.sop_instance_uid, i.detail)
     yield dg.MaterializeResult(metadata=metadata)
-    mismatched = [i.sop_instance_uid for i in failed if i.detail.startswith("checksum")]
+    mismatched = [i.sop_instance_uid for i in failed if i.mismatch]
     yield dg.AssetCheckResult(
         check_name="restored_copies_match_catalog",
         passed=not mismatched,
