@@ -202,19 +202,22 @@ def test_an_archive_outage_keeps_the_request_and_a_later_run_completes(
 
 
 def _schedule(store: WorklistStore, step_id: str, patient_id: str, source: str) -> None:
-    store.create(
-        item_from_fields(
-            {
-                "step_id": step_id,
-                "patient_id": patient_id,
-                "patient_name": "Test^Prefetch",
-                "modality": "CT",
-                "scheduled_procedure_step_start_date": "20261201",
-                "scheduled_procedure_step_start_time": "235959",
-            }
-        ),
-        source,
+    """Schedule a step as the REST route does (create) or as HL7 orders and .wl imports do
+    (upsert): every path ends in the worklist's event files the prefetch follows."""
+    item = item_from_fields(
+        {
+            "step_id": step_id,
+            "patient_id": patient_id,
+            "patient_name": "Test^Prefetch",
+            "modality": "CT",
+            "scheduled_procedure_step_start_date": "20261201",
+            "scheduled_procedure_step_start_time": "235959",
+        }
     )
+    if source == "rest":
+        store.create(item, source)
+    else:
+        store.upsert([item], source)
 
 
 def test_a_scheduled_step_files_prior_restores_for_its_patient_only(
