@@ -21,6 +21,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,6 +47,16 @@ EVENT_SCHEMA = pa.schema(
         pa.field("item_json", pa.string(), nullable=False),  # DICOM JSON (PS3.18 F.2)
     ]
 )
+
+
+@dataclass(frozen=True)
+class StepChange:
+    """One step as an event file recorded it (:meth:`WorklistStore.changes_after`)."""
+
+    seq: int
+    action: str  # create|update|status
+    source: str
+    item: WorklistItem
 
 
 class WorklistStore:
@@ -120,6 +131,31 @@ class WorklistStore:
             return self._state[step_id]
         except KeyError:
             raise StepNotFoundError(f"no scheduled procedure step {step_id!r}") from None
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest event file (0: none yet)."""
+        names = self._event_files()
+        return int(names[-1][:12]) if names else 0
+
+    def changes_after(self, seq: int, through: int | None = None) -> list[StepChange]:
+        """Every step change recorded in event files after `seq` (up to `through`), in
+        order: what a follower with `seq` as its cursor has not seen yet."""
+        found: list[StepChange] = []
+        for name in self._event_files():
+            number = int(name[:12])
+            if number <= seq or (through is not None and number > through):
+                continue
+            table = pq.read_table(self.events_dir / name).to_pylist()
+            found.extend(
+                StepChange(
+                    number,
+                    row["action"],
+                    row["source"],
+                    item_from_json(row["step_id"], row["status"], row["item_json"]),
+                )
+                for row in table
+            )
+        return found
 
     # -- writing -----------------------------------------------------------------------
     @contextlib.contextmanager
