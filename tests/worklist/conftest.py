@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -62,9 +63,12 @@ def mwl_receivers() -> Iterator[Callable[..., int]]:
         return running[key].port
 
     yield start
-    for rx in running.values():
-        if rx.proc is not None and rx.proc.poll() is None:
-            rx.stop()
+    live = [rx for rx in running.values() if rx.proc is not None and rx.proc.poll() is None]
+    for rx in live:  # all at once: each takes a few seconds to drain and seal
+        assert rx.proc is not None
+        rx.proc.send_signal(signal.SIGTERM)
+    for rx in live:
+        rx.stop()
 
 
 @pytest.fixture(params=["fast", "pynetdicom"])
