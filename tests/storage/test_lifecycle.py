@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from tests.conftest import lake_settings
 from tests.storage.lifecycle_support import (
     days_later,
     ingest_study,
@@ -14,6 +15,7 @@ from tests.storage.lifecycle_support import (
     read_all,
     study_tier,
 )
+from vannah_pipelines.catalog.lake import LakeConfig
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.settings import TierDays
 from vannah_pipelines.storage.base import RestoreState, Tier
@@ -132,3 +134,22 @@ def test_study_date_ages_a_study_received_today(tmp_path: Path) -> None:
     assert [s.study_uid for s in result.studies] == [old.uid]
     assert study_tier(settings, old.uid) == "cold"
     assert study_tier(settings, bad.uid) == "hot"
+
+
+def test_a_move_is_recorded_in_the_lake_too(tmp_path: Path, lake_config: LakeConfig) -> None:
+    settings = make_settings(tmp_path, lake_settings(lake_config))
+    study = ingest_study(settings, n=2)
+    result = run_lifecycle(settings, as_of=days_later(40), changed_by="test")
+    assert not result.failed and result.instances_moved == 2
+    reader = CatalogReader(settings.catalog_dir, lake=lake_config)  # what other hosts read
+    try:
+        assert reader.query(
+            "SELECT tier, number_of_study_related_instances FROM studies "
+            "WHERE study_instance_uid = ?",
+            [study.uid],
+        ) == [("warm", 2)]
+        assert reader.query("SELECT count(*) FROM instance_locations") == [(2,)]
+    finally:
+        reader.close()
+    assert _keys(settings, Tier.HOT, study.uid) == []
+    assert read_all(settings, study.uid) == study.blobs
