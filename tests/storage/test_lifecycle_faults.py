@@ -206,3 +206,20 @@ def test_a_resend_during_a_move_is_never_lost(
     assert study_tier(settings, study.uid) == "warm"
     assert read_all(settings, study.uid) == expected
     assert run_lifecycle(settings, as_of=days_later(40), changed_by="test").moves == []
+
+
+def test_identical_bytes_resent_after_a_move_leave_no_stray_hot_copy(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    study = ingest_study(settings, n=2)
+    assert run_lifecycle(settings, as_of=days_later(40), changed_by="test").instances_moved == 2
+    sop, data = next(iter(study.blobs.items()))
+    land_and_ingest(settings, [(sop, data)])  # the same version again: the same object
+    assert len(_keys(settings, Tier.HOT, study.uid)) == 1
+    assert study_tier(settings, study.uid) == "warm"  # the move's location row still wins
+
+    result = run_lifecycle(settings, as_of=days_later(40), changed_by="test")
+    [done] = result.studies
+    assert result.moves[0].resumed and (done.recorded, done.deleted) == (0, 1)
+    assert _keys(settings, Tier.HOT, study.uid) == []
+    assert read_all(settings, study.uid) == study.blobs
+    assert run_lifecycle(settings, as_of=days_later(40), changed_by="test").moves == []

@@ -36,6 +36,7 @@ from vannah_pipelines.errors import (
 )
 from vannah_pipelines.storage.base import Tier
 from vannah_pipelines.storage.holds import active_holds
+from vannah_pipelines.storage.local import LocalStorage
 from vannah_pipelines.storage.tiers import TIER_ORDER, StorageTiers
 
 if TYPE_CHECKING:
@@ -173,7 +174,8 @@ def plan(
 ) -> list[StudyMove]:
     """Every study the policy of `settings` moves as of `as_of` (aware), oldest first, at
     most `limit`: its current instances in a warmer tier than its target. Held studies are
-    left out; studies a killed run left pending come first (resumed).
+    left out. First come the studies with only source objects left to delete (*resumed*):
+    left pending by a killed run, or with a hot copy though they left the hot tier.
 
     Parameters
     ----------
@@ -205,15 +207,24 @@ def plan(
         params,
     )
     held = active_holds(settings, as_of)
+    hot = LocalStorage(settings.hot_dir, Tier.HOT)  # the hot tier is always a local folder
+    strays: list[StudyMove] = []
     targets: dict[str, tuple[Tier, int]] = {}
     for uid, study_date, modalities, last_received, tier in rows:
         if uid in held or last_received is None:
             continue
         mods = (modalities or "").split("\\")
         target = policy.target(mods, study_date, last_received, as_of)
-        if target is Tier.HOT or RANK.get(tier, -1) >= RANK[target.value]:
-            continue  # nothing warmer than its target (a 'mixed' study is looked at)
+        if target is Tier.HOT:
+            continue
         age = policy.age_days(study_date, last_received, as_of)
+        if RANK.get(tier, -1) >= RANK[target.value]:
+            # Nothing warmer than its target (a 'mixed' study is looked at). A hot copy of
+            # a current version recorded elsewhere is a re-send of identical bytes after
+            # the move: released (the hot folder is looked at first, one stat).
+            if _has_stray(catalog, hot, uid):
+                strays.append(StudyMove(uid, Tier(tier), age, {}, resumed=True))
+            continue
         targets[uid] = (target, age)
     sources = _sources(catalog, targets)
     moves = [
@@ -222,12 +233,25 @@ def plan(
         if uid in sources
     ]
     moves.sort(key=lambda m: (-m.age_days, m.study_uid))
-    pending = [
-        StudyMove(p.study_uid, p.target, 0, {}, resumed=True)
-        for p in pending_moves(settings)
-        if (study is None or p.study_uid == study) and p.study_uid not in sources
-    ]
-    return (pending + moves)[: max(0, limit)]
+    resumed = {m.study_uid: m for m in strays}
+    for p in pending_moves(settings):
+        if (study is None or p.study_uid == study) and p.study_uid not in sources:
+            resumed.setdefault(p.study_uid, StudyMove(p.study_uid, p.target, 0, {}, resumed=True))
+    return (list(resumed.values()) + moves)[: max(0, limit)]
+
+
+def _has_stray(catalog: CatalogReader, hot: LocalStorage, study_uid: str) -> bool:
+    """Whether the hot tier holds a current version of the study that the catalog places
+    in another tier (a superseded version's object is not a stray: it stays)."""
+    keys = list(hot.keys(f"{study_uid}/"))
+    if not keys:
+        return False
+    [(count,)] = catalog.query(
+        "SELECT count(*) FROM instances WHERE study_instance_uid = ? AND tier <> ? "
+        "AND storage_key IN (SELECT unnest(?))",
+        [study_uid, Tier.HOT.value, keys],
+    )
+    return bool(count)
 
 
 def _sources(
