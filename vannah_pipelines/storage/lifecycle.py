@@ -21,10 +21,11 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vannah_pipelines.catalog.changes import INSTANCE_LOCATIONS, append_change
 from vannah_pipelines.catalog.writer import CatalogWriter
@@ -34,7 +35,7 @@ from vannah_pipelines.errors import (
     NotFoundError,
     StorageError,
 )
-from vannah_pipelines.storage.base import Tier
+from vannah_pipelines.storage.base import Storage, Tier
 from vannah_pipelines.storage.holds import active_holds
 from vannah_pipelines.storage.local import LocalStorage
 from vannah_pipelines.storage.tiers import TIER_ORDER, StorageTiers
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 RANK: dict[str, int] = {t.value: i for i, t in enumerate(TIER_ORDER)}
 PENDING_DIR = "tiering"
+# Instances of a study copied at once: object storage round trips overlap (the backends'
+# clients are thread-safe; each copy holds at most one spooled object).
+COPY_WORKERS = 8
 _DAY = timedelta(days=1)
 
 # A step of a move, reported to the `hook` of run_lifecycle (tests stop a run there).
@@ -392,26 +396,38 @@ def copy_study(
     todo = [r for r in _study_rows(catalog, move.study_uid) if RANK.get(r.tier, 99) < target_rank]
     target = tiers[move.target]
     done: list[_Row] = []
-    for row in todo:
-        try:
-            if _holds(target, row.storage_key, row.size_bytes):
+    stopped = False
+    with ThreadPoolExecutor(max_workers=max(1, min(COPY_WORKERS, len(todo)))) as pool:
+        futures = {pool.submit(_copy_one, tiers, target, row): row for row in todo}
+        for future in as_completed(futures):
+            row = futures[future]
+            if future.cancelled():
+                continue
+            try:
+                reused = future.result()
+            except (ChecksumMismatchError, NotFoundError) as exc:
+                result.failures.append(f"{row.sop_instance_uid}: {type(exc).__name__}: {exc}")
+                log.warning(
+                    "not moved: %s of study %s: %s", row.sop_instance_uid, move.study_uid, exc
+                )
+                continue
+            except StorageError as exc:
+                result.failures.append(f"{row.sop_instance_uid}: {type(exc).__name__}: {exc}")
+                if not stopped:
+                    stopped = True
+                    log.warning(
+                        "study %s: %s; its other copies wait for the next run", move.study_uid, exc
+                    )
+                    for other in futures:
+                        other.cancel()
+                continue
+            if reused:
                 result.reused += 1
             else:
-                with tiers[row.tier].open(row.storage_key) as stream:
-                    target.write(row.storage_key, stream, row.size_bytes, row.checksum)
                 result.copied += 1
-        except (ChecksumMismatchError, NotFoundError) as exc:
-            result.failures.append(f"{row.sop_instance_uid}: {type(exc).__name__}: {exc}")
-            log.warning("not moved: %s of study %s: %s", row.sop_instance_uid, move.study_uid, exc)
-            continue
-        except StorageError as exc:
-            result.failures.append(f"{row.sop_instance_uid}: {type(exc).__name__}: {exc}")
-            log.warning(
-                "study %s: %s; its remaining copies wait for the next run", move.study_uid, exc
-            )
-            break
-        done.append(row)
-        result.bytes_moved += row.size_bytes
+            done.append(row)
+            result.bytes_moved += row.size_bytes
+    done.sort(key=lambda r: r.sop_instance_uid)
     if hook is not None:
         hook(COPIED, move.study_uid)
     if done:
@@ -439,7 +455,17 @@ def copy_study(
     return result
 
 
-def _holds(store: Any, key: str, size: int) -> bool:
+def _copy_one(tiers: StorageTiers, target: Storage, row: _Row) -> bool:
+    """Copy one version to `target` (verified by the backend's write); True when a copy
+    with the catalog's size was there already (reused: cold objects cannot be read back)."""
+    if _holds(target, row.storage_key, row.size_bytes):
+        return True
+    with tiers[row.tier].open(row.storage_key) as stream:
+        target.write(row.storage_key, stream, row.size_bytes, row.checksum)
+    return False
+
+
+def _holds(store: Storage, key: str, size: int) -> bool:
     """Whether `store` has `key` with `size` bytes (a verified copy made earlier)."""
     try:
         return int(store.stat(key)) == size
