@@ -5,6 +5,8 @@ deleted without a verified, recorded copy, and the next run completes without du
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from pathlib import Path
 
 from tests.conftest import S3_TEST_BUCKET, object_tier_settings
@@ -223,3 +225,53 @@ def test_identical_bytes_resent_after_a_move_leave_no_stray_hot_copy(tmp_path: P
     assert _keys(settings, Tier.HOT, study.uid) == []
     assert read_all(settings, study.uid) == study.blobs
     assert run_lifecycle(settings, as_of=days_later(40), changed_by="test").moves == []
+
+
+def _weed_pid(server: S3Server) -> int:
+    """The pid of the `weed server` this test started (found by its S3 port)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"weed") and f"-s3.port={server.port}".encode() in argv:
+            return int(proc.name)
+    raise AssertionError("weed server process not found")
+
+
+def test_an_object_server_that_hangs_mid_migration_then_resumes_is_completed_next_run(
+    tmp_path: Path, moto_s3: S3Server
+) -> None:
+    with seaweedfs_server(buckets=(S3_TEST_BUCKET,)) as server:
+        pid = _weed_pid(server)
+        settings = make_settings(
+            tmp_path, object_tier_settings(server, moto_s3), storage_timeout_seconds=1
+        )
+        first = ingest_study(settings, n=1)
+        second = ingest_study(settings, n=1)
+        paused: list[str] = []
+
+        def pause(step: str, study_uid: str) -> None:
+            if step == COPIED and not paused:
+                paused.append(study_uid)
+                os.kill(pid, signal.SIGSTOP)  # answers nothing: every call times out
+
+        try:
+            result = run_lifecycle(settings, as_of=days_later(40), changed_by="t", hook=pause)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert paused and {s.study_uid for s in result.failed} == {first.uid, second.uid}
+        for study in (first, second):
+            assert len(_keys(settings, Tier.HOT, study.uid)) == 1  # nothing deleted
+            assert read_all(settings, study.uid) == study.blobs
+
+        again = run_lifecycle(settings, as_of=days_later(40), changed_by="t")
+        assert not again.failed and again.objects_deleted == 2
+        for study in (first, second):
+            assert study_tier(settings, study.uid) == "warm"
+            assert _keys(settings, Tier.HOT, study.uid) == []
+            assert read_all(settings, study.uid) == study.blobs
+        assert sorted(t for _, t in _location_rows(settings)) == ["warm", "warm"]
+        assert pending_moves(settings) == []
