@@ -153,3 +153,13 @@ def test_a_move_is_recorded_in_the_lake_too(tmp_path: Path, lake_config: LakeCon
         reader.close()
     assert _keys(settings, Tier.HOT, study.uid) == []
     assert read_all(settings, study.uid) == study.blobs
+
+
+def test_a_run_moves_at_most_tier_max_studies_per_run_oldest_first(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, tier_age_from="study_date", tier_max_studies_per_run=1)
+    newer = ingest_study(settings, n=1, study_date="20240101")
+    older = ingest_study(settings, n=1, study_date="20230101")
+    assert [s.study_uid for s in run_lifecycle(settings, changed_by="t").studies] == [older.uid]
+    assert study_tier(settings, newer.uid) == "hot"
+    assert [s.study_uid for s in run_lifecycle(settings, changed_by="t").studies] == [newer.uid]
+    assert run_lifecycle(settings, changed_by="t").moves == []

@@ -230,6 +230,9 @@ def plan(
                 strays.append(StudyMove(uid, Tier(tier), age, {}, resumed=True))
             continue
         targets[uid] = (target, age)
+    # The oldest first, at most `limit` of them: the rest wait for the next run.
+    oldest = sorted(targets.items(), key=lambda item: (-item[1][1], item[0]))[: max(0, limit)]
+    targets = dict(oldest)
     sources = _sources(catalog, targets)
     moves = [
         StudyMove(uid, target, age, sources[uid])
@@ -452,6 +455,15 @@ def copy_study(
         result.recorded = len(done)
     if hook is not None:
         hook(RECORDED, move.study_uid)
+    log.info(
+        "study %s: %d instances recorded in the %s tier (%d copied, %d reused, %d failed)",
+        move.study_uid,
+        result.recorded,
+        move.target.value,
+        result.copied,
+        result.reused,
+        len(result.failures),
+    )
     return result
 
 
@@ -645,6 +657,17 @@ def run_lifecycle(
     finally:
         catalog.close()
     result.seconds = time.monotonic() - started
+    log.info(
+        "tiering as of %s: %d instances of %d studies moved (%d bytes), %d bytes freed, "
+        "%d studies failed, %.1f s",
+        f"{when:%Y-%m-%d}",
+        result.instances_moved,
+        result.studies_moved,
+        result.bytes_moved,
+        result.bytes_freed,
+        len(result.failed),
+        result.seconds,
+    )
     return result
 
 
