@@ -646,6 +646,10 @@ def run_lifecycle(
             if progress is not None:
                 progress(done)
         if any(s.recorded for s in result.studies):
+            log.info(
+                "waiting %.0f s (tier_grace_seconds) before deleting the sources",
+                settings.tier_grace_seconds,
+            )
             sleep(settings.tier_grace_seconds)
         catalog.refresh()
         for done in result.studies:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -18,6 +19,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {"data_dir": Path(args.data_dir)} if getattr(args, "data_dir", None) else {}
     config = getattr(args, "config", None)
     return load_settings(Path(config) if config else None, **overrides)
+
+
+def _day(value: str) -> str:
+    """``--as-of``: a YYYY-MM-DD date, refused by argparse otherwise."""
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {value!r}") from None
+    return value
 
 
 def _mb(size: int) -> str:
@@ -96,7 +106,9 @@ def add_subparsers(sub: Any) -> argparse.ArgumentParser:
         help="move studies hot -> warm -> cold by the tier policy (copy, verify, record, "
         "delete the source); --dry-run shows what would move and the bytes freed",
     )
-    p.add_argument("--as-of", help="apply the policy as of this date, YYYY-MM-DD (default today)")
+    p.add_argument(
+        "--as-of", type=_day, help="apply the policy as of this date, YYYY-MM-DD (default today)"
+    )
     p.add_argument("--dry-run", action="store_true", help="only print what would move")
     p.add_argument("--study", help="only this Study Instance UID")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
