@@ -49,6 +49,9 @@ class TieringConfig(dg.Config):
         ),
     ],
     tags={"vannah/domain": "storage"},
+    # An unexpected error (the catalog unreadable) is retried: a run is idempotent. Studies
+    # that failed are not (dg.Failure below): a corrupt source fails the same way at once.
+    retry_policy=dg.RetryPolicy(max_retries=3, delay=60),
 )
 def storage_tiering(
     context: dg.AssetExecutionContext, config: TieringConfig, archive: ArchiveResource
@@ -132,8 +135,7 @@ def storage_tiering(
     )
     if result.failed:
         # After the metadata and checks are recorded: the run shows red, the studies that
-        # did move stay moved, and the failed ones are retried by the next run. No retry of
-        # this step: a corrupt source fails the same way at once.
+        # did move stay moved, and the failed ones are tried again by the next run.
         raise dg.Failure(
             description=f"{len(result.failed)} of {len(result.studies)} studies were not "
             "fully moved (a source differing from its checksum, a tier unreachable): see "
