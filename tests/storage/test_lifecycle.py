@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import lake_settings
 from tests.storage.lifecycle_support import (
     days_later,
@@ -20,7 +22,12 @@ from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.settings import TierDays
 from vannah_pipelines.storage.base import RestoreState, Tier
 from vannah_pipelines.storage.holds import hold_study
-from vannah_pipelines.storage.lifecycle import Policy, pending_moves, run_lifecycle
+from vannah_pipelines.storage.lifecycle import (
+    Policy,
+    TieringBusyError,
+    pending_moves,
+    run_lifecycle,
+)
 from vannah_pipelines.storage.tiers import StorageTiers
 
 
@@ -163,3 +170,19 @@ def test_a_run_moves_at_most_tier_max_studies_per_run_oldest_first(tmp_path: Pat
     assert study_tier(settings, newer.uid) == "hot"
     assert [s.study_uid for s in run_lifecycle(settings, changed_by="t").studies] == [newer.uid]
     assert run_lifecycle(settings, changed_by="t").moves == []
+
+
+def test_one_moving_run_at_a_time(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    study = ingest_study(settings, n=1)
+    seen: list[str] = []
+
+    def meanwhile(step: str, study_uid: str) -> None:
+        if step == "copied":
+            with pytest.raises(TieringBusyError):
+                run_lifecycle(settings, as_of=days_later(40), changed_by="other")
+            dry = run_lifecycle(settings, as_of=days_later(40), dry_run=True, changed_by="d")
+            seen.extend(m.study_uid for m in dry.moves)  # a preview is never refused
+
+    run_lifecycle(settings, as_of=days_later(40), changed_by="test", hook=meanwhile)
+    assert seen == [study.uid] and study_tier(settings, study.uid) == "warm"

@@ -16,11 +16,12 @@ versions already recorded there are skipped, and left-over sources are deleted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -34,6 +35,7 @@ from vannah_pipelines.errors import (
     ChecksumMismatchError,
     NotFoundError,
     StorageError,
+    VannahError,
 )
 from vannah_pipelines.storage.base import Storage, Tier
 from vannah_pipelines.storage.holds import active_holds
@@ -524,6 +526,27 @@ def release_sources(
 # ---------------------------------------------------------------------------- run
 
 
+class TieringBusyError(VannahError):
+    """Another tiering run holds the lock (runs would race for the same sources)."""
+
+
+@contextlib.contextmanager
+def _one_run_at_a_time(settings: Settings) -> Iterator[None]:
+    """One moving run at a time per catalog: a run deleting a source while another copies
+    from it would make the second fail. Dry runs do not take it."""
+    folder = pending_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TieringBusyError("another tiering run is under way; try again later") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class LifecycleResult:
     """One lifecycle run: the plan, and what was done (nothing on a dry run)."""
@@ -605,6 +628,8 @@ def run_lifecycle(
 
     Raises
     ------
+    TieringBusyError
+        Another run (not a dry run) is under way on this catalog.
     CatalogError
         The catalog cannot be read or appended to (the run stops; nothing was deleted
         that was not recorded).
@@ -613,51 +638,16 @@ def run_lifecycle(
     when = _aware(as_of) if as_of is not None else datetime.now(UTC)
     catalog = open_catalog(settings)
     try:
-        moves = plan(catalog, settings, when, study=study)
-        result = LifecycleResult(when, dry_run, moves)
-        if planned is not None and not dry_run:
-            planned(moves)
-        if dry_run or not moves:
+        if dry_run:
+            result = LifecycleResult(when, True, plan(catalog, settings, when, study=study))
             result.seconds = time.monotonic() - started
             return result
-        tiers = tiers or StorageTiers(settings)
-        writer = CatalogWriter(settings.catalog_dir)
-        from vannah_pipelines.catalog.lake import LakeConfig
-
-        lake = LakeConfig.from_settings(settings)
-        for move in moves:
-            if move.resumed:
-                result.studies.append(StudyResult(move.study_uid, move.target))
-                continue
-            try:
-                done = copy_study(
-                    catalog,
-                    tiers,
-                    writer,
-                    move,
-                    settings=settings,
-                    changed_by=changed_by,
-                    lake=lake,
-                    hook=hook,
-                )
-            except (StorageError, OSError) as exc:
-                done = StudyResult(move.study_uid, move.target, failures=[f"{exc}"])
-            result.studies.append(done)
-            if progress is not None:
-                progress(done)
-        if any(s.recorded for s in result.studies):
-            log.info(
-                "waiting %.0f s (tier_grace_seconds) before deleting the sources",
-                settings.tier_grace_seconds,
-            )
-            sleep(settings.tier_grace_seconds)
-        catalog.refresh()
-        for done in result.studies:
-            release_sources(catalog, tiers, done)
-            if not done.failed:
-                _clear_pending(settings, done.study_uid)
-            if hook is not None:
-                hook(RELEASED, done.study_uid)
+        with _one_run_at_a_time(settings):
+            result = LifecycleResult(when, False, plan(catalog, settings, when, study=study))
+            if planned is not None:
+                planned(result.moves)
+            if result.moves:
+                _execute(catalog, settings, result, tiers, changed_by, sleep, hook, progress)
     finally:
         catalog.close()
     result.seconds = time.monotonic() - started
@@ -673,6 +663,56 @@ def run_lifecycle(
         result.seconds,
     )
     return result
+
+
+def _execute(
+    catalog: CatalogReader,
+    settings: Settings,
+    result: LifecycleResult,
+    tiers: StorageTiers | None,
+    changed_by: str,
+    sleep: Callable[[float], None],
+    hook: Callable[[str, str], None] | None,
+    progress: Callable[[StudyResult], None] | None,
+) -> None:
+    """Copy and record every planned study, wait the grace period once, then release."""
+    tiers = tiers or StorageTiers(settings)
+    writer = CatalogWriter(settings.catalog_dir)
+    from vannah_pipelines.catalog.lake import LakeConfig
+
+    lake = LakeConfig.from_settings(settings)
+    for move in result.moves:
+        done = StudyResult(move.study_uid, move.target)
+        if not move.resumed:  # a resumed study has only its sources left to release
+            try:
+                done = copy_study(
+                    catalog,
+                    tiers,
+                    writer,
+                    move,
+                    settings=settings,
+                    changed_by=changed_by,
+                    lake=lake,
+                    hook=hook,
+                )
+            except (StorageError, OSError) as exc:  # the catalog or pending file unwritable
+                done.failures.append(f"{type(exc).__name__}: {exc}")
+        result.studies.append(done)
+        if progress is not None:
+            progress(done)
+    if any(s.recorded for s in result.studies):
+        log.info(
+            "waiting %.0f s (tier_grace_seconds) before deleting the sources",
+            settings.tier_grace_seconds,
+        )
+        sleep(settings.tier_grace_seconds)
+    catalog.refresh()
+    for done in result.studies:
+        release_sources(catalog, tiers, done)
+        if not done.failed:
+            _clear_pending(settings, done.study_uid)
+        if hook is not None:
+            hook(RELEASED, done.study_uid)
 
 
 def tier_usage(catalog: CatalogReader) -> dict[str, TierLoad]:
