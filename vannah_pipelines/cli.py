@@ -1,5 +1,5 @@
 """The ``vannah`` command line: up, receiver, dicomweb, import, ingest, catalog, quarantine,
-token, viewer, tier."""
+token, viewer."""
 
 from __future__ import annotations
 
