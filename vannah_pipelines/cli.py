@@ -12,6 +12,7 @@ from pathlib import Path
 from vannah_pipelines.errors import VannahError
 from vannah_pipelines.settings import Settings, load_settings
 from vannah_pipelines.storage.restore_cli import add_subparsers as add_restore_command
+from vannah_pipelines.storage.tier_cli import add_subparsers as add_tier_command
 from vannah_pipelines.worklist.cli import add_subparsers as add_worklist_commands
 
 
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(func=cmd_ingest)
     add_worklist_commands(sub)
     add_restore_command(sub)
+    add_tier_command(sub)
     viewer = sub.add_parser("viewer", help="the built-in OHIF viewer at /viewer")
     viewer_sub = viewer.add_subparsers(dest="viewer_command", required=True)
     p = viewer_sub.add_parser(

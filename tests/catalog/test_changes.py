@@ -232,7 +232,7 @@ def test_one_location_append_moves_an_instance_in_the_published_views(paths: Ing
             "SELECT tier, instance_availability FROM series WHERE study_instance_uid = ?", [study]
         ).fetchone()
         studies = con.execute(
-            "SELECT instance_availability, number_of_study_related_instances FROM studies "
+            "SELECT instance_availability, number_of_study_related_instances, tier FROM studies "
             "WHERE study_instance_uid = ?",
             [study],
         ).fetchone()
@@ -240,7 +240,7 @@ def test_one_location_append_moves_an_instance_in_the_published_views(paths: Ing
 
     before = state()
     assert before[0] == "hot" and before[2] == "ONLINE"
-    assert before[3] == ("hot", "ONLINE") and before[4] == ("ONLINE", 3)
+    assert before[3] == ("hot", "ONLINE") and before[4] == ("ONLINE", 3, "hot")
     append_change(
         CatalogWriter(paths.catalog_dir),
         "instance_locations",
@@ -252,8 +252,8 @@ def test_one_location_append_moves_an_instance_in_the_published_views(paths: Ing
         "cold",
         f"archive/{sop}.dcm",
         "NEARLINE",
-        ("cold", "NEARLINE"),
-        ("NEARLINE", 3),
+        ("mixed", "NEARLINE"),  # its series-mates are still hot: neither tier alone
+        ("NEARLINE", 3, "mixed"),
     )
     # Another version's row (another checksum) does not move this one.
     append_change(

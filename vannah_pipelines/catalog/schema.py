@@ -110,6 +110,10 @@ LATEST_FIRST = "received_at DESC, indexed_at DESC, checksum"
 # PS3.3 C.4.23.1.1 Instance Availability: cold (archive class) needs a restore first.
 INSTANCE_AVAILABILITY = "CASE WHEN tier = 'cold' THEN 'NEARLINE' ELSE 'ONLINE' END"
 _GROUP_AVAILABILITY = "CASE WHEN bool_or(tier = 'cold') THEN 'NEARLINE' ELSE 'ONLINE' END"
+MIXED_TIER = "mixed"
+# A series' or study's tier: the one tier all its current instances are in, else 'mixed'
+# (new instances of a study already moved land hot; a move may be part-way).
+_GROUP_TIER = f"CASE WHEN min(tier) = max(tier) THEN min(tier) ELSE '{MIXED_TIER}' END"
 
 
 def current_select(source: str, where: str = "") -> str:
@@ -138,7 +142,7 @@ def series_select(source: str, where: str = "") -> str:
   {values},
   count(*) AS number_of_series_related_instances,
   sum(size_bytes) AS size_bytes,
-  min(tier) AS tier,
+  {_GROUP_TIER} AS tier,
   {_GROUP_AVAILABILITY} AS instance_availability,
   max(received_at) AS last_received_at
 FROM {source} {where} GROUP BY series_instance_uid"""
@@ -158,6 +162,7 @@ def study_select(source: str, where: str = "") -> str:
   count(DISTINCT series_instance_uid) AS number_of_study_related_series,
   count(*) AS number_of_study_related_instances,
   sum(size_bytes) AS size_bytes,
+  {_GROUP_TIER} AS tier,
   {_GROUP_AVAILABILITY} AS instance_availability,
   max(received_at) AS last_received_at
 FROM {source} {where} GROUP BY study_instance_uid"""
