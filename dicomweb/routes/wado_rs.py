@@ -79,7 +79,7 @@ from vannah_pipelines.errors import (
 from vannah_pipelines.errors import NotFoundError as StorageNotFoundError
 from vannah_pipelines.settings import Settings
 from vannah_pipelines.storage.base import Tier
-from vannah_pipelines.storage.tiers import RestoreRequiredError, StorageTiers
+from vannah_pipelines.storage.tiers import ReadAhead, RestoreRequiredError, StorageTiers
 
 log = logging.getLogger(__name__)
 
@@ -302,15 +302,25 @@ def _retrieve(
             media_type=f"{DICOM}; transfer-syntax={choice.transfer_syntax_uid}",
         )
     boundary = new_boundary()
-    parts = (
-        Part(
-            f"{DICOM}; transfer-syntax={choice.transfer_syntax_uid}",
-            instance_body(open_stream, instance.transfer_syntax_uid, choice, budget),
-        )
-        for instance, open_stream, choice in planned
-    )
+    ahead: ReadAhead | None = None
+    if any(tiers.is_remote(instance.tier) for instance, _, _ in planned):
+        # Object storage: the next instances are fetched while this one is sent.
+        ahead = ReadAhead([open_stream for _, open_stream, _ in planned])
+        planned = [(i, ahead.opener(n), c) for n, (i, _, c) in enumerate(planned)]
+
+    def parts() -> Iterator[Part]:
+        try:
+            for instance, open_stream, choice in planned:
+                yield Part(
+                    f"{DICOM}; transfer-syntax={choice.transfer_syntax_uid}",
+                    instance_body(open_stream, instance.transfer_syntax_uid, choice, budget),
+                )
+        finally:
+            if ahead is not None:
+                ahead.close()
+
     return StreamingResponse(
-        encode_parts(parts, boundary), media_type=content_type(DICOM, boundary)
+        encode_parts(parts(), boundary), media_type=content_type(DICOM, boundary)
     )
 
 

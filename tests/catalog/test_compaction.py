@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import pydicom
 import pytest
 
 from tests.catalog.conftest import land, pydicom_test_files
-from vannah_pipelines.catalog.compaction import Manifest, compact, publish, verify
+from vannah_pipelines.catalog.compaction import SERVING_SCHEMA, Manifest, compact, publish, verify
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.catalog.lookup import iter_headers
 from vannah_pipelines.catalog.query import QuerySpec, run_query, run_query_json
@@ -403,3 +404,47 @@ def test_series_and_studies_derived_by_buckets_are_the_same(
     reader = CatalogReader(archive.catalog_dir)
     assert reader.pending_files() == 0
     assert same(answers(reader), expected)
+
+
+def _downgrade(root: Path) -> None:
+    """Make the current generation what the previous version wrote: studies without
+    ``tier``, a manifest without ``schema``."""
+    serving = Manifest.load(root).serving
+    assert serving is not None
+    con = duckdb.connect(str(root / serving))
+    con.execute("ALTER TABLE compacted_studies DROP COLUMN tier")
+    con.close()
+    raw = json.loads((root / "manifest.json").read_text())
+    del raw["schema"]
+    (root / "manifest.json").write_text(json.dumps(raw))
+    assert Manifest.load(root).schema == 1
+
+
+def _study_tiers(root: Path) -> dict[str, Any]:
+    reader = CatalogReader(root)
+    try:
+        return dict(reader.query("SELECT modalities_in_study, tier FROM studies"))
+    finally:
+        reader.close()
+
+
+def test_a_serving_database_of_an_older_layout_is_read_then_rebuilt(paths: IngestPaths) -> None:
+    """A catalog compacted by the previous version is read as it is (the column it lacks
+    reads NULL), and the next compaction rebuilds it even with no new batch."""
+    root = paths.catalog_dir
+    ingest_batches(paths, [land(paths, _study("CT", 2, "VHC-U-1"))])
+    compact(root)
+    generation = Manifest.load(root).generation
+    assert Manifest.load(root).schema == SERVING_SCHEMA
+    _downgrade(root)
+    assert _study_tiers(root) == {"CT": None}
+    compact(root)  # no new batch: rebuilt for the layout alone
+    rebuilt = Manifest.load(root)
+    assert (rebuilt.generation, rebuilt.schema) == (generation + 1, SERVING_SCHEMA)
+    assert _study_tiers(root) == {"CT": "hot"}
+    compact(root)
+    assert Manifest.load(root).generation == generation + 1  # then nothing more to do
+    # New studies in the overlay over an older serving database carry their tier.
+    _downgrade(root)
+    ingest_batches(paths, [land(paths, _study("MR", 1, "VHC-U-2"))])
+    assert _study_tiers(root) == {"CT": None, "MR": "hot"}

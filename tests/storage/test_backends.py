@@ -7,9 +7,10 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -221,3 +222,59 @@ def test_an_instance_in_no_tier_is_not_found(tiers: StorageTiers) -> None:
     with pytest.raises(NotFoundError):
         tiers.open_instance(row)
     assert pending_requests(tiers.settings) == []
+
+
+# ------------------------------------------------------------------ read-ahead
+
+
+class _Tracked(io.BytesIO):
+    closed_count = 0
+
+    def close(self) -> None:
+        if not self.closed:
+            type(self).closed_count += 1
+        super().close()
+
+
+def test_read_ahead_opens_the_next_objects_and_keeps_order_and_errors() -> None:
+    import threading
+
+    from vannah_pipelines.storage.tiers import ReadAhead
+
+    opened: list[int] = []
+    lock = threading.Lock()
+
+    def opener(n: int) -> Callable[[], BinaryIO]:
+        def open_n() -> BinaryIO:
+            with lock:
+                opened.append(n)
+            if n == 3:
+                raise NotFoundError(f"object {n}")
+            return _Tracked(str(n).encode())
+
+        return open_n
+
+    ahead = ReadAhead([opener(n) for n in range(10)], ahead=2)
+    with ahead.opener(0)() as first:
+        assert first.read() == b"0"
+    with ahead.opener(1)() as second:
+        assert second.read() == b"1"
+    assert set(opened) >= {0, 1, 2}  # 2 was asked for ahead of its turn
+    with pytest.raises(NotFoundError, match="object 3"):
+        ahead.opener(3)()  # the opener's error, when its object is asked for
+    with ahead.opener(4)() as fourth:
+        assert fourth.read() == b"4"
+    # Abandoned half way: what was opened ahead and never asked for is closed.
+    import time
+
+    deadline = time.monotonic() + 5
+    while not {5, 6} <= set(opened) and time.monotonic() < deadline:
+        time.sleep(0.01)  # started (a read not started yet is cancelled: nothing to close)
+    _Tracked.closed_count = 0
+    ahead.close()
+    while _Tracked.closed_count < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert _Tracked.closed_count == 3  # 2 (skipped), 5 and 6 (opened ahead of 4)
+    assert ahead.opener(9)().read() == b"9"  # closed: later objects open on demand
+    assert opened.count(9) == 1

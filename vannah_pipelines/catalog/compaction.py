@@ -63,6 +63,9 @@ from vannah_pipelines.landing.layout import fsync_dir, make_dirs, write_atomic
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# The serving database's layout: a compaction rebuilds one written with an older layout
+# even when no batch is new (2: studies have a tier column, 'mixed' when split).
+SERVING_SCHEMA = 2
 COMPACTED = "compacted"
 SERVING = "serving"
 # The zero-row file per table that keeps globs valid: never compacted, never deleted.
@@ -164,6 +167,7 @@ class Manifest:
     covered: dict[str, list[str]] = field(default_factory=dict)  # batch files now compacted
     retired: list[str] = field(default_factory=list)  # replaced, deleted by the next run
     created_at: str = ""
+    schema: int = SERVING_SCHEMA  # the serving database's layout (SERVING_SCHEMA)
 
     @classmethod
     def load(cls, root: Path) -> Manifest:
@@ -179,6 +183,7 @@ class Manifest:
             covered={t: list(v) for t, v in raw.get("covered", {}).items()},
             retired=list(raw.get("retired", [])),
             created_at=str(raw.get("created_at", "")),
+            schema=int(raw.get("schema", 1)),
         )
 
     def save(self, root: Path) -> None:
@@ -653,7 +658,7 @@ def _compact(
 
     pending = {t: pending_batch_files(root, previous, t) for t in SCHEMAS}
     days = sorted({_day_of(f) for files in pending.values() for f in files})
-    if days or previous.serving is None:
+    if days or previous.serving is None or previous.schema < SERVING_SCHEMA:
         con = _connect(root, memory_limit_mb)
         try:
             files: dict[str, list[str]] = {t: list(previous.files.get(t, [])) for t in SCHEMAS}
@@ -730,6 +735,7 @@ def _compact(
             covered=carried_covered,
             retired=carried_retired,
             created_at=previous.created_at,
+            schema=previous.schema,
         ).save(root)
     for name in deletable:
         path = root / name

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import random
 import re
 import time
@@ -42,7 +43,7 @@ from vannah_pipelines.catalog.changes import (
     latest_sql,
     quarantine_with_status_sql,
 )
-from vannah_pipelines.catalog.compaction import create_empty_serving_tables
+from vannah_pipelines.catalog.compaction import SERVING_TABLES, create_empty_serving_tables
 from vannah_pipelines.catalog.schema import (
     QUARANTINE_SCHEMA,
     TABLES,
@@ -104,6 +105,8 @@ EXTENSIONS: dict[str, str] = {
     "ducklake": "duckdb_extension_ducklake",
 }
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+log = logging.getLogger(__name__)
 
 
 def _literal(value: str) -> str:
@@ -280,6 +283,7 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, config: LakeConfig) -> None:
             finally:
                 con.unregister(view)
         create_empty_serving_tables(con, lake, if_not_exists=True)
+    _add_missing_columns(con, lake)
     for table in _INLINED:
         con.execute(
             f"CALL {lake}.set_option('data_inlining_row_limit', ?, table_name => ?)",
@@ -289,6 +293,23 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, config: LakeConfig) -> None:
         row = con.execute(f"SELECT count(*) FROM {lake}.{WRITER_LOCK}").fetchone()
         if row is not None and row[0] == 0:
             con.execute(f"INSERT INTO {lake}.{WRITER_LOCK} VALUES (0)")
+
+
+def _add_missing_columns(con: duckdb.DuckDBPyConnection, lake: str) -> None:
+    """Give the lake's serving tables the columns this version derives that an older one
+    did not (DuckLake's ADD COLUMN: earlier rows read NULL), e.g. ``studies.tier``."""
+    con.execute("CREATE SCHEMA IF NOT EXISTS memory._vannah_expected")
+    try:
+        create_empty_serving_tables(con, "memory._vannah_expected")
+        for table in SERVING_TABLES:
+            want = con.execute(f"DESCRIBE memory._vannah_expected.{table}").fetchall()
+            have = {str(r[0]) for r in con.execute(f"DESCRIBE {lake}.{table}").fetchall()}
+            for name, kind, *_ in want:
+                if name not in have:
+                    log.info("lake table %s gains column %s", table, name)
+                    con.execute(f'ALTER TABLE {lake}.{table} ADD COLUMN "{name}" {kind}')
+    finally:
+        con.execute("DROP SCHEMA memory._vannah_expected CASCADE")
 
 
 def init_lake(config: LakeConfig) -> None:

@@ -126,12 +126,18 @@ class _State:
         )
         con.execute("CREATE TABLE o_instances AS SELECT * FROM base.compacted_instances LIMIT 0")
         con.execute("CREATE TABLE o_sops (sop_instance_uid VARCHAR)")
+        # The overlay's series and studies have this code's columns, whatever the serving
+        # database was built by (a column a newer version adds reads NULL for its rows until
+        # the next compaction rebuilds it: SERVING_SCHEMA).
+        empty = "(SELECT * FROM base.compacted_instances LIMIT 0)"
+        con.execute(f"CREATE TABLE o_series AS {series_select(empty)}")
+        con.execute(f"CREATE TABLE o_studies AS {study_select(empty)}")
+        con.execute("CREATE TABLE o_patients AS SELECT * FROM base.compacted_patients LIMIT 0")
         for level, key in (
             ("series", "series_instance_uid"),
             ("studies", "study_instance_uid"),
             ("patients", "patient_id"),
         ):
-            con.execute(f"CREATE TABLE o_{level} AS SELECT * FROM base.compacted_{level} LIMIT 0")
             con.execute(f"CREATE TABLE o_{level}_keys ({key} VARCHAR)")
         con.execute("CREATE TABLE o_quarantine AS SELECT * FROM base.compacted_quarantine LIMIT 0")
         for change in CHANGE_TABLES.values():

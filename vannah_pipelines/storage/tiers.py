@@ -13,9 +13,11 @@ and raises :class:`RestoreRequiredError`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -161,11 +163,79 @@ class StorageTiers:
             return "NEARLINE"
         return "ONLINE"
 
+    def is_remote(self, tier: str) -> bool:
+        """Whether reads of `tier` go over the network (worth reading ahead)."""
+        try:
+            return not isinstance(self[tier], LocalStorage)
+        except ValueError:
+            return False  # the landing zone: local files
+
     def states(self, tier: Tier | str, keys: list[str]) -> Iterator[tuple[str, RestoreState]]:
         """The restore state of each of `keys` in `tier`."""
         backend = self[tier]
         for key in keys:
             yield key, backend.restore_state(key)
+
+
+# Reads of object storage run ahead of the consumer on this pool (shared by every request
+# of the process): a study streamed from the warm tier waits for one round trip at a time
+# per READ_AHEAD instances rather than for each.
+READ_AHEAD = 4
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vannah-read-ahead")
+        return _pool
+
+
+class ReadAhead:
+    """Openers of a sequence of objects, each one opening the next `ahead` in the
+    background: call them in order (as a multipart answer or a C-MOVE does); one called
+    out of order simply opens its object. :meth:`close` (always: an answer may stop half
+    way) cancels what was not started and closes what was opened but never asked for.
+    Errors are those of the opener, raised when that object is asked for."""
+
+    def __init__(self, openers: Sequence[Callable[[], BinaryIO]], ahead: int = READ_AHEAD) -> None:
+        self._openers = list(openers)
+        self._ahead = ahead
+        self._futures: dict[int, Future[BinaryIO]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._openers)
+
+    def opener(self, index: int) -> Callable[[], BinaryIO]:
+        return lambda: self._open(index)
+
+    def _open(self, index: int) -> BinaryIO:
+        with self._lock:
+            if not self._closed:
+                pool = _read_pool()
+                for later in range(index + 1, min(index + 1 + self._ahead, len(self._openers))):
+                    if later not in self._futures:
+                        self._futures[later] = pool.submit(self._openers[later])
+            future = self._futures.pop(index, None)
+        return future.result() if future is not None else self._openers[index]()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            futures, self._futures = list(self._futures.values()), {}
+        for future in futures:
+            if not future.cancel():
+                future.add_done_callback(_close_result)
+
+
+def _close_result(future: Future[BinaryIO]) -> None:
+    if future.exception() is None:
+        with contextlib.suppress(OSError):
+            future.result().close()
 
 
 def build_backend(settings: Settings, tier: Tier) -> Storage:
