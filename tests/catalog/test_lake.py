@@ -368,3 +368,28 @@ def test_a_bad_lake_config_is_refused(changes: dict[str, str], message: str) -> 
     base = {"postgres": "host=db dbname=lake", "data_path": "s3://bucket/catalog/"}
     with pytest.raises(CatalogError, match=message):
         LakeConfig(**{**base, **changes})
+
+
+def test_a_lake_made_by_an_older_version_gains_the_new_columns(
+    writer: duckdb.DuckDBPyConnection, config: LakeConfig
+) -> None:
+    """The lake's serving tables get the columns a newer version derives (``studies.tier``)
+    when the writer next ensures them; earlier rows read NULL until they are rewritten."""
+    lake = config.alias
+    writer.execute(f"ALTER TABLE {lake}.compacted_studies DROP COLUMN tier")
+    columns = {r[0] for r in writer.execute(f"DESCRIBE {lake}.compacted_studies").fetchall()}
+    assert "tier" not in columns
+    ensure_tables(writer, config)
+    ensure_tables(writer, config)  # idempotent
+    described = writer.execute(f"DESCRIBE {lake}.compacted_studies").fetchall()
+    assert [(r[0], r[1]) for r in described if r[0] == "tier"] == [("tier", "VARCHAR")]
+    assert "_vannah_expected" not in {
+        r[0] for r in writer.execute("SELECT schema_name FROM duckdb_schemas()").fetchall()
+    }
+    study = "1.2.826.0.1.3680043.10.54.404"
+    batch = {INSTANCE_VERSIONS: instance_rows("batch-u", study, 2)}
+    assert append_batch(writer, config, "batch-u", batch) is True
+    row = writer.execute(
+        f"SELECT tier FROM {lake}.compacted_studies WHERE study_instance_uid = ?", [study]
+    ).fetchone()
+    assert row == ("hot",)
