@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -165,6 +166,15 @@ class MinioStorage:
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._fail(key, exc) from exc
         try:
+            length = int(response.headers.get("Content-Length") or -1)
+            if 0 <= length <= self.spool_memory:
+                # One read into one buffer the stream shares (no copy into a spool).
+                data = response.read()
+                if len(data) != length:
+                    raise StorageUnavailableError(
+                        f"{self.tier} ({self.endpoint}): {key!r}: {len(data)} of {length} bytes"
+                    )
+                return io.BytesIO(data)
             return spool(response.stream(CHUNK_BYTES), self.spool_memory)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._fail(key, exc) from exc
