@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import boto3
@@ -28,20 +27,19 @@ from vannah_pipelines.errors import (
 from vannah_pipelines.storage.base import (
     CHUNK_BYTES,
     SPOOL_MEMORY_BYTES,
+    BucketObjects,
     RestoreState,
     Tier,
-    sha256_of,
     spool,
     verify_sha256,
 )
-from vannah_pipelines.storage.s3 import _check_key, object_name
 
 ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
 _ONGOING = re.compile(r'ongoing-request\s*=\s*"(true|false)"')
 
 
-class ArchiveStorage:
+class ArchiveStorage(BucketObjects):
     """One bucket (and optional prefix) of S3, objects written in `storage_class`."""
 
     def __init__(
@@ -87,10 +85,6 @@ class ArchiveStorage:
     def __repr__(self) -> str:
         return f"ArchiveStorage({self.endpoint!r}, {self.bucket!r}, {self.storage_class})"
 
-    def _name(self, key: str) -> str:
-        _check_key(key)
-        return object_name(self.prefix, key)
-
     def _fail(self, key: str, exc: Exception) -> StorageError:
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -116,12 +110,6 @@ class ArchiveStorage:
                 raise self._fail(f"bucket {self.bucket}", exc) from exc
         except BotoCoreError as exc:
             raise self._fail(f"bucket {self.bucket}", exc) from exc
-
-    def put(self, key: str, source: Path) -> int:
-        with Path(source).open("rb") as stream:
-            size = stream.seek(0, 2)
-            self.write(key, stream, size, sha256_of(stream, size))
-        return size
 
     def write(self, key: str, stream: BinaryIO, size: int, sha256: str) -> None:
         """Verify the source bytes, then upload them in the archive class with their
@@ -173,13 +161,6 @@ class ArchiveStorage:
             raise self._fail(key, exc) from exc
         return int(head.get("ContentLength", 0))
 
-    def exists(self, key: str) -> bool:
-        try:
-            self.stat(key)
-        except NotFoundError:
-            return False
-        return True
-
     def delete(self, key: str) -> None:
         try:
             self._client.delete_object(Bucket=self.bucket, Key=self._name(key))
@@ -191,8 +172,7 @@ class ArchiveStorage:
             raise self._fail(key, exc) from exc
 
     def keys(self, prefix: str = "") -> Iterator[str]:
-        start = object_name(self.prefix, prefix) if prefix else self.prefix.strip("/")
-        strip = len(self.prefix.strip("/")) + 1 if self.prefix.strip("/") else 0
+        start, strip = self._listing(prefix)
         paginator = self._client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=start):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, BinaryIO, Protocol
 
 from vannah_pipelines.dicom.uids import require_uid
-from vannah_pipelines.errors import ChecksumMismatchError
+from vannah_pipelines.errors import ChecksumMismatchError, NotFoundError, StorageError
 
 
 class Tier(StrEnum):
@@ -99,6 +99,54 @@ class Storage(Protocol):
     def restore_state(self, key: str) -> RestoreState:
         """Whether `key` can be read now (raises NotFoundError)."""
         ...
+
+
+class BucketObjects:
+    """What the two S3 backends share: keys under a prefix of one bucket, ``put`` of a
+    file through the verified ``write``, ``exists`` through ``stat``."""
+
+    prefix: str
+
+    def write(self, key: str, stream: BinaryIO, size: int, sha256: str) -> None:
+        raise NotImplementedError
+
+    def stat(self, key: str) -> int:
+        raise NotImplementedError
+
+    def _name(self, key: str) -> str:
+        """The object name of `key` (refusing a key that could leave its folder)."""
+        parts = key.split("/")
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise StorageError(f"unsafe storage key: {key[:120]!r}")
+        return object_name(self.prefix, key)
+
+    def _listing(self, prefix: str) -> tuple[str, int]:
+        """The listing prefix of `prefix` keys, and how much of a listed name to cut off."""
+        own = self.prefix.strip("/")
+        start = object_name(self.prefix, prefix) if prefix else own
+        return start, len(own) + 1 if own else 0
+
+    def put(self, key: str, source: Path) -> int:
+        with Path(source).open("rb") as stream:
+            size = stream.seek(0, 2)
+            self.write(key, stream, size, sha256_of(stream, size))
+        return size
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except NotFoundError:
+            return False
+        return True
+
+
+def object_name(prefix: str, key: str) -> str:
+    """`key` under the bucket prefix `prefix` (``''`` or ``'a/b/'``).
+
+    >>> object_name("a/b/", "1.2/x.dcm"), object_name("", "1.2/x.dcm")
+    ('a/b/1.2/x.dcm', '1.2/x.dcm')
+    """
+    return f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key
 
 
 CHUNK_BYTES = 1 << 20

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import io
 from collections.abc import Iterator
-from pathlib import Path
 from typing import BinaryIO
 
 import urllib3
@@ -27,6 +26,7 @@ from vannah_pipelines.errors import (
 from vannah_pipelines.storage.base import (
     CHUNK_BYTES,
     SPOOL_MEMORY_BYTES,
+    BucketObjects,
     RestoreState,
     Tier,
     sha256_of,
@@ -40,12 +40,7 @@ _MISSING = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"})
 _BUSY = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"})
 
 
-def object_name(prefix: str, key: str) -> str:
-    """`key` under the bucket prefix `prefix` (``''`` or ``'a/b/'``)."""
-    return f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key
-
-
-class MinioStorage:
+class MinioStorage(BucketObjects):
     """One bucket (and optional prefix) of an S3-compatible server, through the minio SDK.
 
     Reads are spooled (memory up to `spool_memory`, then a temporary file) so pydicom and
@@ -92,10 +87,6 @@ class MinioStorage:
     def __repr__(self) -> str:
         return f"MinioStorage({self.endpoint!r}, {self.bucket!r}, {self.tier.value})"
 
-    def _name(self, key: str) -> str:
-        _check_key(key)
-        return object_name(self.prefix, key)
-
     def _fail(self, key: str, exc: Exception) -> StorageError:
         if isinstance(exc, S3Error) and exc.code in _MISSING:
             return NotFoundError(f"{self.tier}: no object {key!r}")
@@ -113,12 +104,6 @@ class MinioStorage:
             raise StorageError(
                 f"{self.tier} ({self.endpoint}): bucket {self.bucket!r}: {_reason(exc)}"
             ) from exc
-
-    def put(self, key: str, source: Path) -> int:
-        with Path(source).open("rb") as stream:
-            size = stream.seek(0, 2)
-            self.write(key, stream, size, sha256_of(stream, size))
-        return size
 
     def write(self, key: str, stream: BinaryIO, size: int, sha256: str) -> None:
         """Upload verified: the bytes are hashed first (SHA-256 against `sha256`, MD5 for
@@ -188,13 +173,6 @@ class MinioStorage:
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._fail(key, exc) from exc
 
-    def exists(self, key: str) -> bool:
-        try:
-            self.stat(key)
-        except NotFoundError:
-            return False
-        return True
-
     def delete(self, key: str) -> None:
         try:
             self._client.remove_object(self.bucket, self._name(key))
@@ -205,8 +183,7 @@ class MinioStorage:
             raise self._fail(key, exc) from exc
 
     def keys(self, prefix: str = "") -> Iterator[str]:
-        start = object_name(self.prefix, prefix) if prefix else self.prefix.strip("/")
-        strip = len(self.prefix.strip("/")) + 1 if self.prefix.strip("/") else 0
+        start, strip = self._listing(prefix)
         try:
             for obj in self._client.list_objects(self.bucket, prefix=start or None, recursive=True):
                 if obj.object_name and not obj.is_dir:
@@ -220,12 +197,6 @@ class MinioStorage:
     def restore_state(self, key: str) -> RestoreState:
         self.stat(key)
         return RestoreState.ONLINE
-
-
-def _check_key(key: str) -> None:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise StorageError(f"unsafe storage key: {key[:120]!r}")
 
 
 def _reason(exc: BaseException) -> str:
