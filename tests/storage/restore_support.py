@@ -21,7 +21,7 @@ from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
 from vannah_pipelines.settings import Settings
 from vannah_pipelines.storage.base import Tier
-from vannah_pipelines.storage.restoring import open_catalog
+from vannah_pipelines.storage.lifecycle import open_catalog
 from vannah_pipelines.storage.tiers import StorageTiers
 
 

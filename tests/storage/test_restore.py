@@ -29,6 +29,7 @@ from vannah_pipelines.errors import ArchivedError
 from vannah_pipelines.settings import Settings
 from vannah_pipelines.storage.base import RestoreState, Tier
 from vannah_pipelines.storage.holds import get_hold
+from vannah_pipelines.storage.lifecycle import open_catalog
 from vannah_pipelines.storage.restore import RestoreRequest, pending_requests, request_restore
 from vannah_pipelines.storage.restoring import (
     InstanceState,
@@ -36,7 +37,6 @@ from vannah_pipelines.storage.restoring import (
     UnknownStudyError,
     dump_attempts,
     load_attempts,
-    open_catalog,
     plan_restore_runs,
     restore_study,
 )

@@ -29,11 +29,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Restore the study now as far as the archive allows; with --wait, until it is hot."""
     from tqdm import tqdm
 
+    from vannah_pipelines.storage.lifecycle import open_catalog
     from vannah_pipelines.storage.restore import request_restore
     from vannah_pipelines.storage.restoring import (
         StudyState,
         UnknownStudyError,
-        open_catalog,
         restore_study,
     )
     from vannah_pipelines.storage.tiers import StorageTiers

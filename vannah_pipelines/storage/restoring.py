@@ -127,18 +127,6 @@ class StudyRestore:
         return f"{text}; archive: {self.error}" if self.error else text
 
 
-def open_catalog(settings: Settings) -> CatalogReader:
-    """A catalog reader of `settings` (the DuckLake's when one is configured)."""
-    from vannah_pipelines.catalog.lake import LakeConfig
-    from vannah_pipelines.catalog.reader import CatalogReader
-
-    return CatalogReader(
-        settings.catalog_dir,
-        memory_limit_mb=settings.catalog_memory_limit_mb,
-        lake=LakeConfig.from_settings(settings),
-    )
-
-
 def restore_study(
     settings: Settings,
     catalog: CatalogReader,

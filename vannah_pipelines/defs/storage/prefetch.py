@@ -6,9 +6,10 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from vannah_pipelines.defs.resources import ArchiveResource
+from vannah_pipelines.storage.lifecycle import open_catalog
 from vannah_pipelines.storage.prefetch import prefetch_priors, scheduled_steps, worklist_store
 from vannah_pipelines.storage.restore import pending_requests
-from vannah_pipelines.storage.restoring import PRIOR_REASON, open_catalog, restore_backlog
+from vannah_pipelines.storage.restoring import PRIOR_REASON, restore_backlog
 
 
 class PrefetchConfig(dg.Config):

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from vannah_pipelines.defs.resources import ArchiveResource
+from vannah_pipelines.storage.lifecycle import open_catalog
 from vannah_pipelines.storage.restore import complete_request, pending_requests
 from vannah_pipelines.storage.restoring import (
     InstanceState,
@@ -16,7 +17,6 @@ from vannah_pipelines.storage.restoring import (
     dump_attempts,
     load_attempts,
     load_pending,
-    open_catalog,
     plan_restore_runs,
     recheck_seconds,
     restore_backlog,
