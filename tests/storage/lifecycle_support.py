@@ -86,6 +86,20 @@ def study_tier(settings: Settings, study_uid: str) -> str:
     return str(tier)
 
 
+def study_bytes(settings: Settings, study_uid: str) -> dict[str, int]:
+    """The catalog's bytes of a study per tier (``studies.hot_bytes`` ...)."""
+    reader = CatalogReader(settings.catalog_dir)
+    try:
+        [row] = reader.query(
+            "SELECT hot_bytes, warm_bytes, cold_bytes, size_bytes FROM studies "
+            "WHERE study_instance_uid = ?",
+            [study_uid],
+        )
+    finally:
+        reader.close()
+    return dict(zip(("hot", "warm", "cold", "all"), map(int, row), strict=True))
+
+
 def read_all(settings: Settings, study_uid: str) -> dict[str, bytes]:
     """Every current instance's bytes, read as the services do (any tier, with fallback)."""
     tiers = StorageTiers(settings)

@@ -18,6 +18,7 @@ from tests.storage.lifecycle_support import (
     land_and_ingest,
     make_settings,
     read_all,
+    study_bytes,
     study_tier,
 )
 from vannah_pipelines.catalog.reader import CatalogReader
@@ -72,6 +73,11 @@ def test_a_corrupt_source_is_not_moved_nor_deleted_and_the_run_goes_on(
     assert study_tier(settings, study.uid) == "mixed"
     tiers = {i.sop_instance_uid: i.tier for i in instances(settings, study.uid)}
     assert tiers[bad.sop_instance_uid] == "hot"
+    sizes = {i.sop_instance_uid: i.size_bytes for i in instances(settings, study.uid)}
+    per_tier = study_bytes(settings, study.uid)
+    assert per_tier["hot"] == sizes[bad.sop_instance_uid] > 0
+    assert per_tier["warm"] == per_tier["all"] - per_tier["hot"] > 0
+    assert per_tier["cold"] == 0
     assert path.read_bytes() == bytes(data)  # kept, as it is, for an operator to look at
     assert bad.storage_key not in _keys(settings, Tier.WARM, study.uid)
     assert [p.study_uid for p in pending_moves(settings)] == [study.uid]

@@ -64,8 +64,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # The serving database's layout: a compaction rebuilds one written with an older layout
-# even when no batch is new (2: studies have a tier column, 'mixed' when split).
-SERVING_SCHEMA = 2
+# even when no batch is new (2: studies have a tier column, 'mixed' when split; 3: and
+# hot_bytes, warm_bytes, cold_bytes).
+SERVING_SCHEMA = 3
 COMPACTED = "compacted"
 SERVING = "serving"
 # The zero-row file per table that keeps globs valid: never compacted, never deleted.

@@ -113,7 +113,11 @@ _GROUP_AVAILABILITY = "CASE WHEN bool_or(tier = 'cold') THEN 'NEARLINE' ELSE 'ON
 MIXED_TIER = "mixed"
 # A series' or study's tier: the one tier all its current instances are in, else 'mixed'
 # (new instances of a study already moved land hot; a move may be part-way).
-_GROUP_TIER = f"CASE WHEN min(tier) = max(tier) THEN min(tier) ELSE '{MIXED_TIER}' END"
+# Landed instances (not indexed yet) are on their way to the hot tier: they count as hot.
+_HOT_LIKE = "CASE WHEN tier = 'landing' THEN 'hot' ELSE tier END"
+_GROUP_TIER = (
+    f"CASE WHEN min({_HOT_LIKE}) = max({_HOT_LIKE}) THEN min({_HOT_LIKE}) ELSE '{MIXED_TIER}' END"
+)
 
 
 def current_select(source: str, where: str = "") -> str:
@@ -163,6 +167,9 @@ def study_select(source: str, where: str = "") -> str:
   count(*) AS number_of_study_related_instances,
   sum(size_bytes) AS size_bytes,
   {_GROUP_TIER} AS tier,
+  coalesce(sum(size_bytes) FILTER (WHERE tier IN ('hot', 'landing')), 0) AS hot_bytes,
+  coalesce(sum(size_bytes) FILTER (WHERE tier = 'warm'), 0) AS warm_bytes,
+  coalesce(sum(size_bytes) FILTER (WHERE tier = 'cold'), 0) AS cold_bytes,
   {_GROUP_AVAILABILITY} AS instance_availability,
   max(received_at) AS last_received_at
 FROM {source} {where} GROUP BY study_instance_uid"""
