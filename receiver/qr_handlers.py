@@ -8,9 +8,9 @@ lets an exception escape.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
@@ -28,6 +28,7 @@ from receiver.responses import EncodedIdentifier, failure
 from receiver.retrieve import Destination, RetrievePlan, SubOperation
 from receiver.status import FindStatus, RetrieveStatus
 from receiver.worklist import handle_worklist_find
+from vannah_pipelines.storage.tiers import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +112,17 @@ def _retrieve_plan(event: Event, archive: Archive, *, move: bool) -> RetrievePla
     # Each instance's bytes are opened when its sub-operation runs, from whatever tier holds
     # them: one that cannot be read (archived, a tier down) fails that sub-operation.
     tiers = archive.tiers
+    openers: list[Callable[[], BinaryIO]] = [partial(tiers.open_instance, i) for i in instances]
+    ahead: ReadAhead | None = None
+    if any(tiers.is_remote(inst.tier) for inst in instances):
+        # Object storage: the next instances are fetched while one is sent.
+        ahead = ReadAhead(openers)
+        openers = [ahead.opener(n) for n in range(len(openers))]
     subops = [
         SubOperation(
-            inst.sop_class_uid,
-            inst.sop_instance_uid,
-            inst.transfer_syntax_uid,
-            partial(tiers.open_instance, inst),
+            inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax_uid, open_stream
         )
-        for inst in instances
+        for inst, open_stream in zip(instances, openers, strict=True)
     ]
     log.info(
         "%s from %s at %s level: %d instances%s",
@@ -128,7 +132,7 @@ def _retrieve_plan(event: Event, archive: Archive, *, move: bool) -> RetrievePla
         len(subops),
         f" to {destination.aet}" if destination else "",
     )
-    return RetrievePlan(subops, destination)
+    return RetrievePlan(subops, destination, release=ahead.close if ahead else None)
 
 
 def handle_get(event: Event, archive: Archive) -> RetrievePlan:

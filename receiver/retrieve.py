@@ -103,6 +103,7 @@ class RetrievePlan:
     destination: Destination | None = None  # C-MOVE only
     refusal: RetrieveStatus | None = None
     comment: str = ""
+    release: Callable[[], None] | None = None  # called once the retrieve ends, however
 
     @classmethod
     def refuse(cls, status: RetrieveStatus, comment: str) -> RetrievePlan:
@@ -191,6 +192,20 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
             plan = RetrievePlan.refuse(RetrieveStatus.UNABLE_TO_PROCESS, "internal error")
         if not isinstance(plan, RetrievePlan):
             plan = RetrievePlan.refuse(RetrieveStatus.UNABLE_TO_PROCESS, "no retrieve handler")
+        try:
+            self._serve(plan, req, context, rsp, cx_id)
+        finally:
+            if plan.release is not None:
+                plan.release()
+
+    def _serve(
+        self,
+        plan: RetrievePlan,
+        req: C_GET | C_MOVE,
+        context: PresentationContext,
+        rsp: C_GET | C_MOVE,
+        cx_id: int,
+    ) -> None:
         if not self.assoc.is_established:
             return
         if plan.refusal is not None:
