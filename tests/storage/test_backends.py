@@ -25,7 +25,7 @@ from vannah_pipelines.errors import (
 )
 from vannah_pipelines.settings import Settings
 from vannah_pipelines.storage.archive import ArchiveStorage
-from vannah_pipelines.storage.base import RestoreState, Storage, Tier, instance_key
+from vannah_pipelines.storage.base import RestoreState, Storage, Tier, instance_key, sha256_of
 from vannah_pipelines.storage.local import LocalStorage
 from vannah_pipelines.storage.restore import pending_requests
 from vannah_pipelines.storage.s3 import MinioStorage
@@ -278,3 +278,49 @@ def test_read_ahead_opens_the_next_objects_and_keeps_order_and_errors() -> None:
     assert _Tracked.closed_count == 3  # 2 (skipped), 5 and 6 (opened ahead of 4)
     assert ahead.opener(9)().read() == b"9"  # closed: later objects open on demand
     assert opened.count(9) == 1
+
+
+def _rss_peak_reset() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; returns it in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status("VmHWM")
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(key)
+
+
+def test_a_large_object_costs_one_part_to_upload_and_a_chunk_to_read(
+    seaweedfs: S3Server, tmp_path: Path
+) -> None:
+    """The process's peak RSS while a 64 MiB object is uploaded (multipart, read back) and
+    read: the SDK's copies of one upload part (16 MiB) more, never the object's size."""
+    from vannah_pipelines.storage import s3
+
+    size = 64 << 20
+    source = tmp_path / "big.bin"
+    digest = hashlib.sha256()
+    with source.open("wb") as out:
+        for n in range(size >> 20):
+            chunk = hashlib.sha256(str(n).encode()).digest() * (1 << 15)  # 1 MiB
+            out.write(chunk)
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    key = instance_key("1.2", "1.2.3", "1.2.3.9", sha)
+    store = _minio(seaweedfs, f"rss{uuid.uuid4().hex[:8]}")
+    base = _rss_peak_reset()
+    with source.open("rb") as stream:
+        store.write(key, stream, size, sha)
+    upload_growth = _status("VmHWM") - base
+    base = _rss_peak_reset()
+    with store.open(key) as stream:
+        assert sha256_of(stream, size) == sha
+    read_growth = _status("VmHWM") - base
+    print(f"peak RSS growth: upload {upload_growth >> 20} MiB, read {read_growth >> 20} MiB")
+    # The SDK reads a part and joins it (two copies); the default three parts in flight, or
+    # 32 MiB parts, cost 64 MiB and more.
+    assert upload_growth < 2 * s3.PART_BYTES + (12 << 20)
+    assert read_growth < store.spool_memory + (12 << 20)

@@ -34,8 +34,9 @@ from vannah_pipelines.storage.base import (
 )
 
 # Objects up to this size are one PUT, whose ETag is the MD5 of the bytes (checked); larger
-# ones are multipart uploads (parts of this size held in memory) and are read back.
-PART_BYTES = 32 << 20
+# ones are multipart uploads, read back. The minio SDK holds a part in memory while it sends
+# it, and one part at a time here: an upload costs at most this much memory.
+PART_BYTES = 16 << 20
 _MISSING = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"})
 _BUSY = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"})
 
@@ -130,7 +131,13 @@ class MinioStorage(BucketObjects):
         )
         try:
             result = self._client.put_object(
-                self.bucket, name, stream, size, metadata=headers, part_size=PART_BYTES
+                self.bucket,
+                name,
+                stream,
+                size,
+                metadata=headers,
+                part_size=PART_BYTES,
+                num_parallel_uploads=1,  # the SDK's default 3 holds three parts in memory
             )
         except (S3Error, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise self._fail(key, exc) from exc
