@@ -166,7 +166,9 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: f
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"weed server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"{log.stem} server exited ({process.returncode}):\n{log.read_text()[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return
@@ -174,7 +176,38 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: f
             return  # it answered (403 without a signature): the gateway is up
         except OSError:
             time.sleep(0.2)
-    pytest.fail(f"weed server not answering at {url} in {timeout}s:\n{log.read_text()[-3000:]}")
+    pytest.fail(
+        f"{log.stem} server not answering at {url} in {timeout}s:\n{log.read_text()[-3000:]}"
+    )
+
+
+@contextlib.contextmanager
+def _s3_process(
+    name: str,
+    argv: list[str],
+    root: Path,
+    server: S3Server,
+    ready_path: str,
+    buckets: tuple[str, ...],
+    timeout: float,
+    grace: float,
+) -> Iterator[S3Server]:
+    """Run `argv` (an S3 server) in `root`, logging to ``<root>/<name>.log``; yield `server`
+    once it answers at `ready_path` and holds `buckets`; stop it and remove `root` after."""
+    log = root / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
+        )
+    try:
+        _wait_http(server.url + ready_path, process, log, timeout)
+        client = server.client()
+        for bucket in buckets:
+            _create_bucket(client, bucket, process, log, timeout)
+        yield server
+    finally:
+        stop_process_group(process, grace=grace)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -214,22 +247,10 @@ def seaweedfs_server(buckets: tuple[str, ...] = (), timeout: float = 60.0) -> It
         f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-s3.config={config}", "-volume.max=100", "-master.volumeSizeLimitMB=128",
     ]  # fmt: skip
-    log = root / "weed.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
-        )
-    try:
-        server = S3Server("127.0.0.1", s3, server.access_key, server.secret_key)
-        _wait_http(server.url + "/", process, log, timeout)
-        client = server.client()
-        for bucket in buckets:
-            _create_bucket(client, bucket, process, log, timeout)
-        yield server
-    finally:
-        # weed takes 25 s to shut down gracefully (SIGTERM or SIGINT); its data is thrown away
-        stop_process_group(process, grace=1.0)
-        shutil.rmtree(root, ignore_errors=True)
+    server = S3Server("127.0.0.1", s3, server.access_key, server.secret_key)
+    # weed takes 25 s to shut down gracefully (SIGTERM or SIGINT); its data is thrown away
+    with _s3_process("weed", argv, root, server, "/", buckets, timeout, grace=1.0) as running:
+        yield running
 
 
 def _create_bucket(
@@ -261,18 +282,6 @@ def moto_server(buckets: tuple[str, ...] = (), timeout: float = 60.0) -> Iterato
     root = Path(tempfile.mkdtemp(prefix="vannah-moto-"))
     (port,) = free_ports(1)
     server = S3Server("127.0.0.1", port, "moto-test-key", "moto-test-secret")
-    log = root / "moto.log"
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
-        )
-    try:
-        _wait_http(server.url + "/moto-api/", process, log, timeout)
-        client = server.client()
-        for bucket in buckets:
-            _create_bucket(client, bucket, process, log, timeout)
-        yield server
-    finally:
-        stop_process_group(process, grace=2.0)
-        shutil.rmtree(root, ignore_errors=True)
+    with _s3_process("moto", argv, root, server, "/moto-api/", buckets, timeout, 2.0) as running:
+        yield running
