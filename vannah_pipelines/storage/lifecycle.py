@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import time
@@ -40,6 +39,7 @@ from vannah_pipelines.errors import (
 from vannah_pipelines.storage.base import Storage, Tier
 from vannah_pipelines.storage.holds import active_holds
 from vannah_pipelines.storage.local import LocalStorage
+from vannah_pipelines.storage.records import StudyRecords
 from vannah_pipelines.storage.tiers import TIER_ORDER, StorageTiers
 
 if TYPE_CHECKING:
@@ -303,36 +303,25 @@ def pending_dir(settings: Settings) -> Path:
 def pending_moves(settings: Settings) -> list[PendingMove]:
     """Every study a run began to move and did not finish (unreadable files skipped)."""
     found = []
-    try:
-        paths = sorted(pending_dir(settings).glob("*.json"))
-    except FileNotFoundError:
-        return []
-    for path in paths:
+    for uid, record, _ in StudyRecords(pending_dir(settings)).items():
         try:
-            data = json.loads(path.read_text())
             found.append(
                 PendingMove(
-                    require_uid(str(data["study_uid"]), "StudyInstanceUID"),
-                    Tier(data["target"]),
-                    datetime.fromisoformat(str(data["started_at"])),
+                    uid, Tier(record["target"]), datetime.fromisoformat(str(record["started_at"]))
                 )
             )
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, ValueError):
             continue
     return found
 
 
 def _mark_pending(settings: Settings, study_uid: str, target: Tier) -> None:
-    folder = pending_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{study_uid}.{os.getpid()}"
-    body = {"study_uid": study_uid, "target": target.value, "started_at": datetime.now(UTC)}
-    tmp.write_text(json.dumps(body, default=str))
-    tmp.replace(folder / f"{study_uid}.json")
+    record = {"target": target.value, "started_at": datetime.now(UTC).isoformat()}
+    StudyRecords(pending_dir(settings)).write(study_uid, record)
 
 
 def _clear_pending(settings: Settings, study_uid: str) -> None:
-    (pending_dir(settings) / f"{study_uid}.json").unlink(missing_ok=True)
+    StudyRecords(pending_dir(settings)).remove(study_uid)
 
 
 # ---------------------------------------------------------------------------- execute

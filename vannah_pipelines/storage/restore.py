@@ -9,15 +9,12 @@ request once its study is hot again.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vannah_pipelines.dicom.uids import require_uid
+from vannah_pipelines.storage.records import StudyRecords
 
 if TYPE_CHECKING:
     from vannah_pipelines.settings import Settings
@@ -35,57 +32,29 @@ class RestoreRequest:
     path: Path
 
 
+def _requests(settings: Settings) -> StudyRecords:
+    return StudyRecords(settings.restore_requests_dir)
+
+
 def request_restore(settings: Settings, study_uid: str, *, reason: str) -> bool:
     """File a restore request for `study_uid`; False if one was already filed."""
-    uid = require_uid(study_uid, "StudyInstanceUID")
-    folder = settings.restore_requests_dir
-    target = folder / f"{uid}{SUFFIX}"
-    if target.exists():
-        return False
-    folder.mkdir(parents=True, exist_ok=True)
-    body = json.dumps(
-        {"study_uid": uid, "requested_at": datetime.now(UTC).isoformat(), "reason": reason[:200]}
-    )
-    tmp = folder / f".tmp-{uid}.{os.getpid()}"
-    tmp.write_text(body)
-    try:
-        os.link(tmp, target)  # atomic, and never replaces a request already there
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    return True
+    record = {"requested_at": datetime.now(UTC).isoformat(), "reason": reason[:200]}
+    return _requests(settings).write(study_uid, record, replace=False)
 
 
 def pending_requests(settings: Settings) -> list[RestoreRequest]:
     """Every filed request, oldest first (unreadable files are skipped, not fatal)."""
-    folder = settings.restore_requests_dir
     found: list[RestoreRequest] = []
-    try:
-        entries = sorted(folder.iterdir())
-    except FileNotFoundError:
-        return []
-    for path in entries:
-        if not path.name.endswith(SUFFIX) or path.name.startswith("."):
-            continue
+    for uid, record, path in _requests(settings).items():
         try:
-            data = json.loads(path.read_text())
-            found.append(
-                RestoreRequest(
-                    study_uid=require_uid(str(data["study_uid"]), "StudyInstanceUID"),
-                    requested_at=datetime.fromisoformat(str(data["requested_at"])),
-                    reason=str(data.get("reason", "")),
-                    path=path,
-                )
-            )
-        except (OSError, ValueError, KeyError, TypeError):
+            when = datetime.fromisoformat(str(record["requested_at"]))
+        except (KeyError, ValueError):
             continue
+        found.append(RestoreRequest(uid, when, str(record.get("reason", "")), path))
     found.sort(key=lambda r: r.requested_at)
     return found
 
 
 def complete_request(settings: Settings, study_uid: str) -> None:
     """Remove the request of `study_uid` (its study is hot again)."""
-    uid = require_uid(study_uid, "StudyInstanceUID")
-    with contextlib.suppress(FileNotFoundError):
-        (settings.restore_requests_dir / f"{uid}{SUFFIX}").unlink()
+    _requests(settings).remove(study_uid)
