@@ -46,9 +46,10 @@ class InstanceFacts:
     """What routing knows of one instance.
 
     `attributes` are catalog columns (snake_case keywords, ``calling_ae``...); `header`
-    is the instance's DICOM JSON model (catalog ``header_json``), read for attributes the
-    catalog has no column for; `received_at` is when the archive received it (time
-    windows are evaluated against it, so a backtest over past data is right).
+    is the instance's DICOM JSON model (catalog ``header_json``), read for attributes
+    `attributes` does not hold (the catalog has no column for them); `received_at` is
+    when the archive received it (time windows are evaluated against it, so a backtest
+    over past data is right).
     """
 
     attributes: Mapping[str, Any]
@@ -59,7 +60,7 @@ class InstanceFacts:
     def value(self, keyword: str) -> str | None:
         """The value of `keyword` (or ``calling_ae``), multiple values joined by ``\\``."""
         column = keyword if keyword == "calling_ae" else snake(keyword)
-        if column in CATALOG_COLUMNS:
+        if column in self.attributes or (column in CATALOG_COLUMNS and self.header is None):
             raw = self.attributes.get(column)
             return None if raw is None else str(raw)
         if self.header is None:

@@ -179,6 +179,10 @@ class TimeWindow(BaseModel):
         return time.fromisoformat(self.start), time.fromisoformat(self.end)
 
 
+def _as_windows(value: Any) -> Any:
+    return [value] if isinstance(value, Mapping) else value
+
+
 class Condition(BaseModel):
     """What an instance must match: every field given (AND); a list value is any-of."""
 
@@ -192,7 +196,7 @@ class Condition(BaseModel):
     station: Pattern | None = None
     study_description: Pattern | None = Field(default=None, alias="studyDescription")
     attributes: dict[str, Pattern] = Field(default_factory=dict)
-    time: TimeWindow | list[TimeWindow] | None = None
+    time: Annotated[list[TimeWindow], BeforeValidator(_as_windows)] | None = None
     not_: Condition | None = Field(default=None, alias="not")
 
     @model_validator(mode="after")
@@ -214,7 +218,7 @@ class Condition(BaseModel):
                 parse_pattern(keyword, values)
             except ValueError as exc:
                 raise ValueError(f"attributes.{keyword}: {exc}") from None
-        if isinstance(self.time, list) and not self.time:
+        if self.time is not None and not self.time:
             raise ValueError("time: an empty list matches nothing")
         return self
 
@@ -231,9 +235,7 @@ class Condition(BaseModel):
         return out
 
     def windows(self) -> list[TimeWindow]:
-        if self.time is None:
-            return []
-        return self.time if isinstance(self.time, list) else [self.time]
+        return list(self.time or [])
 
     def keywords(self) -> set[str]:
         """Every DICOM keyword this condition (and its negation) reads."""
@@ -444,10 +446,17 @@ class Coercion(BaseModel):
     def _keywords(self) -> Coercion:
         for op in ("set", "replace", "prefix"):
             for keyword in getattr(self, op):
-                if _coerce_keyword(keyword) not in _TEXT_VRS:
+                try:
+                    vr = _coerce_keyword(keyword)
+                except ValueError as exc:
+                    raise ValueError(f"{op}: {exc}") from None
+                if vr not in _TEXT_VRS:
                     raise ValueError(f"{op}.{keyword}: only text attributes can be {op}")
         for keyword in self.remove:
-            _coerce_keyword(keyword)
+            try:
+                _coerce_keyword(keyword)
+            except ValueError as exc:
+                raise ValueError(f"remove: {exc}") from None
         return self
 
 
@@ -516,6 +525,8 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 def _message(err: ErrorDetails) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key (docs/routing.md lists the format)"
+    if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        return 'needs "type" (one of dicom, s3, stow, folder), or "aet" for a DICOM AE'
     msg = err["msg"]
     for lead in ("Value error, ", "Assertion failed, "):
         if msg.startswith(lead):
