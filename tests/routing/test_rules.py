@@ -119,6 +119,7 @@ def test_parse_rules_names_rule_and_field_of_a_bad_port() -> None:
             "not an IANA time zone",
         ),
         (_rule(condition={"time": {"days": ["Funday"]}}), "not a day of the week"),
+        (_rule(condition={"time": {"days": ["Monkey"]}}), "not a day of the week"),
         (_rule(condition={"time": {"start": "18:00"}}), "give both start and end"),
         (_rule(condition={"modality": []}), "an empty list matches nothing"),
         (

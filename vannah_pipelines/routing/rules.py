@@ -41,6 +41,7 @@ _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
 )
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 # S3 bucket naming rules (the common subset AWS, MinIO and SeaweedFS accept).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -145,8 +146,9 @@ class TimeWindow(BaseModel):
         if isinstance(value, list):
             out = []
             for day in value:
-                key = str(day).strip().lower()[:3]
-                if key not in _DAYS or len(str(day).strip()) < 3:
+                text = str(day).strip().lower()
+                key = text[:3]
+                if key not in _DAYS or text not in (key, _DAY_NAMES[_DAYS.index(key)]):
                     raise ValueError(f"{day!r} is not a day of the week (Mon ... Sun)")
                 out.append(key)
             if not out:
