@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydicom.datadict import keyword_dict
@@ -27,6 +28,7 @@ from vannah_pipelines.routing.rules import (
 )
 
 CATALOG_COLUMNS = frozenset(INSTANCE_SCHEMA.names)
+_column = lru_cache(maxsize=1024)(snake)
 PrioritySource = Literal["rule", "header", "worklist", "default"]
 # RequestedProcedurePriority (0040,1003) defined terms -> route priority; MEDIUM is routine.
 _PRIORITY_TERMS: dict[str, Priority] = {
@@ -59,7 +61,7 @@ class InstanceFacts:
 
     def value(self, keyword: str) -> str | None:
         """The value of `keyword` (or ``calling_ae``), multiple values joined by ``\\``."""
-        column = keyword if keyword == "calling_ae" else snake(keyword)
+        column = keyword if keyword == "calling_ae" else _column(keyword)
         if column in self.attributes or (column in CATALOG_COLUMNS and self.header is None):
             raw = self.attributes.get(column)
             return None if raw is None else str(raw)
