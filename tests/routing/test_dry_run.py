@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.routing.test_rules import DOCUMENTED
+from tests.worklist.conftest import step_fields
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.cli import main
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
@@ -20,6 +21,8 @@ from vannah_pipelines.routing.dry_run import dry_run
 from vannah_pipelines.routing.rules import parse_rules
 from vannah_pipelines.settings import Settings
 from vannah_pipelines.storage.lifecycle import open_catalog
+from vannah_pipelines.worklist.model import item_from_fields
+from vannah_pipelines.worklist.store import WorklistStore
 
 EXTRA_RULES: list[dict[str, Any]] = [
     {
@@ -202,6 +205,16 @@ def test_vannah_route_dry_run_and_check(
     assert _routes(document)["Route CT to AI Pipeline"]["example_studies"] == [
         s["old_chest_ct"].uid
     ]
+
+    # The worklist's requested procedure priority, for a study whose header has none.
+    fields = step_fields(
+        study_instance_uid=s["brain_mr"].uid, requested_procedure_priority="STAT", modality="MR"
+    )
+    WorklistStore(settings.catalog_dir / "worklist").create(item_from_fields(fields), "test")
+    args = [*base, "--dry-run", "--rules", str(rules_file), "--since", "2026-03-01", "--json"]
+    assert main(args) == 0
+    archived = _routes(json.loads(capsys.readouterr().out))["Archive All Studies"]
+    assert archived["priorities"] == {"ROUTINE": 2, "STAT": 5}
 
     # No rules configured: said so, exit 1.
     assert main([*base, "--dry-run"]) == 1
