@@ -146,7 +146,7 @@ def test_dry_run_counts_per_rule_and_destination(
         "aet": "AI_ENGINE",
         "host": "ai.internal",
         "port": 4243,
-        "use_dicom_tls": False,
+        "useDicomTls": False,
     }
     assert (ai["studies"], ai["instances"], ai["bytes"]) == (1, 3, s["chest_ct"].size)
     assert ai["example_studies"] == [s["chest_ct"].uid]

@@ -57,7 +57,9 @@ class RouteTally:
             "rule": self.rule.name,
             "index": self.index,
             "mode": self.rule.mode,
-            "destination": self.rule.destination.model_dump(mode="json"),
+            "destination": self.rule.destination.model_dump(
+                mode="json", by_alias=True, exclude_none=True
+            ),
             "studies": len(self.studies),
             "instances": self.instances,
             "bytes": self.bytes,

@@ -57,7 +57,7 @@ class RulesError(ConfigError):
 
 
 def _strict() -> ConfigDict:
-    return ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    return ConfigDict(frozen=True, extra="forbid")
 
 
 def keyword_vr(keyword: str) -> str:
