@@ -123,6 +123,10 @@ def test_parse_rules_names_rule_and_field_of_a_bad_port() -> None:
         (_rule(condition={"time": {"start": "18:00"}}), "give both start and end"),
         (_rule(condition={"modality": []}), "an empty list matches nothing"),
         (
+            _rule(condition={"attributes": {"RequestAttributesSequence": "*"}}),
+            "RequestAttributesSequence (SQ) cannot be matched",
+        ),
+        (
             _rule(coerce={"set": {"SOPInstanceUID": "1.2"}}),
             "the identity of an instance is never coerced",
         ),

@@ -40,6 +40,8 @@ _PROTECTED = frozenset({"SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "Se
 _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
 )
+# Conditions match text; these VRs hold sequences or binary data.
+_UNMATCHABLE_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
@@ -98,6 +100,8 @@ def parse_pattern(keyword: str, values: list[str]) -> tuple[Match, ...]:
     if not values:
         raise ValueError("an empty list matches nothing; leave the condition out instead")
     vr = "AE" if keyword == "calling_ae" else keyword_vr(keyword)
+    if vr in _UNMATCHABLE_VRS:
+        raise ValueError(f"{keyword} ({vr}) cannot be matched: sequences and binary values")
     try:
         return tuple(parse_match(vr, v) for v in values)
     except InvalidMatchError as exc:
