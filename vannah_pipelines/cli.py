@@ -1,5 +1,5 @@
 """The ``vannah`` command line: up, receiver, dicomweb, import, ingest, catalog, quarantine,
-token, viewer."""
+token, viewer, tier, restore, route."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from vannah_pipelines.errors import VannahError
+from vannah_pipelines.routing.cli import add_subparsers as add_route_command
 from vannah_pipelines.settings import Settings, load_settings
 from vannah_pipelines.storage.restore_cli import add_subparsers as add_restore_command
 from vannah_pipelines.storage.tier_cli import add_subparsers as add_tier_command
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_worklist_commands(sub)
     add_restore_command(sub)
     add_tier_command(sub)
+    add_route_command(sub)
     viewer = sub.add_parser("viewer", help="the built-in OHIF viewer at /viewer")
     viewer_sub = viewer.add_subparsers(dest="viewer_command", required=True)
     p = viewer_sub.add_parser(

@@ -55,7 +55,12 @@ ORTHANC_KEYS: dict[str, str] = {
 
 
 # Secrets read from VANNAH_* environment variables only, never from the config file.
-ENV_ONLY = ("catalog_lake_s3_secret", "warm_s3_secret_key", "cold_s3_secret_key")
+ENV_ONLY = (
+    "catalog_lake_s3_secret",
+    "warm_s3_secret_key",
+    "cold_s3_secret_key",
+    "routing_secrets",
+)
 
 _config_file: ContextVar[Path | None] = ContextVar("vannah_config_file", default=None)
 
@@ -258,7 +263,21 @@ class Settings(BaseSettings):
     dicom_always_allow_echo: bool = Field(
         default=True, description="unknown or unauthenticated peers may still C-ECHO"
     )
-    routing_rules: list[dict[str, Any]] = Field(default_factory=list)
+    routing_rules: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="inline routing rules (file key `rules`, the product documentation's "
+        "format; docs/routing.md); validated at startup, not reloaded",
+    )
+    routing_rules_file: Path | None = Field(
+        default=None,
+        description='a rules file ({"rules": [...]}) re-read when it changes; a bad file '
+        "keeps the last good rules (docs/routing.md)",
+    )
+    routing_secrets: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="secrets routing destinations name (STOW-RS token or API key, S3 "
+        '"ACCESS_KEY:SECRET_KEY"): name -> value, JSON (environment only)',
+    )
 
     receiver_workers: int = Field(
         default_factory=lambda: max(2, os.cpu_count() or 2),
@@ -593,8 +612,17 @@ class Settings(BaseSettings):
                 "catalog_lake_postgres and catalog_lake_data_path: set both (the DuckLake "
                 "catalog) or neither (the embedded catalog)"
             )
+        if self.routing_rules and self.routing_rules_file is not None:
+            raise ValueError(
+                "rules and routing_rules_file: give the rules inline or in a file, not both"
+            )
         if self.routing_rules:
-            raise ValueError("rules: routing is not implemented yet; remove the rules")
+            from vannah_pipelines.routing.rules import RulesError, parse_rules
+
+            try:
+                parse_rules(self.routing_rules, secret_names=self.routing_secrets, source="rules")
+            except RulesError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     @classmethod
@@ -653,6 +681,26 @@ class Settings(BaseSettings):
     @property
     def catalog_dir(self) -> Path:
         return self.data_dir / "catalog"
+
+    @property
+    def routing_dir(self) -> Path:
+        """Routing state: the last good rules (``last-good-rules.json``)."""
+        return self.data_dir / "routing"
+
+    def routing_secret(self, name: str) -> SecretStr:
+        """The routing secret `name` (``VANNAH_ROUTING_SECRETS``).
+
+        Raises
+        ------
+        ConfigError
+            No secret of that name is configured.
+        """
+        try:
+            return self.routing_secrets[name]
+        except KeyError:
+            raise ConfigError(
+                f"routing secret {name!r} is not set (VANNAH_ROUTING_SECRETS)"
+            ) from None
 
     @property
     def quarantine_dir(self) -> Path:

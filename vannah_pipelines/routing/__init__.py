@@ -1,0 +1,1 @@
+"""Routing: which stored instances go where (rules, their evaluation, their source file)."""
