@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from pynetdicom.pdu_primitives import A_ASSOCIATE, UserIdentityNegotiation
 
-from receiver import pdu
 from receiver.contexts import STORAGE_SOP_CLASSES
 from receiver.limits import Limits
+from vannah_pipelines.dimse import pdu
 from vannah_pipelines.security.audit import AuditEvent, AuditLog
 from vannah_pipelines.security.peers import (
     Admission,

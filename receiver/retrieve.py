@@ -4,19 +4,18 @@ stored file as it is (PS3.4 C.4.1, C.4.2, C.4.3).
 pynetdicom's own Q/R service re-encodes every instance from a decoded Dataset, which is not
 byte-identical for every file, and passes every message through its DUL thread and queue.
 :class:`ArchiveQueryRetrieveService` writes C-FIND answers to the socket itself and replaces
-C-GET / C-MOVE: the EVT_C_GET / EVT_C_MOVE handler returns a
-:class:`RetrievePlan` (instances with how to open their stored bytes, or a refusal), and
-each instance is opened through the storage tiers when its sub-operation runs and sent in
-its stored transfer syntax, never decoded, its data set read from the stream straight into
-P-DATA PDUs (:func:`receiver.store_scu.send_message`): C-MOVE sub-operations on an
-association of our own (:class:`receiver.store_scu.StoreSCU`), C-GET ones written to the
-C-GET association's socket by the thread pynetdicom runs the request on. pynetdicom's own
-sending passes every PDU through its DUL thread and queue, three times slower. A peer that
-does not accept the stored syntax fails that sub-operation (an uncompressed file goes
-re-encoded in another accepted uncompressed syntax). An instance that cannot be read (in
-the cold tier: a restore is requested; a tier that is down) fails its sub-operation, and
-the reason goes in the final response's Error Comment.
-"""
+C-GET / C-MOVE: the EVT_C_GET / EVT_C_MOVE handler returns a :class:`RetrievePlan`
+(instances with how to open their stored bytes, or a refusal), and each instance is opened
+through the storage tiers when its sub-operation runs and sent in its stored transfer
+syntax, never decoded, its data set read from the stream straight into P-DATA PDUs
+(:func:`vannah_pipelines.dimse.store_scu.send_message`): C-MOVE sub-operations on an
+association of our own (:class:`vannah_pipelines.dimse.store_scu.StoreSCU`), C-GET ones
+written to the C-GET association's socket by the thread pynetdicom runs the request on.
+pynetdicom's own sending passes every PDU through its DUL thread and queue, three times
+slower. A peer that does not accept the stored syntax fails that sub-operation (an
+uncompressed file goes re-encoded in another accepted uncompressed syntax). An instance that
+cannot be read (in the cold tier: a restore is requested; a tier that is down) fails its
+sub-operation, and the reason goes in the final response's Error Comment."""
 
 from __future__ import annotations
 
@@ -41,12 +40,18 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass, ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from receiver import pdu, pynetdicom_fixes
+from receiver import pynetdicom_fixes
 from receiver.contexts import PATIENT_ROOT_FIND, RETRIEVE_SOP_CLASSES, STUDY_ROOT_FIND
 from receiver.responses import EncodedIdentifier
 from receiver.status import RetrieveStatus
-from receiver.store_scu import StoreAssociationError, StoreSCU, data_set_offset, send_message
 from vannah_pipelines.dicom.json_encode import NotEncodableError, encode_json_dataset
+from vannah_pipelines.dimse import pdu
+from vannah_pipelines.dimse.store_scu import (
+    StoreAssociationError,
+    StoreSCU,
+    data_set_offset,
+    send_message,
+)
 from vannah_pipelines.errors import (
     ArchivedError,
     InvalidDicomError,

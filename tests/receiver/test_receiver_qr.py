@@ -1066,8 +1066,8 @@ def _picky_scp(
 
 
 def test_move_counts_each_status_the_destination_answers(archive: Archive) -> None:
-    """Our own storage association (receiver/store_scu.py) sends the stored bytes with the
-    move originator, and reads back success, warning and failure statuses."""
+    """Our own storage association (vannah_pipelines/dimse/store_scu.py) sends the stored
+    bytes with the move originator, and reads back success, warning and failure statuses."""
     study = _study_of(archive, "QR-PAT-1", 4)
     with _picky_scp(archive, [0x0000, 0xB007, 0xA700, 0x0000]) as scp:
         responses = _pynetdicom_move(archive, study, PICKY_AET)

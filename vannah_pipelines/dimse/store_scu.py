@@ -31,8 +31,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 
-from receiver import pdu
 from vannah_pipelines.dicom.inspection import read_file_meta
+from vannah_pipelines.dimse import pdu
 
 log = logging.getLogger(__name__)
 
