@@ -20,8 +20,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
 from pydicom.pixels.utils import pack_bits, pixel_array
 
-from dicomweb.media import EXPLICIT_BE, NATIVE
-from dicomweb.pixel_limits import (
+from vannah_pipelines.dicom.pixel_limits import (
     DecodeBudgetError,
     PixelError,
     check_codestream,
@@ -30,6 +29,7 @@ from dicomweb.pixel_limits import (
     pixel_header,
     require_budget,
 )
+from vannah_pipelines.dicom.transcoding import EXPLICIT_BE, NATIVE
 
 DEFAULT_THUMBNAIL = 128
 _FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")

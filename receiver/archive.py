@@ -6,7 +6,7 @@ import ssl
 import threading
 from typing import TYPE_CHECKING
 
-from receiver.gate import client_tls_context
+from vannah_pipelines.dimse.tls import client_tls_context
 from vannah_pipelines.settings import RemoteModality, Settings
 
 if TYPE_CHECKING:

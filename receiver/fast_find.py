@@ -19,11 +19,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
-from receiver import pdu
 from receiver.archive import Archive
 from receiver.contexts import MODALITY_WORKLIST_FIND, PATIENT_ROOT_FIND, STUDY_ROOT_FIND
 from receiver.handlers import AssociationLog, run_query_retrieve
 from receiver.retrieve import FindRespond, answer_find
+from vannah_pipelines.dimse import pdu
 from vannah_pipelines.security.principal import Principal
 
 FIND_SOP_CLASSES = frozenset({PATIENT_ROOT_FIND, STUDY_ROOT_FIND, MODALITY_WORKLIST_FIND})

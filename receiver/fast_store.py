@@ -6,13 +6,12 @@ command set with pydicom. Most of our associations are modalities sending images
 receiver peeks at each A-ASSOCIATE-RQ (``MSG_PEEK``, nothing consumed) and serves the ones
 that propose only Verification, the storage and the FIND SOP classes, with no role selection
 and no user identity, itself: on the connection's thread, blocking reads into one reused
-buffer, command sets parsed and answered by hand (``receiver.pdu``), instances landed by
-the same code as the pynetdicom handler (``receiver.handlers.receive_instance``). C-FIND
-(Q/R and Modality Worklist) is served the same way (``receiver.fast_find``). Anything
+buffer, command sets parsed and answered by hand (``vannah_pipelines.dimse.pdu``), instances
+landed by the same code as the pynetdicom handler (``receiver.handlers.receive_instance``).
+C-FIND (Q/R and Modality Worklist) is served the same way (``receiver.fast_find``). Anything
 else, or a request that cannot be peeked and decoded, goes to pynetdicom on the untouched
 socket. Negotiation is pynetdicom's own (``negotiate_as_acceptor`` and its PDU classes), so
-both paths accept the same contexts and transfer syntaxes and send the same A-ASSOCIATE-AC.
-"""
+both paths accept the same contexts and transfer syntaxes and send the same A-ASSOCIATE-AC."""
 
 from __future__ import annotations
 
@@ -40,7 +39,6 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from receiver import pdu
 from receiver.archive import Archive
 from receiver.contexts import STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
 from receiver.fast_find import FIND_SOP_CLASSES, MAX_IDENTIFIER_BYTES, FindEvent, serve_find
@@ -55,6 +53,7 @@ from receiver.handlers import (
 from receiver.limits import LimitExceededError, Limits, Pace
 from receiver.responses import error_comment
 from receiver.status import StoreStatus
+from vannah_pipelines.dimse import pdu
 from vannah_pipelines.security.peers import Admission
 from vannah_pipelines.security.principal import Role
 

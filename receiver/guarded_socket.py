@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from receiver import pdu
 from receiver.limits import LimitExceededError, Limits, Pace, PduMeter
+from vannah_pipelines.dimse import pdu
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from receiver import pdu
+from vannah_pipelines.dimse import pdu
 from vannah_pipelines.settings import Settings
 
 WINDOW_SECONDS = 10.0  # the throughput of a PDU in progress is judged over windows this long

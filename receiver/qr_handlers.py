@@ -25,9 +25,10 @@ from receiver.query_retrieve import (
     parse_identifier,
 )
 from receiver.responses import EncodedIdentifier, failure
-from receiver.retrieve import Destination, RetrievePlan, SubOperation
+from receiver.retrieve import RetrievePlan, SubOperation
 from receiver.status import FindStatus, RetrieveStatus
 from receiver.worklist import handle_worklist_find
+from vannah_pipelines.dimse.peers import DicomPeer
 from vannah_pipelines.storage.tiers import ReadAhead
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def handle_find(
 
 def _retrieve_plan(event: Event, archive: Archive, *, move: bool) -> RetrievePlan:
     calling_ae = event.assoc.requestor.ae_title
-    destination: Destination | None = None
+    destination: DicomPeer | None = None
     if move:
         request: Any = event.request
         aet = str(request.MoveDestination or "").strip()
@@ -102,7 +103,7 @@ def _retrieve_plan(event: Event, archive: Archive, *, move: bool) -> RetrievePla
                 RetrieveStatus.MOVE_DESTINATION_UNKNOWN, "move destination unknown"
             )
         tls = archive.client_tls() if known.use_dicom_tls else None
-        destination = Destination(known.aet, known.host, known.port, tls)
+        destination = DicomPeer(known.aet, known.host, known.port, tls)
     try:
         parsed = _identifier(event, retrieve=True)
         instances = match_instances(archive.catalog, parsed)

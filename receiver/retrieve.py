@@ -4,33 +4,33 @@ stored file as it is (PS3.4 C.4.1, C.4.2, C.4.3).
 pynetdicom's own Q/R service re-encodes every instance from a decoded Dataset, which is not
 byte-identical for every file, and passes every message through its DUL thread and queue.
 :class:`ArchiveQueryRetrieveService` writes C-FIND answers to the socket itself and replaces
-C-GET / C-MOVE: the EVT_C_GET / EVT_C_MOVE handler returns a
-:class:`RetrievePlan` (instances with how to open their stored bytes, or a refusal), and
-each instance is opened through the storage tiers when its sub-operation runs and sent in
-its stored transfer syntax, never decoded, its data set read from the stream straight into
-P-DATA PDUs (:func:`receiver.store_scu.send_message`): C-MOVE sub-operations on an
-association of our own (:class:`receiver.store_scu.StoreSCU`), C-GET ones written to the
-C-GET association's socket by the thread pynetdicom runs the request on. pynetdicom's own
-sending passes every PDU through its DUL thread and queue, three times slower. A peer that
-does not accept the stored syntax fails that sub-operation (an uncompressed file goes
-re-encoded in another accepted uncompressed syntax). An instance that cannot be read (in
-the cold tier: a restore is requested; a tier that is down) fails its sub-operation, and
-the reason goes in the final response's Error Comment.
-"""
+C-GET / C-MOVE: the EVT_C_GET / EVT_C_MOVE handler returns a :class:`RetrievePlan`
+(instances with how to open their stored bytes, or a refusal), and each instance is opened
+through the storage tiers when its sub-operation runs and sent in its stored transfer
+syntax, not decoded when the peer accepts that syntax, its data set read from the stream
+straight into P-DATA PDUs (:func:`vannah_pipelines.dimse.store_scu.send_message`): C-MOVE
+sub-operations on an association of our own
+(:class:`vannah_pipelines.dimse.store_scu.StoreSCU`), C-GET ones written to the C-GET
+association's socket by the thread pynetdicom runs the request on. pynetdicom's own sending
+passes every PDU through its DUL thread and queue, three times slower. When the peer does
+not accept the stored syntax, the instance goes decompressed (or, uncompressed, re-encoded)
+into an uncompressed syntax it accepts (:mod:`vannah_pipelines.dimse.negotiation`, shared
+with routing); when that fails too, so does the sub-operation, with the reason in the Error
+Comment. An instance that cannot be read (in the cold tier: a restore is requested; a tier
+that is down) fails its sub-operation, and the reason goes in the final response's Error
+Comment."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import socket
-import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, BinaryIO, Protocol, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import association as _association
@@ -41,12 +41,20 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass, ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from receiver import pdu, pynetdicom_fixes
+from receiver import pynetdicom_fixes
 from receiver.contexts import PATIENT_ROOT_FIND, RETRIEVE_SOP_CLASSES, STUDY_ROOT_FIND
 from receiver.responses import EncodedIdentifier
 from receiver.status import RetrieveStatus
-from receiver.store_scu import StoreAssociationError, StoreSCU, data_set_offset, send_message
 from vannah_pipelines.dicom.json_encode import NotEncodableError, encode_json_dataset
+from vannah_pipelines.dimse import pdu
+from vannah_pipelines.dimse.negotiation import NotSendableError, prepare
+from vannah_pipelines.dimse.outbound import open_association, store_instance
+from vannah_pipelines.dimse.peers import DicomPeer
+from vannah_pipelines.dimse.store_scu import (
+    StoreAssociationError,
+    StoreSCU,
+    send_message,
+)
 from vannah_pipelines.errors import (
     ArchivedError,
     InvalidDicomError,
@@ -59,8 +67,6 @@ from vannah_pipelines.storage.tiers import RestoreRequiredError
 log = logging.getLogger(__name__)
 
 MAX_SUBOPERATIONS = 65535  # the Number of ... Sub-operations are US (PS3.7 9.1.3)
-UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
-MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
 # PS3.4 C.4.2.1.4 / C.4.3.1.4: pending responses are optional; one per sub-operation cost a
 # response encode per instance, so they are sent at most this often (seconds).
 PENDING_INTERVAL = 0.2
@@ -69,8 +75,6 @@ QUERY_RETRIEVE_SOP_CLASSES = RETRIEVE_SOP_CLASSES | {PATIENT_ROOT_FIND, STUDY_RO
 FIND_PENDING, FIND_PENDING_WARNING = 0xFF00, 0xFF01
 FIND_HANDLER_FAILED = 0xC311  # as pynetdicom answers an exception in the handler
 FIND_CANNOT_ENCODE = 0xC312  # as pynetdicom answers an identifier it cannot encode
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-UNCOMPRESSED_PREFERENCE = ("1.2.840.10008.1.2.1", IMPLICIT_VR_LE, "1.2.840.10008.1.2.2")
 
 
 @dataclass(frozen=True)
@@ -85,22 +89,12 @@ class SubOperation:
     opener: Callable[[], BinaryIO]
 
 
-@dataclass(frozen=True)
-class Destination:
-    """A C-MOVE destination: a known peer."""
-
-    aet: str
-    host: str
-    port: int
-    tls: ssl.SSLContext | None = None  # set for a peer with UseDicomTls
-
-
 @dataclass
 class RetrievePlan:
     """What a C-GET / C-MOVE handler returns: a refusal, or the sub-operations to run."""
 
     suboperations: list[SubOperation] = field(default_factory=list)
-    destination: Destination | None = None  # C-MOVE only
+    destination: DicomPeer | None = None  # C-MOVE only
     refusal: RetrieveStatus | None = None
     comment: str = ""
     release: Callable[[], None] | None = None  # called once the retrieve ends, however
@@ -259,11 +253,11 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                 else:
                     with stream:
                         if scu is not None:
-                            kind = self._send_move(
+                            kind, reason = self._send_move(
                                 scu, subop, stream, msg_id, cast(int, req.MessageID)
                             )
                         else:
-                            kind = self._send_get(subop, stream, msg_id)
+                            kind, reason = self._send_get(subop, stream, msg_id)
                 counts.remaining -= 1
                 if kind == "success":
                     counts.completed += 1
@@ -282,55 +276,41 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
         self._final(rsp, cx_id, context, counts)
 
     def _open_destination(
-        self, destination: Destination, subops: list[SubOperation]
+        self, destination: DicomPeer, subops: list[SubOperation]
     ) -> StoreSCU | None:
-        proposals = _proposals(subops)
-        if len(proposals) > MAX_CONTEXTS:
-            log.warning(
-                "C-MOVE to %s needs %d presentation contexts; proposing the first %d",
-                destination.aet,
-                len(proposals),
-                MAX_CONTEXTS,
-            )
         try:
-            return StoreSCU.request(
-                destination.host,
-                destination.port,
-                calling_ae=self.ae.ae_title,
-                called_ae=destination.aet,
-                proposals=proposals[:MAX_CONTEXTS],
+            return open_association(
+                destination,
+                self.ae.ae_title,
+                [(s.sop_class_uid, s.transfer_syntax_uid) for s in subops],
                 timeout=float(self.ae.dimse_timeout or 30),
-                tls=destination.tls,
             )
         except StoreAssociationError as exc:
-            log.warning(
-                "C-MOVE: cannot associate with %s at %s:%d: %s",
-                destination.aet,
-                destination.host,
-                destination.port,
-                exc,
-            )
+            log.warning("C-MOVE: cannot associate with %s: %s", destination, exc)
             return None
 
     def _send_move(
         self, scu: StoreSCU, subop: SubOperation, fp: BinaryIO, msg_id: int, originator_id: int
-    ) -> str:
-        """One C-MOVE sub-operation on our own storage association, from the open `fp`."""
+    ) -> tuple[str, str]:
+        """One C-MOVE sub-operation on our own storage association, from the open `fp`:
+        its kind (success, warning, failure) and the reason of a failure."""
         try:
-            syntax, data = _prepare(subop, fp, scu.accepted_syntaxes(subop.sop_class_uid))
-            result = scu.store(
-                data,
-                sop_class=subop.sop_class_uid,
-                sop_instance=subop.sop_instance_uid,
-                transfer_syntax=syntax,
+            _syntax, result = store_instance(
+                scu,
+                fp,
+                sop_class_uid=subop.sop_class_uid,
+                sop_instance_uid=subop.sop_instance_uid,
+                transfer_syntax_uid=subop.transfer_syntax_uid,
                 message_id=msg_id,
-                originator_ae=self.ae.ae_title,
-                originator_message_id=originator_id,
+                move_originator=(self.ae.ae_title, originator_id),
             )
-        except (OSError, InvalidDicomError, StoreAssociationError, NotAcceptedError) as exc:
+        except NotSendableError as exc:
             log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
-            return "failure"
-        return self._outcome(subop, result.status)
+            return "failure", str(exc)
+        except (OSError, InvalidDicomError, StoreAssociationError) as exc:
+            log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
+            return "failure", ""
+        return self._outcome(subop, result.status), ""
 
     def _pending(self, req: C_GET | C_MOVE, cx_id: int, counts: _Counts) -> None:
         """A pending response, written straight to the socket like the C-GET
@@ -350,7 +330,7 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
             raise OSError("the association has no socket")
         return sock.socket
 
-    def _send_get(self, subop: SubOperation, fp: BinaryIO, msg_id: int) -> str:
+    def _send_get(self, subop: SubOperation, fp: BinaryIO, msg_id: int) -> tuple[str, str]:
         """One C-GET sub-operation on the C-GET association, from the open `fp`: the
         C-STORE-RQ written to its socket directly (this thread is the one pynetdicom runs
         the request on, so nothing else writes meanwhile), the response read from
@@ -362,7 +342,7 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                 for cx in reversed(self.assoc.accepted_contexts)
                 if cx.abstract_syntax == subop.sop_class_uid and cx.as_scu
             }
-            syntax, data = _prepare(subop, fp, list(contexts))
+            syntax, data = prepare(fp, subop.transfer_syntax_uid, list(contexts))
             command = pdu.encode_request(
                 pdu.C_STORE_RQ,
                 msg_id,
@@ -377,17 +357,20 @@ class ArchiveQueryRetrieveService(QueryRetrieveServiceClass):
                 command,
                 data,
             )
-        except (NotAcceptedError, OSError, InvalidDicomError) as exc:
-            # No accepted context for the stored SOP class / transfer syntax, or I/O.
+        except NotSendableError as exc:
+            # No accepted context for the SOP class the file can go in, as stored or not.
             log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
-            return "failure"
+            return "failure", str(exc)
+        except (OSError, InvalidDicomError) as exc:
+            log.warning("sub-operation for %s failed: %s", subop.sop_instance_uid, exc)
+            return "failure", ""
         _cx, rsp = self.dimse.get_msg(block=True)
         if not isinstance(rsp, C_STORE) or rsp.Status is None:
             log.warning("sub-operation for %s: no C-STORE response", subop.sop_instance_uid)
             if self.assoc.is_established:
                 self.assoc.abort()
-            return "failure"
-        return self._outcome(subop, int(rsp.Status))
+            return "failure", ""
+        return self._outcome(subop, int(rsp.Status)), ""
 
     @staticmethod
     def _outcome(subop: SubOperation, status: int) -> str:
@@ -546,16 +529,6 @@ def _service_class_for(uid: str) -> type[ServiceClass]:
     return uid_to_service_class(uid)
 
 
-def _proposals(subops: list[SubOperation]) -> list[tuple[str, tuple[str, ...]]]:
-    """The presentation contexts a C-MOVE proposes: each (SOP class, stored syntax) alone,
-    then, for SOP classes with uncompressed files, every uncompressed syntax in one context
-    (a fallback the file is re-encoded into if the peer refuses its stored syntax)."""
-    pairs = sorted({(s.sop_class_uid, s.transfer_syntax_uid) for s in subops})
-    exact: list[tuple[str, tuple[str, ...]]] = [(sop, (ts,)) for sop, ts in pairs]
-    fallback = sorted({sop for sop, ts in pairs if ts in UNCOMPRESSED})
-    return exact + [(sop, UNCOMPRESSED_PREFERENCE) for sop in fallback]
-
-
 def unreadable_reason(exc: BaseException) -> str:
     """Why an instance could not be read, short enough for an Error Comment (LO, 64
     characters) and free of patient data.
@@ -574,44 +547,6 @@ def unreadable_reason(exc: BaseException) -> str:
     if isinstance(exc, StorageUnavailableError):
         return "storage tier unavailable"
     return "stored object unreadable"
-
-
-class NotAcceptedError(Exception):
-    """The peer accepted no transfer syntax the file can be sent in."""
-
-
-def _prepare(subop: SubOperation, fp: BinaryIO, accepted: list[str]) -> tuple[str, BinaryIO]:
-    """The transfer syntax to send `subop` in and its data set, from the open stream `fp`:
-    the stored bytes when the peer accepted the stored syntax; else, for an uncompressed
-    file, pydicom's re-encoding in an accepted uncompressed syntax (the same elements, not
-    the same bytes).
-
-    Raises
-    ------
-    NotAcceptedError
-        If neither is possible (a compressed file the peer does not accept as stored).
-    InvalidDicomError
-        If the file has no Part-10 header.
-    """
-    data_set_offset(fp)
-    syntax = subop.transfer_syntax_uid
-    if syntax in accepted:
-        return syntax, fp
-    others = [ts for ts in accepted if ts in UNCOMPRESSED]
-    if syntax not in UNCOMPRESSED or not others:
-        raise NotAcceptedError(f"{syntax} not accepted by the peer")
-    log.info("sub-operation for %s re-encoded", subop.sop_instance_uid)
-    return others[0], BytesIO(_reencode(fp, others[0]))
-
-
-def _reencode(fp: BinaryIO, syntax: str) -> bytes:
-    """The data set of the Part-10 stream `fp` encoded in the uncompressed `syntax`."""
-    ts = UID(syntax)
-    fp.seek(0)
-    data = encode(dcmread(fp), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
-    if data is None:
-        raise OSError(f"cannot encode in {syntax}")
-    return data
 
 
 def install() -> None:

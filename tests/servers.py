@@ -1,4 +1,4 @@
-"""Real servers for tests, on loopback: PostgreSQL (Debian's) and SeaweedFS (S3 API).
+"""Real servers for tests, on loopback: PostgreSQL (Debian's), SeaweedFS (S3 API), DCMTK storescp.
 
 Plain context managers, so session fixtures in several conftest files (and a benchmark) share
 one implementation. A missing binary fails with the command that installs it: never a skip.
@@ -285,3 +285,61 @@ def moto_server(buckets: tuple[str, ...] = (), timeout: float = 60.0) -> Iterato
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     with _s3_process("moto", argv, root, server, "/moto-api/", buckets, timeout, 2.0) as running:
         yield running
+
+
+@dataclass
+class StoreSCP:
+    """A DCMTK ``storescp`` on 127.0.0.1: its AE title, port, and the folder it writes
+    each received instance to (bit-preserving: the data set as it came over the wire)."""
+
+    aet: str
+    port: int
+    out: Path
+    process: subprocess.Popen[bytes]
+
+    def received(self) -> dict[str, Path]:
+        """Received files by SOP Instance UID."""
+        import pydicom
+
+        files = {}
+        for path in sorted(self.out.rglob("*")):
+            if path.is_file():
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                files[str(ds.SOPInstanceUID)] = path
+        return files
+
+
+@contextlib.contextmanager
+def storescp_server(
+    out: Path, aet: str = "STORESCP", options: tuple[str, ...] = ("+xa",), timeout: float = 30.0
+) -> Iterator[StoreSCP]:
+    """Run ``storescp`` until the block ends. `options` choose the transfer syntaxes it
+    accepts (``storescp --help``): ``+xa`` every one it knows, none of them the
+    uncompressed ones only, ``+xi`` Implicit VR Little Endian only."""
+    binary = shutil.which("storescp")
+    if binary is None:
+        pytest.fail("storescp not found: apt-get install dcmtk")
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = out.parent / f"storescp-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [binary, "-aet", aet, *options, "+B", "-od", str(out), str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"storescp exited with {process.returncode}: {log.read_text()}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"storescp not listening on {port} after {timeout} s")
+            time.sleep(0.05)
+        yield StoreSCP(aet, port, out, process)
+    finally:
+        stop_process_group(process)

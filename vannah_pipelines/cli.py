@@ -1,5 +1,5 @@
 """The ``vannah`` command line: up, receiver, dicomweb, import, ingest, catalog, quarantine,
-token, viewer, tier, restore, route."""
+token, viewer, tier, restore, route, echo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from vannah_pipelines.dimse.echo_cli import add_subparsers as add_echo_command
 from vannah_pipelines.errors import VannahError
 from vannah_pipelines.routing.cli import add_subparsers as add_route_command
 from vannah_pipelines.settings import Settings, load_settings
@@ -312,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_restore_command(sub)
     add_tier_command(sub)
     add_route_command(sub)
+    add_echo_command(sub)
     viewer = sub.add_parser("viewer", help="the built-in OHIF viewer at /viewer")
     viewer_sub = viewer.add_subparsers(dest="viewer_command", required=True)
     p = viewer_sub.add_parser(

@@ -28,7 +28,6 @@ from dicomweb.media import (
     OCTET_STREAM,
     FrameChoice,
     InstanceChoice,
-    check_decompress,
     choose_bulk,
     choose_frames,
     choose_instance,
@@ -36,7 +35,6 @@ from dicomweb.media import (
     choose_rendered,
     header_with_bulk_data_uris,
     parse_accept,
-    transcode,
 )
 from dicomweb.multipart import (
     Part,
@@ -46,7 +44,6 @@ from dicomweb.multipart import (
     new_boundary,
     read_chunks,
 )
-from dicomweb.pixel_limits import PixelError, is_encapsulated
 from dicomweb.rendering import (
     PIXEL_DATA_TAG,
     FrameError,
@@ -69,6 +66,8 @@ from dicomweb.rendering import (
     thumbnail_options,
 )
 from vannah_pipelines.catalog.lookup import StoredInstance, find_instances, iter_headers
+from vannah_pipelines.dicom.pixel_limits import PixelError, is_encapsulated
+from vannah_pipelines.dicom.transcoding import check_decompress, transcode
 from vannah_pipelines.dicom.uids import require_uid
 from vannah_pipelines.errors import (
     ArchivedError,
@@ -211,7 +210,8 @@ def check_transcode(
     would decode over ``dicomweb_max_decoded_bytes``, or promises more than it holds
     (nothing is decoded). `whole`: read the pixel data too, to check the frame count and
     codestreams; else (one of many instances) the header's budget only, the rest being
-    checked again by :func:`~dicomweb.media.transcode` just before it decodes."""
+    checked again by :func:`~vannah_pipelines.dicom.transcoding.transcode` just before it
+    decodes."""
     with open_stream() as stream:
         ds = pydicom.dcmread(stream, force=True, stop_before_pixels=not whole)
     try:

@@ -10,7 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from dicomweb.deps import CatalogDep, SettingsDep, TiersDep
 from dicomweb.errors import BadRequestError, NotAcceptableError
-from dicomweb.media import DICOM, RENDERED_MEDIA_TYPES, InstanceChoice, transcode_reason
+from dicomweb.media import DICOM, RENDERED_MEDIA_TYPES, InstanceChoice
 from dicomweb.rendering import RenderOptions, Window
 from dicomweb.routes.wado_rs import (
     check_transcode,
@@ -19,6 +19,7 @@ from dicomweb.routes.wado_rs import (
     opener,
     rendered_response,
 )
+from vannah_pipelines.dicom.transcoding import transcode_reason
 
 router = APIRouter(tags=["WADO-URI"])
 

@@ -17,7 +17,8 @@ from pydicom.encaps import encapsulate, generate_frames
 
 from dicomweb.app import create_app
 from dicomweb.guards import host_name
-from dicomweb.pixel_limits import (
+from dicomweb.rendering import FrameError, parse_frame_list
+from vannah_pipelines.dicom.pixel_limits import (
     DecodeBudgetError,
     PixelDataMismatchError,
     PixelHeader,
@@ -25,7 +26,6 @@ from dicomweb.pixel_limits import (
     frames_present,
     require_budget,
 )
-from dicomweb.rendering import FrameError, parse_frame_list
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.settings import Settings
 

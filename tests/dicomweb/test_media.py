@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from dicomweb.media import (
-    EXPLICIT_LE,
     FrameChoice,
     InstanceChoice,
     choose_frames,
@@ -16,10 +15,10 @@ from dicomweb.media import (
     fill_bulk_data_uris,
     header_with_bulk_data_uris,
     parse_accept,
-    transcode_reason,
 )
 from dicomweb.multipart import Part, content_type, decode_parts, encode_parts
 from dicomweb.rendering import Window, apply_window, parse_frame_list, parse_viewport
+from vannah_pipelines.dicom.transcoding import EXPLICIT_LE, transcode_reason
 
 JPEG = "1.2.840.10008.1.2.4.50"
 RLE = "1.2.840.10008.1.2.5"

@@ -48,7 +48,6 @@ from receiver_support import (
 from test_receiver_handlers import _broken_inputs  # the hostile inputs, shared
 
 import receiver.app as app
-from receiver import pdu
 from receiver.contexts import (
     MODALITY_WORKLIST_FIND,
     STORAGE_SOP_CLASSES,
@@ -57,6 +56,7 @@ from receiver.contexts import (
 )
 from receiver.status import StoreStatus
 from vannah_pipelines.dicom.synthetic import make_instance
+from vannah_pipelines.dimse import pdu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

@@ -884,12 +884,12 @@ def test_move_to_unknown_destination_is_a801(archive: Archive) -> None:
     assert "Refused: MoveDestinationUnknown" in output, output
 
 
-def test_move_with_refused_syntax_and_missing_file_is_b000(
+def test_move_decompresses_for_an_uncompressed_only_peer_and_missing_file_is_b000(
     archive: Archive, tmp_path: Path
 ) -> None:
     out = tmp_path / "strict"
     out.mkdir()
-    # storescp without +xa accepts uncompressed syntaxes only: JPEG 2000 is refused.
+    # storescp without +xa accepts uncompressed syntaxes only: JPEG 2000 goes decompressed.
     proc = subprocess.Popen(
         ["storescp", "-aet", STRICT_AET, "+B", "-od", str(out), str(archive.strict_port)],
         env=DCMTK_ENV,
@@ -903,15 +903,13 @@ def test_move_with_refused_syntax_and_missing_file_is_b000(
         responses = _pynetdicom_move(archive, study, STRICT_AET)
         final, identifier = responses[-1]
         total = len(archive.studies[study])
-        if total > 1:
-            assert final.Status == RetrieveStatus.SUBOPERATIONS_FAILED
-        else:
-            assert final.Status == RetrieveStatus.UNABLE_TO_PERFORM_SUBOPERATIONS
-        assert final.NumberOfFailedSuboperations == 1
-        assert identifier is not None
-        assert str(jpeg.SOPInstanceUID) in list(identifier.FailedSOPInstanceUIDList) or (
-            identifier.FailedSOPInstanceUIDList == jpeg.SOPInstanceUID
-        )
+        assert final.Status == RetrieveStatus.SUCCESS
+        assert final.NumberOfCompletedSuboperations == total
+        assert final.NumberOfFailedSuboperations == 0
+        copy = pydicom.dcmread(out / _received_name(out, str(jpeg.SOPInstanceUID)))
+        assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        original = pydicom.dcmread(TEST_FILES / "JPEG2000.dcm")
+        assert (copy.pixel_array == original.pixel_array).all()
         # a hot-tier file deleted before the move: that sub-operation fails
         victim_study = _study_of(archive, "QR-PAT-3", 2)
         stored = archive.stored()
@@ -935,6 +933,13 @@ def test_move_with_refused_syntax_and_missing_file_is_b000(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _received_name(out: Path, uid: str) -> str:
+    for path in out.iterdir():
+        if str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) == uid:
+            return path.name
+    raise AssertionError(f"{uid} not received")
 
 
 # --- C-GET -------------------------------------------------------------------------------
@@ -1066,8 +1071,8 @@ def _picky_scp(
 
 
 def test_move_counts_each_status_the_destination_answers(archive: Archive) -> None:
-    """Our own storage association (receiver/store_scu.py) sends the stored bytes with the
-    move originator, and reads back success, warning and failure statuses."""
+    """Our own storage association (vannah_pipelines/dimse/store_scu.py) sends the stored
+    bytes with the move originator, and reads back success, warning and failure statuses."""
     study = _study_of(archive, "QR-PAT-1", 4)
     with _picky_scp(archive, [0x0000, 0xB007, 0xA700, 0x0000]) as scp:
         responses = _pynetdicom_move(archive, study, PICKY_AET)

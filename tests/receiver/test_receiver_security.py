@@ -26,12 +26,12 @@ from receiver_raw_scu import RawAssociation, associate_rq
 from receiver_support import DCMTK_ENV, Worker, free_port, wait_sealed
 
 from receiver.contexts import STUDY_ROOT_FIND
-from receiver.gate import client_tls_context
 from receiver.status import StoreStatus
-from receiver.store_scu import StoreAssociationError, StoreSCU
 from tests.tls_support import Pki, make_pki
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
+from vannah_pipelines.dimse.store_scu import StoreAssociationError, StoreSCU
+from vannah_pipelines.dimse.tls import client_tls_context
 from vannah_pipelines.landing.layout import LandingZone
 from vannah_pipelines.settings import load_settings
 

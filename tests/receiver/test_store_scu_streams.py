@@ -10,8 +10,8 @@ from typing import BinaryIO
 
 import pytest
 
-from receiver import pdu
-from receiver.store_scu import send_message
+from vannah_pipelines.dimse import pdu
+from vannah_pipelines.dimse.store_scu import send_message
 from vannah_pipelines.storage.base import spool
 
 

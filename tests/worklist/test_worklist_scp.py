@@ -228,8 +228,8 @@ def test_step_without_time_is_visible_on_its_day(past_due_hours: float) -> None:
 def _fast_event(identifier: bytes, cancelled: Any = lambda _id: False) -> Any:
     from pydicom.uid import UID
 
-    from receiver import pdu
     from receiver.fast_find import FindEvent
+    from vannah_pipelines.dimse import pdu
 
     command = pdu.Command(
         command_field=pdu.C_FIND_RQ,

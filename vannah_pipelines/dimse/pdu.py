@@ -1,6 +1,7 @@
 """The few PS3.8 PDUs and PS3.7 command sets the storage fast path reads and writes by hand.
 
-Pure (stdlib only). The association negotiation PDUs are pynetdicom's (``receiver.fast_store``);
+Pure (stdlib only), shared by the receiver's fast paths and the outbound sender
+(:mod:`vannah_pipelines.dimse.store_scu`). The association negotiation PDUs are pynetdicom's;
 this module covers what repeats per message: PDU and PDV headers, the implicit VR little
 endian command set of a request, and the C-STORE-RSP / C-ECHO-RSP command sets.
 """

@@ -1,4 +1,4 @@
-"""A storage SCU of our own for C-MOVE sub-operations (PS3.4 C.4.2.3, PS3.8).
+"""A storage SCU of our own, for C-MOVE sub-operations (PS3.4 C.4.2.3, PS3.8) and routing.
 
 pynetdicom's SCU hands every P-DATA PDU of a data set through its DUL thread, queue and
 state machine, and polls in 1 ms steps: with a peer's 16 kB maximum PDU a 0.5 MB instance is
@@ -31,8 +31,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 
-from receiver import pdu
 from vannah_pipelines.dicom.inspection import read_file_meta
+from vannah_pipelines.dimse import pdu
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,12 @@ class StoreSCU:
         sop_instance: str,
         transfer_syntax: str,
         message_id: int,
-        originator_ae: str,
-        originator_message_id: int,
+        originator_ae: str | None = None,
+        originator_message_id: int = 0,
     ) -> StoreResult:
-        """Send the data set read from `data` (positioned at its start) with C-STORE-RQ.
+        """Send the data set read from `data` (positioned at its start) with C-STORE-RQ;
+        with `originator_ae`, as a C-MOVE sub-operation (Move Originator AE Title and
+        Message ID, PS3.7 9.1.1.1).
 
         Raises
         ------
@@ -179,7 +181,9 @@ class StoreSCU:
             sop_class.encode("ascii"),
             sop_instance.encode("ascii"),
             has_data_set=True,
-            move_originator=(originator_ae.encode("ascii"), originator_message_id),
+            move_originator=None
+            if originator_ae is None
+            else (originator_ae.encode("ascii"), originator_message_id),
         )
         try:
             send_message(self._sock, self._max_pdu, context_id, command, data)
@@ -243,7 +247,7 @@ class StoreSCU:
             if kind != pdu.A_RELEASE_RP:
                 log.warning("peer answered A-RELEASE-RQ with PDU 0x%02X", kind)
         except (OSError, StoreAssociationError) as exc:
-            log.warning("release of a C-MOVE association failed: %s", exc)
+            log.warning("release of a storage association failed: %s", exc)
         finally:
             self._sock.close()
 
