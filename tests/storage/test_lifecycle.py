@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from tests.conftest import lake_settings
@@ -17,6 +18,7 @@ from tests.storage.lifecycle_support import (
     read_all,
     study_tier,
 )
+from vannah_pipelines.catalog.compaction import compact, publish
 from vannah_pipelines.catalog.lake import LakeConfig
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.settings import TierDays
@@ -109,6 +111,19 @@ def test_studies_move_hot_warm_cold_with_bytes_identical(
     finally:
         reader.close()
     assert history == [("cold", 4), ("warm", 3)]  # one row per move, never twice
+
+    # catalog.duckdb shows each study's bytes per tier and how long a restore would take.
+    compact(settings.catalog_dir)
+    with duckdb.connect(str(publish(settings.catalog_dir)), read_only=True) as con:
+        rows = con.execute(
+            "SELECT study_instance_uid, tier, hot_bytes, warm_bytes, cold_bytes, "
+            "expected_restore_hours FROM study_tiers"
+        ).fetchall()
+        facts = con.execute("SELECT tier, backend, storage_class FROM storage_tiers").fetchall()
+    sizes = {s.uid: sum(map(len, s.blobs.values())) for s in (study, young)}
+    hours = settings.cold_restore_expected_hours
+    assert sorted(rows) == sorted((uid, "cold", 0, 0, size, hours) for uid, size in sizes.items())
+    assert ("cold", "s3-archive", "DEEP_ARCHIVE") in facts
 
 
 def test_modality_overrides_and_holds_keep_studies_hot(tmp_path: Path) -> None:

@@ -56,7 +56,13 @@ from vannah_pipelines.catalog.schema import (
     series_select,
     study_select,
 )
-from vannah_pipelines.catalog.writer import CATALOG_DB, SCHEMAS, CatalogWriter
+from vannah_pipelines.catalog.writer import (
+    CATALOG_DB,
+    SCHEMAS,
+    STORAGE_TIERS_COLUMNS,
+    STORAGE_TIERS_FILE,
+    CatalogWriter,
+)
 from vannah_pipelines.errors import VannahError
 from vannah_pipelines.landing.layout import fsync_dir, make_dirs, write_atomic
 
@@ -66,7 +72,7 @@ MANIFEST = "manifest.json"
 # The serving database's layout: a compaction rebuilds one written with an older layout
 # even when no batch is new (2: studies have a tier column, 'mixed' when split; 3: and
 # hot_bytes, warm_bytes, cold_bytes).
-SERVING_SCHEMA = 3
+SERVING_SCHEMA = 4
 COMPACTED = "compacted"
 SERVING = "serving"
 # The zero-row file per table that keeps globs valid: never compacted, never deleted.
@@ -586,8 +592,28 @@ def researcher_views(
             f"SELECT * EXCLUDE (day) FROM pending_{status})",
         ),
         audit_view_sql(str(base / "audit" / "*" / "*.jsonl")),
+        *storage_tier_views(base),
     ]
     return statements
+
+
+def storage_tier_views(base: Path) -> list[str]:
+    """``storage_tiers`` (what each tier is, from ``storage_tiers.json``, read at query time)
+    and ``study_tiers``: each study's tier, bytes per tier and the hours a restore of its
+    cold part is expected to take (0 with nothing cold; NULL until a lifecycle run has
+    recorded the settings)."""
+    columns = ", ".join(f"'{k}': '{v}'" for k, v in STORAGE_TIERS_COLUMNS.items())
+    facts = _quote(base / STORAGE_TIERS_FILE)
+    return [
+        f"CREATE VIEW storage_tiers AS SELECT * FROM read_json('{facts}', "
+        f"format = 'array', columns = {{{columns}}})",
+        "CREATE VIEW study_tiers AS SELECT s.study_instance_uid, s.patient_id, s.study_date, "
+        "s.tier, s.hot_bytes, s.warm_bytes, s.cold_bytes, "
+        "CASE WHEN s.cold_bytes = 0 THEN 0.0 ELSE c.restore_hours END "
+        "AS expected_restore_hours, s.last_received_at "
+        "FROM studies s LEFT JOIN (SELECT any_value(restore_hours) AS restore_hours "
+        "FROM storage_tiers WHERE tier = 'cold') c ON true",
+    ]
 
 
 def _overlaid(view: str, key: str, select: Callable[[str, str], str]) -> str:

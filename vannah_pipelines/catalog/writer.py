@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from datetime import date
@@ -14,6 +15,16 @@ import pyarrow.parquet as pq
 from vannah_pipelines.catalog.changes import CHANGE_TABLES, CHANGES_DIR
 from vannah_pipelines.catalog.schema import TABLES
 from vannah_pipelines.landing.layout import make_dirs, write_atomic
+
+# What each storage tier is and how long a restore from it takes, as the settings of the
+# last lifecycle run said (storage/tiers.py tier_facts): the catalog's restore estimate.
+STORAGE_TIERS_FILE = "storage_tiers.json"
+STORAGE_TIERS_COLUMNS = {
+    "tier": "VARCHAR",
+    "backend": "VARCHAR",
+    "storage_class": "VARCHAR",
+    "restore_hours": "DOUBLE",
+}
 
 CATALOG_DB = "catalog.duckdb"
 # A zero-row file per table keeps globs valid on an empty catalog; its partition sorts first.
@@ -65,10 +76,21 @@ class CatalogWriter:
             path = self.batch_path(table, _SCHEMA_DAY, "schema")
             if not path.exists():
                 self.write_batch(table, _SCHEMA_DAY, "schema", schema.empty_table())
+        if not (self.root / STORAGE_TIERS_FILE).exists():
+            self.write_storage_tiers([])  # no restore estimate until a lifecycle run says
         schema_audit = self.root / "audit" / f"day={_SCHEMA_DAY.isoformat()}" / "schema.jsonl"
         if not schema_audit.exists():
             make_dirs(schema_audit.parent)
             write_atomic(schema_audit, b"")  # so the audit_events view always has a file
+
+    def write_storage_tiers(self, rows: list[dict[str, object]]) -> None:
+        """Replace ``storage_tiers.json``: one row per tier (``tier``, ``backend``,
+        ``storage_class``, ``restore_hours``), what the ``storage_tiers`` and ``study_tiers``
+        views of ``catalog.duckdb`` read (the settings are not in the catalog otherwise)."""
+        unknown = {k for row in rows for k in row} - set(STORAGE_TIERS_COLUMNS)
+        if unknown:
+            raise ValueError(f"storage_tiers: unknown column(s) {sorted(unknown)}")
+        write_atomic(self.root / STORAGE_TIERS_FILE, json.dumps(rows, indent=1).encode())
 
     def glob(self, table: str) -> str:
         return str(self.root.resolve() / table / "*" / "*.parquet").replace("'", "''")

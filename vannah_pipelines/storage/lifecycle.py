@@ -40,7 +40,7 @@ from vannah_pipelines.storage.base import Storage, Tier
 from vannah_pipelines.storage.holds import active_holds
 from vannah_pipelines.storage.local import LocalStorage
 from vannah_pipelines.storage.records import StudyRecords
-from vannah_pipelines.storage.tiers import TIER_ORDER, StorageTiers
+from vannah_pipelines.storage.tiers import TIER_ORDER, StorageTiers, tier_facts
 
 if TYPE_CHECKING:
     from vannah_pipelines.catalog.lake import LakeConfig
@@ -632,6 +632,7 @@ def run_lifecycle(
             result.seconds = time.monotonic() - started
             return result
         with _one_run_at_a_time(settings):
+            CatalogWriter(settings.catalog_dir).write_storage_tiers(tier_facts(settings))
             result = LifecycleResult(when, False, plan(catalog, settings, when, study=study))
             if planned is not None:
                 planned(result.moves)

@@ -238,6 +238,27 @@ def _close_result(future: Future[BinaryIO]) -> None:
             future.result().close()
 
 
+def tier_facts(settings: Settings) -> list[dict[str, object]]:
+    """What each tier is and how long a restore from it is expected to take, as the
+    catalog's ``storage_tiers`` view shows them (written by each lifecycle run)."""
+    cold_archive = settings.cold_storage != "local"
+    return [
+        {"tier": "hot", "backend": "local", "storage_class": None, "restore_hours": 0.0},
+        {
+            "tier": "warm",
+            "backend": settings.warm_storage,
+            "storage_class": None,
+            "restore_hours": 0.0,
+        },
+        {
+            "tier": "cold",
+            "backend": settings.cold_storage,
+            "storage_class": settings.cold_storage_class if cold_archive else None,
+            "restore_hours": settings.cold_restore_expected_hours if cold_archive else 0.0,
+        },
+    ]
+
+
 def build_backend(settings: Settings, tier: Tier) -> Storage:
     """The backend of `tier` as `settings` configure it."""
     spool = settings.storage_spool_memory_mb << 20
