@@ -278,6 +278,35 @@ class Settings(BaseSettings):
         description="secrets routing destinations name (STOW-RS token or API key, S3 "
         '"ACCESS_KEY:SECRET_KEY"): name -> value, JSON (environment only)',
     )
+    routing_max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        description="attempts of one delivery before it is dead-lettered (retried by hand: "
+        "`vannah route --retry` or the retry_deliveries_job)",
+    )
+    routing_retry_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=86400,
+        description="wait after a delivery's first failure; doubled after each further one",
+    )
+    routing_retry_max_seconds: float = Field(
+        default=3600.0, gt=0, le=7 * 86400, description="the longest wait between attempts"
+    )
+    routing_rescan_seconds: int = Field(
+        default=600,
+        ge=0,
+        le=86400,
+        description="how far back each routing sensor tick looks again for indexed "
+        "instances (a batch indexed late is still routed; none is routed twice)",
+    )
+    routing_backlog_alert_seconds: int = Field(
+        default=900,
+        ge=1,
+        description="the routing_backlog_fresh check fails when a due delivery has waited "
+        "longer than this",
+    )
 
     receiver_workers: int = Field(
         default_factory=lambda: max(2, os.cpu_count() or 2),

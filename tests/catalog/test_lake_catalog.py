@@ -22,6 +22,7 @@ from tests.catalog.test_compaction import (
 )
 from tests.catalog.test_lake import instance_rows
 from vannah_pipelines.catalog.changes import (
+    CHANGE_TABLES,
     INSTANCE_LOCATIONS,
     QUARANTINE_STATUS,
     change_rows,
@@ -139,10 +140,10 @@ def _from_scratch(con: duckdb.DuckDBPyConnection, lake: str) -> dict[str, list[A
         "compacted_studies": "SELECT * FROM _s",
         "compacted_patients": patient_select("_s"),
         "compacted_quarantine": f"SELECT * FROM {lake}.quarantine",
-        "compacted_instance_locations": locations,
-        "compacted_quarantine_status": latest_sql(
-            QUARANTINE_STATUS, f"{lake}.{QUARANTINE_STATUS.name}"
-        ),
+        # Every state-change table: the latest row per key of all its rows.
+        **{
+            f"compacted_{c.name}": latest_sql(c, f"{lake}.{c.name}") for c in CHANGE_TABLES.values()
+        },
     }
     return {name: _rows(con, f"SELECT * FROM ({sql})") for name, sql in queries.items()}
 

@@ -115,7 +115,51 @@ INSTANCE_LOCATIONS = ChangeTable(
     doc="where one version (SOP Instance UID + checksum) of an instance lives now",
 )
 
-CHANGE_TABLES: dict[str, ChangeTable] = {t.name: t for t in (QUARANTINE_STATUS, INSTANCE_LOCATIONS)}
+# Delivery states (routing): queued (due now or at next_attempt_at), waiting (a study-mode
+# rule: sent once the study is stable), sent (the destination acknowledged it), committed
+# (Storage Commitment confirmed it), failed (will be retried), dead (given up; retried by
+# hand), cancelled (a newer version of the instance superseded it before it went).
+QUEUED, WAITING, SENT, COMMITTED, FAILED, DEAD, CANCELLED = (
+    "queued",
+    "waiting",
+    "sent",
+    "committed",
+    "failed",
+    "dead",
+    "cancelled",
+)
+DELIVERY_STATES = frozenset({QUEUED, WAITING, SENT, COMMITTED, FAILED, DEAD, CANCELLED})
+
+DELIVERIES = ChangeTable(
+    name="deliveries",
+    keys=pa.schema(
+        [
+            pa.field("sop_instance_uid", pa.string(), nullable=False),
+            pa.field("checksum", pa.string(), nullable=False),
+            pa.field("rule", pa.string(), nullable=False),
+            pa.field("destination", pa.string(), nullable=False),
+        ]
+    ),
+    values=pa.schema(
+        [
+            pa.field("study_instance_uid", pa.string(), nullable=False),
+            pa.field("status", pa.string(), nullable=False),
+            pa.field("attempts", pa.int32(), nullable=False),
+            pa.field("priority", pa.string()),
+            pa.field("queued_at", pa.timestamp("us", tz="UTC")),
+            pa.field("next_attempt_at", pa.timestamp("us", tz="UTC")),
+            pa.field("bytes_sent", pa.int64()),
+            pa.field("last_error", pa.string()),
+            pa.field("detail", pa.string()),
+        ]
+    ),
+    allowed={"status": DELIVERY_STATES},
+    doc="routing: where one version of an instance is to go under one rule, and how it went",
+)
+
+CHANGE_TABLES: dict[str, ChangeTable] = {
+    t.name: t for t in (QUARANTINE_STATUS, INSTANCE_LOCATIONS, DELIVERIES)
+}
 
 
 def change_table(table: ChangeTable | str) -> ChangeTable:
@@ -312,6 +356,12 @@ def quarantine_with_status_sql(quarantine_source: str, status_source: str) -> st
   _st.released_batch_id
 FROM {quarantine_source} AS _q
 LEFT JOIN ({latest}) AS _st ON _st.quarantine_key = _q.quarantine_key"""
+
+
+def delivery_status_sql(deliveries_source: str) -> str:
+    """SELECT the latest ``deliveries`` row of each (instance version, rule, destination)
+    in `deliveries_source`: the delivery log as it stands (the ``delivery_status`` view)."""
+    return latest_sql(DELIVERIES, deliveries_source)
 
 
 _DUCKDB_TYPES = {

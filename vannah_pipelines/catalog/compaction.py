@@ -41,9 +41,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vannah_pipelines.catalog.changes import (
+    CHANGE_TABLES,
+    DELIVERIES,
     INSTANCE_LOCATIONS,
     QUARANTINE_STATUS,
     ChangeTable,
+    delivery_status_sql,
     instances_with_locations_sql,
     latest_sql,
     quarantine_with_status_sql,
@@ -83,8 +86,11 @@ _FILE_ORDER = {
     "instances": "study_instance_uid, series_instance_uid, instance_number, sop_instance_uid, "
     "received_at",
     "quarantine": "quarantined_at, quarantine_key",
-    INSTANCE_LOCATIONS.directory: "sop_instance_uid, checksum, changed_at, change_id",
-    QUARANTINE_STATUS.directory: "quarantine_key, changed_at, change_id",
+    # A state-change table's rows: by key, then in the order they were appended.
+    **{
+        c.directory: ", ".join([*c.key_columns, "changed_at", "change_id"])
+        for c in CHANGE_TABLES.values()
+    },
 }
 LOCATIONS = INSTANCE_LOCATIONS.directory
 STATUS = QUARANTINE_STATUS.directory
@@ -101,7 +107,7 @@ SERVING_TABLES = (
     "compacted_studies",
     "compacted_patients",
     "compacted_quarantine",
-    *(f"compacted_{c.name}" for c in (INSTANCE_LOCATIONS, QUARANTINE_STATUS)),
+    *(f"compacted_{c.name}" for c in CHANGE_TABLES.values()),
 )
 
 
@@ -129,7 +135,7 @@ def create_empty_serving_tables(
     finally:
         con.unregister("_empty_i")
         con.unregister("_empty_q")
-    for change in (INSTANCE_LOCATIONS, QUARANTINE_STATUS):
+    for change in CHANGE_TABLES.values():
         con.register("_empty_c", change.schema.empty_table())
         try:
             con.execute(f"{create} {catalog}.compacted_{change.name} AS SELECT * FROM _empty_c")
@@ -420,7 +426,7 @@ def _write_serving(
             source = f"{kept} UNION ALL BY NAME {_current(con, '_candidates')}"
         else:
             source = _current(con, "_fresh")
-        for change in (INSTANCE_LOCATIONS, QUARANTINE_STATUS):
+        for change in CHANGE_TABLES.values():
             _latest_changes(con, root, change, written.get(change.directory, []), has_previous)
         located = instances_with_locations_sql(
             f"({source})", f"compacted_{INSTANCE_LOCATIONS.name}"
@@ -576,8 +582,12 @@ def researcher_views(
             f"(SELECT * FROM compacted_{locations} UNION ALL BY NAME "
             f"SELECT * EXCLUDE (day) FROM pending_{locations})",
         ),
-        f"CREATE VIEW {locations} AS {history(INSTANCE_LOCATIONS.directory)}",
-        f"CREATE VIEW {status} AS {history(QUARANTINE_STATUS.directory)}",
+        *(f"CREATE VIEW {c.name} AS {history(c.directory)}" for c in CHANGE_TABLES.values()),
+        "CREATE VIEW delivery_status AS "
+        + delivery_status_sql(
+            f"(SELECT * FROM compacted_{DELIVERIES.name} UNION ALL BY NAME "
+            f"SELECT * EXCLUDE (day) FROM pending_{DELIVERIES.name})"
+        ),
         "CREATE VIEW instances AS SELECT * EXCLUDE (source_file) FROM compacted_instances "
         f"WHERE sop_instance_uid NOT IN {touched} "
         f"UNION ALL BY NAME ({current_select(f'({moved})')})",

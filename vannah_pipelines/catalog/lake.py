@@ -22,11 +22,11 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import duckdb
 import pyarrow as pa
@@ -34,11 +34,14 @@ import pyarrow.parquet as pq
 
 from vannah_pipelines.catalog.changes import (
     CHANGE_TABLES,
+    DELIVERIES,
     INSTANCE_LOCATIONS,
     QUARANTINE_STATUS,
     ChangeAppend,
     ChangeTable,
+    append_change,
     change_table,
+    delivery_status_sql,
     instances_with_locations_sql,
     latest_sql,
     quarantine_with_status_sql,
@@ -562,6 +565,25 @@ def append_change_file(config: LakeConfig, change: ChangeAppend) -> bool:
         con.close()
 
 
+def record_change(
+    settings: Settings,
+    table: ChangeTable | str,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    changed_by: str,
+) -> ChangeAppend:
+    """Append `rows` to the state-change table `table` of the catalog the settings name:
+    its files (one atomic append), and the same change in the DuckLake when one is
+    configured, so services reading the lake see it too."""
+    from vannah_pipelines.catalog.writer import CatalogWriter
+
+    change = append_change(CatalogWriter(settings.catalog_dir), table, rows, changed_by=changed_by)
+    lake = LakeConfig.from_settings(settings)
+    if lake is not None:
+        append_change_file(lake, change)
+    return change
+
+
 def _append_change_once(
     con: duckdb.DuckDBPyConnection,
     config: LakeConfig,
@@ -615,8 +637,12 @@ def serving_view_sql(lake: str) -> list[str]:
         + instances_with_locations_sql(
             f"{lake}.{INSTANCE_VERSIONS}", f"{lake}.compacted_{locations}"
         ),
-        f"CREATE OR REPLACE VIEW {locations} AS SELECT * FROM {lake}.{locations}",
-        f"CREATE OR REPLACE VIEW {status} AS SELECT * FROM {lake}.{status}",
+        *(
+            f"CREATE OR REPLACE VIEW {c.name} AS SELECT * FROM {lake}.{c.name}"
+            for c in CHANGE_TABLES.values()
+        ),
+        "CREATE OR REPLACE VIEW delivery_status AS "
+        + delivery_status_sql(f"{lake}.compacted_{DELIVERIES.name}"),
     ]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -12,6 +12,7 @@ from vannah_pipelines.catalog.schema import snake
 from vannah_pipelines.routing.evaluate import (
     CATALOG_COLUMNS,
     InstanceFacts,
+    Route,
     Router,
     header_from_json,
 )
@@ -96,20 +97,24 @@ def _rows(
     since: datetime | None,
     until: datetime | None,
     page: int,
-) -> Iterator[dict[str, Any]]:
-    """Indexed current instances received in [since, until), `page` at a time (keyset
-    pagination: memory holds one page, whatever the archive's size)."""
-    where = ["coalesce(tier, '') <> 'landing'", "received_at IS NOT NULL"]
+    order: str = "received_at",
+) -> Iterator[list[dict[str, Any]]]:
+    """Pages of indexed current instances whose `order` column (``received_at`` or
+    ``indexed_at``) is in [since, until), `page` rows at a time (keyset pagination: memory
+    holds one page, whatever the archive's size)."""
+    if order not in ("received_at", "indexed_at"):
+        raise ValueError(f"cannot page instances by {order!r}")
+    where = ["coalesce(tier, '') <> 'landing'", f"{order} IS NOT NULL"]
     params: list[Any] = []
     if since is not None:
-        where.append("received_at >= ?")
+        where.append(f"{order} >= ?")
         params.append(since)
     if until is not None:
-        where.append("received_at < ?")
+        where.append(f"{order} < ?")
         params.append(until)
     sql = (
-        f"SELECT {', '.join(columns)} FROM instances WHERE {' AND '.join(where)} "
-        "{after} ORDER BY received_at, sop_instance_uid LIMIT ?"
+        f"SELECT {', '.join(dict.fromkeys([*columns, order]))} FROM instances "
+        f"WHERE {' AND '.join(where)} {{after}} ORDER BY {order}, sop_instance_uid LIMIT ?"
     )
     after: tuple[Any, str] | None = None
     while True:
@@ -117,13 +122,70 @@ def _rows(
             rows = catalog.query_dicts(sql.format(after=""), [*params, page])
         else:
             rows = catalog.query_dicts(
-                sql.format(after="AND (received_at, sop_instance_uid) > (?, ?)"),
+                sql.format(after=f"AND ({order}, sop_instance_uid) > (?, ?)"),
                 [*params, *after, page],
             )
-        yield from rows
+        if rows:
+            yield rows
         if len(rows) < page:
             return
-        after = (rows[-1]["received_at"], rows[-1]["sop_instance_uid"])
+        after = (rows[-1][order], rows[-1]["sop_instance_uid"])
+
+
+def route_pages(
+    catalog: CatalogReader,
+    rules: RoutingRules,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    order: str = "received_at",
+    worklist_priorities: Mapping[str, str] | None = None,
+    columns: Sequence[str] = (),
+    page: int = PAGE,
+) -> Iterator[list[tuple[dict[str, Any], list[Route]]]]:
+    """The routes of each indexed current instance whose `order` column is in [`since`,
+    `until`), a page at a time: (catalog row, its routes) pairs. Headers are read from the
+    catalog's Parquet files only when a condition names an attribute without a column, or
+    a rule leaves the priority to the header."""
+    router = Router(rules)
+    keywords = rules.keywords()
+    wanted = (
+        list(_BASE)
+        + list(columns)
+        + sorted({snake(k) for k in keywords if snake(k) in CATALOG_COLUMNS} - set(_BASE))
+    )
+    need_header = any(snake(k) not in CATALOG_COLUMNS for k in keywords) or any(
+        r.priority is None for r in rules.rules
+    )
+    priorities = worklist_priorities or {}
+    for rows in _rows(catalog, list(dict.fromkeys(wanted)), since, until, page, order):
+        headers: dict[tuple[str, str], str] = {}
+        if need_header:
+            headers = catalog.headers(
+                [
+                    (
+                        r["source_file"],
+                        r["sop_instance_uid"],
+                        r["checksum"],
+                        r["study_instance_uid"],
+                    )
+                    for r in rows
+                ]
+            )
+        yield [
+            (
+                row,
+                router.routes(
+                    InstanceFacts(
+                        row,
+                        row["received_at"],
+                        header_from_json(headers.get((row["sop_instance_uid"], row["checksum"]))),
+                        priorities.get(row["study_instance_uid"]),
+                    )
+                ),
+            )
+            for row in rows
+        ]
 
 
 def dry_run(
@@ -152,42 +214,18 @@ def dry_run(
         ``instance`` rule counts the matching instances; a ``study`` rule counts every
         current instance of each study with a matching instance (what it would send).
     """
-    router = Router(rules)
-    keywords = rules.keywords()
-    columns = list(_BASE) + sorted(
-        {snake(k) for k in keywords if snake(k) in CATALOG_COLUMNS} - set(_BASE)
-    )
-    need_header = any(snake(k) not in CATALOG_COLUMNS for k in keywords) or any(
-        r.priority is None for r in rules.rules
-    )
     tallies = [RouteTally(i, r) for i, r in enumerate(rules.rules, start=1)]
     result = DryRun(since, until, tallies)
-    priorities = worklist_priorities or {}
-    page_rows: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        headers: dict[tuple[str, str], str] = {}
-        if need_header and page_rows:
-            headers = catalog.headers(
-                [
-                    (
-                        r["source_file"],
-                        r["sop_instance_uid"],
-                        r["checksum"],
-                        r["study_instance_uid"],
-                    )
-                    for r in page_rows
-                ]
-            )
-        for row in page_rows:
+    for routed in route_pages(
+        catalog,
+        rules,
+        since=since,
+        until=until,
+        worklist_priorities=worklist_priorities,
+        page=page,
+    ):
+        for row, routes in routed:
             study = row["study_instance_uid"]
-            facts = InstanceFacts(
-                row,
-                row["received_at"],
-                header_from_json(headers.get((row["sop_instance_uid"], row["checksum"]))),
-                priorities.get(study),
-            )
-            routes = router.routes(facts)
             result.instances += 1
             if not routes:
                 result.unrouted_instances += 1
@@ -199,13 +237,6 @@ def dry_run(
                 if route.rule.mode == "instance":
                     tally.instances += 1
                     tally.bytes += int(row["size_bytes"] or 0)
-        page_rows.clear()
-
-    for row in _rows(catalog, columns, since, until, page):
-        page_rows.append(row)
-        if len(page_rows) >= page:
-            flush()
-    flush()
     for tally in tallies:
         if tally.rule.mode == "study" and tally.studies:
             [(count, size)] = catalog.query(

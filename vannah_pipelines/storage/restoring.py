@@ -23,9 +23,8 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from vannah_pipelines.catalog.changes import INSTANCE_LOCATIONS, ChangeAppend, append_change
+from vannah_pipelines.catalog.changes import INSTANCE_LOCATIONS, ChangeAppend
 from vannah_pipelines.catalog.lookup import StoredInstance, find_instances
-from vannah_pipelines.catalog.writer import CatalogWriter
 from vannah_pipelines.errors import (
     ArchivedError,
     CatalogError,
@@ -274,7 +273,7 @@ def record_hot(
 ) -> ChangeAppend:
     """Record `instances` in the hot tier: one ``instance_locations`` append (and the same
     change in the DuckLake when one is configured)."""
-    from vannah_pipelines.catalog.lake import LakeConfig, append_change_file
+    from vannah_pipelines.catalog.lake import record_change
 
     rows = [
         {
@@ -285,13 +284,7 @@ def record_hot(
         }
         for i in instances
     ]
-    change = append_change(
-        CatalogWriter(settings.catalog_dir), INSTANCE_LOCATIONS, rows, changed_by=changed_by
-    )
-    lake = LakeConfig.from_settings(settings)
-    if lake is not None:  # the services on the lake see the move too
-        append_change_file(lake, change)
-    return change
+    return record_change(settings, INSTANCE_LOCATIONS, rows, changed_by=changed_by)
 
 
 def _request_of(settings: Settings, study_uid: str) -> RestoreRequest | None:

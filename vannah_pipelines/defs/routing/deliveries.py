@@ -1,0 +1,431 @@
+"""Routing in Dagster: a sensor queues a delivery per route of each newly indexed instance
+and requests one run per destination with due deliveries; the run sends them
+(``routed_instances``) with metadata per destination; checks watch the backlog, the dead
+letters, the failure rate and whether each destination answers."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dagster as dg
+
+from vannah_pipelines.catalog.changes import DEAD, DELIVERIES, FAILED, QUEUED
+from vannah_pipelines.catalog.lake import record_change
+from vannah_pipelines.defs.resources import ArchiveResource
+from vannah_pipelines.dimse.route_sender import DicomSender
+from vannah_pipelines.routing.deliveries import (
+    PRIORITY_RANK,
+    DeliveryResult,
+    Record,
+    RetryPolicy,
+    backlog,
+    destination_id,
+    due_deliveries,
+    queue_deliveries,
+    retry_dead,
+    send_due,
+    tier_opener,
+)
+from vannah_pipelines.routing.reach import check_destination
+from vannah_pipelines.routing.rules import Rule, RoutingRules
+from vannah_pipelines.routing.senders import Sender, build_sender
+from vannah_pipelines.routing.source import RulesSource
+from vannah_pipelines.settings import Settings
+from vannah_pipelines.storage.lifecycle import open_catalog
+from vannah_pipelines.storage.tiers import StorageTiers
+
+DESTINATION_TAG = "vannah/destination"
+KIND_TAG = "vannah/kind"  # "routing": dagster.yaml keeps a run slot for ingest
+# dagster/priority of a run by its most urgent delivery: the run queue starts STAT first.
+RUN_PRIORITY = {"STAT": 30, "HIGH": 20, "ROUTINE": 10, "LOW": 0}
+FAILURE_RATE_ALERT = 0.1  # routing_failure_rate_low fails above this share, last 24 h
+_UNDER_WAY = [
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+_sources: dict[tuple[str, str], RulesSource] = {}
+_sources_lock = threading.Lock()
+
+
+def rules_in_force(settings: Settings) -> tuple[RoutingRules, RulesSource]:
+    """The rules in force (one source per rules file and data folder in this process, so
+    a file's last good rules and its error are kept between ticks)."""
+    key = (str(settings.routing_rules_file), str(settings.routing_dir))
+    with _sources_lock:
+        source = _sources.get(key)
+        if source is None:
+            source = _sources[key] = RulesSource.from_settings(settings)
+    return source.current(), source
+
+
+def recorder(settings: Settings, changed_by: str) -> Record:
+    """Append delivery rows to the catalog (and the lake when configured)."""
+
+    def record(rows: list[dict[str, Any]]) -> None:
+        record_change(settings, DELIVERIES, rows, changed_by=changed_by)
+
+    return record
+
+
+def sender_factory(settings: Settings) -> Any:
+    """Build the sender of a rule's destination, DICOM through the dimse package."""
+    secrets = {k: v.get_secret_value() for k, v in settings.routing_secrets.items()}
+
+    def sender_for(rule: Rule) -> Sender:
+        return build_sender(
+            rule.destination,
+            secrets=secrets,
+            calling_aet=settings.dicom_aet,
+            coercion=rule.coerce,
+            dicom=DicomSender,
+        )
+
+    return sender_for
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        settings.routing_max_attempts,
+        settings.routing_retry_seconds,
+        settings.routing_retry_max_seconds,
+    )
+
+
+class RouteConfig(dg.Config):
+    """The destination this run sends to (set by indexed_instance_sensor); empty: all."""
+
+    destination: str = ""
+
+
+def _metadata(result: DeliveryResult, now: datetime) -> dict[str, dg.MetadataValue]:
+    metadata: dict[str, dg.MetadataValue] = {
+        "instances_sent": dg.MetadataValue.int(result.sent),
+        "instances_failed": dg.MetadataValue.int(result.failed),
+        "bytes_sent": dg.MetadataValue.int(
+            sum(s.bytes_sent for s in result.destinations.values())
+        ),
+    }
+    table = []
+    for dest, s in sorted(result.destinations.items()):
+        age = (now - s.oldest_queued_at).total_seconds() if s.oldest_queued_at else 0.0
+        table.append(
+            {
+                "destination": dest,
+                "sent": s.sent,
+                "failed": s.failed,
+                "dead": s.dead,
+                "cancelled": s.cancelled,
+                "bytes_sent": s.bytes_sent,
+                "seconds": round(s.seconds, 3),
+                "queue_age_s": round(age, 3),
+                "errors": dict(s.errors.most_common(3)),
+            }
+        )
+    metadata["destinations"] = dg.MetadataValue.json(table)
+    if len(table) == 1:
+        only = table[0]
+        metadata["queue_age_s"] = dg.MetadataValue.float(only["queue_age_s"])
+        seconds = only["seconds"] or 0.0
+        if seconds > 0:
+            metadata["mb_per_s"] = dg.MetadataValue.float(
+                round(only["bytes_sent"] / 1e6 / seconds, 3)
+            )
+    return metadata
+
+
+@dg.asset(
+    group_name="routing",
+    kinds={"dicom", "s3"},
+    tags={"vannah/domain": "routing"},
+)
+def routed_instances(
+    context: dg.AssetExecutionContext, config: RouteConfig, archive: ArchiveResource
+) -> dg.MaterializeResult[None]:
+    """Instances delivered to the routing destinations: every due delivery of one
+    destination (or all) sent, most urgent first, each batch's outcome appended to the
+    catalog's delivery log (``delivery_status``) before the next goes. Metadata per
+    destination: instances and bytes sent, failures, dead letters, queue age."""
+    settings = archive.settings()
+    rules, source = rules_in_force(settings)
+    if source.error:
+        context.log.warning("routing rules: %s (the last good rules stay in force)", source.error)
+    catalog = open_catalog(settings)
+    try:
+        result = send_due(
+            catalog,
+            rules,
+            recorder(settings, f"dagster:{context.run_id}"),
+            tier_opener(StorageTiers(settings)),
+            sender_factory(settings),
+            destination=config.destination or None,
+            retry=retry_policy(settings),
+        )
+    finally:
+        catalog.close()
+    for dest, stats in result.destinations.items():
+        context.log.info(
+            "%s: %d sent (%d bytes), %d failed, %d dead, %d cancelled in %.1f s",
+            dest, stats.sent, stats.bytes_sent, stats.failed, stats.dead, stats.cancelled,
+            stats.seconds,
+        )  # fmt: skip
+        for error, count in stats.errors.most_common(3):
+            context.log.warning("%s: %d x %s", dest, count, error)
+    return dg.MaterializeResult(metadata=_metadata(result, datetime.now(UTC)))
+
+
+route_instances_job = dg.define_asset_job(
+    "route_instances_job",
+    selection=dg.AssetSelection.assets(routed_instances),
+    executor_def=dg.in_process_executor,
+    tags={KIND_TAG: "routing", "vannah/domain": "routing"},
+)
+
+
+def destinations_under_way(instance: dg.DagsterInstance) -> set[str]:
+    """Destinations with a routing run queued or running (one query)."""
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(job_name=route_instances_job.name, statuses=_UNDER_WAY)
+    )
+    return {run.tags[DESTINATION_TAG] for run in runs if DESTINATION_TAG in run.tags}
+
+
+def _cursor(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    value = json.loads(text).get("indexed_at")
+    return datetime.fromisoformat(value) if value else None
+
+
+@dg.sensor(
+    job=route_instances_job,
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Queues a delivery per route of each instance indexed since its cursor "
+    "(looking routing_rescan_seconds back again, so a late batch is not missed; the delivery "
+    "log never queues one twice), then requests a run per destination with due deliveries "
+    "and none under way, prioritised by its most urgent delivery (STAT first).",
+)
+def indexed_instance_sensor(
+    context: dg.SensorEvaluationContext, archive: ArchiveResource
+) -> dg.SensorResult:
+    """Queue deliveries for newly indexed instances; request runs for due ones."""
+    settings = archive.settings()
+    rules, source = rules_in_force(settings)
+    now = datetime.now(UTC)
+    cursor = _cursor(context.cursor)
+    catalog = open_catalog(settings)
+    try:
+        since = None if cursor is None else cursor - timedelta(seconds=settings.routing_rescan_seconds)
+        queued = queue_deliveries(
+            catalog, rules, recorder(settings, "dagster:indexed_instance_sensor"),
+            since=since, now=now,
+        )  # fmt: skip
+        if queued.queued or queued.waiting:
+            catalog.refresh()  # see the rows just appended
+        due = due_deliveries(catalog, rules, now=now)
+    finally:
+        catalog.close()
+    latest = queued.last_indexed_at or cursor
+    new_cursor = json.dumps({"indexed_at": latest.isoformat() if latest else None})
+    urgent: dict[str, str] = {}
+    for row in due:  # most urgent first
+        urgent.setdefault(row["destination"], row["priority"] or "ROUTINE")
+    busy = destinations_under_way(context.instance) if urgent else set()
+    requests = [
+        dg.RunRequest(
+            run_key=f"{dest}@{now.isoformat()}",
+            run_config=dg.RunConfig(ops={"routed_instances": RouteConfig(destination=dest)}),
+            tags={
+                DESTINATION_TAG: dest,
+                KIND_TAG: "routing",
+                "dagster/priority": str(RUN_PRIORITY.get(priority, 10)),
+                "vannah/priority": priority,
+            },
+        )
+        for dest, priority in sorted(urgent.items(), key=lambda i: PRIORITY_RANK.get(i[1], 2))
+        if dest not in busy
+    ]
+    summary = (
+        f"{queued.instances} instances indexed since the cursor, {queued.queued} queued, "
+        f"{queued.waiting} waiting for their study; {len(due)} due at "
+        f"{len(urgent)} destinations ({len(busy)} under way)"
+        + (f"; rules: {source.error}" if source.error else "")
+    )
+    if not requests:
+        return dg.SensorResult(skip_reason=summary, cursor=new_cursor)
+    context.log.info(summary)
+    return dg.SensorResult(run_requests=requests, cursor=new_cursor)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+@dg.asset_check(
+    asset=routed_instances,
+    description="No due delivery has waited longer than routing_backlog_alert_seconds.",
+)
+def routing_backlog_fresh(archive: ArchiveResource) -> dg.AssetCheckResult:
+    settings = archive.settings()
+    catalog = open_catalog(settings)
+    try:
+        rows = backlog(catalog)
+    finally:
+        catalog.close()
+    now = datetime.now(UTC)
+    ages = {b.destination: round(b.age_seconds(now), 1) for b in rows}
+    late = {d: a for d, a in ages.items() if a > settings.routing_backlog_alert_seconds}
+    return dg.AssetCheckResult(
+        passed=not late,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "oldest_due_age_s": dg.MetadataValue.json(ages),
+            "queued": dg.MetadataValue.json({b.destination: b.queued for b in rows}),
+            "waiting_for_stable_study": dg.MetadataValue.json(
+                {b.destination: b.waiting for b in rows}
+            ),
+            "late_destinations": dg.MetadataValue.json(sorted(late)),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=routed_instances,
+    description="No delivery is dead-lettered (retry: `vannah route --retry` or "
+    "retry_deliveries_job).",
+)
+def no_dead_deliveries(archive: ArchiveResource) -> dg.AssetCheckResult:
+    settings = archive.settings()
+    catalog = open_catalog(settings)
+    try:
+        rows = backlog(catalog)
+        examples = catalog.query_dicts(
+            "SELECT destination, rule, sop_instance_uid, last_error FROM delivery_status "
+            f"WHERE status = '{DEAD}' ORDER BY changed_at DESC LIMIT 5"
+        )
+    finally:
+        catalog.close()
+    dead = {b.destination: b.dead for b in rows if b.dead}
+    return dg.AssetCheckResult(
+        passed=not dead,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "dead": dg.MetadataValue.json(dead),
+            "examples": dg.MetadataValue.json(examples),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=routed_instances,
+    description=f"At most {FAILURE_RATE_ALERT:.0%} of the deliveries settled in the last 24 h "
+    "ended failed or dead, per destination.",
+)
+def routing_failure_rate_low(archive: ArchiveResource) -> dg.AssetCheckResult:
+    settings = archive.settings()
+    catalog = open_catalog(settings)
+    try:
+        rows = catalog.query(
+            f"SELECT destination, count(*) FILTER (WHERE status IN ('{FAILED}', '{DEAD}')), "
+            f"count(*) FILTER (WHERE status <> '{QUEUED}') FROM delivery_status "
+            "WHERE changed_at > ? GROUP BY destination",
+            [datetime.now(UTC) - timedelta(days=1)],
+        )
+    finally:
+        catalog.close()
+    rates = {d: round(f / n, 4) for d, f, n in rows if n}
+    high = {d: r for d, r in rates.items() if r > FAILURE_RATE_ALERT}
+    return dg.AssetCheckResult(
+        passed=not high,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"failure_rate_24h": dg.MetadataValue.json(rates)},
+    )
+
+
+@dg.asset_check(
+    asset=routed_instances,
+    description="Every destination of the rules in force answers: C-ECHO for DICOM AEs, "
+    "the bucket for S3, the endpoint for STOW-RS, a writable folder.",
+)
+def routing_destinations_reachable(archive: ArchiveResource) -> dg.AssetCheckResult:
+    settings = archive.settings()
+    rules, _ = rules_in_force(settings)
+    secrets = {k: v.get_secret_value() for k, v in settings.routing_secrets.items()}
+    results = {}
+    for rule in rules.rules:
+        dest = destination_id(rule)
+        if dest not in results:
+            ok, detail = check_destination(
+                rule.destination, secrets=secrets, calling_aet=settings.dicom_aet
+            )
+            results[dest] = {"ok": ok, "detail": detail}
+    down = sorted(d for d, r in results.items() if not r["ok"])
+    return dg.AssetCheckResult(
+        passed=not down,
+        metadata={
+            "destinations": dg.MetadataValue.json(results),
+            "unreachable": dg.MetadataValue.json(down),
+        },
+    )
+
+
+check_routing_job = dg.define_asset_job(
+    "check_routing_job",
+    selection=dg.AssetSelection.checks_for_assets(routed_instances),
+    executor_def=dg.in_process_executor,
+    tags={"vannah/domain": "routing"},
+)
+
+every_15_minutes_routing_checks_schedule = dg.ScheduleDefinition(
+    job=check_routing_job,
+    cron_schedule="*/15 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="The routing checks (backlog, dead letters, failure rate, reachability), "
+    "also when nothing is being sent.",
+)
+
+
+# ---------------------------------------------------------------------------- by hand
+
+
+class RetryConfig(dg.Config):
+    """Which dead deliveries to queue again (empty: all)."""
+
+    destination: str = ""
+    rule: str = ""
+    study_uid: str = ""
+    include_failed: bool = False
+
+
+@dg.op(tags={"vannah/domain": "routing"})
+def retried_deliveries(
+    context: dg.OpExecutionContext, config: RetryConfig, archive: ArchiveResource
+) -> int:
+    """Queue dead deliveries again, attempts from 0 (the next sensor tick sends them)."""
+    settings = archive.settings()
+    catalog = open_catalog(settings)
+    try:
+        count = retry_dead(
+            catalog,
+            recorder(settings, f"dagster:{context.run_id}"),
+            destination=config.destination or None,
+            rule=config.rule or None,
+            study=config.study_uid or None,
+            include_failed=config.include_failed,
+        )
+    finally:
+        catalog.close()
+    context.log.info("%d deliveries queued again", count)
+    context.add_output_metadata({"queued_again": count})
+    return count
+
+
+@dg.job(tags={"vannah/domain": "routing"}, executor_def=dg.in_process_executor)
+def retry_deliveries_job() -> None:
+    """Queue dead-lettered deliveries again (launch from the UI with a RetryConfig)."""
+    retried_deliveries()
