@@ -300,3 +300,5 @@ def test_a_destination_that_is_down_fails_each_instance_transiently(tmp_path: Pa
             sender.close()
         assert [r.sop_instance_uid for r in results] == [o.sop_instance_uid for o in batch]
         assert all(not r.ok and r.transient and r.detail for r in results), (destination, results)
+        # Tried once, not once per instance: every instance carries the same reason.
+        assert len({r.detail for r in results}) == 1, results

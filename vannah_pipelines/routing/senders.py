@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
@@ -29,6 +29,7 @@ from vannah_pipelines.errors import (
     NotFoundError,
     StorageError,
     StorageUnavailableError,
+    VannahError,
 )
 from vannah_pipelines.landing.layout import fsync_dir, write_atomic
 from vannah_pipelines.routing.coerce import apply_coercion
@@ -191,6 +192,30 @@ def merged(
     return [p if isinstance(p, Delivered) else next(results) for p in prepared]
 
 
+class PeerDownError(VannahError):
+    """The destination cannot be reached: the instances not yet tried in this batch are not
+    tried (each a transient failure), rather than each waiting for its own timeout."""
+
+
+def until_down(
+    groups: Iterable[list[Outgoing]], deliver: Callable[[list[Outgoing]], list[Delivered]]
+) -> list[Delivered]:
+    """`deliver` each group of instances in turn (one result each); once it raises
+    :class:`PeerDownError`, that group and every later one fail transiently untried."""
+    out: list[Delivered] = []
+    down: PeerDownError | None = None
+    for group in groups:
+        if down is None:
+            try:
+                out += deliver(group)
+                continue
+            except PeerDownError as exc:
+                log.warning("%s", exc)
+                down = exc
+        out += [Delivered(o.sop_instance_uid, False, str(down), True) for o in group]
+    return out
+
+
 def instance_parts(outgoing: Outgoing) -> tuple[str, str, str]:
     """Study, Series and SOP Instance UIDs of `outgoing`, each checked safe as a path
     component or key part (raises UnsafeUidError)."""
@@ -341,10 +366,13 @@ class S3Sender:
         )
 
     def send(self, batch: Sequence[Outgoing]) -> list[Delivered]:
-        return send_each(batch, self.coercion, lambda ready: [self._one(o) for o in ready])
+        return send_each(batch, self.coercion, self._deliver)
 
     def close(self) -> None:
         pass
+
+    def _deliver(self, ready: list[Outgoing]) -> list[Delivered]:
+        return until_down(([o] for o in ready), lambda one: [self._one(one[0])])
 
     def _one(self, outgoing: Outgoing) -> Delivered:
         uid = outgoing.sop_instance_uid
@@ -355,6 +383,8 @@ class S3Sender:
         try:
             if self._holds(key, outgoing):
                 return Delivered(uid, True, ALREADY_THERE)
+        except StorageUnavailableError as exc:
+            raise PeerDownError(f"{self.destination.describe()}: {exc}") from exc
         except StorageError as exc:
             return _s3_failure(uid, exc)
         try:
@@ -537,17 +567,18 @@ class StowSender:
         self._session.close()
 
     def _deliver(self, ready: list[Outgoing]) -> list[Delivered]:
-        out: list[Delivered] = []
-        for chunk in stow_requests(ready, self.max_instances, self.max_bytes):
-            read: list[tuple[Outgoing, bytes] | Delivered] = []
-            for outgoing in chunk:  # one request's bytes in memory at a time
-                try:
-                    with outgoing.open() as fp:
-                        read.append((outgoing, fp.read()))
-                except (OSError, StorageError) as exc:
-                    read.append(unreadable(outgoing, exc))
-            out += merged(read, self._post)
-        return out
+        chunks = stow_requests(ready, self.max_instances, self.max_bytes)
+        return until_down(chunks, self._request)
+
+    def _request(self, chunk: list[Outgoing]) -> list[Delivered]:
+        read: list[tuple[Outgoing, bytes] | Delivered] = []
+        for outgoing in chunk:  # one request's bytes in memory at a time
+            try:
+                with outgoing.open() as fp:
+                    read.append((outgoing, fp.read()))
+            except (OSError, StorageError) as exc:
+                read.append(unreadable(outgoing, exc))
+        return merged(read, self._post)
 
     def _post(self, parts: list[tuple[Outgoing, bytes]]) -> list[Delivered]:
         import requests
@@ -567,6 +598,8 @@ class StowSender:
                 timeout=(min(5.0, self.timeout), self.timeout),
                 allow_redirects=False,
             )
+        except requests.ConnectionError as exc:  # refused, unreachable, connect timeout
+            raise PeerDownError(f"STOW-RS to {self.url}: cannot connect: {str(exc)[:200]}") from exc
         except requests.RequestException as exc:
             log.warning("STOW-RS to %s failed: %s", self.url, exc)
             detail = f"STOW-RS to {self.url}: {type(exc).__name__}: {str(exc)[:200]}"
