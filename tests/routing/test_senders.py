@@ -50,7 +50,9 @@ def _sha(data: bytes) -> str:
 # ---------------------------------------------------------------- folder
 
 
-def test_folder_sender_writes_identical_bytes_in_the_documented_layout(tmp_path: Path) -> None:
+def test_folder_sender_writes_identical_bytes_in_the_documented_layout(
+    tmp_path: Path, synced_dirs: list[Path]
+) -> None:
     blobs = study_files()
     batch = [outgoing(b) for b in blobs]
     sender = FolderSender(_folder(tmp_path))
@@ -68,6 +70,10 @@ def test_folder_sender_writes_identical_bytes_in_the_documented_layout(tmp_path:
         assert path.read_bytes() == data
         assert result.bytes_sent == len(data)
     assert not list((tmp_path / "out").rglob(".tmp-*"))
+    study = tmp_path / "out" / batch[0].study_instance_uid
+    series = study / batch[0].series_instance_uid
+    # Each new folder's entry, and each file's rename, made durable.
+    assert {tmp_path, tmp_path / "out", study, series} <= set(synced_dirs)
 
 
 def test_folder_sender_is_idempotent_and_replaces_a_different_version(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from vannah_pipelines.errors import (
     StorageUnavailableError,
     VannahError,
 )
-from vannah_pipelines.landing.layout import fsync_dir, write_atomic
+from vannah_pipelines.landing.layout import make_dirs, write_atomic
 from vannah_pipelines.routing.coerce import apply_coercion
 from vannah_pipelines.routing.rules import (
     Coercion,
@@ -276,7 +276,7 @@ class FolderSender:
         if sha256_of(BytesIO(data)) != outgoing.checksum.lower() or len(data) != outgoing.size:
             return Delivered(uid, False, "the stored bytes do not match the catalog's checksum")
         try:
-            _make_folders(self.root, path.parent)
+            make_dirs(path.parent)
             write_atomic(path, data)
         except OSError as exc:
             log.warning("%s not written to %s: %s", uid, path, exc)
@@ -288,20 +288,6 @@ class FolderSender:
 def _file_sha256(path: Path) -> str:
     with path.open("rb") as fp:
         return sha256_of(fp)
-
-
-def _make_folders(root: Path, folder: Path) -> None:
-    """Create `folder` (under `root`) and every missing parent, each creation synced."""
-    missing = []
-    here = folder
-    while not here.is_dir():
-        missing.append(here)
-        if here == here.parent:
-            break
-        here = here.parent
-    for created in reversed(missing):
-        created.mkdir(exist_ok=True)
-        fsync_dir(created.parent)
 
 
 # ---------------------------------------------------------------- S3
