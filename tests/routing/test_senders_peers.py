@@ -171,6 +171,7 @@ def test_s3_sender_with_wrong_credentials_is_refused_permanently(seaweedfs: S3Se
     sender = build_sender(destination, secrets={"weed": "nobody:wrong"}, calling_aet="VANNAH")
     [result] = _send(sender, [outgoing(study_files(1)[-1])])
     assert not result.ok and not result.transient, result
+    assert result.detail.startswith(f"s3://{destination.bucket} ("), result.detail
 
 
 # ---------------------------------------------------------------- STOW-RS

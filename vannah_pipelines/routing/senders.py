@@ -349,6 +349,7 @@ class S3Sender:
             region=destination.region,
             timeout_seconds=timeout,
             credentials=credentials,
+            label=f"s3://{destination.bucket}",
         )
 
     def send(self, batch: Sequence[Outgoing]) -> list[Delivered]:

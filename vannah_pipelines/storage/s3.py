@@ -82,8 +82,10 @@ class MinioStorage(BucketObjects):
         spool_memory: int = SPOOL_MEMORY_BYTES,
         pool_size: int = 16,
         credentials: Provider | None = None,
+        label: str | None = None,
     ) -> None:
         self.tier = tier
+        self.label = label or str(tier)  # what messages call it: the tier, or a destination
         self.bucket = bucket
         self.prefix = prefix
         self.endpoint = endpoint
@@ -108,8 +110,8 @@ class MinioStorage(BucketObjects):
 
     def _fail(self, key: str, exc: Exception) -> StorageError:
         if isinstance(exc, S3Error) and exc.code in _MISSING:
-            return NotFoundError(f"{self.tier}: no object {key!r}")
-        message = f"{self.tier} ({self.endpoint}): {key!r}: {_reason(exc)}"
+            return NotFoundError(f"{self.label}: no object {key!r}")
+        message = f"{self.label} ({self.endpoint}): {key!r}: {_reason(exc)}"
         if isinstance(exc, S3Error) and exc.code not in _BUSY:
             return StorageError(message)  # refused (access denied, bad request): not transient
         return StorageUnavailableError(message)
@@ -121,7 +123,7 @@ class MinioStorage(BucketObjects):
                 self._client.make_bucket(self.bucket)
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
             raise StorageError(
-                f"{self.tier} ({self.endpoint}): bucket {self.bucket!r}: {_reason(exc)}"
+                f"{self.label} ({self.endpoint}): bucket {self.bucket!r}: {_reason(exc)}"
             ) from exc
 
     def write(self, key: str, stream: BinaryIO, size: int, sha256: str) -> None:
@@ -141,7 +143,7 @@ class MinioStorage(BucketObjects):
         stream.seek(0)
         if read != size or sha.hexdigest() != sha256.lower():
             raise ChecksumMismatchError(
-                f"{self.tier}: {key!r}: the source holds {read} bytes hashing to "
+                f"{self.label}: {key!r}: the source holds {read} bytes hashing to "
                 f"{sha.hexdigest()[:16]}..., the catalog says {size} hashing to {sha256[:16]}..."
             )
         single = size <= PART_BYTES  # one PUT; a whole-object checksum header only fits it
@@ -168,7 +170,9 @@ class MinioStorage(BucketObjects):
                 ok = sha256_of(back) == sha256.lower()
         if not ok:
             self.delete(key)
-            raise ChecksumMismatchError(f"{self.tier}: {key!r} stored bytes differ from the source")
+            raise ChecksumMismatchError(
+                f"{self.label}: {key!r} stored bytes differ from the source"
+            )
 
     def open(self, key: str) -> BinaryIO:
         name = self._name(key)
@@ -183,7 +187,7 @@ class MinioStorage(BucketObjects):
                 data = response.read()
                 if len(data) != length:
                     raise StorageUnavailableError(
-                        f"{self.tier} ({self.endpoint}): {key!r}: {len(data)} of {length} bytes"
+                        f"{self.label} ({self.endpoint}): {key!r}: {len(data)} of {length} bytes"
                     )
                 return io.BytesIO(data)
             return spool(response.stream(CHUNK_BYTES), self.spool_memory)
