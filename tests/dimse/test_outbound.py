@@ -127,6 +127,8 @@ def test_send_instances_fails_one_instance_that_cannot_be_decompressed(
     assert [r.status for r in results] == [None, None, 0]
     assert "decompression of 1.2.840.10008.1.2.5 failed" in results[0].reason
     assert "cannot read" in results[1].reason and "tier down" in results[1].reason
+    # Sending the broken one again cannot help; reading the missing one later may.
+    assert [r.permanent for r in results] == [True, False, False]
     assert set(uncompressed_only.received()) == {ct.sop_instance_uid}
 
 

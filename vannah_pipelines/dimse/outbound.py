@@ -149,13 +149,16 @@ class OutboundInstance:
 @dataclass(frozen=True)
 class SendResult:
     """One instance's outcome: the peer's C-STORE status (None when it was not sent), the
-    reason it was not sent or the peer's Error Comment, and the transfer syntax it went
-    in ("" when not sent)."""
+    reason it was not sent or the peer's Error Comment, the transfer syntax it went in
+    ("" when not sent), and, for one not sent, whether sending it again cannot help
+    (`permanent`: not DICOM, or in no syntax the peer takes) rather than may (the peer
+    down, the association broken, the stored copy unreadable for now)."""
 
     sop_instance_uid: str
     status: int | None
     reason: str = ""
     transfer_syntax_uid: str = ""
+    permanent: bool = False
 
     @property
     def ok(self) -> bool:
@@ -313,10 +316,10 @@ def _send_one(
         except NotSendableError as exc:
             detail = f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)
             log.warning("%s not sent: %s", uid, detail)
-            return SendResult(uid, None, detail)
+            return SendResult(uid, None, detail, permanent=True)
         except VannahError as exc:  # InvalidDicomError: no Part-10 header
             log.warning("%s not sent: %s", uid, exc)
-            return SendResult(uid, None, f"not a DICOM Part-10 instance: {exc}")
+            return SendResult(uid, None, f"not a DICOM Part-10 instance: {exc}", permanent=True)
         except OSError as exc:
             if not scu.is_established:
                 raise

@@ -15,6 +15,13 @@ from typing import BinaryIO
 
 import urllib3
 from minio import Minio
+from minio.credentials.providers import (
+    AWSConfigProvider,
+    ChainedProvider,
+    EnvAWSProvider,
+    IamAwsProvider,
+    Provider,
+)
 from minio.error import S3Error
 
 from vannah_pipelines.errors import (
@@ -39,6 +46,15 @@ from vannah_pipelines.storage.base import (
 PART_BYTES = 16 << 20
 _MISSING = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"})
 _BUSY = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"})
+# User metadata every upload carries: the hex SHA-256 of the object's bytes, so a later
+# writer can tell "same bytes already there" from a HEAD (routing's idempotent S3 sends).
+SHA256_METADATA = "x-amz-meta-sha256"
+
+
+def aws_default_credentials() -> Provider:
+    """The AWS SDKs' own credential chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+    ``~/.aws/credentials``, then the instance or task role."""
+    return ChainedProvider([EnvAWSProvider(), AWSConfigProvider(), IamAwsProvider()])
 
 
 class MinioStorage(BucketObjects):
@@ -65,8 +81,11 @@ class MinioStorage(BucketObjects):
         timeout_seconds: float = 30.0,
         spool_memory: int = SPOOL_MEMORY_BYTES,
         pool_size: int = 16,
+        credentials: Provider | None = None,
+        label: str | None = None,
     ) -> None:
         self.tier = tier
+        self.label = label or str(tier)  # what messages call it: the tier, or a destination
         self.bucket = bucket
         self.prefix = prefix
         self.endpoint = endpoint
@@ -83,6 +102,7 @@ class MinioStorage(BucketObjects):
             secure=secure,
             region=region or None,
             http_client=http,
+            credentials=credentials,
         )
 
     def __repr__(self) -> str:
@@ -90,8 +110,8 @@ class MinioStorage(BucketObjects):
 
     def _fail(self, key: str, exc: Exception) -> StorageError:
         if isinstance(exc, S3Error) and exc.code in _MISSING:
-            return NotFoundError(f"{self.tier}: no object {key!r}")
-        message = f"{self.tier} ({self.endpoint}): {key!r}: {_reason(exc)}"
+            return NotFoundError(f"{self.label}: no object {key!r}")
+        message = f"{self.label} ({self.endpoint}): {key!r}: {_reason(exc)}"
         if isinstance(exc, S3Error) and exc.code not in _BUSY:
             return StorageError(message)  # refused (access denied, bad request): not transient
         return StorageUnavailableError(message)
@@ -103,14 +123,15 @@ class MinioStorage(BucketObjects):
                 self._client.make_bucket(self.bucket)
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
             raise StorageError(
-                f"{self.tier} ({self.endpoint}): bucket {self.bucket!r}: {_reason(exc)}"
+                f"{self.label} ({self.endpoint}): bucket {self.bucket!r}: {_reason(exc)}"
             ) from exc
 
     def write(self, key: str, stream: BinaryIO, size: int, sha256: str) -> None:
         """Upload verified: the bytes are hashed first (SHA-256 against `sha256`, MD5 for
         the ETag), sent with ``x-amz-checksum-sha256`` (a server that checks it refuses a
         corrupted body), and the single-PUT ETag must equal their MD5; a multipart upload
-        is read back and hashed. On a mismatch the object is deleted."""
+        is read back and hashed. On a mismatch the object is deleted. The object carries its
+        SHA-256 as user metadata (:data:`SHA256_METADATA`, see :meth:`stat_sha256`)."""
         name = self._name(key)
         sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
         stream.seek(0)
@@ -122,13 +143,13 @@ class MinioStorage(BucketObjects):
         stream.seek(0)
         if read != size or sha.hexdigest() != sha256.lower():
             raise ChecksumMismatchError(
-                f"{self.tier}: {key!r}: the source holds {read} bytes hashing to "
+                f"{self.label}: {key!r}: the source holds {read} bytes hashing to "
                 f"{sha.hexdigest()[:16]}..., the catalog says {size} hashing to {sha256[:16]}..."
             )
         single = size <= PART_BYTES  # one PUT; a whole-object checksum header only fits it
-        headers: dict[str, str | list[str] | tuple[str]] = (
-            {"x-amz-checksum-sha256": base64.b64encode(sha.digest()).decode()} if single else {}
-        )
+        headers: dict[str, str | list[str] | tuple[str]] = {SHA256_METADATA: sha.hexdigest()}
+        if single:
+            headers["x-amz-checksum-sha256"] = base64.b64encode(sha.digest()).decode()
         try:
             result = self._client.put_object(
                 self.bucket,
@@ -149,7 +170,9 @@ class MinioStorage(BucketObjects):
                 ok = sha256_of(back) == sha256.lower()
         if not ok:
             self.delete(key)
-            raise ChecksumMismatchError(f"{self.tier}: {key!r} stored bytes differ from the source")
+            raise ChecksumMismatchError(
+                f"{self.label}: {key!r} stored bytes differ from the source"
+            )
 
     def open(self, key: str) -> BinaryIO:
         name = self._name(key)
@@ -164,7 +187,7 @@ class MinioStorage(BucketObjects):
                 data = response.read()
                 if len(data) != length:
                     raise StorageUnavailableError(
-                        f"{self.tier} ({self.endpoint}): {key!r}: {len(data)} of {length} bytes"
+                        f"{self.label} ({self.endpoint}): {key!r}: {len(data)} of {length} bytes"
                     )
                 return io.BytesIO(data)
             return spool(response.stream(CHUNK_BYTES), self.spool_memory)
@@ -179,6 +202,16 @@ class MinioStorage(BucketObjects):
             return int(self._client.stat_object(self.bucket, self._name(key)).size or 0)
         except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._fail(key, exc) from exc
+
+    def stat_sha256(self, key: str) -> tuple[int, str | None]:
+        """The object's size and the SHA-256 it was written with (None when it carries no
+        :data:`SHA256_METADATA`, as an object another program wrote). Raises NotFoundError."""
+        try:
+            found = self._client.stat_object(self.bucket, self._name(key))
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(key, exc) from exc
+        sha = (found.metadata or {}).get(SHA256_METADATA)
+        return int(found.size or 0), (str(sha).lower() if sha else None)
 
     def delete(self, key: str) -> None:
         try:
