@@ -311,16 +311,21 @@ class StoreSCP:
 
 @contextlib.contextmanager
 def storescp_server(
-    out: Path, aet: str = "STORESCP", options: tuple[str, ...] = ("+xa",), timeout: float = 30.0
+    out: Path,
+    aet: str = "STORESCP",
+    options: tuple[str, ...] = ("+xa",),
+    timeout: float = 30.0,
+    port: int | None = None,
 ) -> Iterator[StoreSCP]:
     """Run ``storescp`` until the block ends. `options` choose the transfer syntaxes it
     accepts (``storescp --help``): ``+xa`` every one it knows, none of them the
-    uncompressed ones only, ``+xi`` Implicit VR Little Endian only."""
+    uncompressed ones only, ``+xi`` Implicit VR Little Endian only. `port`: a given one
+    (a destination that was down comes up), else a free one."""
     binary = shutil.which("storescp")
     if binary is None:
         pytest.fail("storescp not found: apt-get install dcmtk")
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = out.parent / f"storescp-{port}.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(

@@ -3,8 +3,6 @@ and requests one run per destination with due deliveries; the run sends them
 (``routed_instances``) with metadata per destination; checks watch the backlog, the dead
 letters, the failure rate and whether each destination answers."""
 
-from __future__ import annotations
-
 import json
 import threading
 from datetime import UTC, datetime, timedelta
@@ -15,7 +13,9 @@ import dagster as dg
 from vannah_pipelines.catalog.changes import DEAD, DELIVERIES, FAILED, QUEUED
 from vannah_pipelines.catalog.lake import record_change
 from vannah_pipelines.defs.resources import ArchiveResource
-from vannah_pipelines.dimse.route_sender import DicomSender
+from vannah_pipelines.dimse.outbound import echo
+from vannah_pipelines.dimse.peers import DicomPeer
+from vannah_pipelines.dimse.route_sender import dicom_senders
 from vannah_pipelines.routing.deliveries import (
     PRIORITY_RANK,
     DeliveryResult,
@@ -30,7 +30,7 @@ from vannah_pipelines.routing.deliveries import (
     tier_opener,
 )
 from vannah_pipelines.routing.reach import check_destination
-from vannah_pipelines.routing.rules import Rule, RoutingRules
+from vannah_pipelines.routing.rules import DicomDestination, RoutingRules, Rule
 from vannah_pipelines.routing.senders import Sender, build_sender
 from vannah_pipelines.routing.source import RulesSource
 from vannah_pipelines.settings import Settings
@@ -76,6 +76,7 @@ def recorder(settings: Settings, changed_by: str) -> Record:
 def sender_factory(settings: Settings) -> Any:
     """Build the sender of a rule's destination, DICOM through the dimse package."""
     secrets = {k: v.get_secret_value() for k, v in settings.routing_secrets.items()}
+    dicom = dicom_senders(settings)
 
     def sender_for(rule: Rule) -> Sender:
         return build_sender(
@@ -83,7 +84,7 @@ def sender_factory(settings: Settings) -> Any:
             secrets=secrets,
             calling_aet=settings.dicom_aet,
             coercion=rule.coerce,
-            dicom=DicomSender,
+            dicom=dicom,
         )
 
     return sender_for
@@ -107,9 +108,7 @@ def _metadata(result: DeliveryResult, now: datetime) -> dict[str, dg.MetadataVal
     metadata: dict[str, dg.MetadataValue] = {
         "instances_sent": dg.MetadataValue.int(result.sent),
         "instances_failed": dg.MetadataValue.int(result.failed),
-        "bytes_sent": dg.MetadataValue.int(
-            sum(s.bytes_sent for s in result.destinations.values())
-        ),
+        "bytes_sent": dg.MetadataValue.int(sum(s.bytes_sent for s in result.destinations.values())),
     }
     table = []
     for dest, s in sorted(result.destinations.items()):
@@ -128,14 +127,14 @@ def _metadata(result: DeliveryResult, now: datetime) -> dict[str, dg.MetadataVal
             }
         )
     metadata["destinations"] = dg.MetadataValue.json(table)
-    if len(table) == 1:
-        only = table[0]
-        metadata["queue_age_s"] = dg.MetadataValue.float(only["queue_age_s"])
-        seconds = only["seconds"] or 0.0
-        if seconds > 0:
-            metadata["mb_per_s"] = dg.MetadataValue.float(
-                round(only["bytes_sent"] / 1e6 / seconds, 3)
-            )
+    if len(result.destinations) == 1:
+        (stats,) = result.destinations.values()
+        if stats.oldest_queued_at is not None:
+            age = (now - stats.oldest_queued_at).total_seconds()
+            metadata["queue_age_s"] = dg.MetadataValue.float(round(age, 3))
+        if stats.seconds > 0:
+            mb_s = stats.bytes_sent / 1e6 / stats.seconds
+            metadata["mb_per_s"] = dg.MetadataValue.float(round(mb_s, 3))
     return metadata
 
 
@@ -160,7 +159,7 @@ def routed_instances(
         result = send_due(
             catalog,
             rules,
-            recorder(settings, f"dagster:{context.run_id}"),
+            recorder(settings, f"dagster:{context.run.run_id}"),
             tier_opener(StorageTiers(settings)),
             sender_factory(settings),
             destination=config.destination or None,
@@ -221,7 +220,9 @@ def indexed_instance_sensor(
     cursor = _cursor(context.cursor)
     catalog = open_catalog(settings)
     try:
-        since = None if cursor is None else cursor - timedelta(seconds=settings.routing_rescan_seconds)
+        since = (
+            None if cursor is None else cursor - timedelta(seconds=settings.routing_rescan_seconds)
+        )
         queued = queue_deliveries(
             catalog, rules, recorder(settings, "dagster:indexed_instance_sensor"),
             since=since, now=now,
@@ -361,7 +362,7 @@ def routing_destinations_reachable(archive: ArchiveResource) -> dg.AssetCheckRes
         dest = destination_id(rule)
         if dest not in results:
             ok, detail = check_destination(
-                rule.destination, secrets=secrets, calling_aet=settings.dicom_aet
+                rule.destination, secrets=secrets, calling_aet=settings.dicom_aet, echo=_echo
             )
             results[dest] = {"ok": ok, "detail": detail}
     down = sorted(d for d, r in results.items() if not r["ok"])
@@ -371,6 +372,16 @@ def routing_destinations_reachable(archive: ArchiveResource) -> dg.AssetCheckRes
             "destinations": dg.MetadataValue.json(results),
             "unreachable": dg.MetadataValue.json(down),
         },
+    )
+
+
+def _echo(destination: DicomDestination, calling_aet: str, timeout: float) -> tuple[bool, str]:
+    result = echo(
+        DicomPeer(destination.aet, destination.host, destination.port), calling_aet, timeout
+    )
+    return (
+        result.ok,
+        result.reason or f"C-ECHO 0x{result.status or 0:04X} in {result.latency_ms:.0f} ms",
     )
 
 
@@ -412,7 +423,7 @@ def retried_deliveries(
     try:
         count = retry_dead(
             catalog,
-            recorder(settings, f"dagster:{context.run_id}"),
+            recorder(settings, f"dagster:{context.run.run_id}"),
             destination=config.destination or None,
             rule=config.rule or None,
             study=config.study_uid or None,
