@@ -26,6 +26,7 @@ from vannah_pipelines.dimse.commitment import (
     FAILURES,
     NOT_SUPPORTED,
     PENDING,
+    CommitmentResult,
     request_commitment,
 )
 from vannah_pipelines.dimse.peers import DicomPeer
@@ -76,6 +77,25 @@ def _wait(predicate: Callable[[], Any]) -> Any:
     raise AssertionError("condition not reached before the deadline")
 
 
+def _store_and_commit(
+    receiver_factory: Callable[..., ReceiverProcess],
+    tmp_path: Path,
+    calling_aet: str,
+    wait_seconds: float,
+) -> tuple[ReceiverProcess, CommitmentResult]:
+    """Start a receiver, store one file with storescu, request its commitment."""
+    rx = receiver_factory()
+    _store(rx.port, FILES[:1])
+    result = request_commitment(
+        DicomPeer("VANNAHCLOUD", "127.0.0.1", rx.port),
+        _refs(FILES[:1]),
+        calling_aet=calling_aet,
+        spool=CommitmentSpool(tmp_path / "router"),
+        wait_seconds=wait_seconds,
+    )
+    return rx, result
+
+
 @pytest.fixture
 def receiver_factory(tmp_path: Path) -> Iterator[Callable[..., ReceiverProcess]]:
     started: list[ReceiverProcess] = []
@@ -123,16 +143,7 @@ def test_receiver_commits_stored_instances_and_reports_unknown_on_same_associati
 def test_receiver_commits_everything_held_with_event_type_1(
     receiver_factory: Callable[..., ReceiverProcess], tmp_path: Path
 ) -> None:
-    rx = receiver_factory()
-    _store(rx.port, FILES[:1])
-    spool = CommitmentSpool(tmp_path / "router")
-    result = request_commitment(
-        DicomPeer("VANNAHCLOUD", "127.0.0.1", rx.port),
-        _refs(FILES[:1]),
-        calling_aet="ROUTER",
-        spool=spool,
-        wait_seconds=DEADLINE,
-    )
+    rx, result = _store_and_commit(receiver_factory, tmp_path, "ROUTER", DEADLINE)
     assert result.outcome == COMMITTED, (result, rx.log())
     assert result.failed == ()
 
@@ -358,16 +369,7 @@ def test_receiver_keeps_a_result_it_cannot_deliver(
     receiver_factory: Callable[..., ReceiverProcess], tmp_path: Path
 ) -> None:
     """A requestor that left and is not in dicom_modalities: the result stays on disk."""
-    rx = receiver_factory()
-    _store(rx.port, FILES[:1])
-    spool = CommitmentSpool(tmp_path / "router")
-    result = request_commitment(
-        DicomPeer("VANNAHCLOUD", "127.0.0.1", rx.port),
-        _refs(FILES[:1]),
-        calling_aet="STRANGER",
-        spool=spool,
-        wait_seconds=0,
-    )
+    _rx, result = _store_and_commit(receiver_factory, tmp_path, "STRANGER", 0)
     assert result.outcome == PENDING
     owed = CommitmentSpool(tmp_path / "data" / "commitments" / "owed")
 
