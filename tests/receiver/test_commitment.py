@@ -186,25 +186,21 @@ class _PeerScp:
         self.server.shutdown()
 
 
+def _item(sop_class: str, sop: str, **more: Any) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop
+    item.update(more)
+    return item
+
+
 def _result_info(transaction_uid: str, committed: list[tuple[str, str]], failed: Any) -> Dataset:
+    """A Storage Commitment Result built by hand (PS3.4 Table J.3-2), failures 0x0112."""
     info = Dataset()
     info.TransactionUID = transaction_uid
-    items = []
-    for sop_class, sop in committed:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop
-        items.append(item)
-    info.ReferencedSOPSequence = items
-    failed_items = []
-    for sop_class, sop in failed:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop
-        item.FailureReason = 0x0112
-        failed_items.append(item)
-    if failed_items:
-        info.FailedSOPSequence = failed_items
+    info.ReferencedSOPSequence = [_item(c, s) for c, s in committed]
+    if failed:
+        info.FailedSOPSequence = [_item(c, s, FailureReason=0x0112) for c, s in failed]
     return info
 
 
