@@ -292,8 +292,9 @@ def test_peer_without_storage_commitment_is_not_supported(tmp_path: Path) -> Non
         proc.wait(timeout=DEADLINE)
 
 
-def test_report_threads_do_not_outlive_the_request(tmp_path: Path) -> None:
-    """The SCU's own association threads are gone once it returns (no thread leak)."""
+def test_unreachable_peer_is_a_result_and_leaves_no_threads(tmp_path: Path) -> None:
+    """A peer that is down is an `unreachable` result (no exception), and the SCU leaves
+    no association thread behind."""
     before = threading.active_count()
     spool = CommitmentSpool(tmp_path / "c")
     result = request_commitment(
