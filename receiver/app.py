@@ -37,6 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from receiver import retrieve
 from receiver.archive import Archive
+from receiver.commitment import Commitments
 from receiver.contexts import supported_contexts
 from receiver.fast_store import FastStore, Proposal
 from receiver.gate import Gate
@@ -288,9 +289,12 @@ def build_server(
 ) -> ReusePortAssociationServer:
     """A worker's association server on `address` (not yet serving): pynetdicom with the
     handler table, plus the storage fast path unless ``settings.receiver_fast_store`` is off."""
+    handlers = event_handlers(landing, associations, archive)
+    if archive is not None:
+        handlers.extend(Commitments(archive, associations).handlers())
     server = ae.make_server(
         address,
-        evt_handlers=event_handlers(landing, associations, archive),
+        evt_handlers=handlers,
         server_class=ReusePortAssociationServer,
     )
     assert isinstance(server, ReusePortAssociationServer)

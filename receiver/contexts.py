@@ -1,5 +1,6 @@
 """Presentation contexts the receiver accepts: Verification, every standard storage SOP class,
-and the Patient Root and Study Root Query/Retrieve FIND, MOVE and GET SOP classes."""
+the Patient Root and Study Root Query/Retrieve FIND, MOVE and GET SOP classes, Modality
+Worklist, and Storage Commitment Push Model."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
 
 VERIFICATION_SOP_CLASS: str = "1.2.840.10008.1.1"  # PS3.4 A.4
 MODALITY_WORKLIST_FIND: str = "1.2.840.10008.5.1.4.31"  # PS3.4 K.6.1
+STORAGE_COMMITMENT_PUSH: str = "1.2.840.10008.1.20.1"  # PS3.4 J.3.5
 
 # PS3.4 C.6.1.3 and C.6.2.3: the Q/R information models' SOP classes.
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -94,4 +96,11 @@ def supported_contexts() -> list[SupportedContext]:
     # Identifiers are small: the uncompressed syntaxes suffice.
     contexts.extend(SupportedContext(sop, UNCOMPRESSED_SYNTAXES) for sop in QR_SOP_CLASSES)
     contexts.append(SupportedContext(MODALITY_WORKLIST_FIND, UNCOMPRESSED_SYNTAXES))
+    # PS3.4 J.3.3.1.3: a Storage Commitment SCP reporting on an association of its own
+    # proposes the SCP role; accepting role selection lets it.
+    contexts.append(
+        SupportedContext(
+            STORAGE_COMMITMENT_PUSH, UNCOMPRESSED_SYNTAXES, accepts_role_selection=True
+        )
+    )
     return contexts

@@ -45,7 +45,15 @@ SOURCE = "dimse"
 AUDIT_SERVICE = "receiver"
 MAX_AUDITED_STUDIES = 1000  # study UIDs listed in one association's audit event
 # The audit action of an association that did several things: the first that happened.
-_ACTION_ORDER = ("store", "move", "retrieve", "query", "worklist-query", "echo")
+_ACTION_ORDER = (
+    "store",
+    "move",
+    "retrieve",
+    "commitment",
+    "query",
+    "worklist-query",
+    "echo",
+)
 _VERIFIED = frozenset({"dimse-user", "dimse-jwt"})  # principals named by a user identity
 DEFAULT_MAX_INSTANCE_BYTES = 2 * 1024**3  # Settings.max_instance_bytes's default
 

@@ -83,3 +83,22 @@ class WorklistFindStatus(IntEnum):
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     # Failed: unable to process (the identifier cannot be decoded).
     UNABLE_TO_PROCESS = 0xC000
+
+
+class CommitmentStatus(IntEnum):
+    """N-ACTION statuses of the Storage Commitment Push Model SCP (PS3.7 10.1.4.1.10,
+    PS3.4 J.3.2.1.3); the N-EVENT-REPORT answers are in ``vannah_pipelines.dimse.commitment``."""
+
+    SUCCESS = 0x0000
+    # A fault of ours (the request cannot be recorded).
+    PROCESSING_FAILURE = 0x0110
+    # No Transaction UID, no or malformed Referenced SOP Sequence.
+    INVALID_ARGUMENT_VALUE = 0x0115
+    # Requested SOP Class is not the Push Model.
+    NO_SUCH_SOP_CLASS = 0x0118
+    # Action Type ID other than 1.
+    NO_SUCH_ACTION = 0x0123
+    # The association's principal may neither read nor store.
+    NOT_AUTHORIZED = 0x0124
+    # More references than one request may hold, or too many results queued.
+    RESOURCE_LIMITATION = 0x0213

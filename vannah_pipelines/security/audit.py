@@ -49,6 +49,7 @@ ACTIONS = frozenset(
         "retrieve",  # WADO-RS, WADO-URI, C-GET
         "move",  # C-MOVE
         "echo",
+        "commitment",  # Storage Commitment: an N-ACTION request or an N-EVENT-REPORT result
         "worklist-query",
         "worklist-change",
         "launch",  # /viewer/launch

@@ -1,0 +1,401 @@
+"""Storage Commitment (PS3.4 Annex J) without the network: the transactions' records, and
+the N-ACTION / N-EVENT-REPORT data sets as plain values.
+
+One JSON record per transaction, ``<folder>/<transaction uid>.json``, written whole by a
+rename (a reader sees the old record or the new one, never half), so a transaction
+requested before a crash is still pending after it. The requesting side (routing, through
+``vannah_pipelines.dimse.commitment``) writes ``pending``; whoever receives the
+N-EVENT-REPORT (the requesting association, or the receiver on a new association) writes
+``reported`` with what was committed and what failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from vannah_pipelines.dicom.uids import is_uid, require_uid
+from vannah_pipelines.errors import UnsafeUidError, VannahError
+
+# PS3.4 J.3.5: the Push Model SOP class and its well-known SOP instance.
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+REQUEST_ACTION_TYPE = 1  # PS3.4 J.3.2.1: Request Storage Commitment
+
+PENDING = "pending"
+REPORTED = "reported"
+SUFFIX = ".json"
+
+
+class CommitmentEventType(IntEnum):
+    """PS3.4 J.3.3.1: the N-EVENT-REPORT Event Type ID of a Storage Commitment Result."""
+
+    SUCCESS = 1  # every referenced instance committed
+    FAILURES_EXIST = 2  # Failed SOP Sequence lists what was not
+
+
+class FailureReason(IntEnum):
+    """PS3.4 J.3.3.1.1 (0008,1197) Failure Reason of one referenced instance."""
+
+    PROCESSING_FAILURE = 0x0110
+    NO_SUCH_OBJECT_INSTANCE = 0x0112
+    RESOURCE_LIMITATION = 0x0213
+    REFERENCED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+    CLASS_INSTANCE_CONFLICT = 0x0119
+    DUPLICATE_TRANSACTION_UID = 0x0131
+
+
+class CommitmentError(VannahError):
+    """A Storage Commitment data set that is not what PS3.4 Annex J describes."""
+
+
+Reference = tuple[str, str]  # (SOP Class UID, SOP Instance UID)
+
+
+@dataclass(frozen=True)
+class FailedInstance:
+    """One referenced instance the peer did not commit, and why (a :class:`FailureReason`
+    value, or whatever code the peer sent)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    failure_reason: int
+
+
+@dataclass(frozen=True)
+class CommitmentReport:
+    """The Event Information of a Storage Commitment Result (PS3.4 Table J.3-2)."""
+
+    transaction_uid: str
+    committed: tuple[Reference, ...] = ()
+    failed: tuple[FailedInstance, ...] = ()
+
+    @property
+    def event_type(self) -> CommitmentEventType:
+        """1 when nothing failed, else 2 (PS3.4 J.3.3.1.2)."""
+        return CommitmentEventType.FAILURES_EXIST if self.failed else CommitmentEventType.SUCCESS
+
+
+@dataclass(frozen=True)
+class CommitmentRequest:
+    """The Action Information of a Storage Commitment Request (PS3.4 Table J.3-1)."""
+
+    transaction_uid: str
+    references: tuple[Reference, ...] = field(default=())
+
+
+def request_dataset(request: CommitmentRequest) -> Dataset:
+    """The N-ACTION's Action Information: Transaction UID and Referenced SOP Sequence.
+
+    >>> ds = request_dataset(CommitmentRequest("1.2.3", (("1.2.840.10008.5.1.4.1.1.2", "1.2.4"),)))
+    >>> ds.TransactionUID, ds.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    ('1.2.3', '1.2.4')
+    """
+    ds = Dataset()
+    ds.TransactionUID = request.transaction_uid
+    ds.ReferencedSOPSequence = DicomSequence(
+        [_reference_item(sop_class, sop) for sop_class, sop in request.references]
+    )
+    return ds
+
+
+def parse_request(ds: Dataset, max_references: int) -> CommitmentRequest:
+    """The request an N-ACTION's Action Information holds.
+
+    Raises
+    ------
+    CommitmentError
+        If the Transaction UID or a reference is missing or not a UID, if there is no
+        reference, or if there are more than `max_references`.
+    """
+    transaction = _uid(ds, "TransactionUID")
+    items = ds.get("ReferencedSOPSequence") or []
+    if not items:
+        raise CommitmentError("the Referenced SOP Sequence is empty or missing")
+    if len(items) > max_references:
+        raise CommitmentError(f"{len(items)} references: more than {max_references}")
+    references = tuple(
+        (_uid(item, "ReferencedSOPClassUID"), _uid(item, "ReferencedSOPInstanceUID"))
+        for item in items
+    )
+    return CommitmentRequest(transaction, references)
+
+
+def report_dataset(report: CommitmentReport, retrieve_aet: str = "") -> Dataset:
+    """The N-EVENT-REPORT's Event Information (PS3.4 Table J.3-2): the Referenced SOP
+    Sequence of what was committed, the Failed SOP Sequence (event type 2) of what was not.
+
+    >>> failed = FailedInstance("1.2.5", "1.2.7", 0x0112)
+    >>> r = CommitmentReport("1.2.3", (("1.2.5", "1.2.6"),), (failed,))
+    >>> ds = report_dataset(r)
+    >>> int(r.event_type), ds.FailedSOPSequence[0].FailureReason
+    (2, 274)
+    """
+    ds = Dataset()
+    ds.TransactionUID = report.transaction_uid
+    if retrieve_aet:
+        ds.RetrieveAETitle = retrieve_aet
+    if report.committed:
+        ds.ReferencedSOPSequence = DicomSequence(
+            [_reference_item(sop_class, sop) for sop_class, sop in report.committed]
+        )
+    if report.failed:
+        items = []
+        for failed in report.failed:
+            item = _reference_item(failed.sop_class_uid, failed.sop_instance_uid)
+            item.FailureReason = int(failed.failure_reason)
+            items.append(item)
+        ds.FailedSOPSequence = DicomSequence(items)
+    return ds
+
+
+def parse_report(event_type: int, ds: Dataset) -> CommitmentReport:
+    """The result an N-EVENT-REPORT's Event Information holds.
+
+    Raises
+    ------
+    CommitmentError
+        If `event_type` is not 1 or 2, or the Transaction UID is missing or not a UID.
+        A malformed reference is not fatal: it is left out.
+    """
+    if event_type not in (CommitmentEventType.SUCCESS, CommitmentEventType.FAILURES_EXIST):
+        raise CommitmentError(f"event type {event_type} is not a Storage Commitment Result")
+    transaction = _uid(ds, "TransactionUID")
+    committed: list[Reference] = []
+    for item in ds.get("ReferencedSOPSequence") or []:
+        sop_class = item.get("ReferencedSOPClassUID", "")
+        sop = item.get("ReferencedSOPInstanceUID", "")
+        if is_uid(str(sop)):
+            committed.append((str(sop_class), str(sop)))
+    failed: list[FailedInstance] = []
+    for item in ds.get("FailedSOPSequence") or []:
+        sop = str(item.get("ReferencedSOPInstanceUID", ""))
+        if is_uid(sop):
+            reason = item.get("FailureReason")
+            failed.append(
+                FailedInstance(
+                    str(item.get("ReferencedSOPClassUID", "")),
+                    sop,
+                    int(reason) if reason is not None else int(FailureReason.PROCESSING_FAILURE),
+                )
+            )
+    return CommitmentReport(transaction, tuple(committed), tuple(failed))
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    try:
+        return require_uid(str(ds.get(keyword, "")).strip("\0 "), keyword)
+    except UnsafeUidError as exc:
+        raise CommitmentError(f"{keyword} missing or not a UID") from exc
+
+
+def _reference_item(sop_class: str, sop: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop
+    return item
+
+
+def commitments_dir(data_dir: Path) -> Path:
+    """The folder of the transactions we requested: ``<data dir>/commitments``."""
+    return Path(data_dir) / "commitments"
+
+
+def owed_reports_dir(data_dir: Path) -> Path:
+    """The folder of the results our SCP owes a requestor and could not deliver yet:
+    ``<data dir>/commitments/owed`` (a report delivered removes its record)."""
+    return commitments_dir(data_dir) / "owed"
+
+
+class CommitmentSpool:
+    """The records under `folder`, one per Transaction UID.
+
+    A record is a JSON object: ``transaction_uid``, ``state`` (``pending`` or
+    ``reported``), ``peer`` (``aet``, ``host``, ``port``), ``calling_aet``,
+    ``requested_at`` / ``reported_at`` (Unix seconds), ``references`` (``[class, instance]``
+    pairs), and once reported ``committed`` (pairs), ``failed`` (objects with
+    ``sop_class_uid``, ``sop_instance_uid``, ``failure_reason``), ``reported_by`` (the
+    reporting AE title) and ``reported_on`` (``same-association`` or ``new-association``).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, transaction_uid: str) -> Path:
+        return self.folder / f"{require_uid(transaction_uid, 'TransactionUID')}{SUFFIX}"
+
+    def write(self, transaction_uid: str, record: dict[str, Any]) -> None:
+        """Write `record` (its ``transaction_uid`` key set) whole: temp file, fsync, rename."""
+        target = self.path(transaction_uid)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".tmp-{target.name}.{os.getpid()}.{id(record)}"
+        data = json.dumps({**record, "transaction_uid": transaction_uid}, sort_keys=True)
+        try:
+            with tmp.open("w") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read(self, transaction_uid: str) -> dict[str, Any] | None:
+        """The record of `transaction_uid`, or None if there is none (or it is unreadable)."""
+        return _load(self.path(transaction_uid))
+
+    def items(self) -> Iterator[dict[str, Any]]:
+        """Every readable record, in file name order (unreadable files are skipped)."""
+        try:
+            paths = sorted(self.folder.glob(f"*{SUFFIX}"))
+        except FileNotFoundError:
+            return
+        for path in paths:
+            record = _load(path)
+            if record is not None:
+                yield record
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The transactions still waiting for their N-EVENT-REPORT."""
+        return [r for r in self.items() if r.get("state") == PENDING]
+
+    def remove(self, transaction_uid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(transaction_uid).unlink()
+
+    def record_pending(
+        self,
+        request: CommitmentRequest,
+        *,
+        peer_aet: str,
+        peer_host: str,
+        peer_port: int,
+        calling_aet: str,
+    ) -> dict[str, Any]:
+        """Write the pending record of a request about to be sent; returns it."""
+        record: dict[str, Any] = {
+            "state": PENDING,
+            "peer": {"aet": peer_aet.strip(), "host": peer_host, "port": peer_port},
+            "calling_aet": calling_aet.strip(),
+            "requested_at": time.time(),
+            "references": [list(ref) for ref in request.references],
+        }
+        self.write(request.transaction_uid, record)
+        return {**record, "transaction_uid": request.transaction_uid}
+
+
+class UnknownTransactionError(CommitmentError):
+    """A report for a transaction we have no record of (or one asked of another peer)."""
+
+
+def apply_report(
+    spool: CommitmentSpool,
+    report: CommitmentReport,
+    *,
+    reported_by: str,
+    same_association: bool,
+) -> dict[str, Any]:
+    """Record `report` as the result of its pending transaction; returns the new record.
+
+    A report for a transaction already reported replaces the earlier result (a peer that
+    re-sends the same report is answered Success again).
+
+    Raises
+    ------
+    UnknownTransactionError
+        If there is no record of the Transaction UID, or it was requested of an AE title
+        other than `reported_by`.
+    OSError
+        If the record cannot be written.
+    """
+    record = spool.read(report.transaction_uid)
+    if record is None:
+        raise UnknownTransactionError(f"no transaction {report.transaction_uid}")
+    asked = str(record.get("peer", {}).get("aet", "")).strip()
+    if asked and asked != reported_by.strip():
+        raise UnknownTransactionError(
+            f"transaction {report.transaction_uid} was requested of {asked}, "
+            f"not {reported_by.strip()}"
+        )
+    updated = {
+        **record,
+        "state": REPORTED,
+        "reported_at": time.time(),
+        "reported_by": reported_by.strip(),
+        "reported_on": "same-association" if same_association else "new-association",
+        "committed": [list(ref) for ref in report.committed],
+        "failed": [
+            {
+                "sop_class_uid": f.sop_class_uid,
+                "sop_instance_uid": f.sop_instance_uid,
+                "failure_reason": int(f.failure_reason),
+            }
+            for f in report.failed
+        ],
+    }
+    spool.write(report.transaction_uid, updated)
+    return updated
+
+
+def judge(
+    references: Sequence[Reference],
+    held: dict[str, str],
+    supported_classes: frozenset[str] | None = None,
+) -> tuple[tuple[Reference, ...], tuple[FailedInstance, ...]]:
+    """Which `references` the archive commits to: those it holds with the same SOP class.
+
+    Parameters
+    ----------
+    references
+        (SOP Class UID, SOP Instance UID) pairs of the request.
+    held
+        SOP Instance UID -> SOP Class UID of the instances the archive holds among them.
+    supported_classes
+        The storage SOP classes the archive stores (None: any).
+
+    Returns
+    -------
+    tuple
+        (committed references, failed instances with their PS3.4 J.3.3.1.1 reason).
+
+    >>> refs = [("1.2.1", "9.1"), ("1.2.1", "9.2"), ("1.2.2", "9.3")]
+    >>> committed, failed = judge(refs, {"9.1": "1.2.1", "9.3": "1.2.1"})
+    >>> committed, [(f.sop_instance_uid, hex(f.failure_reason)) for f in failed]
+    ((('1.2.1', '9.1'),), [('9.2', '0x112'), ('9.3', '0x119')])
+    """
+    committed: list[Reference] = []
+    failed: list[FailedInstance] = []
+    for sop_class, sop in references:
+        if supported_classes is not None and sop_class not in supported_classes:
+            reason: FailureReason | None = FailureReason.REFERENCED_SOP_CLASS_NOT_SUPPORTED
+        elif sop not in held:
+            reason = FailureReason.NO_SUCH_OBJECT_INSTANCE
+        elif held[sop] and held[sop] != sop_class:
+            reason = FailureReason.CLASS_INSTANCE_CONFLICT
+        else:
+            reason = None
+        if reason is None:
+            committed.append((sop_class, sop))
+        else:
+            failed.append(FailedInstance(sop_class, sop, int(reason)))
+    return tuple(committed), tuple(failed)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            return None
+        record["transaction_uid"] = require_uid(str(record["transaction_uid"]), "TransactionUID")
+    except (OSError, ValueError, KeyError, TypeError, UnsafeUidError):
+        return None
+    return record
