@@ -73,3 +73,18 @@ def test_resolve_peer_prefers_a_name_then_an_ae_title(tmp_path: Path) -> None:
     with pytest.raises(UnknownPeerError):
         resolve_peer(settings, "NOPE")
     assert parse_address("A@host:0") is None
+
+
+def test_echo_command_reaches_a_routing_rule_destination_by_rule_name_and_aet(
+    tmp_path: Path, scp: StoreSCP, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rule = {
+        "name": "Route CT to AI Pipeline",
+        "condition": {"modality": "CT"},
+        "destination": {"aet": "ECHOSCP", "host": "127.0.0.1", "port": scp.port},
+    }
+    config = tmp_path / "vannah.json"
+    config.write_text(json.dumps({"DicomAet": "VANNAHTEST", "rules": [rule]}))
+    for name in ("Route CT to AI Pipeline", "ECHOSCP"):
+        assert _echo(tmp_path, config, name) == 0
+        assert f"ECHOSCP@127.0.0.1:{scp.port}: C-ECHO success" in capsys.readouterr().out

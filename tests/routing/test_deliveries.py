@@ -22,6 +22,7 @@ from tests.servers import S3Server, free_port, storescp_server
 from vannah_pipelines.catalog.changes import DELIVERIES
 from vannah_pipelines.catalog.lake import record_change
 from vannah_pipelines.catalog.reader import CatalogReader
+from vannah_pipelines.cli import main
 from vannah_pipelines.dimse.route_sender import DicomSender
 from vannah_pipelines.dimse.store_scu import data_set_offset
 from vannah_pipelines.routing.deliveries import (
@@ -30,7 +31,6 @@ from vannah_pipelines.routing.deliveries import (
     backlog,
     due_deliveries,
     queue_deliveries,
-    retry_dead,
     send_due,
     tier_opener,
 )
@@ -187,7 +187,10 @@ def test_documented_rules_send_the_chest_ct_to_the_ae_and_every_study_to_the_buc
 
 @pytest.mark.integration
 def test_a_destination_down_is_retried_with_backoff_dead_lettered_and_delivered_once_up(
-    tmp_path: Path, settings: Settings, catalog: CatalogReader
+    tmp_path: Path,
+    settings: Settings,
+    catalog: CatalogReader,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     studies = _archive(settings)
     port = free_port()  # nothing listens here yet
@@ -229,12 +232,21 @@ def test_a_destination_down_is_retried_with_backoff_dead_lettered_and_delivered_
     last_error = catalog.query("SELECT DISTINCT last_error FROM delivery_status")
     assert len(last_error) == 1 and "connect" in str(last_error[0][0]).lower()
 
+    # `vannah route --status` shows them; `--retry` of another destination touches none.
+    base = ["--data-dir", str(settings.data_dir), "route"]
+    assert main([*base, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert f"dicom AI_ENGINE@127.0.0.1:{port}: 0 delivered, 0 queued" in out and "3 dead" in out
+    assert main([*base, "--retry", "--destination", "folder /elsewhere"]) == 0
+    assert capsys.readouterr().out.startswith("0 deliveries queued again")
+
     # The destination comes up; the dead letters are queued again by hand and delivered.
     with storescp_server(tmp_path / "ai", "AI_ENGINE", port=port) as scp:
-        assert retry_dead(catalog, record, now=T0 + timedelta(days=1)) == 3
+        assert main([*base, "--retry"]) == 0
+        assert capsys.readouterr().out.startswith("3 deliveries queued again")
         catalog.refresh()
         assert set(_status(catalog).values()) == {("queued", 0)}
-        done = attempt(T0 + timedelta(days=1))
+        done = attempt(datetime.now(UTC))  # the CLI queued them due now, by the wall clock
         assert done.sent == 3
         received = scp.received()
     assert set(_status(catalog).values()) == {("sent", 1)}

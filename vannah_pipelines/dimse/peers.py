@@ -53,7 +53,8 @@ def parse_address(text: str) -> DicomPeer | None:
 
 def resolve_peer(settings: Settings, destination: str) -> DicomPeer:
     """The peer `destination` names: a key of ``dicom_modalities``, else the AE title of
-    one of them, else ``AET@host:port``. A modality with ``use_dicom_tls`` gets our client
+    one of them, else the name or AE title of a DICOM destination of the routing rules in
+    force, else ``AET@host:port``. A modality with ``use_dicom_tls`` gets our client
     TLS context (:func:`vannah_pipelines.dimse.tls.client_tls_context`).
 
     Raises
@@ -64,6 +65,9 @@ def resolve_peer(settings: Settings, destination: str) -> DicomPeer:
     modality = settings.dicom_modalities.get(destination) or settings.modality_by_aet(destination)
     if modality is not None:
         return peer_of(settings, modality)
+    routed = _routing_destination(settings, destination)
+    if routed is not None:
+        return routed
     peer = parse_address(destination)
     if peer is None:
         known = ", ".join(sorted(settings.dicom_modalities)) or "none configured"
@@ -72,6 +76,23 @@ def resolve_peer(settings: Settings, destination: str) -> DicomPeer:
             f"(known: {known}), nor AET@host:port"
         )
     return peer
+
+
+def _routing_destination(settings: Settings, name: str) -> DicomPeer | None:
+    """The DICOM destination of the routing rule called `name`, or with AE title `name`."""
+    from vannah_pipelines.routing.rules import DicomDestination
+    from vannah_pipelines.routing.source import RulesSource
+
+    for rule in RulesSource.from_settings(settings).current().rules:
+        dest = rule.destination
+        if isinstance(dest, DicomDestination) and name in (rule.name, dest.aet.strip()):
+            tls = None
+            if dest.use_dicom_tls:
+                from vannah_pipelines.dimse.tls import client_tls_context
+
+                tls = client_tls_context(settings)
+            return DicomPeer(dest.aet, dest.host, dest.port, tls)
+    return None
 
 
 def peer_of(settings: Settings, modality: RemoteModality) -> DicomPeer:

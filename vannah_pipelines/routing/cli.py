@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from datetime import UTC, datetime, time, timedelta
@@ -108,6 +109,8 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     out = sys.stdout
+    if args.retry or args.status:
+        return _retry_or_status(settings, args, out)
     if args.check is not None:
         try:
             rules = read_rules_file(Path(args.check), secret_names=settings.routing_secrets)
@@ -154,6 +157,63 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retry_or_status(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """``--retry``: queue dead (and with --include-failed, failed) deliveries again;
+    ``--status``: the delivery log per destination."""
+    from vannah_pipelines.catalog.changes import DELIVERIES
+    from vannah_pipelines.catalog.lake import record_change
+    from vannah_pipelines.routing.deliveries import backlog, retry_dead
+    from vannah_pipelines.storage.lifecycle import open_catalog
+
+    catalog = open_catalog(settings)
+    try:
+        if args.retry:
+            user = getpass.getuser()
+            count = retry_dead(
+                catalog,
+                lambda rows: record_change(settings, DELIVERIES, rows, changed_by=f"cli:{user}"),
+                destination=args.destination,
+                rule=args.rule,
+                study=args.study,
+                include_failed=args.include_failed,
+            )
+            out.write(f"{count} deliveries queued again; the next routing run sends them\n")
+            return 0
+        rows = backlog(catalog)
+    finally:
+        catalog.close()
+    now = datetime.now(UTC)
+    if args.json:
+        out.write(
+            json.dumps(
+                [
+                    {
+                        "destination": b.destination,
+                        "queued": b.queued,
+                        "waiting": b.waiting,
+                        "failed": b.failed,
+                        "dead": b.dead,
+                        "delivered": b.delivered,
+                        "oldest_due_age_s": round(b.age_seconds(now), 1),
+                    }
+                    for b in rows
+                ],
+                indent=2,
+            )
+            + "\n"
+        )
+        return 0
+    if not rows:
+        out.write("the delivery log is empty\n")
+    for b in rows:
+        out.write(
+            f"{b.destination}: {b.delivered} delivered, {b.queued} queued, {b.waiting} waiting "
+            f"for a stable study, {b.failed} failed (retrying), {b.dead} dead; oldest due "
+            f"{b.age_seconds(now):.0f} s\n"
+        )
+    return 0
+
+
 def _since(value: str) -> datetime:
     return parse_when(value)
 
@@ -172,6 +232,20 @@ def add_subparsers(sub: Any) -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--dry-run", action="store_true", help="backtest the rules on the catalog")
     what.add_argument("--check", metavar="FILE", help="validate a rules file")
+    what.add_argument(
+        "--retry",
+        action="store_true",
+        help="queue dead-lettered deliveries again (attempts from 0)",
+    )
+    what.add_argument("--status", action="store_true", help="the delivery log per destination")
+    p.add_argument("--destination", help="--retry: only this destination (as --status shows it)")
+    p.add_argument("--rule", help="--retry: only this rule's deliveries")
+    p.add_argument("--study", help="--retry: only this study's deliveries")
+    p.add_argument(
+        "--include-failed",
+        action="store_true",
+        help="--retry: failed deliveries too, without waiting for their backoff",
+    )
     p.add_argument(
         "--since", type=_since, help="received from: YYYY-MM-DD (UTC) or ISO date and time"
     )

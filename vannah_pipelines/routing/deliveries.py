@@ -55,7 +55,7 @@ _ERROR_CHARS = 500
 
 # A function appending delivery rows (one append, atomic) to the catalog: the embedded
 # files, and the DuckLake too when one is configured (catalog.lake.record_change).
-Record = Callable[[list[dict[str, Any]]], None]
+Record = Callable[[list[dict[str, Any]]], object]
 # A function opening the stored bytes of a catalog instance row (storage tiers).
 Opener = Callable[[Mapping[str, Any]], BinaryIO]
 # A function building the sender of a rule's destination (routing.senders.build_sender).
