@@ -5,7 +5,6 @@ receiver, and DCMTK storescp as a peer without Storage Commitment."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import threading
@@ -38,10 +37,7 @@ from vannah_pipelines.routing.commitments import (
     commitments_dir,
 )
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None or shutil.which("storescp") is None,
-    reason="DCMTK storescu/storescp not installed",
-)
+pytestmark = pytest.mark.integration  # DCMTK: installed by `make test`'s bootstrap
 
 DEADLINE = 60.0  # bounds a hang; never a performance threshold
 FILES = ("CT_small.dcm", "MR_small.dcm")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
@@ -88,19 +88,6 @@ def _stored(catalog: CatalogReader, settings: Settings, study: str) -> dict[str,
 
 def _data_set(part10: bytes) -> bytes:
     return part10[data_set_offset(BytesIO(part10)) :]
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", routing_secrets={"weed": "unused:unused"})
-
-
-@pytest.fixture
-def catalog(settings: Settings) -> Iterator[CatalogReader]:
-    """The catalog, opened before the test ingests: each test refreshes it."""
-    reader = open_catalog(settings)
-    yield reader
-    reader.close()
 
 
 def _archive(settings: Settings) -> dict[str, str]:

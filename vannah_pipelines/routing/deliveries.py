@@ -38,7 +38,12 @@ from vannah_pipelines.catalog.changes import (
 )
 from vannah_pipelines.errors import VannahError
 from vannah_pipelines.routing.dry_run import PAGE, route_pages
-from vannah_pipelines.routing.rules import DEFAULT_STABLE_AGE_SECONDS, RoutingRules, Rule
+from vannah_pipelines.routing.rules import (
+    DEFAULT_STABLE_AGE_SECONDS,
+    DicomDestination,
+    RoutingRules,
+    Rule,
+)
 from vannah_pipelines.routing.senders import Delivered, Outgoing, Sender
 
 if TYPE_CHECKING:
@@ -60,6 +65,25 @@ Record = Callable[[list[dict[str, Any]]], object]
 Opener = Callable[[Mapping[str, Any]], BinaryIO]
 # A function building the sender of a rule's destination (routing.senders.build_sender).
 SenderFor = Callable[[Rule], Sender]
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """What a DICOM destination said, through Storage Commitment, of instances sent to it:
+    `outcome` ``committed``/``failures`` (the report came at once: `committed` SOP Instance
+    UIDs, `failed` UID -> reason), ``pending`` (it reports later to our receiver), or
+    ``not-supported``/``refused``/``unreachable`` (C-STORE success stands)."""
+
+    transaction_uid: str
+    outcome: str
+    committed: tuple[str, ...] = ()
+    failed: Mapping[str, str] = field(default_factory=dict)
+    reason: str = ""
+
+
+# Ask a rule's destination to commit (SOP Class UID, SOP Instance UID) pairs (the glue
+# passes dimse.commitment.request_commitment; the pure layer does not speak DIMSE).
+Confirm = Callable[[Rule, list[tuple[str, str]]], Confirmation]
 
 
 @dataclass(frozen=True)
@@ -262,6 +286,8 @@ class DestinationStats:
     failed: int = 0
     dead: int = 0
     cancelled: int = 0
+    committed: int = 0
+    not_committed: int = 0
     bytes_sent: int = 0
     seconds: float = 0.0
     oldest_queued_at: datetime | None = None
@@ -352,6 +378,7 @@ def send_due(
     retry: RetryPolicy = RetryPolicy(),
     limit: int = 10_000,
     batch: int = BATCH,
+    confirm: Confirm | None = None,
 ) -> DeliveryResult:
     """Attempt every due delivery (:func:`due_deliveries`), most urgent first, a batch at
     a time per destination, appending each batch's outcomes before the next is sent.
@@ -361,6 +388,11 @@ def send_due(
     of the failed ones decides when it is next asked. A permanent refusal (the peer
     rejected the data set, a 4xx) is ``dead`` at once: trying again would not help.
     One destination's failure never stops another's deliveries.
+
+    A DICOM destination with ``storageCommitment`` is asked, after each batch, to commit
+    what it stored (`confirm`): what it commits is ``committed``, what it does not is
+    ``failed`` and sent again after the backoff; a report that comes later is applied by
+    :func:`apply_commitment_reports`.
     """
     result = DeliveryResult()
     started = now()
@@ -398,6 +430,12 @@ def send_due(
                 outcomes = _send_chunk(chunk, rules_by_name, sender, open_instance, now, retry)
                 record(outcomes)
                 _count(stats, outcomes)
+                if confirm is not None and _wants_commitment(rule):
+                    confirmed = _confirm(rule, chunk, outcomes, confirm, now(), retry)
+                    if confirmed:
+                        record(confirmed)
+                        stats.committed += sum(o["status"] == COMMITTED for o in confirmed)
+                        stats.not_committed += sum(o["status"] != COMMITTED for o in confirmed)
                 if all(o["status"] != SENT for o in outcomes) and any(
                     o["status"] == FAILED for o in outcomes
                 ):
@@ -502,9 +540,15 @@ def _opener(open_instance: Opener, row: Mapping[str, Any]) -> Callable[[], Binar
 
 
 def _failure(
-    row: Mapping[str, Any], error: str, transient: bool, now: datetime, retry: RetryPolicy
+    row: Mapping[str, Any],
+    error: str,
+    transient: bool,
+    now: datetime,
+    retry: RetryPolicy,
+    *,
+    count_attempt: bool = True,
 ) -> dict[str, Any]:
-    attempts = int(row["attempts"]) + 1
+    attempts = int(row["attempts"]) + (1 if count_attempt else 0)
     if transient and attempts < retry.max_attempts:
         return _outcome(
             row, FAILED, now, attempts=attempts, next_attempt_at=now + retry.delay(attempts),
@@ -526,6 +570,112 @@ def _count(stats: DestinationStats, outcomes: Iterable[Mapping[str, Any]]) -> No
             stats.dead += 1
         if o["last_error"]:
             stats.errors[o["last_error"][:120]] += 1
+
+
+# ------------------------------------------------------------------------- confirmation
+
+
+def _wants_commitment(rule: Rule) -> bool:
+    return isinstance(rule.destination, DicomDestination) and rule.destination.storage_commitment
+
+
+def _confirm(
+    rule: Rule,
+    chunk: Sequence[Mapping[str, Any]],
+    outcomes: Sequence[Mapping[str, Any]],
+    confirm: Confirm,
+    now: datetime,
+    retry: RetryPolicy,
+) -> list[dict[str, Any]]:
+    """Ask the destination to commit what this batch stored; the rows its answer changes."""
+    sent = {o["sop_instance_uid"]: o for o in outcomes if o["status"] == SENT}
+    if not sent:
+        return []
+    classes = {r["sop_instance_uid"]: r["sop_class_uid"] for r in chunk}
+    answer = confirm(rule, [(classes[uid], uid) for uid in sent])
+    if answer.outcome not in ("committed", "failures"):
+        log.info(
+            "routing: %s: Storage Commitment %s (%s)",
+            destination_id(rule), answer.outcome, answer.reason or answer.transaction_uid,
+        )  # fmt: skip
+        return []
+    return confirmation_rows(sent.values(), answer, now, retry)
+
+
+def confirmation_rows(
+    sent: Iterable[Mapping[str, Any]],
+    answer: Confirmation,
+    now: datetime,
+    retry: RetryPolicy,
+) -> list[dict[str, Any]]:
+    """The rows a Storage Commitment report makes of `sent` delivery rows: ``committed``
+    for what it committed; what it failed (or did not name) is sent again (``failed``,
+    due after the backoff; ``dead`` once out of attempts)."""
+    committed = set(answer.committed)
+    rows = []
+    for row in sent:
+        uid = row["sop_instance_uid"]
+        if uid in committed:
+            rows.append(
+                _outcome(
+                    row,
+                    COMMITTED,
+                    now,
+                    attempts=int(row["attempts"]),
+                    bytes_sent=row.get("bytes_sent"),
+                    detail=f"committed (Storage Commitment {answer.transaction_uid})",
+                )
+            )
+        else:
+            why = answer.failed.get(uid, "not in the Storage Commitment report")
+            rows.append(
+                _failure(row, f"not committed: {why}", True, now, retry, count_attempt=False)
+            )
+    return rows
+
+
+def apply_commitment_reports(
+    catalog: CatalogReader,
+    reports: Iterable[Mapping[str, Any]],
+    record: Record,
+    *,
+    now: datetime,
+    retry: RetryPolicy = RetryPolicy(),
+) -> list[str]:
+    """Apply Storage Commitment reports that came later (records of the commitment spool
+    in state ``reported``, written by our receiver) to the deliveries they confirm: the
+    ``sent`` rows of their destination and instances. Returns the transactions applied
+    (the caller removes them from the spool)."""
+    applied = []
+    for report in reports:
+        if report.get("state") != "reported":
+            continue
+        peer = report.get("peer") or {}
+        destination = f"dicom {peer.get('aet', '')}@{peer.get('host', '')}:{peer.get('port', '')}"
+        failed = {
+            f["sop_instance_uid"]: f"failure reason 0x{int(f.get('failure_reason') or 0):04X}"
+            for f in report.get("failed") or []
+        }
+        committed = tuple(
+            str(ref[1]) if isinstance(ref, list | tuple) else str(ref)
+            for ref in report.get("committed") or ()
+        )  # the spool keeps [SOP Class UID, SOP Instance UID] pairs
+        answer = Confirmation(
+            str(report["transaction_uid"]),
+            "failures" if failed else "committed",
+            committed,
+            failed,
+        )
+        uids = sorted({*answer.committed, *failed})
+        rows = catalog.query_dicts(
+            "SELECT * FROM delivery_status WHERE destination = ? AND status = ? "
+            "AND sop_instance_uid IN (SELECT unnest(?))",
+            [destination, SENT, uids],
+        )
+        if rows:
+            record(confirmation_rows(rows, answer, now, retry))
+        applied.append(answer.transaction_uid)
+    return applied
 
 
 # ------------------------------------------------------------------------------- by hand
@@ -613,3 +763,41 @@ def backlog(catalog: CatalogReader) -> list[Backlog]:
         "FROM delivery_status GROUP BY destination ORDER BY destination"
     )
     return [Backlog(*r) for r in rows]
+
+
+@dataclass(frozen=True)
+class StudyDeliveries:
+    """One study at one destination: its current instances routed there, and how many the
+    destination has taken (``sent``/``committed``) and confirmed (``committed``)."""
+
+    destination: str
+    study_instance_uid: str
+    routed: int
+    delivered: int
+    committed: int
+    pending: int  # queued, waiting or failed: still on the way
+    dead: int
+    last_change: datetime | None
+
+    def unconfirmed(self, needs_commitment: bool) -> int:
+        """Routed instances the destination has not confirmed (committed, when it takes
+        Storage Commitment; else stored)."""
+        return self.routed - (self.committed if needs_commitment else self.delivered)
+
+
+def reconcile(catalog: CatalogReader) -> list[StudyDeliveries]:
+    """Per study and destination, what the catalog holds now (the current version of each
+    routed instance) against what the destination took and confirmed: superseded versions
+    do not count, so a study re-sent with corrections reads unconfirmed until the new
+    versions are delivered."""
+    rows = catalog.query(
+        "SELECT d.destination, d.study_instance_uid, count(*), "
+        f"count(*) FILTER (WHERE d.status IN ('{SENT}', '{COMMITTED}')), "
+        f"count(*) FILTER (WHERE d.status = '{COMMITTED}'), "
+        f"count(*) FILTER (WHERE d.status IN ('{QUEUED}', '{WAITING}', '{FAILED}')), "
+        f"count(*) FILTER (WHERE d.status = '{DEAD}'), max(d.changed_at) "
+        "FROM delivery_status d JOIN instances i "
+        "ON i.sop_instance_uid = d.sop_instance_uid AND i.checksum = d.checksum "
+        f"WHERE d.status <> '{CANCELLED}' GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    return [StudyDeliveries(*r) for r in rows]

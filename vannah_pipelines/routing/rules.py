@@ -276,6 +276,7 @@ class DicomDestination(BaseModel):
     host: str = Field(min_length=1)
     port: int
     use_dicom_tls: bool = Field(default=False, alias="useDicomTls")
+    storage_commitment: bool = Field(default=False, alias="storageCommitment")
 
     @field_validator("aet")
     @classmethod

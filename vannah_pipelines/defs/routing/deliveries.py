@@ -5,6 +5,7 @@ letters, the failure rate and whether each destination answers."""
 
 import json
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,18 +14,24 @@ import dagster as dg
 from vannah_pipelines.catalog.changes import DEAD, DELIVERIES, FAILED, QUEUED
 from vannah_pipelines.catalog.lake import record_change
 from vannah_pipelines.defs.resources import ArchiveResource
+from vannah_pipelines.dimse.commitment import request_commitment
 from vannah_pipelines.dimse.outbound import echo
 from vannah_pipelines.dimse.peers import DicomPeer
 from vannah_pipelines.dimse.route_sender import dicom_senders
+from vannah_pipelines.routing.commitments import CommitmentSpool, commitments_dir
 from vannah_pipelines.routing.deliveries import (
     PRIORITY_RANK,
+    Confirm,
+    Confirmation,
     DeliveryResult,
     Record,
     RetryPolicy,
+    apply_commitment_reports,
     backlog,
     destination_id,
     due_deliveries,
     queue_deliveries,
+    reconcile,
     retry_dead,
     send_due,
     tier_opener,
@@ -90,6 +97,42 @@ def sender_factory(settings: Settings) -> Any:
     return sender_for
 
 
+def commitment_spool(settings: Settings) -> CommitmentSpool:
+    return CommitmentSpool(commitments_dir(settings.data_dir))
+
+
+def commitment_confirm(settings: Settings) -> Confirm:
+    """Ask a DICOM destination to commit what it stored (Storage Commitment, waiting a
+    few seconds for the report on the same association; else our receiver takes it)."""
+    spool = commitment_spool(settings)
+
+    def confirm(rule: Rule, refs: list[tuple[str, str]]) -> Confirmation:
+        dest = rule.destination
+        assert isinstance(dest, DicomDestination)
+        tls = None
+        if dest.use_dicom_tls:
+            from vannah_pipelines.dimse.tls import client_tls_context
+
+            tls = client_tls_context(settings)
+        result = request_commitment(
+            DicomPeer(dest.aet, dest.host, dest.port, tls),
+            refs,
+            calling_aet=settings.dicom_aet,
+            spool=spool,
+        )
+        if result.outcome in ("committed", "failures"):
+            spool.remove(result.transaction_uid)  # applied by the run, not the sensor
+        return Confirmation(
+            result.transaction_uid,
+            result.outcome,
+            tuple(result.committed),
+            {f.sop_instance_uid: f"failure reason 0x{f.failure_reason:04X}" for f in result.failed},
+            result.reason,
+        )
+
+    return confirm
+
+
 def retry_policy(settings: Settings) -> RetryPolicy:
     return RetryPolicy(
         settings.routing_max_attempts,
@@ -120,6 +163,8 @@ def _metadata(result: DeliveryResult, now: datetime) -> dict[str, dg.MetadataVal
                 "failed": s.failed,
                 "dead": s.dead,
                 "cancelled": s.cancelled,
+                "committed": s.committed,
+                "not_committed": s.not_committed,
                 "bytes_sent": s.bytes_sent,
                 "seconds": round(s.seconds, 3),
                 "queue_age_s": round(age, 3),
@@ -164,6 +209,7 @@ def routed_instances(
             sender_factory(settings),
             destination=config.destination or None,
             retry=retry_policy(settings),
+            confirm=commitment_confirm(settings),
         )
     finally:
         catalog.close()
@@ -227,7 +273,15 @@ def indexed_instance_sensor(
             catalog, rules, recorder(settings, "dagster:indexed_instance_sensor"),
             since=since, now=now,
         )  # fmt: skip
-        if queued.queued or queued.waiting:
+        spool = commitment_spool(settings)
+        reports = [r for r in spool.items() if r.get("state") == "reported"]
+        applied = apply_commitment_reports(
+            catalog, reports, recorder(settings, "dagster:indexed_instance_sensor"),
+            now=now, retry=retry_policy(settings),
+        )  # fmt: skip
+        for transaction in applied:
+            spool.remove(transaction)
+        if queued.queued or queued.waiting or applied:
             catalog.refresh()  # see the rows just appended
         due = due_deliveries(catalog, rules, now=now)
     finally:
@@ -262,6 +316,94 @@ def indexed_instance_sensor(
         return dg.SensorResult(skip_reason=summary, cursor=new_cursor)
     context.log.info(summary)
     return dg.SensorResult(run_requests=requests, cursor=new_cursor)
+
+
+@dg.asset(
+    group_name="routing",
+    kinds={"duckdb"},
+    tags={"vannah/domain": "routing"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "deliveries_confirmed",
+            asset="delivery_reconciliation",
+            description="Every study settled at a destination (nothing still on the way "
+            "for routing_backlog_alert_seconds) is confirmed there whole: committed when "
+            "the destination takes Storage Commitment, else stored.",
+        )
+    ],
+)
+def delivery_reconciliation(
+    archive: ArchiveResource,
+) -> Iterator[dg.MaterializeResult[None] | dg.AssetCheckResult]:
+    """Per study and destination, what the catalog holds (current versions of the routed
+    instances) against what the destination took and confirmed (the delivery log)."""
+    settings = archive.settings()
+    rules, _ = rules_in_force(settings)
+    committing = {
+        destination_id(r)
+        for r in rules.rules
+        if isinstance(r.destination, DicomDestination) and r.destination.storage_commitment
+    }
+    catalog = open_catalog(settings)
+    try:
+        studies = reconcile(catalog)
+    finally:
+        catalog.close()
+    settled_before = datetime.now(UTC) - timedelta(seconds=settings.routing_backlog_alert_seconds)
+    per_destination: dict[str, dict[str, int]] = {}
+    gaps = []
+    for s in studies:
+        tally = per_destination.setdefault(
+            s.destination, {"studies": 0, "confirmed": 0, "unconfirmed": 0, "on_the_way": 0}
+        )
+        tally["studies"] += 1
+        missing = s.unconfirmed(s.destination in committing)
+        if s.pending:
+            tally["on_the_way"] += 1
+        elif missing:
+            tally["unconfirmed"] += 1
+            if s.last_change is None or s.last_change < settled_before:
+                gaps.append(
+                    {
+                        "destination": s.destination,
+                        "study_uid": s.study_instance_uid,
+                        "routed": s.routed,
+                        "delivered": s.delivered,
+                        "committed": s.committed,
+                        "dead": s.dead,
+                    }
+                )
+        else:
+            tally["confirmed"] += 1
+    yield dg.MaterializeResult(
+        metadata={
+            "studies": dg.MetadataValue.int(len({s.study_instance_uid for s in studies})),
+            "destinations": dg.MetadataValue.json(per_destination),
+            "unconfirmed_examples": dg.MetadataValue.json(gaps[:20]),
+        }
+    )
+    yield dg.AssetCheckResult(
+        check_name="deliveries_confirmed",
+        passed=not gaps,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"unconfirmed_studies": dg.MetadataValue.int(len(gaps))},
+    )
+
+
+reconcile_deliveries_job = dg.define_asset_job(
+    "reconcile_deliveries_job",
+    selection=dg.AssetSelection.assets(delivery_reconciliation),
+    executor_def=dg.in_process_executor,
+    tags={"vannah/domain": "routing"},
+)
+
+hourly_delivery_reconciliation_schedule = dg.ScheduleDefinition(
+    job=reconcile_deliveries_job,
+    cron_schedule="7 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Compares, per study and destination, what was confirmed with what the "
+    "catalog holds.",
+)
 
 
 # ---------------------------------------------------------------------------- checks
