@@ -15,7 +15,7 @@ import pytest
 from tests.routing.test_dry_run import _ingest
 from tests.servers import StoreSCP, storescp_server
 from vannah_pipelines.defs.resources import ArchiveResource
-from vannah_pipelines.defs.routing.deliveries import indexed_instance_sensor
+from vannah_pipelines.defs.routing.deliveries import indexed_instance_sensor, rules_in_force
 from vannah_pipelines.settings import Settings, load_settings
 from vannah_pipelines.storage.lifecycle import open_catalog
 
@@ -185,3 +185,22 @@ def test_reachability_check_fails_for_a_destination_that_is_down(
         assert isinstance(found, dict)
         down = {d: r for d, r in found.items() if not r["ok"]}
         assert list(down) == [f"dicom AI_ENGINE@127.0.0.1:{storescp.port}"]
+
+
+def test_a_bad_rules_file_is_refused_and_the_last_good_rules_keep_routing(
+    settings: Settings, storescp: StoreSCP, tmp_path: Path
+) -> None:
+    _ingest(settings, "CT", 1, "2026-03-02T10:00:00+00:00", BodyPartExamined="CHEST")
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, None)
+        assert len(first.run_requests or []) == 2
+        assert settings.routing_rules_file is not None
+        settings.routing_rules_file.write_text('{"rules": [{"name": "broken", "condition": {}}]}')
+        _ingest(settings, "CT", 2, "2026-03-02T11:00:00+00:00", BodyPartExamined="CHEST")
+        second = _tick(instance, first.cursor)
+        # The new instances are queued by the last good rules, to both destinations.
+        assert _status(settings) == {"queued": 3 * 2}
+        assert second.run_requests  # still routing
+        _, source = rules_in_force(settings)
+        assert source.origin == "file" or source.origin == "last-good"
+        assert source.error is not None and 'rule 1 "broken"' in source.error
