@@ -295,7 +295,7 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, le=7 * 86400, description="the longest wait between attempts"
     )
     routing_rescan_seconds: int = Field(
-        default=600,
+        default=120,
         ge=0,
         le=86400,
         description="how far back each routing sensor tick looks again for indexed "

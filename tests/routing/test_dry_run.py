@@ -147,6 +147,7 @@ def test_dry_run_counts_per_rule_and_destination(
         "host": "ai.internal",
         "port": 4243,
         "useDicomTls": False,
+        "storageCommitment": False,
     }
     assert (ai["studies"], ai["instances"], ai["bytes"]) == (1, 3, s["chest_ct"].size)
     assert ai["example_studies"] == [s["chest_ct"].uid]

@@ -147,7 +147,9 @@ def queue_deliveries(
     holds that (version, rule, destination), whatever its state: scanning a window twice
     queues nothing twice, so a caller may overlap windows to never miss a late batch.
 
-    Instance-mode routes are ``queued`` (due now); study-mode routes are ``waiting``
+    Only instance versions with no delivery yet are evaluated (a rescanned window costs
+    what is new in it; an instance no rule matches is evaluated again while it is in the
+    window). Instance-mode routes are ``queued`` (due now); study-mode routes are ``waiting``
     (due once the study is stable, see :func:`due_deliveries`). One append per page.
     """
     when = now or datetime.now(UTC)
@@ -160,6 +162,7 @@ def queue_deliveries(
         order="indexed_at",
         worklist_priorities=worklist_priorities,
         page=page,
+        unrouted=True,  # a window scanned again costs only what is new in it
     ):
         result.instances += len(routed)
         indexed = [row["indexed_at"] for row, _ in routed if row["indexed_at"] is not None]

@@ -98,10 +98,12 @@ def _rows(
     until: datetime | None,
     page: int,
     order: str = "received_at",
+    unrouted: bool = False,
 ) -> Iterator[list[dict[str, Any]]]:
     """Pages of indexed current instances whose `order` column (``received_at`` or
     ``indexed_at``) is in [since, until), `page` rows at a time (keyset pagination: memory
-    holds one page, whatever the archive's size)."""
+    holds one page, whatever the archive's size); with `unrouted`, only versions the
+    delivery log holds nothing for."""
     if order not in ("received_at", "indexed_at"):
         raise ValueError(f"cannot page instances by {order!r}")
     where = ["coalesce(tier, '') <> 'landing'", f"{order} IS NOT NULL"]
@@ -112,6 +114,11 @@ def _rows(
     if until is not None:
         where.append(f"{order} < ?")
         params.append(until)
+    if unrouted:
+        where.append(
+            "NOT EXISTS (SELECT 1 FROM delivery_status d WHERE d.sop_instance_uid = "
+            "instances.sop_instance_uid AND d.checksum = instances.checksum)"
+        )
     sql = (
         f"SELECT {', '.join(dict.fromkeys([*columns, order]))} FROM instances "
         f"WHERE {' AND '.join(where)} {{after}} ORDER BY {order}, sop_instance_uid LIMIT ?"
@@ -142,11 +149,13 @@ def route_pages(
     worklist_priorities: Mapping[str, str] | None = None,
     columns: Sequence[str] = (),
     page: int = PAGE,
+    unrouted: bool = False,
 ) -> Iterator[list[tuple[dict[str, Any], list[Route]]]]:
     """The routes of each indexed current instance whose `order` column is in [`since`,
     `until`), a page at a time: (catalog row, its routes) pairs. Headers are read from the
     catalog's Parquet files only when a condition names an attribute without a column, or
-    a rule leaves the priority to the header."""
+    a rule leaves the priority to the header. `unrouted`: only instance versions the
+    delivery log holds nothing for (what is left to queue)."""
     router = Router(rules)
     keywords = rules.keywords()
     wanted = (
@@ -158,7 +167,7 @@ def route_pages(
         r.priority is None for r in rules.rules
     )
     priorities = worklist_priorities or {}
-    for rows in _rows(catalog, list(dict.fromkeys(wanted)), since, until, page, order):
+    for rows in _rows(catalog, list(dict.fromkeys(wanted)), since, until, page, order, unrouted):
         headers: dict[tuple[str, str], str] = {}
         if need_header:
             headers = catalog.headers(
