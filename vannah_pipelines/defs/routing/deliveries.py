@@ -13,6 +13,7 @@ import dagster as dg
 
 from vannah_pipelines.catalog.changes import DEAD, DELIVERIES, FAILED, QUEUED
 from vannah_pipelines.catalog.lake import record_change
+from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.defs.resources import ArchiveResource
 from vannah_pipelines.dimse.commitment import request_commitment
 from vannah_pipelines.dimse.outbound import echo
@@ -58,6 +59,28 @@ _UNDER_WAY = [
 
 _sources: dict[tuple[str, str], RulesSource] = {}
 _sources_lock = threading.Lock()
+# The sensor's catalog, kept between ticks (refreshed each tick: a few stat calls and the
+# files added since, not the whole catalog opened again every few seconds).
+_catalogs: dict[str, CatalogReader] = {}
+_catalogs_lock = threading.Lock()
+
+
+def sensor_catalog(settings: Settings) -> CatalogReader:
+    """This process's catalog reader for the sensor, brought up to date."""
+    key = str(settings.catalog_dir)
+    with _catalogs_lock:
+        reader = _catalogs.get(key)
+        if reader is None:
+            reader = _catalogs[key] = open_catalog(settings)
+            return reader
+    try:
+        reader.refresh()
+    except Exception:
+        with _catalogs_lock:  # a reader that cannot refresh is replaced, never reused
+            _catalogs.pop(key, None)
+        reader.close()
+        raise
+    return reader
 
 
 def rules_in_force(settings: Settings) -> tuple[RoutingRules, RulesSource]:
@@ -249,7 +272,7 @@ def _cursor(text: str | None) -> datetime | None:
 
 @dg.sensor(
     job=route_instances_job,
-    minimum_interval_seconds=15,
+    minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Queues a delivery per route of each instance indexed since its cursor "
     "(looking routing_rescan_seconds back again, so a late batch is not missed; the delivery "
@@ -264,28 +287,23 @@ def indexed_instance_sensor(
     rules, source = rules_in_force(settings)
     now = datetime.now(UTC)
     cursor = _cursor(context.cursor)
-    catalog = open_catalog(settings)
-    try:
-        since = (
-            None if cursor is None else cursor - timedelta(seconds=settings.routing_rescan_seconds)
-        )
-        queued = queue_deliveries(
-            catalog, rules, recorder(settings, "dagster:indexed_instance_sensor"),
-            since=since, now=now,
-        )  # fmt: skip
-        spool = commitment_spool(settings)
-        reports = [r for r in spool.items() if r.get("state") == "reported"]
-        applied = apply_commitment_reports(
-            catalog, reports, recorder(settings, "dagster:indexed_instance_sensor"),
-            now=now, retry=retry_policy(settings),
-        )  # fmt: skip
-        for transaction in applied:
-            spool.remove(transaction)
-        if queued.queued or queued.waiting or applied:
-            catalog.refresh()  # see the rows just appended
-        due = due_deliveries(catalog, rules, now=now)
-    finally:
-        catalog.close()
+    catalog = sensor_catalog(settings)
+    since = None if cursor is None else cursor - timedelta(seconds=settings.routing_rescan_seconds)
+    queued = queue_deliveries(
+        catalog, rules, recorder(settings, "dagster:indexed_instance_sensor"),
+        since=since, now=now,
+    )  # fmt: skip
+    spool = commitment_spool(settings)
+    reports = [r for r in spool.items() if r.get("state") == "reported"]
+    applied = apply_commitment_reports(
+        catalog, reports, recorder(settings, "dagster:indexed_instance_sensor"),
+        now=now, retry=retry_policy(settings),
+    )  # fmt: skip
+    for transaction in applied:
+        spool.remove(transaction)
+    if queued.queued or queued.waiting or applied:
+        catalog.refresh()  # see the rows just appended
+    due = due_deliveries(catalog, rules, now=now)
     latest = queued.last_indexed_at or cursor
     new_cursor = json.dumps({"indexed_at": latest.isoformat() if latest else None})
     urgent: dict[str, str] = {}
