@@ -301,6 +301,16 @@ class Settings(BaseSettings):
         description="how far back each routing sensor tick looks again for indexed "
         "instances (a batch indexed late is still routed; none is routed twice)",
     )
+    routing_run_linger_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="a routing run keeps taking new deliveries until none was due for this "
+        "long (each batch need not wait for a new run to start)",
+    )
+    routing_run_max_seconds: float = Field(
+        default=900.0, gt=0, le=86400, description="the longest a routing run goes on"
+    )
     routing_backlog_alert_seconds: int = Field(
         default=900,
         ge=1,

@@ -60,6 +60,7 @@ def settings(tmp_path: Path, storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("VANNAH_CONFIG", raising=False)
     monkeypatch.setenv("VANNAH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("VANNAH_ROUTING_RULES_FILE", str(rules))
+    monkeypatch.setenv("VANNAH_ROUTING_RUN_LINGER_SECONDS", "0")  # one pass per run here
     return load_settings()
 
 

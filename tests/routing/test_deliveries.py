@@ -29,6 +29,7 @@ from vannah_pipelines.routing.deliveries import (
     Record,
     RetryPolicy,
     backlog,
+    deliver_while_busy,
     due_deliveries,
     queue_deliveries,
     send_due,
@@ -401,3 +402,37 @@ def test_a_queued_delivery_survives_a_crash_and_a_raising_sender_is_a_failure(
         assert set(_status(catalog).values()) == {("failed", 1)}
     finally:
         catalog.close()
+
+
+def test_a_run_lingers_and_takes_what_is_indexed_meanwhile(
+    settings: Settings, catalog: CatalogReader
+) -> None:
+    first = _ingest(settings, "CT", 2, "2026-03-02T10:00:00+00:00")
+    rules = parse_rules([{"name": "CT", "condition": {"modality": "CT"}, "destination": FOLDER}])
+    clock = [0.0]
+    later: list[str] = []
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        if not later:  # a study indexed while the run is under way
+            later.append(_ingest(settings, "CT", 3, "2026-03-02T10:05:00+00:00").uid)
+
+    order: list[str] = []
+    catalog.refresh()
+    result = deliver_while_busy(
+        catalog,
+        lambda: rules,
+        _record(settings),
+        tier_opener(StorageTiers(settings)),
+        lambda rule: _Recording(order),
+        destination=None,
+        retry=RetryPolicy(),
+        queue_window=timedelta(days=3650),
+        linger_seconds=3,
+        poll_seconds=1,
+        monotonic=lambda: clock[0],
+        sleep=sleep,
+    )
+    assert result.sent == 5
+    assert order == [first.uid] * 2 + later * 3
+    assert clock[0] == 1 + 3  # the pass that found the new study, then 3 idle seconds

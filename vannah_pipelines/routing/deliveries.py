@@ -306,6 +306,21 @@ class DeliveryResult:
     def stats(self, destination: str) -> DestinationStats:
         return self.destinations.setdefault(destination, DestinationStats())
 
+    def add(self, other: DeliveryResult) -> None:
+        """Fold `other` (a later pass of the same run) into this result."""
+        for dest, theirs in other.destinations.items():
+            mine = self.stats(dest)
+            for name in (
+                "attempted", "sent", "failed", "dead", "cancelled", "committed",
+                "not_committed", "bytes_sent", "seconds",
+            ):  # fmt: skip
+                setattr(mine, name, getattr(mine, name) + getattr(theirs, name))
+            if theirs.oldest_queued_at is not None and (
+                mine.oldest_queued_at is None or theirs.oldest_queued_at < mine.oldest_queued_at
+            ):
+                mine.oldest_queued_at = theirs.oldest_queued_at
+            mine.errors.update(theirs.errors)
+
     @property
     def sent(self) -> int:
         return sum(s.sent for s in self.destinations.values())
@@ -448,6 +463,58 @@ def send_due(
             sender.close()
             stats.seconds += time.monotonic() - clock
     return result
+
+
+def deliver_while_busy(
+    catalog: CatalogReader,
+    rules: Callable[[], RoutingRules],
+    record: Record,
+    open_instance: Opener,
+    sender_for: SenderFor,
+    *,
+    destination: str | None,
+    retry: RetryPolicy,
+    confirm: Confirm | None = None,
+    queue_window: timedelta = timedelta(minutes=2),
+    linger_seconds: float = 30.0,
+    max_seconds: float = 900.0,
+    poll_seconds: float = 1.0,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DeliveryResult:
+    """One routing run: queue what was indexed lately and send what is due, again and
+    again while there is work, until nothing was due for `linger_seconds` (or
+    `max_seconds` have passed). A run already started takes what arrives next within a
+    `poll_seconds`, instead of each batch paying for a new run's start."""
+    total = DeliveryResult()
+    started = idle_since = monotonic()
+    while True:
+        current = rules()
+        when = now()
+        queued = queue_deliveries(catalog, current, record, since=when - queue_window, now=when)
+        if queued.queued or queued.waiting:
+            catalog.refresh()
+        result = send_due(
+            catalog,
+            current,
+            record,
+            open_instance,
+            sender_for,
+            now=now,
+            destination=destination,
+            retry=retry,
+            confirm=confirm,
+        )
+        total.add(result)
+        if result.destinations:
+            idle_since = monotonic()
+            catalog.refresh()
+        clock = monotonic()
+        if clock - idle_since >= linger_seconds or clock - started >= max_seconds:
+            return total
+        sleep(poll_seconds)
+        catalog.refresh()
 
 
 def _send_chunk(

@@ -29,12 +29,12 @@ from vannah_pipelines.routing.deliveries import (
     RetryPolicy,
     apply_commitment_reports,
     backlog,
+    deliver_while_busy,
     destination_id,
     due_deliveries,
     queue_deliveries,
     reconcile,
     retry_dead,
-    send_due,
     tier_opener,
 )
 from vannah_pipelines.routing.reach import check_destination
@@ -165,9 +165,11 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 
 class RouteConfig(dg.Config):
-    """The destination this run sends to (set by indexed_instance_sensor); empty: all."""
+    """The destination this run sends to (set by indexed_instance_sensor; empty: all), and
+    how long it lingers for more work (negative: routing_run_linger_seconds)."""
 
     destination: str = ""
+    linger_seconds: float = -1.0
 
 
 def _metadata(result: DeliveryResult, now: datetime) -> dict[str, dg.MetadataValue]:
@@ -216,23 +218,29 @@ def routed_instances(
 ) -> dg.MaterializeResult[None]:
     """Instances delivered to the routing destinations: every due delivery of one
     destination (or all) sent, most urgent first, each batch's outcome appended to the
-    catalog's delivery log (``delivery_status``) before the next goes. Metadata per
-    destination: instances and bytes sent, failures, dead letters, queue age."""
+    catalog's delivery log (``delivery_status``) before the next goes; the run goes on
+    queueing and sending what is indexed next until nothing was due for
+    routing_run_linger_seconds. Metadata per destination: instances and bytes sent,
+    failures, dead letters, queue age."""
     settings = archive.settings()
-    rules, source = rules_in_force(settings)
+    _, source = rules_in_force(settings)
     if source.error:
         context.log.warning("routing rules: %s (the last good rules stay in force)", source.error)
     catalog = open_catalog(settings)
+    linger = config.linger_seconds
     try:
-        result = send_due(
+        result = deliver_while_busy(
             catalog,
-            rules,
+            lambda: rules_in_force(settings)[0],
             recorder(settings, f"dagster:{context.run.run_id}"),
             tier_opener(StorageTiers(settings)),
             sender_factory(settings),
             destination=config.destination or None,
             retry=retry_policy(settings),
             confirm=commitment_confirm(settings),
+            queue_window=timedelta(seconds=settings.routing_rescan_seconds),
+            linger_seconds=settings.routing_run_linger_seconds if linger < 0 else linger,
+            max_seconds=settings.routing_run_max_seconds,
         )
     finally:
         catalog.close()
