@@ -17,8 +17,6 @@ import os
 import socket
 import struct
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -31,12 +29,11 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import RLELossless, generate_uid
 
 from tests.dicomweb.conftest import land_and_ingest
-from tests.processes import stop_process_group
+from tests.processes import dicomweb_process
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.settings import load_settings
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
-REPO = Path(__file__).resolve().parents[2]
 MIB = 1024**2
 GROWTH_LIMIT = 100 * MIB  # peak RSS growth allowed for one hostile request
 
@@ -172,26 +169,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         "VANNAH_DICOMWEB_PORT": str(port),
         "VANNAH_FREE_SPACE_RESERVE_MB": "0",
     }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dicomweb"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    service = Service(process, port, uids, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "python -m dicomweb did not start"
-                time.sleep(0.1)
+    with dicomweb_process(env, port, log) as process:
+        service = Service(process, port, uids, log)
         # Warm up every decode path once, so lazy imports and caches are in the baseline.
         service.assert_alive_and_answering()
         j2k = uids["j2k_normal"]
@@ -201,8 +180,6 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         status, _, _ = service.request("GET", j2k.path, headers={"Accept": "application/dicom"})
         assert status == 200
         yield service
-    finally:
-        stop_process_group(process)
 
 
 def _reason(body: bytes) -> str:

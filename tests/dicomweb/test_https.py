@@ -7,9 +7,6 @@ import json
 import os
 import socket
 import ssl
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +18,12 @@ from pydicom.uid import generate_uid
 
 from dicomweb.__main__ import uvicorn_config
 from tests.dicomweb.conftest import land_and_ingest
-from tests.processes import stop_process_group
+from tests.processes import dicomweb_process
 from tests.tls_support import make_pki
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.platform import banner
 from vannah_pipelines.settings import load_settings
 
-REPO = Path(__file__).resolve().parents[2]
 API_KEY = "https-test-key-0123456789abcdef"
 
 
@@ -77,29 +73,8 @@ def https_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsSer
         "VANNAH_API_KEYS": json.dumps({"ris": {"key": API_KEY, "roles": ["read"]}}),
     }
     env.pop("VANNAH_CONFIG", None)
-    log = folder / "dicomweb.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dicomweb"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "python -m dicomweb did not start"
-                time.sleep(0.1)
+    with dicomweb_process(env, port, folder / "dicomweb.log"):
         yield HttpsService(f"https://localhost:{port}/dicom-web", port, ca, study)
-    finally:
-        stop_process_group(process)
 
 
 def test_https_dicomweb_client_verifies_the_test_ca(https_service: HttpsService) -> None:

@@ -436,3 +436,46 @@ def test_a_run_lingers_and_takes_what_is_indexed_meanwhile(
     assert result.sent == 5
     assert order == [first.uid] * 2 + later * 3
     assert clock[0] == 1 + 3  # the pass that found the new study, then 3 idle seconds
+
+
+def test_a_destination_down_defers_the_rest_of_its_due_deliveries_untried(
+    settings: Settings, catalog: CatalogReader
+) -> None:
+    _ingest(settings, "CT", 3, "2026-03-02T10:00:00+00:00")
+    port = free_port()  # nothing listens
+    rules = parse_rules(
+        [
+            {
+                "name": "CT",
+                "condition": {"modality": "CT"},
+                "destination": {"aet": "AI_ENGINE", "host": "127.0.0.1", "port": port},
+            }
+        ]
+    )
+    catalog.refresh()
+    queue_deliveries(catalog, rules, _record(settings), since=None, now=T0)
+    catalog.refresh()
+    result = send_due(
+        catalog,
+        rules,
+        _record(settings),
+        tier_opener(StorageTiers(settings)),
+        _senders(settings),
+        now=lambda: T0,
+        retry=RetryPolicy(first_seconds=30),
+        batch=1,
+    )
+    assert result.destinations[f"dicom AI_ENGINE@127.0.0.1:{port}"].attempted == 1
+    catalog.refresh()
+    rows = catalog.query_dicts(
+        "SELECT status, attempts, next_attempt_at, last_error FROM delivery_status ORDER BY status"
+    )
+    assert [(r["status"], r["attempts"]) for r in rows] == [
+        ("failed", 1),
+        ("queued", 0),
+        ("queued", 0),
+    ]
+    assert {r["next_attempt_at"] for r in rows} == {T0 + timedelta(seconds=30)}
+    assert all(r["last_error"].startswith("not tried: ") for r in rows[1:])
+    # Nothing is due before the retry: the peer is not asked again meanwhile.
+    assert due_deliveries(catalog, rules, now=T0 + timedelta(seconds=29)) == []

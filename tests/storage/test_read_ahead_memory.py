@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from pydicom.uid import generate_uid
 
 from tests.conftest import object_tier_settings
 from tests.dicomweb.conftest import land_and_ingest
-from tests.processes import stop_process_group
+from tests.processes import dicomweb_process
 from tests.servers import S3Server
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.settings import load_settings
@@ -34,7 +33,6 @@ from vannah_pipelines.storage.lifecycle import run_lifecycle
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 MIB = 1024**2
 INSTANCES = 32
 SIDE = 1448  # 1448 x 1448 x 16 bit: 4 MiB of pixel data per instance
@@ -118,29 +116,8 @@ def warm_service(
         "VANNAH_STORAGE_SPOOL_MEMORY_MB": str(SPOOL_MB),
         "VANNAH_FREE_SPACE_RESERVE_MB": "0",
     }
-    log = root / "dicomweb.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dicomweb"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "python -m dicomweb did not start"
-                time.sleep(0.1)
+    with dicomweb_process(env, port, root / "dicomweb.log") as process:
         yield process, port, study
-    finally:
-        stop_process_group(process)
 
 
 def test_warm_study_to_a_slow_client_holds_a_bounded_read_ahead(

@@ -457,7 +457,13 @@ def send_due(
                 if all(o["status"] != SENT for o in outcomes) and any(
                     o["status"] == FAILED for o in outcomes
                 ):
-                    log.warning("routing: %s failed a whole batch; trying it later", dest)
+                    rest = pending[start + batch :]
+                    log.warning(
+                        "routing: %s failed a whole batch; its %d other due deliveries wait "
+                        "as long", dest, len(rest),
+                    )  # fmt: skip
+                    if rest:
+                        record(_deferred(rest, outcomes))
                     break
         finally:
             sender.close()
@@ -479,6 +485,8 @@ def deliver_while_busy(
     linger_seconds: float = 30.0,
     max_seconds: float = 900.0,
     poll_seconds: float = 1.0,
+    slice_seconds: float = 10.0,
+    others_waiting: Callable[[], bool] = lambda: False,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -486,7 +494,10 @@ def deliver_while_busy(
     """One routing run: queue what was indexed lately and send what is due, again and
     again while there is work, until nothing was due for `linger_seconds` (or
     `max_seconds` have passed). A run already started takes what arrives next within a
-    `poll_seconds`, instead of each batch paying for a new run's start."""
+    `poll_seconds`, instead of each batch paying for a new run's start; it also stays
+    for deliveries due within `linger_seconds` (a study about to be stable, a retry
+    about to be due), so they go when due. After `slice_seconds` it gives its place up
+    as soon as `others_waiting()` (routing runs of other destinations queued)."""
     total = DeliveryResult()
     started = idle_since = monotonic()
     while True:
@@ -511,8 +522,21 @@ def deliver_while_busy(
             idle_since = monotonic()
             catalog.refresh()
         clock = monotonic()
-        if clock - idle_since >= linger_seconds or clock - started >= max_seconds:
+        if clock - started >= max_seconds:
             return total
+        if clock - started >= slice_seconds and others_waiting():
+            return total
+        if clock - idle_since >= linger_seconds:
+            return total
+        soon = linger_seconds > 0 and due_deliveries(
+            catalog,
+            current,
+            now=now() + timedelta(seconds=linger_seconds),
+            destination=destination,
+            limit=1,
+        )
+        if soon:  # due before it would stop lingering: not idle
+            idle_since = clock
         sleep(poll_seconds)
         catalog.refresh()
 
@@ -564,6 +588,27 @@ def _send_chunk(
         else:
             outcomes.append(_failure(row, done.detail, done.transient, when, retry))
     return outcomes
+
+
+def _deferred(
+    rest: Sequence[Mapping[str, Any]], failed: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The deliveries of a destination that just failed a whole batch, not tried: still
+    queued (attempts unchanged), due when the failed batch is retried, with its error."""
+    retry_at = min(o["next_attempt_at"] for o in failed if o["next_attempt_at"] is not None)
+    error = next(o["last_error"] for o in failed if o["last_error"])
+    return [
+        _outcome(
+            row,
+            QUEUED,
+            retry_at,
+            attempts=int(row["attempts"]),
+            next_attempt_at=retry_at,
+            error=f"not tried: {error}",
+            detail="deferred: its destination failed the batch before it",
+        )
+        for row in rest
+    ]
 
 
 def _aligned(outgoing: Sequence[Outgoing], delivered: Sequence[Delivered]) -> list[Delivered]:

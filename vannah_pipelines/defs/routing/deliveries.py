@@ -241,6 +241,7 @@ def routed_instances(
             queue_window=timedelta(seconds=settings.routing_rescan_seconds),
             linger_seconds=settings.routing_run_linger_seconds if linger < 0 else linger,
             max_seconds=settings.routing_run_max_seconds,
+            others_waiting=lambda: _others_waiting(context.instance, config.destination),
         )
     finally:
         catalog.close()
@@ -261,6 +262,18 @@ route_instances_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
     tags={KIND_TAG: "routing", "vannah/domain": "routing"},
 )
+
+
+def _others_waiting(instance: dg.DagsterInstance, destination: str) -> bool:
+    """Whether routing runs of other destinations wait in the run queue (this run then
+    gives its place up instead of lingering)."""
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(
+            job_name=route_instances_job.name, statuses=[dg.DagsterRunStatus.QUEUED]
+        ),
+        limit=20,
+    )
+    return any(run.tags.get(DESTINATION_TAG) != destination for run in runs)
 
 
 def destinations_under_way(instance: dg.DagsterInstance) -> set[str]:
@@ -311,7 +324,10 @@ def indexed_instance_sensor(
         spool.remove(transaction)
     if queued.queued or queued.waiting or applied:
         catalog.refresh()  # see the rows just appended
-    due = due_deliveries(catalog, rules, now=now)
+    # Due now, or within a run's linger (a study about to be stable): a run started now is
+    # there when they are due, instead of starting only then.
+    soon = timedelta(seconds=settings.routing_run_linger_seconds)
+    due = due_deliveries(catalog, rules, now=now + soon)
     latest = queued.last_indexed_at or cursor
     new_cursor = json.dumps({"indexed_at": latest.isoformat() if latest else None})
     urgent: dict[str, str] = {}
