@@ -299,8 +299,7 @@ class VannahPlatform(Server):
         while True:
             with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
                 rows = conn.execute(
-                    "SELECT pipeline_name, status, create_timestamp, start_time, end_time "
-                    "FROM runs"
+                    "SELECT pipeline_name, status, create_timestamp, start_time, end_time FROM runs"
                 ).fetchall()
             busy = [r for r in rows if r[1] in ("NOT_STARTED", "QUEUED", "STARTING", "STARTED")]
             if not busy or time.monotonic() > deadline:
@@ -322,9 +321,7 @@ class VannahPlatform(Server):
         for j in jobs.values():
             for key in ("queue_s", "run_s"):
                 v = j.pop(key)
-                j[key] = (
-                    {"p50": statistics.median(v), "max": max(v), "sum": sum(v)} if v else None
-                )
+                j[key] = {"p50": statistics.median(v), "max": max(v), "sum": sum(v)} if v else None
         return jobs
 
 
