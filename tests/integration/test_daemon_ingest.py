@@ -37,9 +37,9 @@ def _assert_runs_succeeded(daemon: Daemon, timeout: float = 120.0) -> list[dg.Da
         while any(not r.is_finished for r in instance.get_runs()):
             assert time.monotonic() < deadline, "runs did not finish"
             time.sleep(0.5)
-        runs = instance.get_runs()
-        assert runs, "no runs recorded"
-        assert all(r.job_name == "ingest_batch_job" for r in runs)
+        # Only ingest here (a schedule that fires meanwhile runs jobs of its own).
+        runs = [r for r in instance.get_runs() if r.job_name == "ingest_batch_job"]
+        assert runs, "no ingest runs recorded"
         assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
         events = instance.fetch_materializations(dg.AssetKey("instance_index"), limit=100)
         assert (

@@ -205,3 +205,24 @@ def test_a_bad_rules_file_is_refused_and_the_last_good_rules_keep_routing(
         _, source = rules_in_force(settings)
         assert source.origin == "file" or source.origin == "last-good"
         assert source.error is not None and 'rule 1 "broken"' in source.error
+
+
+def test_routing_schedules_run_only_while_rules_are_in_force(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vannah_pipelines.defs.routing.deliveries import (
+        every_15_minutes_routing_checks_schedule,
+        hourly_delivery_reconciliation_schedule,
+    )
+
+    schedules = (every_15_minutes_routing_checks_schedule, hourly_delivery_reconciliation_schedule)
+
+    def evaluate() -> list[object]:
+        context = dg.build_schedule_context(resources={"archive": ArchiveResource()})
+        return [s(context) for s in schedules]  # type: ignore[operator]
+
+    assert all(isinstance(r, dg.RunRequest) for r in evaluate())
+    empty = tmp_path / "empty-rules.json"
+    empty.write_text('{"rules": []}')
+    monkeypatch.setenv("VANNAH_ROUTING_RULES_FILE", str(empty))
+    assert all(isinstance(r, dg.SkipReason) for r in evaluate())

@@ -439,13 +439,18 @@ reconcile_deliveries_job = dg.define_asset_job(
     tags={"vannah/domain": "routing"},
 )
 
-hourly_delivery_reconciliation_schedule = dg.ScheduleDefinition(
+
+@dg.schedule(
     job=reconcile_deliveries_job,
     cron_schedule="7 * * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Compares, per study and destination, what was confirmed with what the "
-    "catalog holds.",
+    "catalog holds (skipped while no routing rules are in force).",
 )
+def hourly_delivery_reconciliation_schedule(
+    context: dg.ScheduleEvaluationContext, archive: ArchiveResource
+) -> dg.RunRequest | dg.SkipReason:
+    return _when_routing(archive, "delivery reconciliation")
 
 
 # ---------------------------------------------------------------------------- checks
@@ -576,13 +581,27 @@ check_routing_job = dg.define_asset_job(
     tags={"vannah/domain": "routing"},
 )
 
-every_15_minutes_routing_checks_schedule = dg.ScheduleDefinition(
+
+@dg.schedule(
     job=check_routing_job,
     cron_schedule="*/15 * * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="The routing checks (backlog, dead letters, failure rate, reachability), "
-    "also when nothing is being sent.",
+    "also when nothing is being sent (skipped while no routing rules are in force).",
 )
+def every_15_minutes_routing_checks_schedule(
+    context: dg.ScheduleEvaluationContext, archive: ArchiveResource
+) -> dg.RunRequest | dg.SkipReason:
+    return _when_routing(archive, "routing checks")
+
+
+def _when_routing(archive: ArchiveResource, what: str) -> dg.RunRequest | dg.SkipReason:
+    """A run when routing rules are in force, else a skip (a platform that routes nothing
+    runs no routing jobs)."""
+    rules, _ = rules_in_force(archive.settings())
+    if not rules.rules:
+        return dg.SkipReason(f"no routing rules: no {what}")
+    return dg.RunRequest()
 
 
 # ---------------------------------------------------------------------------- by hand
