@@ -5,7 +5,8 @@ N-ACTION: answered at once (Success, or why the request is refused); the held in
 are then looked up in the catalog (indexed or landed) by one of a few report threads,
 which send the N-EVENT-REPORT on the same association while the requestor is still there,
 else on a new association to its AE title in ``dicom_modalities``. The result owed is kept
-on disk until delivered (``<data dir>/commitments/owed``).
+on disk until delivered (``<data dir>/commitments/owed``); Dagster's
+``report_commitment_results_job`` delivers it later (``vannah_pipelines.dimse.commitment_results``).
 
 N-EVENT-REPORT: the result of a transaction we requested (routing's
 ``vannah_pipelines.dimse.commitment``), matched by Transaction UID to its pending record.
@@ -26,10 +27,10 @@ from pynetdicom.dimse_messages import N_ACTION_RSP
 from pynetdicom.events import Event
 
 from receiver.archive import Archive
-from receiver.contexts import STORAGE_SOP_CLASSES
 from receiver.handlers import AssociationLog, association_admission
 from receiver.status import CommitmentStatus
 from vannah_pipelines.dimse.commitment import receive_report, send_report, send_report_on
+from vannah_pipelines.dimse.commitment_results import OWED, UNDELIVERED, judge_request
 from vannah_pipelines.dimse.peers import peer_of
 from vannah_pipelines.routing.commitments import (
     REQUEST_ACTION_TYPE,
@@ -38,10 +39,7 @@ from vannah_pipelines.routing.commitments import (
     CommitmentReport,
     CommitmentRequest,
     CommitmentSpool,
-    FailedInstance,
-    FailureReason,
     commitments_dir,
-    judge,
     owed_reports_dir,
     parse_request,
 )
@@ -53,8 +51,6 @@ MAX_REFERENCES = 10_000  # references in one request; more are refused (0x0213)
 REPORT_THREADS = 2  # a worker's threads looking up and sending results
 MAX_QUEUED_REPORTS = 32  # results waiting for a thread; more requests are refused (0x0213)
 RESPONSE_WAIT_SECONDS = 30.0  # how long a report waits for the N-ACTION-RSP to be sent
-_LOOKUP_CHUNK = 1000  # SOP Instance UIDs per catalog query
-_STORAGE_CLASSES = frozenset(STORAGE_SOP_CLASSES)
 
 
 @dataclass
@@ -160,7 +156,7 @@ class Commitments:
 
     def _deliver(self, owed: _Owed, on_sent: Any) -> None:
         try:
-            report = self._judge(owed.request)
+            report = judge_request(self.archive.catalog.get(), owed.request)
             owed.response_sent.wait(RESPONSE_WAIT_SECONDS)
             owed.assoc.unbind(evt.EVT_DIMSE_SENT, on_sent)
             self._send(owed, report)
@@ -169,33 +165,6 @@ class Commitments:
         finally:
             with self._lock:
                 self._queued -= 1
-
-    def _judge(self, request: CommitmentRequest) -> CommitmentReport:
-        """The result: what the catalog holds (indexed, or landed and not indexed yet)."""
-        try:
-            held = self._held([sop for _cls, sop in request.references])
-        except Exception:
-            log.exception("cannot look up commitment %s", request.transaction_uid)
-            failed = tuple(
-                FailedInstance(c, s, int(FailureReason.PROCESSING_FAILURE))
-                for c, s in request.references
-            )
-            return CommitmentReport(request.transaction_uid, (), failed)
-        committed, failures = judge(request.references, held, _STORAGE_CLASSES)
-        return CommitmentReport(request.transaction_uid, committed, failures)
-
-    def _held(self, sops: list[str]) -> dict[str, str]:
-        reader = self.archive.catalog.get()
-        held: dict[str, str] = {}
-        for start in range(0, len(sops), _LOOKUP_CHUNK):
-            chunk = sops[start : start + _LOOKUP_CHUNK]
-            rows = reader.query(
-                "SELECT sop_instance_uid, sop_class_uid FROM instances "
-                "WHERE sop_instance_uid IN (SELECT unnest(?::VARCHAR[]))",
-                [chunk],
-            )
-            held.update({str(sop): str(cls or "") for sop, cls in rows})
-        return held
 
     def _send(self, owed: _Owed, report: CommitmentReport) -> None:
         """On the requesting association if it is still there, else on a new one to the
@@ -237,9 +206,12 @@ class Commitments:
 
     def _keep(self, owed: _Owed, report: CommitmentReport) -> None:
         record = _owed_record(owed.request, owed.requestor_aet)
+        now = time.time()
         record.update(
-            state="undelivered",
-            judged_at=time.time(),
+            state=UNDELIVERED,
+            judged_at=now,
+            attempts=1,
+            last_attempt_at=now,
             committed=[list(ref) for ref in report.committed],
             failed=[
                 {
@@ -262,7 +234,7 @@ class Commitments:
 
 def _owed_record(request: CommitmentRequest, requestor: str) -> dict[str, Any]:
     return {
-        "state": "owed",
+        "state": OWED,
         "requestor_aet": requestor,
         "requested_at": time.time(),
         "references": [list(ref) for ref in request.references],

@@ -91,9 +91,15 @@ def _status(settings: Settings) -> dict[str, int]:
 def test_definitions_load_with_routing() -> None:
     loaded = _defs()
     dg.Definitions.validate_loadable(loaded)
-    for job in ("route_instances_job", "check_routing_job", "retry_deliveries_job"):
+    for job in (
+        "route_instances_job",
+        "check_routing_job",
+        "retry_deliveries_job",
+        "report_commitment_results_job",
+    ):
         assert loaded.resolve_job_def(job) is not None
-    assert loaded.resolve_sensor_def("indexed_instance_sensor") is not None
+    for sensor in ("indexed_instance_sensor", "owed_commitment_results_sensor"):
+        assert loaded.resolve_sensor_def(sensor) is not None
 
 
 def test_sensor_queues_and_requests_a_run_per_destination_and_the_runs_deliver(
