@@ -1,0 +1,172 @@
+"""The routing feature's worst-case inputs are bounded (docs/routing.md, "Limits").
+
+Each test feeds a hostile input to the code under test in a child Python process and reads
+that process's peak RSS (VmHWM, from ``/proc/<pid>/status``) once the work is done; the
+same child with a benign input is the baseline. The difference is what the hostile input
+cost. Where it is cheap, the same child also runs with the bound lifted, to show the
+measurement would catch the unbounded cost.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.routing.test_rules import DOCUMENTED
+from tests.storage.test_read_ahead_memory import _memory
+from vannah_pipelines.routing.rules import RulesError
+from vannah_pipelines.routing.source import (
+    DEFAULT_MAX_BYTES,
+    LAST_GOOD_FILE,
+    MAX_RULES,
+    RulesSource,
+    read_rules_file,
+)
+
+MIB = 1024**2
+ROOT = Path(__file__).resolve().parents[2]
+# Ends a child script: its result on one line, then wait for the parent to read VmHWM.
+_REPORT = "\nprint(json.dumps(result), flush=True)\nsys.stdin.read()\n"
+
+
+def run_child(script: str, *args: str, log: Path, hang_guard: float = 600) -> tuple[Any, int]:
+    """Run `script` (which sets ``result``) in a child Python; its result and peak RSS.
+
+    The peak is read from the live child's ``/proc/<pid>/status`` after it printed its
+    result (it then waits on stdin). `hang_guard` kills a child that never reports, so a
+    hang fails the test instead of stalling the suite; it is not a timing assertion."""
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import json, sys\n" + script + _REPORT, *args],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        guard = threading.Timer(hang_guard, proc.kill)
+        guard.start()
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            line = proc.stdout.readline()
+            assert line, f"the child reported nothing:\n{log.read_text()[-3000:]}"
+            peak = _memory(proc.pid)["VmHWM"]
+            proc.stdin.close()
+            assert proc.wait() == 0, log.read_text()[-3000:]
+        finally:
+            guard.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return json.loads(line), peak
+
+
+# ---------------------------------------------------------------- 1. the rules file
+
+_RULES_CHILD = """
+from pathlib import Path
+from vannah_pipelines.routing.source import RulesSource
+source = RulesSource(Path(sys.argv[1]), Path(sys.argv[2]), max_bytes=int(sys.argv[3]))
+rules = source.current()
+result = {"names": [r.name for r in rules.rules], "origin": source.origin,
+          "error": source.error}
+"""
+
+
+def test_rules_file_too_large_is_refused_unread_and_last_good_rules_stay(
+    tmp_path: Path,
+) -> None:
+    """A 200 MiB rules file is refused from its size; the last good rules stay in force.
+
+    Unbounded, the file was read whole (and hashed, then handed to the JSON parser): the
+    child's peak grew by 250 MiB for it (measured below, with the bound lifted).
+    Bounded, the growth is what the baseline costs (measured: under 1 MiB)."""
+    state, good_file, huge = tmp_path / "state", tmp_path / "good.json", tmp_path / "huge.json"
+    good_file.write_text(json.dumps(DOCUMENTED))
+    assert RulesSource(good_file, state).current().rules  # saves the last good rules
+    assert (state / LAST_GOOD_FILE).is_file()
+    with huge.open("wb") as fp:  # sparse: 200 MiB of zero bytes, none on disk
+        fp.truncate(200 * MIB)
+    names = [r["name"] for r in DOCUMENTED["rules"]]
+    limit = str(DEFAULT_MAX_BYTES)
+
+    base, base_peak = run_child(_RULES_CHILD, str(good_file), str(state), limit, log=tmp_path / "b")
+    hostile, peak = run_child(_RULES_CHILD, str(huge), str(state), limit, log=tmp_path / "h")
+    unbounded, unbounded_peak = run_child(
+        _RULES_CHILD, str(huge), str(state), str(1 << 30), log=tmp_path / "u"
+    )
+    growth, unbounded_growth = peak - base_peak, unbounded_peak - base_peak
+    print(
+        f"rules: baseline {base_peak / MIB:.1f} MiB, 200 MiB file {peak / MIB:.1f} MiB "
+        f"(+{growth / MIB:.1f}), unbounded +{unbounded_growth / MIB:.1f} MiB"
+    )
+    assert base == {"names": names, "origin": "file", "error": None}
+    assert hostile["names"] == names and hostile["origin"] == "last-good"
+    assert hostile["error"] == (
+        f"{huge}: {200 * MIB} bytes, more than the limit of {DEFAULT_MAX_BYTES} bytes "
+        "(routing_rules_max_bytes); not read"
+    )
+    assert growth < 32 * MIB, f"{growth / MIB:.0f} MiB"
+    # The measurement sees the unbounded read: the bound is what keeps the peak down.
+    assert unbounded["names"] == names and "not JSON" in unbounded["error"]
+    assert unbounded_growth > 150 * MIB, f"{unbounded_growth / MIB:.0f} MiB"
+
+
+def test_rules_file_grown_past_the_limit_refused_then_good_again(tmp_path: Path) -> None:
+    rules_file, state = tmp_path / "rules.json", tmp_path / "state"
+    rules_file.write_text(json.dumps(DOCUMENTED))
+    source = RulesSource(rules_file, state, max_bytes=4096)
+    good = source.current()
+    padded = json.dumps(DOCUMENTED) + " " * 4096  # valid JSON, but over the limit
+    rules_file.write_text(padded)
+    assert source.current() == good
+    assert source.error is not None and "more than the limit of 4096 bytes" in source.error
+    rules_file.write_text(json.dumps({"rules": DOCUMENTED["rules"][:1]}))
+    assert [r.name for r in source.current().rules] == [DOCUMENTED["rules"][0]["name"]]
+    assert source.error is None
+    with pytest.raises(RulesError, match="more than the limit of 100 bytes"):
+        read_rules_file(rules_file, max_bytes=100)
+
+
+def test_rules_file_with_too_many_rules_or_too_deep_is_refused(tmp_path: Path) -> None:
+    rules_file, state = tmp_path / "rules.json", tmp_path / "state"
+    rules_file.write_text(json.dumps(DOCUMENTED))
+    source = RulesSource(rules_file, state)
+    good = source.current()
+    template = DOCUMENTED["rules"][1]
+    many = {"rules": [{**template, "name": f"rule {n}"} for n in range(MAX_RULES + 1)]}
+    rules_file.write_text(json.dumps(many))
+    assert len(rules_file.read_bytes()) < DEFAULT_MAX_BYTES  # the count refuses it, not the size
+    assert source.current() == good
+    assert source.error == f"{rules_file}: {MAX_RULES + 1} rules, more than the limit of 1000"
+    rules_file.write_text("[" * 200_000)  # a parser recursing per level would overflow
+    assert source.current() == good
+    assert source.error == f"{rules_file}: not JSON: nested too deeply"
+    rules_file.write_text(json.dumps({"rules": many["rules"][:MAX_RULES]}))
+    assert len(source.current().rules) == MAX_RULES and source.error is None
+
+
+def test_too_large_file_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused from the stat: no read of the file at all."""
+    rules_file = tmp_path / "rules.json"
+    with rules_file.open("wb") as fp:
+        fp.truncate(DEFAULT_MAX_BYTES + 1)
+    opened: list[str] = []
+    real_open = Path.open
+
+    def spy(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == rules_file:
+            opened.append(str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", spy)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self}"))
+    source = RulesSource(rules_file, tmp_path / "state")
+    assert source.current().rules == [] and "not read" in (source.error or "")
+    assert opened == []
