@@ -13,6 +13,9 @@ import json
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import pytest
 from tests.routing.test_rules import DOCUMENTED
 from tests.storage.test_read_ahead_memory import _memory
 from vannah_pipelines.routing.rules import RulesError
+from vannah_pipelines.routing.senders import STOW_RESPONSE_MAX_BYTES
 from vannah_pipelines.routing.source import (
     DEFAULT_MAX_BYTES,
     LAST_GOOD_FILE,
@@ -170,3 +174,121 @@ def test_too_large_file_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     source = RulesSource(rules_file, tmp_path / "state")
     assert source.current().rules == [] and "not read" in (source.error or "")
     assert opened == []
+
+
+# ---------------------------------------------------------------- 2. STOW-RS answers
+
+HUGE_ANSWER = 256 * MIB  # the "endless" answer ends here, so an unbounded read ends too
+_STORED = b'{"00081199": {"vr": "SQ", "Value": []}}'
+
+
+class _HostileStow(BaseHTTPRequestHandler):
+    """Answers ``POST /<kind>/studies`` with 200 and: ``ok`` a small Store Instances
+    Response; ``huge`` an endless JSON body (no length; whitespace until the client goes
+    or HUGE_ANSWER bytes); ``trickle`` 1 byte every half second of a 10,000-byte body."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        while length > 0:  # drain the request
+            length -= len(self.rfile.read(min(length, 1 << 20)))
+        kind = self.path.strip("/").split("/")[0]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        if kind == "ok":
+            self.send_header("Content-Length", str(len(_STORED)))
+            self.end_headers()
+            self.wfile.write(_STORED)
+            return
+        if kind == "trickle":
+            self.send_header("Content-Length", "10000")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            if kind == "huge":
+                self.wfile.write(b'{"00081199": {"vr": "SQ", "Value": [')
+                block = b" " * MIB
+                for _ in range(HUGE_ANSWER // MIB):
+                    self.wfile.write(block)
+            else:
+                for _ in range(10_000):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+        except OSError:  # the client hung up: what it should do
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile_stow() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HostileStow)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+_STOW_CHILD = """
+from tests.routing.senders_data import outgoing, study_files
+from vannah_pipelines.routing.rules import StowDestination
+from vannah_pipelines.routing.senders import StowSender
+sender = StowSender(StowDestination(type="stow", url=sys.argv[1]), secrets={},
+                    max_response_bytes=int(sys.argv[2]), response_seconds=float(sys.argv[3]))
+results = sender.send([outgoing(b) for b in study_files()])
+sender.close()
+result = [[r.ok, r.detail, r.transient] for r in results]
+"""
+
+
+def test_stow_answer_too_large_fails_the_request_transiently(
+    tmp_path: Path, hostile_stow: str
+) -> None:
+    """A STOW-RS peer answering 200 with an endless body: the sender reads 16 MiB of it,
+    fails the request transiently and closes the connection.
+
+    Unbounded (``response.content``), the whole answer was held: measured below with the
+    limit lifted, the child's peak grew by 512 MiB for a 256 MiB answer — an endless one
+    would have grown it until the process died. Bounded: ~16 MiB over the baseline."""
+    cap, deadline, url = str(STOW_RESPONSE_MAX_BYTES), "60", hostile_stow
+    base, base_peak = run_child(_STOW_CHILD, f"{url}/ok", cap, deadline, log=tmp_path / "b")
+    huge, peak = run_child(_STOW_CHILD, f"{url}/huge", cap, deadline, log=tmp_path / "h")
+    lifted, lifted_peak = run_child(
+        _STOW_CHILD, f"{hostile_stow}/huge", str(1 << 40), deadline, log=tmp_path / "u"
+    )
+    growth, lifted_growth = peak - base_peak, lifted_peak - base_peak
+    print(
+        f"STOW answer: baseline {base_peak / MIB:.1f} MiB, endless answer "
+        f"+{growth / MIB:.1f} MiB, limit lifted +{lifted_growth / MIB:.1f} MiB"
+    )
+    assert len(base) == 5 and all(ok for ok, _, _ in base), base
+    detail = (
+        f"STOW-RS to {hostile_stow}/huge/studies: answer larger than {STOW_RESPONSE_MAX_BYTES} "
+        "bytes (the limit); not read further, connection closed"
+    )
+    assert huge == [[False, detail, True]] * 5
+    assert growth < 2 * STOW_RESPONSE_MAX_BYTES, f"{growth / MIB:.0f} MiB"
+    assert all(ok for ok, _, _ in lifted)  # read whole: 200, "stored" (ill-formed JSON ignored)
+    assert lifted_growth > HUGE_ANSWER - 16 * MIB, f"{lifted_growth / MIB:.0f} MiB"
+
+
+def test_stow_answer_trickling_is_cut_at_the_deadline(tmp_path: Path, hostile_stow: str) -> None:
+    """A peer trickling its answer (a byte every half second, each read well within the
+    read timeout) does not hold the run: the answer is cut `response_seconds` after its
+    headers. Without the deadline this answer would take 5,000 s (the hang guard of
+    run_child would kill the child and fail the test)."""
+    result, _ = run_child(
+        _STOW_CHILD, f"{hostile_stow}/trickle", str(STOW_RESPONSE_MAX_BYTES), "2",
+        log=tmp_path / "t", hang_guard=300,
+    )  # fmt: skip
+    detail = (
+        f"STOW-RS to {hostile_stow}/trickle/studies: answer not complete within 2 s of its "
+        "headers (the limit); connection closed"
+    )
+    assert result == [[False, detail, True]] * 5

@@ -8,8 +8,11 @@ Pure layer: no pynetdicom here. The DICOM AE sender is
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import struct
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -55,6 +58,12 @@ ALREADY_THERE = "already there (same checksum)"
 # larger than that goes alone).
 STOW_MAX_INSTANCES = 50
 STOW_MAX_BYTES = 64 << 20
+# A STOW-RS answer (a Store Instances Response: a few KiB for 50 instances) is read up to
+# this many bytes, and must be complete this many seconds after its headers came; past
+# either the request fails, transiently, and its connection is closed.
+STOW_RESPONSE_MAX_BYTES = 16 << 20
+STOW_RESPONSE_SECONDS = 60.0
+_READ_CHUNK = 64 << 10
 API_KEY_HEADER = "X-API-Key"  # as our own DICOMweb accepts it (docs/security.md)
 _DICOM_JSON = "application/dicom+json"
 # Store Instances Response Module (PS3.18 10.5.3), DICOM JSON tags.
@@ -525,7 +534,9 @@ def stow_results(
 class StowSender:
     """STOW-RS ``POST <url>/studies`` (multipart/related; type="application/dicom", the
     Part-10 bytes), in requests of at most `max_instances` instances and `max_bytes`
-    bytes, with the destination's bearer token or API key."""
+    bytes, with the destination's bearer token or API key. An answer is read up to
+    `max_response_bytes`, and within `response_seconds` of its headers; past either, the
+    request's instances fail transiently (sent again later)."""
 
     def __init__(
         self,
@@ -536,6 +547,8 @@ class StowSender:
         timeout: float = 30.0,
         max_instances: int = STOW_MAX_INSTANCES,
         max_bytes: int = STOW_MAX_BYTES,
+        max_response_bytes: int = STOW_RESPONSE_MAX_BYTES,
+        response_seconds: float = STOW_RESPONSE_SECONDS,
     ) -> None:
         import requests  # the HTTP client: only for STOW destinations
 
@@ -544,6 +557,8 @@ class StowSender:
         self.timeout = timeout
         self.max_instances = max_instances
         self.max_bytes = max_bytes
+        self.max_response_bytes = max_response_bytes
+        self.response_seconds = response_seconds
         self.headers = {"Accept": _DICOM_JSON, **auth_headers(destination, secrets)}
         self._session: requests.Session = requests.Session()
 
@@ -584,6 +599,7 @@ class StowSender:
                 headers=headers,
                 timeout=(min(5.0, self.timeout), self.timeout),
                 allow_redirects=False,
+                stream=True,  # the body is read by _read_answer, bounded
             )
         except requests.ConnectionError as exc:  # refused, unreachable, connect timeout
             raise PeerDownError(f"STOW-RS to {self.url}: cannot connect: {str(exc)[:200]}") from exc
@@ -592,8 +608,14 @@ class StowSender:
             detail = f"STOW-RS to {self.url}: {type(exc).__name__}: {str(exc)[:200]}"
             return [Delivered(o.sop_instance_uid, False, detail, True) for o in chunk]
         try:
-            body = response.json() if response.content else None
-        except ValueError:
+            content = self._read_answer(response)
+        except _AnswerRefusedError as exc:
+            log.warning("STOW-RS to %s: %s", self.url, exc)
+            detail = f"STOW-RS to {self.url}: {exc}"
+            return [Delivered(o.sop_instance_uid, False, detail, True) for o in chunk]
+        try:
+            body = json.loads(content) if content else None
+        except (ValueError, RecursionError):
             body = None
         reason = response.reason or ""
         if response.status_code in (401, 403):
@@ -604,6 +626,56 @@ class StowSender:
         if failed:
             log.warning("STOW-RS to %s: %d of %d not stored", self.url, failed, len(chunk))
         return results
+
+    def _read_answer(self, response: requests.Response) -> bytes:
+        """The body of `response`, read up to `max_response_bytes` and within
+        `response_seconds`; the response is closed (its connection too, when cut short).
+
+        Raises
+        ------
+        _AnswerRefusedError
+            The body is larger, or not complete in time, or broke off.
+        """
+        import requests
+
+        expired = threading.Event()
+
+        def cut() -> None:  # unblocks a read waiting on a server that trickles
+            expired.set()
+            # Already complete and its connection released: nothing to cut.
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                response.raw.shutdown()
+
+        watchdog = threading.Timer(self.response_seconds, cut)
+        watchdog.daemon = True
+        watchdog.start()
+        body = bytearray()
+        try:
+            for block in response.iter_content(_READ_CHUNK):
+                body += block
+                if len(body) > self.max_response_bytes:
+                    raise _AnswerRefusedError(
+                        f"answer larger than {self.max_response_bytes} bytes (the limit); "
+                        "not read further, connection closed"
+                    )
+        except requests.RequestException as exc:
+            if not expired.is_set():
+                raise _AnswerRefusedError(
+                    f"answer broke off: {type(exc).__name__}: {str(exc)[:200]}"
+                ) from exc
+        finally:
+            watchdog.cancel()
+            response.close()
+        if expired.is_set():  # an answer cut at the deadline may look complete: never use it
+            raise _AnswerRefusedError(
+                f"answer not complete within {self.response_seconds:g} s of its headers "
+                "(the limit); connection closed"
+            )
+        return bytes(body)
+
+
+class _AnswerRefusedError(VannahError):
+    """A STOW-RS answer not read: too large, too slow, or broken off."""
 
 
 # ---------------------------------------------------------------- the factory
