@@ -19,12 +19,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
+from tests.routing.senders_data import outgoing, study_files
 from tests.routing.test_rules import DOCUMENTED
 from tests.storage.test_read_ahead_memory import _memory
-from vannah_pipelines.routing.rules import RulesError
-from vannah_pipelines.routing.senders import STOW_RESPONSE_MAX_BYTES
+from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
+from vannah_pipelines.dicom.synthetic import make_instance, to_part10
+from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
+from vannah_pipelines.routing.rules import Coercion, RulesError
+from vannah_pipelines.routing.senders import (
+    STOW_RESPONSE_MAX_BYTES,
+    Delivered,
+    Outgoing,
+    send_each,
+)
 from vannah_pipelines.routing.source import (
     DEFAULT_MAX_BYTES,
     LAST_GOOD_FILE,
@@ -32,6 +43,7 @@ from vannah_pipelines.routing.source import (
     RulesSource,
     read_rules_file,
 )
+from vannah_pipelines.settings import Settings
 
 MIB = 1024**2
 ROOT = Path(__file__).resolve().parents[2]
@@ -292,3 +304,120 @@ def test_stow_answer_trickling_is_cut_at_the_deadline(tmp_path: Path, hostile_st
         "headers (the limit); connection closed"
     )
     assert result == [[False, detail, True]] * 5
+
+
+# ---------------------------------------------------------------- 4. coerced batches
+
+LARGE_SIDE = 3240  # 3240 x 3240 x 16 bit: 20 MiB of pixel data per instance
+
+
+def ingest_copies(settings: Settings, count: int, side: int) -> str:
+    """Ingest `count` CT instances of one study (`side` x `side` pixels, the same pixel
+    bytes under fresh SOP Instance UIDs), as tests.routing.test_dry_run._ingest does."""
+    ds = make_instance("CT", study_uid=generate_uid(), series_uid=generate_uid(), rows=side,
+                       columns=side)  # fmt: skip
+    batch = LandingZone(settings.landing_dir).open_batch("dimse")
+    for number in range(1, count + 1):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = number
+        facts = ReceiveFacts(
+            str(ds.SOPInstanceUID), str(ds.SOPClassUID), "1.2.840.10008.1.2.1", "dimse",
+            calling_ae="CT_SCANNER", received_at="2026-03-02T10:00:00+00:00",
+        )  # fmt: skip
+        batch.write_instance(to_part10(ds), facts)
+    sealed = batch.seal()
+    assert sealed is not None
+    result = ingest_batches(IngestPaths.for_settings(settings), [sealed.batch_id])
+    assert result.instances == count and not result.quarantined
+    return str(ds.StudyInstanceUID)
+
+
+_COERCE_CHILD = """
+from datetime import UTC, datetime
+from pathlib import Path
+from tests.routing.test_deliveries import _record, _senders
+from vannah_pipelines.routing.deliveries import queue_deliveries, send_due, tier_opener
+from vannah_pipelines.routing.rules import parse_rules
+from vannah_pipelines.settings import Settings
+from vannah_pipelines.storage.lifecycle import open_catalog
+from vannah_pipelines.storage.tiers import StorageTiers
+settings = Settings(data_dir=Path(sys.argv[1]))
+rules = parse_rules([{"name": "CT to the folder", "condition": {"modality": "CT"},
+                      "destination": {"type": "folder", "path": sys.argv[2]},
+                      "coerce": {"prefix": {"PatientID": "VHC-"}}}])
+now = datetime(2026, 3, 6, 12, 0, tzinfo=UTC)
+catalog = open_catalog(settings)
+record = _record(settings)
+queue_deliveries(catalog, rules, record, since=None, now=now)
+catalog.refresh()
+done = send_due(catalog, rules, record, tier_opener(StorageTiers(settings)), _senders(settings),
+                now=lambda: now)
+result = {"sent": done.sent, "failed": done.failed}
+"""
+
+
+def test_coerced_batch_of_large_instances_holds_a_bounded_share(tmp_path: Path) -> None:
+    """50 instances of 20 MiB, routed with coercion to a folder (one batch of 50).
+
+    Before: the 50 coerced copies were made first, then sent — the child's peak grew by
+    ~1 GiB over the baseline (measured +1037 MiB). Now a batch is coerced and sent in
+    groups of at most COERCED_GROUP_BYTES (64 MiB) of coerced bytes (measured +102 MiB:
+    a group held while the next instance is coerced)."""
+    small, large = Settings(data_dir=tmp_path / "small"), Settings(data_dir=tmp_path / "large")
+    ingest_copies(small, 50, 16)
+    study = ingest_copies(large, 50, LARGE_SIDE)
+    base, base_peak = run_child(
+        _COERCE_CHILD, str(small.data_dir), str(tmp_path / "out-small"), log=tmp_path / "b"
+    )
+    sent, peak = run_child(
+        _COERCE_CHILD, str(large.data_dir), str(tmp_path / "out-large"), log=tmp_path / "l"
+    )
+    growth = peak - base_peak
+    print(
+        f"coerced batch: baseline {base_peak / MIB:.1f} MiB, 50 x 20 MiB "
+        f"{peak / MIB:.1f} MiB (+{growth / MIB:.1f})"
+    )
+    assert base == sent == {"sent": 50, "failed": 0}
+    written = sorted((tmp_path / "out-large" / study).rglob("*.dcm"))
+    assert len(written) == 50
+    assert all(f.stat().st_size > LARGE_SIDE * LARGE_SIDE * 2 for f in written)
+    first = pydicom.dcmread(written[0], stop_before_pixels=True)
+    assert str(first.PatientID).startswith("VHC-")  # coerced, not the stored bytes
+    assert growth < 200 * MIB, f"{growth / MIB:.0f} MiB"
+
+
+def test_send_each_coerces_in_bounded_groups_and_stops_at_a_failing_destination() -> None:
+    batch = [outgoing(b) for b in study_files(4)]
+    coercion = Coercion(prefix={"PatientID": "VHC-"})
+    limit = max(o.size for o in batch) + 512  # the largest (pydicom's CT) goes alone
+    stored = {o.sop_instance_uid: o.checksum for o in batch}
+    groups: list[list[Outgoing]] = []
+
+    def deliver(ready: list[Outgoing]) -> list[Delivered]:
+        groups.append(ready)
+        return [Delivered(o.sop_instance_uid, True, "stored") for o in ready]
+
+    results = send_each(batch, coercion, deliver, group_bytes=limit)
+    assert [r.sop_instance_uid for r in results] == [o.sop_instance_uid for o in batch]
+    assert all(r.ok for r in results) and len(groups) > 1
+    assert [o.sop_instance_uid for g in groups for o in g] == [o.sop_instance_uid for o in batch]
+    for group in groups:  # a group holds at most `limit` coerced bytes (or one instance)
+        assert len(group) == 1 or sum(o.size for o in group) <= limit
+        assert all(o.checksum != stored[o.sop_instance_uid] for o in group)  # coerced copies
+    groups.clear()
+    send_each(batch, None, deliver, group_bytes=limit)  # no copies in memory: one call
+    assert [len(g) for g in groups] == [len(batch)]
+
+    def down(ready: list[Outgoing]) -> list[Delivered]:
+        groups.append(ready)
+        return [Delivered(o.sop_instance_uid, False, "peer down", True) for o in ready]
+
+    groups.clear()
+    results = send_each(batch, coercion, down, group_bytes=limit)
+    assert len(groups) == 1  # the rest is neither coerced nor tried
+    tried = len(groups[0])
+    assert [r.detail for r in results] == ["peer down"] * tried + ["not tried: peer down"] * (
+        len(batch) - tried
+    )
+    assert all(r.transient and not r.ok for r in results)

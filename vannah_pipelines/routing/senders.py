@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 ALREADY_THERE = "already there (same checksum)"
+# With a coercion, a batch is coerced and sent in groups of at most this many bytes of
+# coerced copies (they are in memory until sent; an instance larger than that alone).
+COERCED_GROUP_BYTES = 64 << 20
 # STOW-RS requests: at most this many instances, and this many bytes of parts (an instance
 # larger than that goes alone).
 STOW_MAX_INSTANCES = 50
@@ -176,19 +179,56 @@ def send_each(
     batch: Sequence[Outgoing],
     coercion: Coercion | None,
     deliver: Callable[[list[Outgoing]], list[Delivered]],
+    *,
+    group_bytes: int = COERCED_GROUP_BYTES,
 ) -> list[Delivered]:
     """What every sender's ``send`` does: coerce each instance (:func:`coerced`), hand the
     ones that could be to `deliver` (one result each, in order), and merge the results in
-    the order of `batch`."""
-    prepared: list[Outgoing | Delivered] = []
-    for outgoing in batch:
+    the order of `batch`.
+
+    Without a coercion, `deliver` gets the whole batch (it opens each instance when it
+    sends it). With one, the coerced copies are in memory until sent, so the batch is
+    coerced and delivered in groups of at most `group_bytes` coerced bytes (an instance
+    larger than that alone); once a group's deliveries all fail transiently (the
+    destination down or failing), the rest of the batch is not coerced nor tried: each
+    fails transiently with that group's error.
+    """
+    if coercion is None:
+        return merged(batch, deliver)
+    out: list[Delivered] = []
+    group: list[Outgoing | Delivered] = []
+    held = 0
+    for index, outgoing in enumerate(batch):
+        if held and held + outgoing.size > group_bytes:
+            delivered, failing = _deliver_group(group, deliver)
+            out += delivered
+            group, held = [], 0
+            if failing is not None:
+                detail = f"not tried: {failing}"
+                return out + [
+                    Delivered(o.sop_instance_uid, False, detail, True) for o in batch[index:]
+                ]
         try:
-            prepared.append(coerced(outgoing, coercion))
+            copy = coerced(outgoing, coercion)
+            group.append(copy)
+            held += copy.size
         except InvalidDicomError as exc:
-            prepared.append(Delivered(outgoing.sop_instance_uid, False, str(exc)))
+            group.append(Delivered(outgoing.sop_instance_uid, False, str(exc)))
         except (OSError, StorageError) as exc:
-            prepared.append(unreadable(outgoing, exc))
-    return merged(prepared, deliver)
+            group.append(unreadable(outgoing, exc))
+    return out + _deliver_group(group, deliver)[0]
+
+
+def _deliver_group(
+    group: Sequence[Outgoing | Delivered], deliver: Callable[[list[Outgoing]], list[Delivered]]
+) -> tuple[list[Delivered], str | None]:
+    """The results of one group (:func:`merged`), and the error of its deliveries when
+    every one of them failed transiently (None otherwise, or when none was delivered)."""
+    results = merged(group, deliver)
+    tried = [r for r, g in zip(results, group, strict=True) if not isinstance(g, Delivered)]
+    if tried and all(not r.ok and r.transient for r in tried):
+        return results, tried[0].detail
+    return results, None
 
 
 def merged(
