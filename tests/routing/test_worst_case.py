@@ -10,6 +10,7 @@ measurement would catch the unbounded cost.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -29,6 +30,13 @@ from tests.storage.test_read_ahead_memory import _memory
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
+from vannah_pipelines.routing.commitments import (
+    PENDING,
+    RECORD_MAX_BYTES,
+    REPORTED,
+    REPORTS_PER_TICK,
+    commitments_dir,
+)
 from vannah_pipelines.routing.rules import Coercion, RulesError
 from vannah_pipelines.routing.senders import (
     STOW_RESPONSE_MAX_BYTES,
@@ -421,3 +429,104 @@ def test_send_each_coerces_in_bounded_groups_and_stops_at_a_failing_destination(
         len(batch) - tried
     )
     assert all(r.transient and not r.ok for r in results)
+
+
+# ---------------------------------------------------------------- 3. the commitment spool
+
+_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+_PEER = {"aet": "PEER", "host": "127.0.0.1", "port": 11112}
+
+
+def spool_record(folder: Path, uid: str, state: str, mtime_s: int, refs: int = 10) -> None:
+    """A record as CommitmentSpool.write lays it out (sorted keys), with mtime `mtime_s`
+    (written directly: thousands of fsyncs would only slow the test)."""
+    references = [[_SOP_CLASS, f"{uid}.{n}"] for n in range(refs)]
+    record: dict[str, Any] = {"state": state, "peer": _PEER, "calling_aet": "VANNAH",
+                              "transaction_uid": uid, "requested_at": mtime_s - 60,
+                              "references": references}  # fmt: skip
+    if state == REPORTED:
+        record |= {"committed": record["references"], "failed": [], "reported_at": mtime_s,
+                   "reported_by": "PEER", "reported_on": "new-association"}  # fmt: skip
+    path = folder / f"{uid}.json"
+    path.write_text(json.dumps(record, sort_keys=True))
+    os.utime(path, (mtime_s, mtime_s))
+
+
+def huge_record(folder: Path, uid: str, mtime_s: int, size: int) -> Path:
+    """A reported record of about `size` bytes (valid JSON: 1.5 million references at
+    100 MiB)."""
+    path = folder / f"{uid}.json"
+    pair = json.dumps([_SOP_CLASS, "1.2.826.0.1.3680043.10.99.123456789"]).encode() + b", "
+    with path.open("wb") as fp:
+        fp.write(b'{"calling_aet": "VANNAH", "committed": [')
+        block = pair * (MIB // len(pair))
+        while fp.tell() + len(block) <= size:
+            fp.write(block)
+        fp.write(pair[:-2] + b'], "failed": [], "peer": ' + json.dumps(_PEER).encode())
+        fp.write(f', "state": "reported", "transaction_uid": "{uid}"}}'.encode())
+    os.utime(path, (mtime_s, mtime_s))
+    return path
+
+
+_SPOOL_CHILD = """
+from datetime import UTC, datetime
+from pathlib import Path
+from vannah_pipelines.routing.commitments import CommitmentSpool, commitments_dir
+from vannah_pipelines.routing.deliveries import apply_spooled_reports
+from vannah_pipelines.settings import Settings
+from vannah_pipelines.storage.lifecycle import open_catalog
+settings = Settings(data_dir=Path(sys.argv[1]))
+spool = CommitmentSpool(commitments_dir(settings.data_dir))
+catalog = open_catalog(settings)
+appended = []
+result = [apply_spooled_reports(catalog, spool, appended.extend, now=datetime.now(UTC))
+          for _ in range(int(sys.argv[2]))]
+"""
+
+
+def test_commitment_spool_is_read_a_bounded_share_per_tick(tmp_path: Path) -> None:
+    """5,000 reported records, 500 pending ones (older: a peer that never reported) and a
+    100 MiB reported record (the oldest): each call reads at most REPORTS_PER_TICK (1,000)
+    records whole, oldest first, one at a time; the 100 MiB one is set aside unread;
+    pending ones are skipped from their last bytes, so they never starve the reports.
+
+    Unbounded, one tick read every record into a list, the 100 MiB one whole: reading and
+    parsing that one alone grew a process's peak by 500 MiB (measured once, by hand: its
+    1.5 million references). Bounded: measured +1.8 MiB over the 50-record baseline."""
+    base_dir, hostile_dir = tmp_path / "base", tmp_path / "hostile"
+    base_spool, spool = commitments_dir(base_dir), commitments_dir(hostile_dir)
+    base_spool.mkdir(parents=True)
+    spool.mkdir(parents=True)
+    t0 = 1_770_000_000
+    for n in range(50):
+        spool_record(base_spool, f"1.2.826.0.1.3680043.10.2.{n}", REPORTED, t0 + 10_000 + n)
+    pending = [f"1.2.826.0.1.3680043.10.1.{n}" for n in range(500)]
+    for n, uid in enumerate(pending):
+        spool_record(spool, uid, PENDING, t0 + n)
+    huge = huge_record(spool, "1.2.826.0.1.3680043.10.3.1", t0 + 600, 100 * MIB)
+    huge_size = huge.stat().st_size
+    assert huge_size > 99 * MIB
+    reported = [f"1.2.826.0.1.3680043.10.2.{n}" for n in range(5000)]
+    for n, uid in enumerate(reported):  # oldest first: the order of `reported`
+        spool_record(spool, uid, REPORTED, t0 + 10_000 + 7 * (n % 713) + n // 713)
+    oldest_first = [name for _, name in sorted(
+        ((spool / f"{uid}.json").stat().st_mtime_ns, f"{uid}.json") for uid in reported
+    )]  # fmt: skip
+
+    base, base_peak = run_child(_SPOOL_CHILD, str(base_dir), "7", log=tmp_path / "b")
+    calls, peak = run_child(_SPOOL_CHILD, str(hostile_dir), "7", log=tmp_path / "h")
+    growth = peak - base_peak
+    print(
+        f"commitment spool: baseline {base_peak / MIB:.1f} MiB, 5,000 + 500 pending + "
+        f"100 MiB record {peak / MIB:.1f} MiB (+{growth / MIB:.1f})"
+    )
+    assert [len(c) for c in base] == [50, 0, 0, 0, 0, 0, 0]
+    assert [len(c) for c in calls] == [REPORTS_PER_TICK] * 5 + [0, 0]
+    assert [f"{uid}.json" for c in calls for uid in c] == oldest_first  # oldest first, all
+    rejected = spool / "rejected"
+    assert not huge.exists() and (rejected / huge.name).is_file()
+    reason = (rejected / f"{huge.name}.reason").read_text()
+    assert reason == f"{huge_size} bytes, more than the limit of {RECORD_MAX_BYTES}; not read\n"
+    left = sorted(p.name for p in spool.glob("*.json"))
+    assert left == sorted(f"{uid}.json" for uid in pending)  # waiting for their reports
+    assert growth < 32 * MIB, f"{growth / MIB:.0f} MiB"
