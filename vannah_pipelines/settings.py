@@ -273,6 +273,13 @@ class Settings(BaseSettings):
         description='a rules file ({"rules": [...]}) re-read when it changes; a bad file '
         "keeps the last good rules (docs/routing.md)",
     )
+    routing_rules_max_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description="the largest routing rules file read; a larger one is refused from its "
+        "size, unread, and the last good rules stay in force",
+    )
     routing_secrets: dict[str, SecretStr] = Field(
         default_factory=dict,
         description="secrets routing destinations name (STOW-RS token or API key, S3 "

@@ -113,7 +113,11 @@ def cmd_route(args: argparse.Namespace) -> int:
         return _retry_or_status(settings, args, out)
     if args.check is not None:
         try:
-            rules = read_rules_file(Path(args.check), secret_names=settings.routing_secrets)
+            rules = read_rules_file(
+                Path(args.check),
+                secret_names=settings.routing_secrets,
+                max_bytes=settings.routing_rules_max_bytes,
+            )
         except RulesError as exc:
             sys.stderr.write("".join(f"{p}\n" for p in exc.problems))
             return 1
@@ -124,7 +128,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     if args.rules is not None:
         try:
-            rules = read_rules_file(Path(args.rules))
+            rules = read_rules_file(Path(args.rules), max_bytes=settings.routing_rules_max_bytes)
         except RulesError as exc:
             sys.stderr.write("".join(f"{p}\n" for p in exc.problems))
             return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from vannah_pipelines.dicom.uids import is_uid, require_uid
 from vannah_pipelines.errors import UnsafeUidError, VannahError
 
+log = logging.getLogger(__name__)
+
 # PS3.4 J.3.5: the Push Model SOP class and its well-known SOP instance.
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -35,6 +38,17 @@ REQUEST_ACTION_TYPE = 1  # PS3.4 J.3.2.1: Request Storage Commitment
 PENDING = "pending"
 REPORTED = "reported"
 SUFFIX = ".json"
+# The records :meth:`CommitmentSpool.reported` reads whole per call (a sensor tick), oldest
+# first; the rest wait for the next call.
+REPORTS_PER_TICK = 1000
+# The largest record read: 10,000 references (the most a request holds) take ~1.5 MiB. A
+# larger record file is never read; the spool sets it aside under ``rejected/``.
+RECORD_MAX_BYTES = 8 << 20
+REJECTED_DIR = "rejected"
+# A record's last bytes: json.dumps(sort_keys=True) puts "state" just before
+# "transaction_uid", the last key, so a pending record is known without reading it whole.
+_TAIL_BYTES = 256
+_PENDING_TAIL = b'"state": "pending"'
 
 
 class CommitmentEventType(IntEnum):
@@ -264,6 +278,67 @@ class CommitmentSpool:
             if record is not None:
                 yield record
 
+    def reported(
+        self, limit: int = REPORTS_PER_TICK, max_bytes: int = RECORD_MAX_BYTES
+    ) -> Iterator[dict[str, Any]]:
+        """The records in state ``reported``, oldest first (by modification time: when
+        the report was written), one at a time; at most `limit` record files are read
+        whole per call, the rest are left for the next call.
+
+        A pending record is known from its last bytes and skipped without being read
+        whole (nor counted). A file larger than `max_bytes`, or not a record (not JSON,
+        no Transaction UID), is moved to ``rejected/`` with a ``.reason`` file and logged;
+        a file over `max_bytes` is never read.
+        """
+        entries: list[tuple[int, str, int]] = []
+        try:
+            with os.scandir(self.folder) as scan:
+                for entry in scan:
+                    if entry.name.startswith(".") or not entry.name.endswith(SUFFIX):
+                        continue
+                    with contextlib.suppress(OSError):  # gone meanwhile, or not a file
+                        if entry.is_file(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            entries.append((st.st_mtime_ns, entry.name, st.st_size))
+        except FileNotFoundError:
+            return
+        entries.sort()
+        read = 0
+        for _, name, size in entries:
+            if read >= limit:
+                return
+            path = self.folder / name
+            if size > max_bytes:
+                self.reject(path, f"{size} bytes, more than the limit of {max_bytes}; not read")
+                continue
+            try:
+                if _ends_pending(path):
+                    continue
+                data = _read_at_most(path, max_bytes)
+            except OSError:  # removed (applied, or delivered) meanwhile
+                continue
+            read += 1
+            if data is None:
+                self.reject(path, f"grew past the limit of {max_bytes} bytes; not read further")
+                continue
+            record = _parse(data)
+            if record is None:
+                self.reject(path, "not a commitment record (JSON with a Transaction UID)")
+            elif record.get("state") == REPORTED:
+                yield record
+
+    def reject(self, path: Path, reason: str) -> None:
+        """Move the record file `path` to ``rejected/`` (with ``<name>.reason``); logged."""
+        folder = self.folder / REJECTED_DIR
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{path.name}.reason").write_text(reason + "\n")
+            path.replace(folder / path.name)
+        except OSError as exc:
+            log.error("commitment record %s not set aside (%s): %s", path, reason, exc)
+            return
+        log.warning("commitment record %s set aside in %s: %s", path.name, folder, reason)
+
     def pending(self) -> list[dict[str, Any]]:
         """The transactions still waiting for their N-EVENT-REPORT."""
         return [r for r in self.items() if r.get("state") == PENDING]
@@ -390,12 +465,43 @@ def judge(
     return tuple(committed), tuple(failed)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def _load(path: Path, max_bytes: int = RECORD_MAX_BYTES) -> dict[str, Any] | None:
+    """The record in `path`; None when it is missing, unreadable, larger than
+    `max_bytes` (not read past that) or not a record."""
     try:
-        record = json.loads(path.read_text())
+        data = _read_at_most(path, max_bytes)
+    except OSError:
+        return None
+    return None if data is None else _parse(data)
+
+
+def _parse(data: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(data)
         if not isinstance(record, dict):
             return None
         record["transaction_uid"] = require_uid(str(record["transaction_uid"]), "TransactionUID")
-    except (OSError, ValueError, KeyError, TypeError, UnsafeUidError):
+    except (ValueError, KeyError, TypeError, UnsafeUidError, RecursionError):
         return None
     return record
+
+
+def _read_at_most(path: Path, max_bytes: int) -> bytes | None:
+    """The bytes of `path`, or None when it holds more than `max_bytes` (never read
+    further than ``max_bytes + 1``)."""
+    with path.open("rb") as fp:
+        if os.fstat(fp.fileno()).st_size > max_bytes:
+            return None
+        data = fp.read(max_bytes + 1)
+    return None if len(data) > max_bytes else data
+
+
+def _ends_pending(path: Path) -> bool:
+    """Whether the last bytes of the record `path` say it is pending (_PENDING_TAIL)."""
+    with path.open("rb") as fp:
+        size = os.fstat(fp.fileno()).st_size
+        fp.seek(max(0, size - _TAIL_BYTES))
+        tail = fp.read(_TAIL_BYTES)
+    marker = tail.rfind(_PENDING_TAIL)
+    # Only "transaction_uid" may follow "state" in a record written by CommitmentSpool.
+    return marker >= 0 and b'"state"' not in tail[marker + len(_PENDING_TAIL) :]

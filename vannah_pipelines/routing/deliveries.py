@@ -37,6 +37,7 @@ from vannah_pipelines.catalog.changes import (
     WAITING,
 )
 from vannah_pipelines.errors import VannahError
+from vannah_pipelines.routing.commitments import REPORTS_PER_TICK, CommitmentSpool
 from vannah_pipelines.routing.dry_run import PAGE, route_pages
 from vannah_pipelines.routing.rules import (
     DEFAULT_STABLE_AGE_SECONDS,
@@ -790,6 +791,25 @@ def apply_commitment_reports(
         if rows:
             record(confirmation_rows(rows, answer, now, retry))
         applied.append(answer.transaction_uid)
+    return applied
+
+
+def apply_spooled_reports(
+    catalog: CatalogReader,
+    spool: CommitmentSpool,
+    record: Record,
+    *,
+    now: datetime,
+    retry: RetryPolicy = RetryPolicy(),
+    limit: int = REPORTS_PER_TICK,
+) -> list[str]:
+    """One sensor tick's share of the commitment spool: its reported records, oldest
+    first, at most `limit` read (:meth:`CommitmentSpool.reported`, one in memory at a
+    time), applied (:func:`apply_commitment_reports`) and removed. Returns the
+    transactions applied; the rest wait for the next call."""
+    applied = apply_commitment_reports(catalog, spool.reported(limit), record, now=now, retry=retry)
+    for transaction in applied:
+        spool.remove(transaction)
     return applied
 
 

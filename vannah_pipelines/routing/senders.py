@@ -8,8 +8,11 @@ Pure layer: no pynetdicom here. The DICOM AE sender is
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import struct
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -51,10 +54,19 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 ALREADY_THERE = "already there (same checksum)"
+# With a coercion, a batch is coerced and sent in groups of at most this many bytes of
+# coerced copies (they are in memory until sent; an instance larger than that alone).
+COERCED_GROUP_BYTES = 64 << 20
 # STOW-RS requests: at most this many instances, and this many bytes of parts (an instance
 # larger than that goes alone).
 STOW_MAX_INSTANCES = 50
 STOW_MAX_BYTES = 64 << 20
+# A STOW-RS answer (a Store Instances Response: a few KiB for 50 instances) is read up to
+# this many bytes, and must be complete this many seconds after its headers came; past
+# either the request fails, transiently, and its connection is closed.
+STOW_RESPONSE_MAX_BYTES = 16 << 20
+STOW_RESPONSE_SECONDS = 60.0
+_READ_CHUNK = 64 << 10
 API_KEY_HEADER = "X-API-Key"  # as our own DICOMweb accepts it (docs/security.md)
 _DICOM_JSON = "application/dicom+json"
 # Store Instances Response Module (PS3.18 10.5.3), DICOM JSON tags.
@@ -167,19 +179,56 @@ def send_each(
     batch: Sequence[Outgoing],
     coercion: Coercion | None,
     deliver: Callable[[list[Outgoing]], list[Delivered]],
+    *,
+    group_bytes: int = COERCED_GROUP_BYTES,
 ) -> list[Delivered]:
     """What every sender's ``send`` does: coerce each instance (:func:`coerced`), hand the
     ones that could be to `deliver` (one result each, in order), and merge the results in
-    the order of `batch`."""
-    prepared: list[Outgoing | Delivered] = []
-    for outgoing in batch:
+    the order of `batch`.
+
+    Without a coercion, `deliver` gets the whole batch (it opens each instance when it
+    sends it). With one, the coerced copies are in memory until sent, so the batch is
+    coerced and delivered in groups of at most `group_bytes` coerced bytes (an instance
+    larger than that alone); once a group's deliveries all fail transiently (the
+    destination down or failing), the rest of the batch is not coerced nor tried: each
+    fails transiently with that group's error.
+    """
+    if coercion is None:
+        return merged(batch, deliver)
+    out: list[Delivered] = []
+    group: list[Outgoing | Delivered] = []
+    held = 0
+    for index, outgoing in enumerate(batch):
+        if held and held + outgoing.size > group_bytes:
+            delivered, failing = _deliver_group(group, deliver)
+            out += delivered
+            group, held = [], 0
+            if failing is not None:
+                detail = f"not tried: {failing}"
+                return out + [
+                    Delivered(o.sop_instance_uid, False, detail, True) for o in batch[index:]
+                ]
         try:
-            prepared.append(coerced(outgoing, coercion))
+            copy = coerced(outgoing, coercion)
+            group.append(copy)
+            held += copy.size
         except InvalidDicomError as exc:
-            prepared.append(Delivered(outgoing.sop_instance_uid, False, str(exc)))
+            group.append(Delivered(outgoing.sop_instance_uid, False, str(exc)))
         except (OSError, StorageError) as exc:
-            prepared.append(unreadable(outgoing, exc))
-    return merged(prepared, deliver)
+            group.append(unreadable(outgoing, exc))
+    return out + _deliver_group(group, deliver)[0]
+
+
+def _deliver_group(
+    group: Sequence[Outgoing | Delivered], deliver: Callable[[list[Outgoing]], list[Delivered]]
+) -> tuple[list[Delivered], str | None]:
+    """The results of one group (:func:`merged`), and the error of its deliveries when
+    every one of them failed transiently (None otherwise, or when none was delivered)."""
+    results = merged(group, deliver)
+    tried = [r for r, g in zip(results, group, strict=True) if not isinstance(g, Delivered)]
+    if tried and all(not r.ok and r.transient for r in tried):
+        return results, tried[0].detail
+    return results, None
 
 
 def merged(
@@ -525,7 +574,9 @@ def stow_results(
 class StowSender:
     """STOW-RS ``POST <url>/studies`` (multipart/related; type="application/dicom", the
     Part-10 bytes), in requests of at most `max_instances` instances and `max_bytes`
-    bytes, with the destination's bearer token or API key."""
+    bytes, with the destination's bearer token or API key. An answer is read up to
+    `max_response_bytes`, and within `response_seconds` of its headers; past either, the
+    request's instances fail transiently (sent again later)."""
 
     def __init__(
         self,
@@ -536,6 +587,8 @@ class StowSender:
         timeout: float = 30.0,
         max_instances: int = STOW_MAX_INSTANCES,
         max_bytes: int = STOW_MAX_BYTES,
+        max_response_bytes: int = STOW_RESPONSE_MAX_BYTES,
+        response_seconds: float = STOW_RESPONSE_SECONDS,
     ) -> None:
         import requests  # the HTTP client: only for STOW destinations
 
@@ -544,6 +597,8 @@ class StowSender:
         self.timeout = timeout
         self.max_instances = max_instances
         self.max_bytes = max_bytes
+        self.max_response_bytes = max_response_bytes
+        self.response_seconds = response_seconds
         self.headers = {"Accept": _DICOM_JSON, **auth_headers(destination, secrets)}
         self._session: requests.Session = requests.Session()
 
@@ -584,6 +639,7 @@ class StowSender:
                 headers=headers,
                 timeout=(min(5.0, self.timeout), self.timeout),
                 allow_redirects=False,
+                stream=True,  # the body is read by _read_answer, bounded
             )
         except requests.ConnectionError as exc:  # refused, unreachable, connect timeout
             raise PeerDownError(f"STOW-RS to {self.url}: cannot connect: {str(exc)[:200]}") from exc
@@ -592,8 +648,14 @@ class StowSender:
             detail = f"STOW-RS to {self.url}: {type(exc).__name__}: {str(exc)[:200]}"
             return [Delivered(o.sop_instance_uid, False, detail, True) for o in chunk]
         try:
-            body = response.json() if response.content else None
-        except ValueError:
+            content = self._read_answer(response)
+        except _AnswerRefusedError as exc:
+            log.warning("STOW-RS to %s: %s", self.url, exc)
+            detail = f"STOW-RS to {self.url}: {exc}"
+            return [Delivered(o.sop_instance_uid, False, detail, True) for o in chunk]
+        try:
+            body = json.loads(content) if content else None
+        except (ValueError, RecursionError):
             body = None
         reason = response.reason or ""
         if response.status_code in (401, 403):
@@ -604,6 +666,56 @@ class StowSender:
         if failed:
             log.warning("STOW-RS to %s: %d of %d not stored", self.url, failed, len(chunk))
         return results
+
+    def _read_answer(self, response: requests.Response) -> bytes:
+        """The body of `response`, read up to `max_response_bytes` and within
+        `response_seconds`; the response is closed (its connection too, when cut short).
+
+        Raises
+        ------
+        _AnswerRefusedError
+            The body is larger, or not complete in time, or broke off.
+        """
+        import requests
+
+        expired = threading.Event()
+
+        def cut() -> None:  # unblocks a read waiting on a server that trickles
+            expired.set()
+            # Already complete and its connection released: nothing to cut.
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                response.raw.shutdown()
+
+        watchdog = threading.Timer(self.response_seconds, cut)
+        watchdog.daemon = True
+        watchdog.start()
+        body = bytearray()
+        try:
+            for block in response.iter_content(_READ_CHUNK):
+                body += block
+                if len(body) > self.max_response_bytes:
+                    raise _AnswerRefusedError(
+                        f"answer larger than {self.max_response_bytes} bytes (the limit); "
+                        "not read further, connection closed"
+                    )
+        except requests.RequestException as exc:
+            if not expired.is_set():
+                raise _AnswerRefusedError(
+                    f"answer broke off: {type(exc).__name__}: {str(exc)[:200]}"
+                ) from exc
+        finally:
+            watchdog.cancel()
+            response.close()
+        if expired.is_set():  # an answer cut at the deadline may look complete: never use it
+            raise _AnswerRefusedError(
+                f"answer not complete within {self.response_seconds:g} s of its headers "
+                "(the limit); connection closed"
+            )
+        return bytes(body)
+
+
+class _AnswerRefusedError(VannahError):
+    """A STOW-RS answer not read: too large, too slow, or broken off."""
 
 
 # ---------------------------------------------------------------- the factory

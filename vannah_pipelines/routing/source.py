@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,11 @@ from vannah_pipelines.settings import Settings
 log = logging.getLogger(__name__)
 
 LAST_GOOD_FILE = "last-good-rules.json"
+# The largest rules file read (``routing_rules_max_bytes``'s default): a larger one is
+# refused from its size, unread. A thousand rules take ~300 KiB.
+DEFAULT_MAX_BYTES = 1 << 20
+# The most rules a document may hold (each instance is evaluated against every rule).
+MAX_RULES = 1000
 Origin = Literal["file", "last-good", "settings", "none"]
 
 
@@ -36,7 +42,8 @@ class RulesSource:
     with changed content (sha256) is parsed again. A good file replaces the rules and is
     saved atomically as ``<state_dir>/last-good-rules.json``; a bad or missing file keeps
     the rules in force (at startup: the saved last good ones), sets :attr:`error` and logs
-    it once. Rules errors never raise out of this class.
+    it once. Rules errors never raise out of this class. A file larger than `max_bytes`
+    is refused from its size, without being read.
 
     With no file, the `inline` rules (the settings' ``rules``) are in force, unchanging.
     """
@@ -48,9 +55,11 @@ class RulesSource:
         *,
         inline: Sequence[Any] = (),
         secret_names: Collection[str] | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.rules_file = Path(rules_file) if rules_file is not None else None
         self.state_dir = Path(state_dir)
+        self.max_bytes = max_bytes
         self._secret_names = set(secret_names) if secret_names is not None else None
         self._lock = threading.Lock()
         self._stamp: _Stamp | None = None
@@ -80,6 +89,7 @@ class RulesSource:
             settings.routing_dir,
             inline=() if rules_file is not None else settings.routing_rules,
             secret_names=settings.routing_secrets.keys(),
+            max_bytes=settings.routing_rules_max_bytes,
         )
 
     @property
@@ -115,10 +125,13 @@ class RulesSource:
         stamp = _Stamp(st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp == self._stamp:
             return
+        if st.st_size > self.max_bytes:  # refused from its size: never read
+            self._refuse(stamp, None, _too_large(path, st.st_size, self.max_bytes))
+            return
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            self._refuse(None, None, f"cannot read {path}: {exc.strerror or exc}")
+            data = read_capped(path, self.max_bytes)
+        except RulesError as exc:  # unreadable, or grown past the limit since the stat
+            self._refuse(None, None, str(exc))
             return
         digest = hashlib.sha256(data).hexdigest()
         if digest == self._digest:
@@ -155,19 +168,42 @@ class RulesSource:
 
     def _load_last_good(self) -> None:
         path = self.last_good_path
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.error("cannot read the last good routing rules %s: %s", path, exc)
+        if not path.exists():
             return
         try:
-            self._rules = self._parse(data, str(path))
+            self._rules = self._parse(read_capped(path, self.max_bytes), str(path))
         except RulesError as exc:
             log.error("the last good routing rules %s are not usable: %s", path, exc)
             return
         self._origin = "last-good"
+
+
+def read_capped(path: Path, max_bytes: int) -> bytes:
+    """The bytes of `path`, refused when it holds more than `max_bytes`: a larger file is
+    known from its size and never read; one that grew since is read no further than
+    ``max_bytes + 1`` bytes.
+
+    Raises
+    ------
+    RulesError
+        The file cannot be read, or is larger than `max_bytes`.
+    """
+    try:
+        with Path(path).open("rb") as fp:
+            size = os.fstat(fp.fileno()).st_size
+            data = fp.read(max_bytes + 1) if size <= max_bytes else b""
+    except OSError as exc:
+        raise RulesError([f"cannot read {path}: {exc.strerror or exc}"]) from None
+    if size > max_bytes or len(data) > max_bytes:
+        raise RulesError([_too_large(path, max(size, len(data)), max_bytes)])
+    return data
+
+
+def _too_large(path: Path, size: int, max_bytes: int) -> str:
+    return (
+        f"{path}: {size} bytes, more than the limit of {max_bytes} bytes "
+        "(routing_rules_max_bytes); not read"
+    )
 
 
 def parse_rules_bytes(
@@ -178,25 +214,38 @@ def parse_rules_bytes(
     Raises
     ------
     RulesError
-        Not JSON, or not valid rules (see :func:`parse_rules`).
+        Not JSON (or nested too deeply to parse), more than :data:`MAX_RULES` rules, or
+        not valid rules (see :func:`parse_rules`).
+
+    >>> parse_rules_bytes(b"[" * 100_000, "deep.json")
+    Traceback (most recent call last):
+    ...
+    vannah_pipelines.routing.rules.RulesError: deep.json: not JSON: nested too deeply
     """
     try:
         document = json.loads(data)
     except ValueError as exc:
         raise RulesError([f"{source}: not JSON: {exc}"]) from None
+    except RecursionError:  # json recurses per nesting level: "[[[[..." exhausts the stack
+        raise RulesError([f"{source}: not JSON: nested too deeply"]) from None
+    listed = document.get("rules") if isinstance(document, dict) else document
+    if isinstance(listed, list) and len(listed) > MAX_RULES:
+        raise RulesError([f"{source}: {len(listed)} rules, more than the limit of {MAX_RULES}"])
     return parse_rules(document, secret_names=secret_names, source=source)
 
 
-def read_rules_file(path: Path, *, secret_names: Collection[str] | None = None) -> RoutingRules:
+def read_rules_file(
+    path: Path,
+    *,
+    secret_names: Collection[str] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> RoutingRules:
     """Read and validate a rules file (``vannah route --check``); nothing is saved.
 
     Raises
     ------
     RulesError
-        The file cannot be read, is not JSON, or holds invalid rules.
+        The file cannot be read, is larger than `max_bytes`, is not JSON, or holds
+        invalid rules.
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise RulesError([f"cannot read {path}: {exc.strerror or exc}"]) from None
-    return parse_rules_bytes(data, str(path), secret_names=secret_names)
+    return parse_rules_bytes(read_capped(path, max_bytes), str(path), secret_names=secret_names)

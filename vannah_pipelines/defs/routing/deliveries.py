@@ -27,7 +27,7 @@ from vannah_pipelines.routing.deliveries import (
     DeliveryResult,
     Record,
     RetryPolicy,
-    apply_commitment_reports,
+    apply_spooled_reports,
     backlog,
     deliver_while_busy,
     destination_id,
@@ -314,14 +314,10 @@ def indexed_instance_sensor(
         catalog, rules, recorder(settings, "dagster:indexed_instance_sensor"),
         since=since, now=now,
     )  # fmt: skip
-    spool = commitment_spool(settings)
-    reports = [r for r in spool.items() if r.get("state") == "reported"]
-    applied = apply_commitment_reports(
-        catalog, reports, recorder(settings, "dagster:indexed_instance_sensor"),
+    applied = apply_spooled_reports(  # at most REPORTS_PER_TICK records per tick
+        catalog, commitment_spool(settings), recorder(settings, "dagster:indexed_instance_sensor"),
         now=now, retry=retry_policy(settings),
     )  # fmt: skip
-    for transaction in applied:
-        spool.remove(transaction)
     if queued.queued or queued.waiting or applied:
         catalog.refresh()  # see the rows just appended
     # Due now, or within a run's linger (a study about to be stable): a run started now is
