@@ -761,8 +761,13 @@ def apply_commitment_reports(
     """Apply Storage Commitment reports that came later (records of the commitment spool
     in state ``reported``, written by our receiver) to the deliveries they confirm: the
     ``sent`` rows of their destination and instances. Returns the transactions applied
-    (the caller removes them from the spool)."""
-    applied = []
+    (the caller removes them from the spool).
+
+    One catalog query per destination and one record of every change, whatever the
+    number of reports (a sensor tick may take up 1,000). Where two reports name the same
+    sent delivery, the first one (oldest) decides, as if they were applied one by one.
+    """
+    answers: list[tuple[str, Confirmation]] = []
     for report in reports:
         if report.get("state") != "reported":
             continue
@@ -782,16 +787,30 @@ def apply_commitment_reports(
             committed,
             failed,
         )
-        uids = sorted({*answer.committed, *failed})
-        rows = catalog.query_dicts(
+        answers.append((destination, answer))
+    named: dict[str, set[str]] = {}
+    for destination, answer in answers:
+        named.setdefault(destination, set()).update(answer.committed, answer.failed)
+    sent: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for destination, uids in named.items():
+        for row in catalog.query_dicts(
             "SELECT * FROM delivery_status WHERE destination = ? AND status = ? "
             "AND sop_instance_uid IN (SELECT unnest(?))",
-            [destination, SENT, uids],
-        )
+            [destination, SENT, sorted(uids)],
+        ):
+            sent.setdefault((destination, str(row["sop_instance_uid"])), []).append(row)
+    changes: list[dict[str, Any]] = []
+    for destination, answer in answers:
+        rows = [
+            row
+            for uid in sorted({*answer.committed, *answer.failed})
+            for row in sent.pop((destination, uid), [])  # taken: a later report finds none
+        ]
         if rows:
-            record(confirmation_rows(rows, answer, now, retry))
-        applied.append(answer.transaction_uid)
-    return applied
+            changes.extend(confirmation_rows(rows, answer, now, retry))
+    if changes:
+        record(changes)
+    return [answer.transaction_uid for _destination, answer in answers]
 
 
 def apply_spooled_reports(
