@@ -438,8 +438,63 @@ def test_a_run_lingers_and_takes_what_is_indexed_meanwhile(
     assert clock[0] == 1 + 3  # the pass that found the new study, then 3 idle seconds
 
 
-def test_a_destination_down_defers_the_rest_of_its_due_deliveries_untried(
+class _Arriving(_Recording):
+    """A recording sender that calls `arrive` before each batch it sends."""
+
+    def __init__(self, sent: list[str], arrive: Callable[[], object]) -> None:
+        super().__init__(sent)
+        self.arrive = arrive
+
+    def send(self, batch: Sequence[Outgoing]) -> list[Delivered]:
+        self.arrive()
+        return super().send(batch)
+
+
+def test_a_run_sends_a_stat_study_indexed_meanwhile_before_the_routine_backlog(
     settings: Settings, catalog: CatalogReader
+) -> None:
+    routine = _ingest(settings, "CT", 4, "2026-03-02T10:00:00+00:00")
+    rules = parse_rules([{"name": "All", "condition": {"modality": "*"}, "destination": FOLDER}])
+    stat: list[str] = []
+
+    def arrive() -> None:  # indexed while the run sends the backlog's first batch
+        if stat:
+            return
+        study = _ingest(
+            settings, "CT", 2, "2026-03-02T10:05:00+00:00", RequestedProcedurePriority="STAT"
+        )
+        stat.append(study.uid)
+
+    order: list[str] = []
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    catalog.refresh()
+    result = deliver_while_busy(
+        catalog,
+        lambda: rules,
+        _record(settings),
+        tier_opener(StorageTiers(settings)),
+        lambda rule: _Arriving(order, arrive),
+        destination=None,
+        retry=RetryPolicy(),
+        queue_window=timedelta(days=3650),
+        linger_seconds=0,
+        batch=1,
+        monotonic=lambda: clock[0],
+        sleep=sleep,
+    )
+    assert result.sent == 6
+    # The batch under way when it came, then the STAT study, then the rest of the backlog.
+    assert order == [routine.uid] + stat * 2 + [routine.uid] * 3
+    assert clock[0] == 0  # no pause between batches while there is work
+
+
+@pytest.mark.parametrize("limit", [10_000, 1])  # 1: a run's pass reads one batch only
+def test_a_destination_down_defers_the_rest_of_its_due_deliveries_untried(
+    settings: Settings, catalog: CatalogReader, limit: int
 ) -> None:
     _ingest(settings, "CT", 3, "2026-03-02T10:00:00+00:00")
     port = free_port()  # nothing listens
@@ -463,6 +518,7 @@ def test_a_destination_down_defers_the_rest_of_its_due_deliveries_untried(
         _senders(settings),
         now=lambda: T0,
         retry=RetryPolicy(first_seconds=30),
+        limit=limit,
         batch=1,
     )
     assert result.destinations[f"dicom AI_ENGINE@127.0.0.1:{port}"].attempted == 1

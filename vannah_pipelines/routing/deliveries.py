@@ -459,6 +459,8 @@ def send_due(
                     o["status"] == FAILED for o in outcomes
                 ):
                     rest = pending[start + batch :]
+                    if len(rows) >= limit:  # the read stopped at `limit`: defer the rest too
+                        rest = _due_after(catalog, rules, started, dest, chunk)
                     log.warning(
                         "routing: %s failed a whole batch; its %d other due deliveries wait "
                         "as long", dest, len(rest),
@@ -470,6 +472,20 @@ def send_due(
             sender.close()
             stats.seconds += time.monotonic() - clock
     return result
+
+
+def _due_after(
+    catalog: CatalogReader,
+    rules: RoutingRules,
+    now: datetime,
+    destination: str,
+    tried: Sequence[Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """A destination's due deliveries other than the `tried` ones (read again: a pass
+    reads at most its `limit`, and a destination that failed defers all the rest)."""
+    keys = {(r["sop_instance_uid"], r["checksum"], r["rule"]) for r in tried}
+    due = due_deliveries(catalog, rules, now=now, destination=destination)
+    return [r for r in due if (r["sop_instance_uid"], r["checksum"], r["rule"]) not in keys]
 
 
 def deliver_while_busy(
@@ -487,6 +503,7 @@ def deliver_while_busy(
     max_seconds: float = 900.0,
     poll_seconds: float = 1.0,
     slice_seconds: float = 10.0,
+    batch: int = BATCH,
     others_waiting: Callable[[], bool] = lambda: False,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     monotonic: Callable[[], float] = time.monotonic,
@@ -498,7 +515,11 @@ def deliver_while_busy(
     `poll_seconds`, instead of each batch paying for a new run's start; it also stays
     for deliveries due within `linger_seconds` (a study about to be stable, a retry
     about to be due), so they go when due. After `slice_seconds` it gives its place up
-    as soon as `others_waiting()` (routing runs of other destinations queued)."""
+    as soon as `others_waiting()` (routing runs of other destinations queued).
+
+    Each pass sends one `batch` (per destination) and reads the due work again, most
+    urgent first: a STAT delivery queued while a routine backlog is being sent goes in
+    the next batch, not after the backlog."""
     total = DeliveryResult()
     started = idle_since = monotonic()
     while True:
@@ -516,6 +537,8 @@ def deliver_while_busy(
             now=now,
             destination=destination,
             retry=retry,
+            limit=batch,
+            batch=batch,
             confirm=confirm,
         )
         total.add(result)
@@ -527,6 +550,8 @@ def deliver_while_busy(
             return total
         if clock - started >= slice_seconds and others_waiting():
             return total
+        if result.destinations:  # more may be due: the next batch, most urgent first
+            continue
         if clock - idle_since >= linger_seconds:
             return total
         soon = linger_seconds > 0 and due_deliveries(
