@@ -54,6 +54,7 @@ RULES = [
     },
     {
         "name": "Every study to the bucket",
+        "condition": {"modality": ["CT", "MR"]},
         "mode": "study",
         "priority": "LOW",
         "destination": {"type": "s3", "bucket": "vhc-archive", "region": "af-south-1"},
@@ -212,9 +213,11 @@ def add_open_table(out: Path) -> None:
         con.close()
 
 
-def _one(out: Path, kind: str, repeats: int, budget_s: float) -> dict[str, Any]:
-    """Time `kind` in this process: a warm-up, then up to `repeats` runs (at least 3, and
-    no more once `budget_s` is spent)."""
+def _one(
+    out: Path, kind: str, repeats: int, budget_s: float, min_runs: int, warm_up: bool
+) -> dict[str, Any]:
+    """Time `kind` in this process: a warm-up (unless not `warm_up`), then up to `repeats`
+    runs (at least `min_runs`, and no more once `budget_s` is spent)."""
     from vannah_pipelines.catalog.reader import CatalogReader
     from vannah_pipelines.routing.deliveries import backlog, due_deliveries
     from vannah_pipelines.routing.dry_run import _rows
@@ -267,13 +270,14 @@ def _one(out: Path, kind: str, repeats: int, budget_s: float) -> dict[str, Any]:
             return sum(len(p) for p in pages)
         raise ValueError(kind)
 
-    answers = run()  # warm-up
+    answers = run() if warm_up else None
     times: list[float] = []
     spent = time.monotonic()
-    while len(times) < repeats and (len(times) < 3 or time.monotonic() - spent < budget_s):
+    while len(times) < repeats and (len(times) < min_runs or time.monotonic() - spent < budget_s):
         t = time.perf_counter()
         got = run()
         times.append((time.perf_counter() - t) * 1000)
+        answers = got if answers is None else answers
         assert got == answers, (kind, got, answers)
     catalog.close()
     return {
@@ -292,14 +296,20 @@ def _fmt(times: list[float]) -> tuple[str, str]:
     return f"{p50:.1f} / {p95:.1f}", f"{min(times):.1f}-{max(times):.1f}"
 
 
-def run(out: Path, kinds: list[str], repeats: int, budget_s: float) -> list[dict[str, Any]]:
+def run(
+    out: Path, kinds: list[str], repeats: int, budget_s: float, min_runs: int, warm_up: bool
+) -> list[dict[str, Any]]:
     results = []
     for kind in kinds:
         proc = subprocess.run(
             [sys.executable, __file__, "one", "--out", str(out), "--kind", kind,
-             "--repeats", str(repeats), "--budget", str(budget_s)],
-            check=True, capture_output=True, text=True, env={**os.environ},
+             "--repeats", str(repeats), "--budget", str(budget_s), "--min-runs",
+             str(min_runs), *([] if warm_up else ["--no-warm-up"])],
+            check=False, capture_output=True, text=True, env={**os.environ},
         )  # fmt: skip
+        if proc.returncode != 0:
+            print(f"{kind}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
         print(f"{kind}: {_fmt(r['times_ms'])} ms, {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
@@ -320,6 +330,8 @@ def main() -> int:
         p.add_argument("--repeats", type=int, default=20)
         p.add_argument("--budget", type=float, default=60.0, help="seconds per kind, after 3")
         p.add_argument("--json", type=Path)
+        p.add_argument("--min-runs", type=int, default=3)
+        p.add_argument("--no-warm-up", action="store_true", help="(slow queries: the 'before')")
     sub.choices["run"].add_argument("--kinds", default=",".join(KINDS))
     sub.choices["one"].add_argument("--kind", choices=KINDS, required=True)
     args = parser.parse_args()
@@ -330,11 +342,26 @@ def main() -> int:
         add_open_table(args.out.resolve())
         return 0
     if args.command == "one":
-        print(json.dumps(_one(args.out.resolve(), args.kind, args.repeats, args.budget)))
+        figures = _one(
+            args.out.resolve(),
+            args.kind,
+            args.repeats,
+            args.budget,
+            args.min_runs,
+            not args.no_warm_up,
+        )
+        print(json.dumps(figures))
         return 0
     started = datetime.now(UTC) - timedelta(seconds=0)
     load = os.getloadavg()
-    results = run(args.out.resolve(), args.kinds.split(","), args.repeats, args.budget)
+    results = run(
+        args.out.resolve(),
+        args.kinds.split(","),
+        args.repeats,
+        args.budget,
+        args.min_runs,
+        not args.no_warm_up,
+    )
     rows = [
         [r["kind"], *_fmt(r["times_ms"]), str(len(r["times_ms"])), str(r["answers"]),
          f"{r['peak_rss_mib']:.0f} MiB"]
