@@ -129,6 +129,11 @@ QUEUED, WAITING, SENT, COMMITTED, FAILED, DEAD, CANCELLED = (
     "cancelled",
 )
 DELIVERY_STATES = frozenset({QUEUED, WAITING, SENT, COMMITTED, FAILED, DEAD, CANCELLED})
+# Not settled: what routing still has to send, or a person to retry (dead). A few among
+# millions of sent/committed ones: compaction keeps them in a table of their own too
+# (``compacted_open_deliveries``), read by the ``open_deliveries`` view.
+OPEN_DELIVERY_STATES = (QUEUED, WAITING, FAILED, DEAD)
+OPEN_DELIVERIES_TABLE = "compacted_open_deliveries"
 
 DELIVERIES = ChangeTable(
     name="deliveries",
@@ -358,10 +363,73 @@ FROM {quarantine_source} AS _q
 LEFT JOIN ({latest}) AS _st ON _st.quarantine_key = _q.quarantine_key"""
 
 
-def delivery_status_sql(deliveries_source: str) -> str:
-    """SELECT the latest ``deliveries`` row of each (instance version, rule, destination)
-    in `deliveries_source`: the delivery log as it stands (the ``delivery_status`` view)."""
-    return latest_sql(DELIVERIES, deliveries_source)
+def overlaid_latest_sql(
+    table: ChangeTable | str,
+    compacted: str,
+    pending: str,
+    kept: str | None = None,
+    touched_rows: str | None = None,
+) -> str:
+    """SELECT the latest row per key of `table` from `compacted` (a source already holding
+    only the latest row of each key, as compaction writes it) and `pending` (the rows
+    appended since, few): the same rows as :func:`latest_sql` over both, but the window
+    runs over the keys that have pending rows only.
+
+    The compacted rows of a key whose first key column (``sop_instance_uid``, ...) has no
+    pending row are kept as they are (an anti-join against the small pending set); the
+    others are ranked with the pending rows: a pending row older than the compacted one
+    (another host's clock, a late file) does not win over it. Filters on the result push
+    down into the compacted table's scan.
+
+    `kept`, when given, is where the kept compacted rows are read from instead (a subset
+    of `compacted`, such as its open deliveries): the result is then the rows of that
+    subset's keys and of the pending keys only. `touched_rows`, when given, holds the
+    compacted rows of the pending keys already (looked up once, when the pending rows were
+    loaded: finding them in `compacted` scans its first key column whole).
+    """
+    t = change_table(table)
+    first = t.key_columns[0]
+    touched = f"(SELECT {first} FROM {pending})"
+    earlier = touched_rows or f"(SELECT * FROM {compacted} WHERE {first} IN {touched})"
+    ranked = latest_sql(t, f"(SELECT * FROM {earlier} UNION ALL BY NAME SELECT * FROM {pending})")
+    return (
+        f"SELECT * FROM {kept or compacted} WHERE {first} NOT IN {touched} "
+        f"UNION ALL BY NAME ({ranked})"
+    )
+
+
+def delivery_status_sql(
+    compacted: str, pending: str | None = None, touched_rows: str | None = None
+) -> str:
+    """SELECT the latest ``deliveries`` row of each (instance version, rule, destination):
+    the delivery log as it stands (the ``delivery_status`` view), from `compacted` (the
+    latest row per key, as compaction writes it) and the `pending` rows appended since
+    (:func:`overlaid_latest_sql`); with no `pending`, `compacted` as it is."""
+    if pending is None:
+        return f"SELECT * FROM {compacted}"
+    return overlaid_latest_sql(DELIVERIES, compacted, pending, touched_rows=touched_rows)
+
+
+def open_deliveries_sql(
+    compacted: str,
+    compacted_open: str | None,
+    pending: str | None,
+    touched_rows: str | None = None,
+) -> str:
+    """SELECT the rows of ``delivery_status`` in an open state (:data:`OPEN_DELIVERY_STATES`):
+    the ``open_deliveries`` view, what routing works on. `compacted_open` holds the open
+    rows of `compacted` (read instead of it, a few thousand rows instead of millions; None:
+    `compacted` is filtered); a key with pending rows is ranked over all its rows."""
+    states = ", ".join(f"'{s}'" for s in OPEN_DELIVERY_STATES)
+    kept = compacted_open or f"(SELECT * FROM {compacted} WHERE status IN ({states}))"
+    rows = (
+        f"SELECT * FROM {kept}"
+        if pending is None
+        else overlaid_latest_sql(
+            DELIVERIES, compacted, pending, kept=kept, touched_rows=touched_rows
+        )
+    )
+    return f"SELECT * FROM ({rows}) WHERE status IN ({states})"
 
 
 _DUCKDB_TYPES = {

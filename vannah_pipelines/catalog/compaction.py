@@ -44,11 +44,14 @@ from vannah_pipelines.catalog.changes import (
     CHANGE_TABLES,
     DELIVERIES,
     INSTANCE_LOCATIONS,
+    OPEN_DELIVERIES_TABLE,
+    OPEN_DELIVERY_STATES,
     QUARANTINE_STATUS,
     ChangeTable,
     delivery_status_sql,
     instances_with_locations_sql,
     latest_sql,
+    open_deliveries_sql,
     quarantine_with_status_sql,
 )
 from vannah_pipelines.catalog.schema import (
@@ -518,9 +521,31 @@ def _latest_changes(
         files = _sql_list(root.resolve() / f for f in written)
         parts.append(f"SELECT {cols} FROM read_parquet({files}, hive_partitioning = false)")
     source = "(" + " UNION ALL BY NAME ".join(parts) + ")"
+    create_compacted_changes(con, change, source)
+
+
+def create_compacted_changes(
+    con: duckdb.DuckDBPyConnection, change: ChangeTable, source: str
+) -> None:
+    """``compacted_<change>``: the latest row per key of the rows of `source` (a table,
+    view or parenthesised subquery); for ``deliveries``, also ``compacted_open_deliveries``,
+    its rows in an open state (what routing reads every few seconds, without scanning
+    millions of delivered ones)."""
+    order = ", ".join(change.key_columns)
     con.execute(
-        f"CREATE TABLE compacted_{change.name} AS {latest_sql(change, source)} "
-        f"ORDER BY {', '.join(change.key_columns)}"
+        f"CREATE TABLE compacted_{change.name} AS {latest_sql(change, source)} ORDER BY {order}"
+    )
+    if change is DELIVERIES:
+        create_open_deliveries(con)
+
+
+def create_open_deliveries(con: duckdb.DuckDBPyConnection) -> None:
+    """``compacted_open_deliveries``: the rows of ``compacted_deliveries`` in an open
+    state (:data:`OPEN_DELIVERY_STATES`), in the same order."""
+    states = ", ".join(f"'{s}'" for s in OPEN_DELIVERY_STATES)
+    con.execute(
+        f"CREATE TABLE {OPEN_DELIVERIES_TABLE} AS SELECT * FROM compacted_{DELIVERIES.name} "
+        f"WHERE status IN ({states}) ORDER BY {', '.join(DELIVERIES.key_columns)}"
     )
 
 
@@ -583,10 +608,17 @@ def researcher_views(
             f"SELECT * EXCLUDE (day) FROM pending_{locations})",
         ),
         *(f"CREATE VIEW {c.name} AS {history(c.directory)}" for c in CHANGE_TABLES.values()),
+        # The compacted rows are the latest per key: the window ranks the pending ones only.
         "CREATE VIEW delivery_status AS "
         + delivery_status_sql(
-            f"(SELECT * FROM compacted_{DELIVERIES.name} UNION ALL BY NAME "
-            f"SELECT * EXCLUDE (day) FROM pending_{DELIVERIES.name})"
+            f"compacted_{DELIVERIES.name}",
+            f"(SELECT * EXCLUDE (day) FROM pending_{DELIVERIES.name})",
+        ),
+        "CREATE VIEW open_deliveries AS "
+        + open_deliveries_sql(
+            f"compacted_{DELIVERIES.name}",
+            OPEN_DELIVERIES_TABLE,
+            f"(SELECT * EXCLUDE (day) FROM pending_{DELIVERIES.name})",
         ),
         "CREATE VIEW instances AS SELECT * EXCLUDE (source_file) FROM compacted_instances "
         f"WHERE sop_instance_uid NOT IN {touched} "

@@ -44,6 +44,7 @@ from vannah_pipelines.catalog.changes import (
     delivery_status_sql,
     instances_with_locations_sql,
     latest_sql,
+    open_deliveries_sql,
     quarantine_with_status_sql,
 )
 from vannah_pipelines.catalog.compaction import SERVING_TABLES, create_empty_serving_tables
@@ -641,8 +642,11 @@ def serving_view_sql(lake: str) -> list[str]:
             f"CREATE OR REPLACE VIEW {c.name} AS SELECT * FROM {lake}.{c.name}"
             for c in CHANGE_TABLES.values()
         ),
+        # The served table holds the latest row of each delivery (kept so at every append).
         "CREATE OR REPLACE VIEW delivery_status AS "
         + delivery_status_sql(f"{lake}.compacted_{DELIVERIES.name}"),
+        "CREATE OR REPLACE VIEW open_deliveries AS "
+        + open_deliveries_sql(f"{lake}.compacted_{DELIVERIES.name}", None, None),
     ]
 
 

@@ -30,9 +30,12 @@ from vannah_pipelines.catalog.changes import (
     CHANGE_TABLES,
     DELIVERIES,
     INSTANCE_LOCATIONS,
+    OPEN_DELIVERIES_TABLE,
+    OPEN_DELIVERY_STATES,
     QUARANTINE_STATUS,
     delivery_status_sql,
     instances_with_locations_sql,
+    open_deliveries_sql,
     quarantine_with_status_sql,
 )
 from vannah_pipelines.catalog.compaction import (
@@ -74,6 +77,7 @@ _VIEWS = (
     "instance_versions",
     *CHANGE_TABLES,
     "delivery_status",
+    "open_deliveries",
 )
 _LOCATIONS = INSTANCE_LOCATIONS.name
 # The views of every row ever written (read from the files when asked, never held).
@@ -133,6 +137,17 @@ class _State:
                 con.register("_empty_c", change.schema.empty_table())
                 con.execute(f"CREATE TABLE b_{change.name} AS SELECT * FROM _empty_c")
                 con.unregister("_empty_c")
+        # Its open deliveries: a table of their own since compaction writes one, else
+        # filtered out of all of them.
+        try:
+            con.execute(
+                f"CREATE VIEW b_open_deliveries AS SELECT * FROM base.{OPEN_DELIVERIES_TABLE}"
+            )
+        except duckdb.CatalogException:
+            con.execute(
+                f"CREATE VIEW b_open_deliveries AS SELECT * FROM b_{DELIVERIES.name} "
+                f"WHERE status IN ({', '.join(repr(s) for s in OPEN_DELIVERY_STATES)})"
+            )
         # Overlay: versions not compacted yet (without headers), and the rows they change.
         con.execute(
             "CREATE TABLE o_versions AS SELECT * EXCLUDE (instance_availability) "
@@ -186,12 +201,18 @@ class _State:
             )
         )
         deliveries = DELIVERIES.name
-        con.execute(
-            "CREATE VIEW delivery_status AS "
-            + delivery_status_sql(
-                f"(SELECT * FROM b_{deliveries} UNION ALL BY NAME SELECT * FROM o_{deliveries})"
-            )
+        # b_deliveries holds the latest row per key: the window ranks the overlay's only.
+        # The compacted rows of the overlay's deliveries, looked up once as they are loaded
+        # (add_files): finding them scans every compacted delivery's SOP Instance UID.
+        con.execute(f"CREATE TABLE o_{deliveries}_base AS SELECT * FROM b_{deliveries} LIMIT 0")
+        status_sql = delivery_status_sql(
+            f"b_{deliveries}", f"o_{deliveries}", f"o_{deliveries}_base"
         )
+        con.execute(f"CREATE VIEW delivery_status AS {status_sql}")
+        open_sql = open_deliveries_sql(
+            f"b_{deliveries}", "b_open_deliveries", f"o_{deliveries}", f"o_{deliveries}_base"
+        )
+        con.execute(f"CREATE VIEW open_deliveries AS {open_sql}")
         for table in _HISTORY:
             self._history_view(table)
         self.types: dict[str, dict[str, str]] = {
@@ -286,6 +307,14 @@ class _State:
                     "hive_partitioning = false)",
                     [[str(self.root / f) for f in files]],
                 )
+                if change is DELIVERIES:
+                    # Their compacted rows, for the keys the overlay had none of yet.
+                    cur.execute(
+                        f"INSERT INTO o_{change.name}_base BY NAME SELECT * FROM "
+                        f"b_{change.name} WHERE sop_instance_uid IN (SELECT sop_instance_uid "
+                        f"FROM _c) AND sop_instance_uid NOT IN (SELECT sop_instance_uid "
+                        f"FROM o_{change.name})"
+                    )
                 cur.execute(f"INSERT INTO o_{change.name} SELECT * FROM _c")
                 if change is INSTANCE_LOCATIONS:
                     # Where those versions are: the overlay's or the serving database's.

@@ -251,7 +251,7 @@ def due_deliveries(
         "d.queued_at, d.sop_instance_uid"
     )
     rows = catalog.query_dicts(
-        f"SELECT {_DUE_COLUMNS} FROM delivery_status d "
+        f"SELECT {_DUE_COLUMNS} FROM open_deliveries d "
         "LEFT JOIN instances i ON i.sop_instance_uid = d.sop_instance_uid "
         f"WHERE d.status IN ('{QUEUED}', '{FAILED}') AND d.next_attempt_at <= ? {where} "
         f"ORDER BY {order} LIMIT ?",
@@ -262,7 +262,7 @@ def due_deliveries(
     }
     if stable_ages and len(rows) < limit:
         waiting = catalog.query_dicts(
-            f"SELECT {_DUE_COLUMNS}, s.last_received_at FROM delivery_status d "
+            f"SELECT {_DUE_COLUMNS}, s.last_received_at FROM open_deliveries d "
             "LEFT JOIN instances i ON i.sop_instance_uid = d.sop_instance_uid "
             "LEFT JOIN studies s ON s.study_instance_uid = d.study_instance_uid "
             f"WHERE d.status = '{WAITING}' {where} "
@@ -887,7 +887,7 @@ def retry_dead(
             params.append(value)
     rows = catalog.query_dicts(
         "SELECT sop_instance_uid, checksum, rule, destination, study_instance_uid, priority, "
-        f"queued_at, last_error FROM delivery_status WHERE {' AND '.join(where)}",
+        f"queued_at, last_error FROM open_deliveries WHERE {' AND '.join(where)}",
         params,
     )
     if rows:

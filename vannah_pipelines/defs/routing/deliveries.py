@@ -491,7 +491,7 @@ def no_dead_deliveries(archive: ArchiveResource) -> dg.AssetCheckResult:
     try:
         rows = backlog(catalog)
         examples = catalog.query_dicts(
-            "SELECT destination, rule, sop_instance_uid, last_error FROM delivery_status "
+            "SELECT destination, rule, sop_instance_uid, last_error FROM open_deliveries "
             f"WHERE status = '{DEAD}' ORDER BY changed_at DESC LIMIT 5"
         )
     finally:
