@@ -20,6 +20,7 @@ from vannah_pipelines.catalog.changes import (
     latest_sql,
 )
 from vannah_pipelines.catalog.compaction import compact, publish
+from vannah_pipelines.catalog.holder import CatalogHolder
 from vannah_pipelines.catalog.lake import (
     LakeConfig,
     append_lake_change,
@@ -200,6 +201,33 @@ def test_a_reader_opened_before_the_appends_overlays_them(tmp_path: Path) -> Non
                 assert _answers(reader.query) == _expected(con, "every_row")
     finally:
         reader.close()
+
+
+def test_a_service_reader_loads_no_delivery_file_and_has_no_delivery_views(
+    tmp_path: Path,
+) -> None:
+    """The services' readers (CatalogHolder: deliveries=False) never load the delivery
+    log's batch files, so routing's appends cost them nothing; asking them for the
+    delivery log is an error, not a stale answer. A routing reader loads them."""
+    root = tmp_path / "catalog"
+    writer = CatalogWriter(root)
+    writer.ensure()
+    _append(writer, BEFORE_COMPACTION)
+    publish(root)
+    _append(writer, AFTER_COMPACTION)
+    service = CatalogHolder(root, refresh_seconds=0.0).get()
+    routing = CatalogReader(root)
+    try:
+        assert service.pending_files() == 0
+        assert routing.pending_files() == len(AFTER_COMPACTION)
+        for view in ("delivery_status", "open_deliveries"):
+            with pytest.raises(duckdb.CatalogException, match=view):
+                service.query(f"SELECT count(*) FROM {view}")
+        assert service.query("SELECT count(*) FROM instances") == [(0,)]
+        assert routing.query("SELECT count(*) FROM open_deliveries")[0][0] > 0
+    finally:
+        routing.close()
+        service.close()
 
 
 def test_the_lake_answers_as_the_latest_row_over_every_row(

@@ -127,5 +127,9 @@ class CatalogHolder:
                 self.landing_dir, self.landed_max_instances, self.landed_max_file_bytes
             )
         return CatalogReader(
-            self.root, memory_limit_mb=self.memory_limit_mb, landed=landed, lake=self.lake
+            self.root,
+            memory_limit_mb=self.memory_limit_mb,
+            landed=landed,
+            lake=self.lake,
+            deliveries=False,  # the services never read the delivery log (CatalogReader)
         )

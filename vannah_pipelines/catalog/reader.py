@@ -79,6 +79,8 @@ _VIEWS = (
     "delivery_status",
     "open_deliveries",
 )
+# Routing's views of the delivery log: not in a reader opened with deliveries=False.
+_DELIVERY_VIEWS = ("delivery_status", "open_deliveries")
 _LOCATIONS = INSTANCE_LOCATIONS.name
 # The views of every row ever written (read from the files when asked, never held).
 _HISTORY = {"instances": "instance_versions"} | {
@@ -100,10 +102,12 @@ class _State:
         manifest: Manifest,
         memory_limit_mb: int,
         lake: LakeConfig | None = None,
+        deliveries: bool = True,
     ) -> None:
         self.root = root
         self.manifest = manifest
         self.lake = lake
+        self.deliveries = deliveries
         self.loaded: dict[str, set[str]] = {t: set() for t in SCHEMAS}
         self.landed_version: int | None = None
         self.landed_headers: dict[tuple[str, str], str] = {}
@@ -200,6 +204,18 @@ class _State:
                 f"(SELECT * FROM b_{status} UNION ALL BY NAME SELECT * FROM o_{status})",
             )
         )
+        if deliveries:
+            self._delivery_views()
+        for table in _HISTORY:
+            self._history_view(table)
+        self.types: dict[str, dict[str, str]] = {
+            view: {r[0]: r[1] for r in con.execute(f"DESCRIBE {view}").fetchall()}
+            for view in _VIEWS
+            if deliveries or view not in _DELIVERY_VIEWS
+        }
+
+    def _delivery_views(self) -> None:
+        con = self.con
         deliveries = DELIVERIES.name
         # b_deliveries holds the latest row per key: the window ranks the overlay's only.
         # The compacted rows of the overlay's deliveries, looked up once as they are loaded
@@ -213,12 +229,6 @@ class _State:
             f"b_{deliveries}", "b_open_deliveries", f"o_{deliveries}", f"o_{deliveries}_base"
         )
         con.execute(f"CREATE VIEW open_deliveries AS {open_sql}")
-        for table in _HISTORY:
-            self._history_view(table)
-        self.types: dict[str, dict[str, str]] = {
-            view: {r[0]: r[1] for r in con.execute(f"DESCRIBE {view}").fetchall()}
-            for view in _VIEWS
-        }
 
     def _empty_base(self) -> None:
         """Nothing compacted yet: an empty ``base`` with the serving database's tables."""
@@ -526,6 +536,13 @@ class CatalogReader:
     keeps them current at every append) instead of the local serving database, and the
     overlay of local batch files is off: another host has none, and the lake shows every
     append on the next query. Headers come from the lake's ``instance_versions``.
+
+    Routing's views of the delivery log, ``delivery_status`` and ``open_deliveries``, are
+    there unless `deliveries` is False: then the delivery log's batch files are not loaded
+    and those two views do not exist. The services (DICOMweb, the receiver's Q/R) open it
+    so: keeping the overlay's deliveries matched to the compacted ones scans every
+    compacted delivery's SOP Instance UID whenever routing adds a file (about 1 s at 20
+    million deliveries), which a QIDO-RS request must never wait for.
     """
 
     def __init__(
@@ -535,11 +552,13 @@ class CatalogReader:
         memory_limit_mb: int = 256,
         landed: LandedIndex | None = None,
         lake: LakeConfig | None = None,
+        deliveries: bool = True,
     ) -> None:
         self.root = Path(root)
         self.memory_limit_mb = memory_limit_mb
         self.landed = landed
         self.lake = lake
+        self.deliveries = deliveries
         self._lock = threading.Lock()
         self._retired: list[tuple[float, _State]] = []
         self._manifest_stamp: tuple[int, int] | None = None
@@ -548,7 +567,7 @@ class CatalogReader:
 
     def _new_state(self, manifest: Manifest) -> _State:
         self._manifest_stamp = self._stamp()
-        return _State(self.root, manifest, self.memory_limit_mb, self.lake)
+        return _State(self.root, manifest, self.memory_limit_mb, self.lake, self.deliveries)
 
     def _stamp(self) -> tuple[int, int] | None:
         if self.lake is not None:
@@ -625,6 +644,7 @@ class CatalogReader:
                 if f not in state.loaded[table]
             ]
             for table in SCHEMAS
+            if self.deliveries or table != DELIVERIES.directory
         }
         if any(new.values()):
             state.add_files(new)
