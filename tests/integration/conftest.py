@@ -39,7 +39,7 @@ class Daemon:
             if reader.query("SELECT count(*) FROM instances")[0][0] >= count:
                 return reader
             assert self.process.poll() is None, "dagster-daemon died"
-            time.sleep(0.5)
+            time.sleep(0.2)
         log = (self.data_dir / "daemon.log").read_text(errors="replace")[-4000:]
         pytest.fail(f"catalog did not reach {count} instances in {timeout}s; daemon log:\n{log}")
 
