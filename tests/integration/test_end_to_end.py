@@ -17,8 +17,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode, split_dataset
 
 from receiver.status import StoreStatus
-from tests.integration.conftest import Daemon, start_daemon
-from tests.processes import stop_process_group
+from tests.integration.conftest import Daemon, start_daemon, stop_daemon
 from tests.receiver.receiver_support import (
     DCMTK_ENV,
     STORESCU_PROPOSE,
@@ -45,7 +44,7 @@ def platform(tmp_path: Path) -> Iterator[tuple[ReceiverProcess, Daemon]]:
     finally:
         if rx.proc is not None and rx.proc.poll() is None:
             rx.stop()
-        stop_process_group(daemon.process)
+        stop_daemon(daemon)
 
 
 def _dataset_bytes(path: Path) -> bytes:
