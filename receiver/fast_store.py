@@ -173,6 +173,13 @@ class FastStore:
         if proposal is not None:
             arrived()
         if proposal is None:
+            if _closed_by_peer(sock):
+                # A port probe (connect, close): nothing to answer. Handed off, it would
+                # hold a pynetdicom association thread (and a worker's drain) until its
+                # ACSE timer ran out.
+                arrived()
+                sock.close()
+                return
             hand_off()
             return
         assoc: FastAssociation | None = None
@@ -781,6 +788,16 @@ def _remember(memo: dict[bytes, _T], key: bytes, value: _T) -> None:
     if len(memo) >= NEGOTIATION_MEMO_SIZE:
         memo.clear()
     memo[key] = value
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True if the peer closed `sock` before sending a byte (never for a TLS socket)."""
+    if isinstance(sock, ssl.SSLSocket):
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except OSError:  # BlockingIOError (nothing yet), a reset: pynetdicom decides as before
+        return False
 
 
 def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:

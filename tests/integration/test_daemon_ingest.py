@@ -6,8 +6,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from tests.integration.conftest import Daemon, start_daemon
-from tests.processes import stop_process_group
+from tests.integration.conftest import Daemon, start_daemon, stop_daemon
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
 from vannah_pipelines.platform import PROJECT_DIR
@@ -81,4 +80,4 @@ def test_daemon_runs_on_postgres_storage(
             assert instance.get_run_by_id(runs[0].run_id) is not None
         assert not list(daemon.dagster_home.rglob("*.db"))  # nothing went to SQLite
     finally:
-        stop_process_group(daemon.process)
+        stop_daemon(daemon)

@@ -17,8 +17,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode, split_dataset
 
 from receiver.status import StoreStatus
-from tests.integration.conftest import Daemon, start_daemon
-from tests.processes import stop_process_group
+from tests.integration.conftest import Daemon, start_daemon, stop_daemon
 from tests.receiver.receiver_support import (
     DCMTK_ENV,
     STORESCU_PROPOSE,
@@ -45,7 +44,7 @@ def platform(tmp_path: Path) -> Iterator[tuple[ReceiverProcess, Daemon]]:
     finally:
         if rx.proc is not None and rx.proc.poll() is None:
             rx.stop()
-        stop_process_group(daemon.process)
+        stop_daemon(daemon)
 
 
 def _dataset_bytes(path: Path) -> bytes:
@@ -240,7 +239,11 @@ def test_storescu_pydicom_test_files_reach_the_catalog(
 
 def _send_many(port: int, ae_title: str, count: int, acked: list[str]) -> None:
     ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.acse_timeout = ae.network_timeout = 10
+    # pynetdicom does not wake a C-STORE waiting for its answer when the connection dies:
+    # after the SIGKILL every sender waits this long (an answer slower than that before it
+    # only ends that sender early; the others make the 80 acknowledgements).
+    ae.dimse_timeout = 5
     ae.add_requested_context(MODALITIES["CT"].sop_class_uid, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="VANNAHCLOUD")
     if not assoc.is_established:
@@ -273,11 +276,14 @@ def test_receiver_sigkill_mid_send_then_restart_every_ack_in_catalog(
     while len(acked) < 80 and time.monotonic() < deadline:
         time.sleep(0.01)
     rx.kill_group()  # SIGKILL the supervisor and every worker, mid-send
+    # The restarted receiver (and the sensor) seal what the dead workers left. It starts
+    # while the senders still wait for the answers the dead ones never sent (no sender
+    # associates again, and only the dead receiver could acknowledge).
+    rx.start()
     for t in threads:
         t.join(timeout=60)
     acknowledged = set(acked)
     assert len(acknowledged) >= 80
-    rx.start()  # the restarted receiver (and the sensor) seal what the dead workers left
     reader = daemon.wait_for_instances(len(acknowledged), timeout=180)
     indexed = {r[0] for r in reader.query("SELECT sop_instance_uid FROM instances")}
     assert acknowledged <= indexed

@@ -15,8 +15,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from tests.catalog.conftest import poisoned_instance
-from tests.integration.conftest import Daemon, start_daemon
-from tests.processes import stop_process_group
+from tests.integration.conftest import Daemon, start_daemon, stop_daemon
 from tests.receiver.receiver_raw_scu import RawAssociation, associate_rq, pdata, store_command
 from tests.receiver.receiver_support import ReceiverProcess, free_port, wait_sealed
 from vannah_pipelines.catalog.reader import CatalogReader
@@ -113,7 +112,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     try:
         yield d
     finally:
-        stop_process_group(d.process)
+        stop_daemon(d)
 
 
 def _wait(predicate: object, what: str, daemon: Daemon) -> None:

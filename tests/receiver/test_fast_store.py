@@ -7,6 +7,7 @@ compare the fast path with pynetdicom on the same input by switching the setting
 
 from __future__ import annotations
 
+import socket
 import struct
 import subprocess
 import time
@@ -601,6 +602,23 @@ def test_fast_store_associations_are_aborted_by_the_workers_drain(
     assert raw.read_until_closed()[:1] == bytes([pdu.A_ABORT])
     raw.close()
     assert worker.landed() == []
+
+
+def test_fast_store_closes_a_port_probe_without_an_association(
+    start_worker: Callable[..., Worker],
+) -> None:
+    """A connection closed before its first byte (a readiness probe such as `vannah up`'s)
+    holds no association afterwards, so a stopping worker does not wait its drain for it
+    (handed to pynetdicom, it stayed running until the ACSE timeout)."""
+    worker = start_worker("fast")
+    socket.create_connection(("127.0.0.1", worker.port)).close()
+    deadline = time.monotonic() + DEADLINE
+    while not worker.server.last_connection:
+        assert time.monotonic() < deadline, "the connection was never accepted"
+        time.sleep(0.01)
+    time.sleep(0.5)  # a handed-off connection would be a running association by now
+    assert worker.server.running_associations() == []
+    assert worker.fast.served == 0
 
 
 def test_fast_store_hands_an_unreadable_request_to_pynetdicom_untouched(

@@ -13,6 +13,7 @@ from pynetdicom import AE
 from receiver_support import ReceiverProcess
 
 from receiver.status import FindStatus
+from tests.data_builds import without_fsync
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.landing.layout import LandingZone, ReceiveFacts
@@ -37,24 +38,24 @@ def receiver(request: pytest.FixtureRequest, cancel_data: Path) -> Iterator[Rece
 
 @pytest.fixture(scope="module")
 def cancel_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data folder of many small studies (built through the real ingest)."""
+    """A data folder of many small studies (built through the real ingest, without fsync:
+    what is tested is C-FIND and C-CANCEL on it)."""
     data_dir = tmp_path_factory.mktemp("cancel") / "data"
     settings = load_settings(data_dir=data_dir)
-    batch = LandingZone(settings.landing_dir).open_batch("import")
-    for i in range(STUDIES):
-        ds = make_instance("CT", rows=8, columns=8, patient_id=f"CANCEL-{i:04d}")
-        batch.write_instance(
-            to_part10(ds),
-            ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", "import"),
-        )
-    sealed = batch.seal()
-    assert sealed is not None
-    ingest_batches(
-        IngestPaths(
+    with without_fsync():
+        batch = LandingZone(settings.landing_dir).open_batch("import")
+        for i in range(STUDIES):
+            ds = make_instance("CT", rows=8, columns=8, patient_id=f"CANCEL-{i:04d}")
+            batch.write_instance(
+                to_part10(ds),
+                ReceiveFacts(ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", "import"),
+            )
+        sealed = batch.seal()
+        assert sealed is not None
+        paths = IngestPaths(
             settings.landing_dir, settings.hot_dir, settings.catalog_dir, settings.quarantine_dir
-        ),
-        [sealed.batch_id],
-    )
+        )
+        ingest_batches(paths, [sealed.batch_id])
     return Path(data_dir)
 
 

@@ -237,13 +237,16 @@ def _send_many(
     errors: list[BaseException],
     seed: int = 0,
     strict: bool = False,
+    dimse_timeout: float = 60,
 ) -> None:
     """Send `count` CT instances on one association; with `strict`, any refusal or dropped
-    association is an error (without it, a killed receiver just ends the send)."""
+    association is an error (without it, a killed receiver just ends the send).
+    `dimse_timeout` bounds the wait for each answer."""
     try:
         ae = AE(ae_title=calling_ae)
         # Deadlines for a hung peer on a loaded CI machine, not performance thresholds.
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        ae.acse_timeout = ae.network_timeout = 60
+        ae.dimse_timeout = dimse_timeout
         ae.add_requested_context(MODALITIES["CT"].sop_class_uid, ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", port, ae_title="VANNAHCLOUD")
         if not assoc.is_established:
@@ -322,9 +325,15 @@ def test_receiver_sigkill_loses_no_acknowledged_instance(
     rx = receiver_process(port=0, workers=2)
     acked: list[str] = []
     errors: list[BaseException] = []
+    # pynetdicom does not wake a C-STORE waiting for its answer when the connection dies:
+    # after the SIGKILL each sender waits `dimse_timeout` (an answer slower than that
+    # before it only ends that sender early; the others make the 60 acknowledgements).
     threads = [
         threading.Thread(
-            target=_send_many, args=(rx.port, f"KILL{i}", 200, acked, errors, i), daemon=True
+            target=_send_many,
+            args=(rx.port, f"KILL{i}", 200, acked, errors, i),
+            kwargs={"dimse_timeout": 5},
+            daemon=True,
         )
         for i in range(6)
     ]
@@ -333,12 +342,13 @@ def test_receiver_sigkill_loses_no_acknowledged_instance(
     while len(acked) < 60 and any(t.is_alive() for t in threads):
         time.sleep(0.01)
     rx.kill_group()
+    # The restarted receiver seals what the killed workers left open. It starts while the
+    # senders still wait (none associates again; only the killed one could acknowledge).
+    rx.start()
     for t in threads:
         t.join(timeout=60)
     acknowledged = set(acked)
     assert len(acknowledged) >= 60
-    # The restarted receiver seals what the killed workers left open.
-    rx.start()
     assert rx.stop() == 0
     landed = sealed_instances(rx.data_dir)
     missing = acknowledged - landed.keys()
