@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
 from pynetdicom import AE
@@ -48,6 +47,7 @@ from vannah_pipelines.landing.layout import LandingZone, write_atomic
 from vannah_pipelines.security.audit import AuditLog
 from vannah_pipelines.security.peers import Admission
 from vannah_pipelines.settings import Settings
+from vannah_pipelines.stop_flag import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -353,13 +353,8 @@ def _run_worker(
     """One worker process: serve associations until SIGTERM/SIGINT or the parent's death."""
     _die_with_parent(parent_pid)
     configure_logging(log_level)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopFlag()
+    stop.install(signal.SIGTERM, signal.SIGINT)
 
     landing = Landing.from_settings(settings)
     associations = AssociationLog(AuditLog(settings.audit_dir, "receiver"))
@@ -374,7 +369,7 @@ def _run_worker(
     acceptor.start()
     ready.put((index, os.getpid()))
     log.info("worker %d accepting on %s:%d", index, settings.dicom_bind_host, port)
-    while not stop.wait(0.5):
+    while not stop.wait(0.5, poll=0.5):
         if os.getppid() != parent_pid:
             log.warning("supervisor died; worker %d stopping", index)
             break
@@ -419,6 +414,7 @@ class Receiver:
     port: int = 0
     ready: threading.Event = field(default_factory=threading.Event)
     stopping: threading.Event = field(default_factory=threading.Event)
+    signalled: StopFlag = field(default_factory=StopFlag)  # SIGTERM/SIGINT (serve)
     stopped: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     _slots: list[_Slot] = field(default_factory=list)
@@ -471,8 +467,14 @@ class Receiver:
             self.stopped.set()
 
     def stop(self) -> None:
-        """Ask the supervisor to stop (safe from a signal handler or another thread)."""
+        """Ask the supervisor to stop, from another thread (a signal handler uses
+        :attr:`signalled`: ``Event.set`` is not safe there)."""
         self.stopping.set()
+
+    def _stop_requested(self) -> bool:
+        if self.signalled.requested and not self.stopping.is_set():
+            self.stopping.set()  # here, outside the signal handler
+        return self.stopping.is_set()
 
     def _spawn(self, slot: _Slot) -> None:
         process = self._ctx.Process(
@@ -495,7 +497,7 @@ class Receiver:
         pending = {s.index for s in self._slots}
         deadline = time.monotonic() + READY_SECONDS
         while pending:
-            if self.stopping.is_set():
+            if self._stop_requested():
                 return
             if time.monotonic() > deadline:
                 raise ReceiverError("receiver workers did not start in time")
@@ -510,7 +512,7 @@ class Receiver:
                 pending.discard(index)
 
     def _supervise(self) -> None:
-        while not self.stopping.is_set():
+        while not self._stop_requested():
             sentinels = [s.process.sentinel for s in self._slots if s.process is not None]
             multiprocessing.connection.wait(sentinels, timeout=0.25)
             self._drain_ready_queue()
@@ -633,10 +635,7 @@ def serve(
     receiver = Receiver(settings, port_file=port_file, log_level=level)
     receiver.open()
     if block:
-        previous: dict[signal.Signals, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                previous[signum] = signal.signal(signum, lambda s, f: receiver.stop())
+        previous = receiver.signalled.install(signal.SIGTERM, signal.SIGINT)
         try:
             receiver.run()
         finally:

@@ -7,12 +7,12 @@ import json
 import logging
 import signal
 import sys
-import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from vannah_pipelines.settings import Settings, load_settings
+from vannah_pipelines.stop_flag import StopFlag
 from vannah_pipelines.worklist.errors import InvalidItemError
 from vannah_pipelines.worklist.store import WorklistStore
 
@@ -92,10 +92,8 @@ def cmd_mllp(args: argparse.Namespace) -> int:
         max_message_bytes=settings.mllp_max_message_bytes,
         max_connections=settings.mllp_max_connections,
     )
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda s, f: stop.set())
+    stop = StopFlag()
+    stop.install(signal.SIGTERM, signal.SIGINT)
     thread = server.start()
     log.info("MLLP listener on %s:%d", settings.mllp_bind_host, server.server_address[1])
     stop.wait()
