@@ -24,8 +24,10 @@ PACKAGES = ("vannah_pipelines", "receiver", "dicomweb")
 FRAMEWORKS_WEB = ("fastapi", "starlette", "uvicorn")
 # Layer -> (module prefixes it holds, imports it must not make). Order matters: first match.
 LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # Dagster's layer: its definitions, and the daemon entry point that tunes Dagster.
     "defs": (
-        ("vannah_pipelines.defs", "vannah_pipelines.definitions"),
+        ("vannah_pipelines.defs", "vannah_pipelines.definitions",
+         "vannah_pipelines.dagster_daemon"),
         ("receiver", "dicomweb", *FRAMEWORKS_WEB),
     ),
     "dimse": (
@@ -42,7 +44,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("vannah_pipelines",),  # everything else of the package: the framework-free layer
         ("dagster", "pynetdicom", "receiver", "dicomweb", "vannah_pipelines.defs",
          "vannah_pipelines.definitions", "vannah_pipelines.dimse", "vannah_pipelines.cli",
-         "vannah_pipelines.platform", "vannah_pipelines.dagster_home", *FRAMEWORKS_WEB),
+         "vannah_pipelines.platform", "vannah_pipelines.dagster_home",
+         "vannah_pipelines.dagster_daemon", *FRAMEWORKS_WEB),
     ),
     "receiver": (
         ("receiver",),

@@ -77,10 +77,19 @@ def prepare_data_dir(settings: Settings, config_file: Path | None = None) -> dic
 
 
 def dagster_daemon_argv(log_level: str = "info") -> list[str]:
-    """The daemon (sensors, run queue) on this project's workspace."""
-    daemon = Path(sys.executable).parent / "dagster-daemon"
+    """The daemon (sensors, run queue) on this project's workspace; sensors tick as often
+    as they ask (vannah_pipelines/dagster_daemon.py)."""
     workspace = PROJECT_DIR / "workspace.yaml"
-    return [str(daemon), "run", "-w", str(workspace), "--log-level", log_level]
+    return [
+        sys.executable,
+        "-m",
+        "vannah_pipelines.dagster_daemon",
+        "run",
+        "-w",
+        str(workspace),
+        "--log-level",
+        log_level,
+    ]
 
 
 def dagster_services(settings: Settings) -> list[Service]:

@@ -456,8 +456,10 @@ def test_a_run_sends_a_stat_study_indexed_meanwhile_before_the_routine_backlog(
     routine = _ingest(settings, "CT", 4, "2026-03-02T10:00:00+00:00")
     rules = parse_rules([{"name": "All", "condition": {"modality": "*"}, "destination": FOLDER}])
     stat: list[str] = []
+    clock = [0.0]
 
     def arrive() -> None:  # indexed while the run sends the backlog's first batch
+        clock[0] += 1  # a slow peer: each batch takes longer than a pass's reread_seconds
         if stat:
             return
         study = _ingest(
@@ -466,10 +468,7 @@ def test_a_run_sends_a_stat_study_indexed_meanwhile_before_the_routine_backlog(
         stat.append(study.uid)
 
     order: list[str] = []
-    clock = [0.0]
-
-    def sleep(seconds: float) -> None:
-        clock[0] += seconds
+    slept: list[float] = []
 
     catalog.refresh()
     result = deliver_while_busy(
@@ -482,14 +481,54 @@ def test_a_run_sends_a_stat_study_indexed_meanwhile_before_the_routine_backlog(
         retry=RetryPolicy(),
         queue_window=timedelta(days=3650),
         linger_seconds=0,
+        reread_seconds=0.5,
         batch=1,
         monotonic=lambda: clock[0],
-        sleep=sleep,
+        sleep=slept.append,
     )
     assert result.sent == 6
     # The batch under way when it came, then the STAT study, then the rest of the backlog.
     assert order == [routine.uid] + stat * 2 + [routine.uid] * 3
-    assert clock[0] == 0  # no pause between batches while there is work
+    assert slept == []  # no pause between batches while there is work
+
+
+@pytest.mark.parametrize(("seconds_per_batch", "associations"), [(0, 1), (1, 4)])
+def test_a_run_reads_its_due_work_again_only_after_reread_seconds(
+    settings: Settings, catalog: CatalogReader, seconds_per_batch: int, associations: int
+) -> None:
+    """A fast peer's backlog goes in one pass over one association; a slow peer's is read
+    again (a new pass, a new association) once `reread_seconds` have passed."""
+    _ingest(settings, "CT", 10, "2026-03-02T10:00:00+00:00")
+    rules = parse_rules([{"name": "All", "condition": {"modality": "*"}, "destination": FOLDER}])
+    clock = [0.0]
+    order: list[str] = []
+    senders: list[_Arriving] = []
+
+    def tick() -> None:
+        clock[0] += seconds_per_batch
+
+    def sender_for(rule: Rule) -> _Arriving:
+        senders.append(_Arriving(order, tick))
+        return senders[-1]
+
+    catalog.refresh()
+    result = deliver_while_busy(
+        catalog,
+        lambda: rules,
+        _record(settings),
+        tier_opener(StorageTiers(settings)),
+        sender_for,
+        destination=None,
+        retry=RetryPolicy(),
+        queue_window=timedelta(days=3650),
+        linger_seconds=0,
+        reread_seconds=2.5,
+        batch=1,
+        monotonic=lambda: clock[0],
+        sleep=lambda seconds: None,
+    )
+    assert result.sent == 10 and len(order) == 10
+    assert len(senders) == associations  # 1 s a batch: 3 batches a pass (at 0, 1, 2 s)
 
 
 @pytest.mark.parametrize("limit", [10_000, 1])  # 1: a run's pass reads one batch only

@@ -25,6 +25,5 @@ class ArchiveResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return IngestPaths.for_settings(self.settings())
 
 
-@dg.definitions
-def resources() -> dg.Definitions:
-    return dg.Definitions(resources={"archive": ArchiveResource()})
+# Bound to every job, sensor and schedule by vannah_pipelines/definitions.py.
+RESOURCES = {"archive": ArchiveResource()}

@@ -398,9 +398,14 @@ def send_due(
     limit: int = 10_000,
     batch: int = BATCH,
     confirm: Confirm | None = None,
+    until: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> DeliveryResult:
     """Attempt every due delivery (:func:`due_deliveries`), most urgent first, a batch at
     a time per destination, appending each batch's outcomes before the next is sent.
+
+    With `until` (a `clock` reading), no batch starts after it, except each destination's
+    first: what is left stays due, for the caller's next read (most urgent first again).
 
     A destination that fails a whole batch for a transient reason (down, timing out) is
     not tried again in this run: its remaining deliveries keep their state and the backoff
@@ -435,7 +440,7 @@ def send_due(
         stats = result.stats(dest)
         stats.oldest_queued_at = min(r["queued_at"] for r in pending)
         rule = rules_by_name[pending[0]["rule"]]
-        clock = time.monotonic()
+        began = clock()
         try:
             sender = sender_for(rule)
         except VannahError as exc:  # a destination that cannot even be set up
@@ -445,6 +450,8 @@ def send_due(
             continue
         try:
             for start in range(0, len(pending), batch):
+                if start and until is not None and clock() >= until:
+                    break  # the rest stays due: the caller reads it again
                 chunk = pending[start : start + batch]
                 outcomes = _send_chunk(chunk, rules_by_name, sender, open_instance, now, retry)
                 record(outcomes)
@@ -470,7 +477,7 @@ def send_due(
                     break
         finally:
             sender.close()
-            stats.seconds += time.monotonic() - clock
+            stats.seconds += clock() - began
     return result
 
 
@@ -503,6 +510,7 @@ def deliver_while_busy(
     max_seconds: float = 900.0,
     poll_seconds: float = 1.0,
     slice_seconds: float = 10.0,
+    reread_seconds: float = 2.0,
     batch: int = BATCH,
     others_waiting: Callable[[], bool] = lambda: False,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -517,9 +525,12 @@ def deliver_while_busy(
     about to be due), so they go when due. After `slice_seconds` it gives its place up
     as soon as `others_waiting()` (routing runs of other destinations queued).
 
-    Each pass sends one `batch` (per destination) and reads the due work again, most
-    urgent first: a STAT delivery queued while a routine backlog is being sent goes in
-    the next batch, not after the backlog."""
+    Each pass sends batches (of `batch`, per destination, over one association) for
+    `reread_seconds`, then queues what was indexed and reads the due work again, most
+    urgent first: a STAT delivery queued while a routine backlog is being sent goes once
+    the batch under way is done (at a slow peer) or within `reread_seconds` (at a fast
+    one), not after the backlog. Reading again after every batch instead costs a fast
+    peer's stream a queueing scan, a due read and a new association per batch."""
     total = DeliveryResult()
     started = idle_since = monotonic()
     while True:
@@ -537,9 +548,10 @@ def deliver_while_busy(
             now=now,
             destination=destination,
             retry=retry,
-            limit=batch,
             batch=batch,
             confirm=confirm,
+            until=monotonic() + reread_seconds,
+            clock=monotonic,
         )
         total.add(result)
         if result.destinations:
