@@ -42,6 +42,7 @@ class Case:
     runs: list[tuple[list[str], str, str | None]] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
     next_state: dict[str, BatchState] = field(default_factory=dict)
+    held: list[str] = field(default_factory=list)
 
 
 CASES = [
@@ -75,6 +76,34 @@ CASES = [
         {A: BatchState(f"ingest-{A}", requests=1, requested_at=NOW - LOST_AFTER_SECONDS - 1)},
         runs=[([A], f"ingest-{A}-r1", None)],
         next_state={A: BatchState(f"ingest-{A}-r1", requests=2, requested_at=NOW, next_try=NOW)},
+    ),
+    Case(
+        "new batches are held while a run waits to start (queued, or its process starting)",
+        [A, B],
+        {A: BatchState(f"ingest-{A}", requests=1, requested_at=NOW - 5)},
+        {f"ingest-{A}": RunStatus.WAITING},
+        next_state={A: BatchState(f"ingest-{A}", requests=1, requested_at=NOW - 5)},
+        held=[B],
+    ),
+    Case(
+        "new batches are held while a run just requested is not in the run storage yet",
+        [A, B],
+        {A: BatchState(f"ingest-{A}", requests=1, requested_at=NOW - 1)},
+        next_state={A: BatchState(f"ingest-{A}", requests=1, requested_at=NOW - 1)},
+        held=[B],
+    ),
+    Case(
+        "once it has started, the held batches go together in the next run",
+        [A, B, C],
+        {A: BatchState(f"ingest-{A}", requests=1, requested_at=NOW - 5)},
+        {f"ingest-{A}": RunStatus.IN_PROGRESS},
+        files={A: 1, B: 1, C: 1},
+        runs=[([B], f"ingest-{B}", None), ([C], f"ingest-{C}", None)],
+        next_state={
+            A: BatchState(f"ingest-{A}", requests=1, requested_at=NOW - 5),
+            B: BatchState(f"ingest-{B}", requests=1, requested_at=NOW),
+            C: BatchState(f"ingest-{C}", requests=1, requested_at=NOW),
+        },
     ),
     Case(
         "an ingested batch leaves the cursor",
@@ -210,6 +239,7 @@ def test_plan_ingest_runs_table(case: Case) -> None:
     assert [(r.batch_ids, r.run_key, r.quarantine_reason) for r in plan.runs] == case.runs
     assert plan.splits == case.splits
     assert plan.state == case.next_state
+    assert plan.held == case.held
 
 
 def test_plan_backoff_is_capped() -> None:

@@ -67,12 +67,36 @@ def test_landed_batch_sensor_requests_each_batch_once(tmp_path: Path) -> None:
         assert not again.run_requests and again.skip_reason is not None
         assert "2 sealed batches" in (again.skip_reason.skip_message or "")
         third = _land(tmp_path, 1)
-        later = landed_batch_sensor(
-            dg.build_sensor_context(
-                instance=instance, cursor=result.cursor, resources={"archive": archive}
+
+        def tick() -> dg.SensorResult:
+            out = landed_batch_sensor(
+                dg.build_sensor_context(
+                    instance=instance, cursor=result.cursor, resources={"archive": archive}
+                )
             )
-        )
-        assert isinstance(later, dg.SensorResult)
+            assert isinstance(out, dg.SensorResult)
+            return out
+
+        def the_run(status: dg.DagsterRunStatus) -> str:
+            from vannah_pipelines.definitions import defs
+
+            job = defs().resolve_job_def("ingest_batch_job")
+            run = instance.create_run_for_job(
+                job, run_config=request.run_config, tags=request.tags, status=status
+            )
+            return run.run_id
+
+        # While the first run waits to start (not created yet, then queued), the new batch
+        # is held for the run after it.
+        for status in (None, dg.DagsterRunStatus.NOT_STARTED):
+            run_id = the_run(status) if status else None
+            held = tick()
+            assert not held.run_requests and held.skip_reason is not None
+            assert "1 new held for the next run" in (held.skip_reason.skip_message or "")
+        assert run_id is not None
+        instance.delete_run(run_id)
+        the_run(dg.DagsterRunStatus.STARTED)
+        later = tick()
         assert [r.run_key for r in later.run_requests or []] == [f"ingest-{third}"]
 
 

@@ -32,7 +32,8 @@ class RunStatus(StrEnum):
     """What became of a requested run, as the sensor sees it."""
 
     UNKNOWN = "unknown"  # no run with that key (not launched yet, or lost)
-    IN_PROGRESS = "in_progress"  # queued, starting, started, canceling
+    WAITING = "waiting"  # queued, or its worker process still starting
+    IN_PROGRESS = "in_progress"  # started, canceling
     SUCCESS = "success"
     FAILED = "failed"  # failed or canceled (a killed worker included)
     DISK_FULL = "disk_full"  # failed because a disk was full or under its reserve
@@ -114,6 +115,7 @@ class IngestPlan:
     splits: list[str] = field(default_factory=list)  # batches to split into halves now
     state: dict[str, BatchState] = field(default_factory=dict)  # the next cursor
     in_progress: list[str] = field(default_factory=list)  # batches whose run is going
+    held: list[str] = field(default_factory=list)  # new batches kept for the next run
     waiting: dict[str, float] = field(default_factory=dict)  # batch -> seconds to retry
     waiting_for_space: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # batch -> error, this tick
@@ -126,6 +128,8 @@ class IngestPlan:
     def describe(self) -> str:
         """One line for the sensor's SkipReason."""
         parts = [f"{len(self.in_progress)} batches in runs"]
+        if self.held:
+            parts.append(f"{len(self.held)} new held for the next run (one is waiting to start)")
         if self.waiting:
             parts.append(
                 f"{len(self.waiting)} waiting to retry (next in {min(self.waiting.values()):.0f} s)"
@@ -184,6 +188,12 @@ def plan_ingest_runs(
     -------
     IngestPlan
         Runs to request, batches to split, and the next cursor.
+
+    New batches are not requested while a run of this sensor waits to start (queued, or
+    its worker process starting): they go, together, in the run requested once it has
+    started. Each run pays a worker process's start (seconds on 2 cores), and ingest runs
+    take one run slot at a time while routing runs: a run a tick would queue a run behind
+    a run, each costing a start, and leave every batch later than one run of them all.
     """
     counts = dict(files or {})
     for b in sealed:
@@ -192,6 +202,7 @@ def plan_ingest_runs(
     plan = IngestPlan()
     fresh: list[Batch] = []  # may share a run
     alone: list[tuple[Batch, BatchState]] = []  # retried: a run each
+    run_waiting = False  # a requested run not started yet
 
     for batch in sealed:
         bid = batch.batch_id
@@ -204,8 +215,13 @@ def plan_ingest_runs(
             continue
         if st.run_key is not None:
             outcome = outcomes.get(st.run_key, RunOutcome(RunStatus.UNKNOWN))
-            if outcome.status is RunStatus.IN_PROGRESS or (
-                outcome.status is RunStatus.UNKNOWN and now - st.requested_at < LOST_AFTER_SECONDS
+            unseen = outcome.status is RunStatus.UNKNOWN
+            if unseen and now - st.requested_at < LOST_AFTER_SECONDS:
+                run_waiting = True  # requested, not in the run storage yet
+            if outcome.status is RunStatus.WAITING:
+                run_waiting = True
+            if outcome.status in (RunStatus.IN_PROGRESS, RunStatus.WAITING) or (
+                unseen and now - st.requested_at < LOST_AFTER_SECONDS
             ):
                 plan.state[bid] = st
                 plan.in_progress.append(bid)
@@ -277,6 +293,9 @@ def plan_ingest_runs(
             reason = f"IngestFailed: ingest failed {st.attempts} times; last: {st.error}"
         request([batch], reason)
 
+    if run_waiting:
+        plan.held = [b.batch_id for b in fresh]
+        fresh = []
     current: list[Batch] = []
     count = 0
     for batch in fresh:

@@ -32,6 +32,11 @@ RUN_KEY_TAG = "vannah/run_key"
 # server gone; the sensor then retries it like any failed run.
 MAX_RUNTIME_SECONDS = 3600
 _FINISHED_BADLY = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+_NOT_STARTED = {
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.STARTING,
+}
 
 
 def _now() -> float:
@@ -72,6 +77,8 @@ def run_outcome(instance: dg.DagsterInstance, run_key: str) -> RunOutcome:
     run = runs[0]
     if run.status == dg.DagsterRunStatus.SUCCESS:
         return RunOutcome(RunStatus.SUCCESS)
+    if run.status in _NOT_STARTED:
+        return RunOutcome(RunStatus.WAITING)
     if run.status not in _FINISHED_BADLY:
         return RunOutcome(RunStatus.IN_PROGRESS)
     status = RunStatus.DISK_FULL if run.tags.get(FAILURE_TAG) == DISK_FULL else RunStatus.FAILED
