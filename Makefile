@@ -33,7 +33,7 @@ up: install viewer
 
 test: bootstrap install
 	$(BIN)/vannah viewer fetch  # tests/viewer/test_ohif.py opens it in Chromium
-	$(BIN)/pytest --durations=40
+	$(BIN)/pytest -n 2 --dist loadfile --durations=40  # 2 processes: much of it waits on servers
 	$(BIN)/pytest -q --doctest-modules vannah_pipelines receiver dicomweb  # docstring examples
 
 lint: install

@@ -319,9 +319,15 @@ def reserve_port(host: str, port: int) -> socket.socket:
     Raises
     ------
     ReceiverError
-        If the port is in use by a socket that does not share it.
+        If the port is in use by a socket that does not share it, or a server already
+        listens on it: another receiver of the same user could share the port
+        (``SO_REUSEPORT``) and the kernel would give it half the associations.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port and _listening(host, port, family):
+        raise ReceiverError(
+            f"cannot bind {host}:{port}: a server already listens there (another receiver?)"
+        )
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -331,6 +337,15 @@ def reserve_port(host: str, port: int) -> socket.socket:
         sock.close()
         raise ReceiverError(f"cannot bind {host}:{port}: {exc}") from exc
     return sock
+
+
+def _listening(host: str, port: int, family: socket.AddressFamily) -> bool:
+    """Whether something accepts connections on `port` (of `host`, or of loopback when
+    `host` is a wildcard)."""
+    target = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex((target, port)) == 0
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -26,20 +27,53 @@ import pytest
 from tests.processes import stop_process_group
 
 
+def _port_slice() -> list[int]:
+    """The ports this test process hands out, shuffled: below Linux's ephemeral range (where
+    port-0 binds and outgoing connections take theirs), one slice per pytest-xdist worker.
+
+    Two test processes must never be handed one port: the receiver listens with
+    ``SO_REUSEPORT``, so a second server bound to a port another test's receiver holds
+    would not fail, it would share the port and take half its associations."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first, last = 10_000, max(low, 12_000)
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(name[2:]) if name[:2] == "gw" and name[2:].isdigit() else 0
+    size = (last - first) // workers
+    ports = list(range(first + index * size, first + (index + 1) * size))
+    random.Random(os.getpid()).shuffle(ports)
+    return ports
+
+
+_PORTS: list[int] = []
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (held open together while chosen, so none repeats)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """`count` distinct ports free now, from this process's slice (:func:`_port_slice`),
+    none handed out twice until the slice has gone round."""
+    chosen: list[int] = []
+    tried = 0
+    while len(chosen) < count:
+        if not _PORTS:
+            _PORTS.extend(_port_slice())
+        port = _PORTS.pop()
+        tried += 1
+        if tried > 1000:
+            raise RuntimeError("no free port in this test process's slice")
+        with socket.socket() as probe:  # no SO_REUSEADDR: a port in TIME_WAIT is skipped too
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    return chosen
 
 
 def pg_bin() -> Path:

@@ -30,6 +30,7 @@ from pydicom.uid import RLELossless, generate_uid
 
 from tests.dicomweb.conftest import land_and_ingest
 from tests.processes import dicomweb_process
+from tests.servers import free_port
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.settings import load_settings
 
@@ -107,12 +108,6 @@ def build_bombs(data_dir: Path) -> dict[str, Uids]:
     return {name: _uids(ds) for name, ds in made.items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Service:
     process: subprocess.Popen[bytes]
@@ -161,7 +156,7 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     data_dir = tmp_path_factory.mktemp("hostile") / "data"
     uids = build_bombs(data_dir)
-    port = _free_port()
+    port = free_port()
     log = data_dir.parent / "dicomweb.log"
     env = {
         **os.environ,

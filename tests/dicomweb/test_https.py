@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 from dicomweb.__main__ import uvicorn_config
 from tests.dicomweb.conftest import land_and_ingest
 from tests.processes import dicomweb_process
+from tests.servers import free_port
 from tests.tls_support import make_pki
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.platform import banner
@@ -39,12 +40,6 @@ def make_certificates(folder: Path) -> tuple[Path, Path]:
     return pki.ca, server_file
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class HttpsService:
     url: str
@@ -62,7 +57,7 @@ def https_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsSer
     study = generate_uid()
     ds = make_instance("CT", study_uid=study, rows=16, columns=16)
     land_and_ingest(settings, [(str(ds.SOPInstanceUID), to_part10(ds))])
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "VANNAH_DATA_DIR": str(data_dir),

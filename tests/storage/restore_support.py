@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
+from tests.servers import free_port
 from vannah_pipelines.catalog.changes import INSTANCE_LOCATIONS, append_change
 from vannah_pipelines.catalog.compaction import ensure_catalog
 from vannah_pipelines.catalog.ingest import IngestPaths, ingest_batches
@@ -117,10 +118,7 @@ class TcpProxy:
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = int(probe.getsockname()[1])
-        probe.close()
+        self.port = free_port()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None

@@ -26,7 +26,7 @@ from pydicom.uid import generate_uid
 from tests.conftest import object_tier_settings
 from tests.dicomweb.conftest import land_and_ingest
 from tests.processes import dicomweb_process
-from tests.servers import S3Server
+from tests.servers import S3Server, free_port
 from vannah_pipelines.dicom.synthetic import make_instance, to_part10
 from vannah_pipelines.settings import load_settings
 from vannah_pipelines.storage.lifecycle import run_lifecycle
@@ -37,12 +37,6 @@ MIB = 1024**2
 INSTANCES = 32
 SIDE = 1448  # 1448 x 1448 x 16 bit: 4 MiB of pixel data per instance
 SPOOL_MB = 8  # each object fits: read in one go into memory
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _memory(pid: int) -> dict[str, int]:
@@ -104,7 +98,7 @@ def warm_service(
     )
     assert not result.failed and len(result.moves) == 1, result
     assert not list(settings.hot_dir.rglob("*.dcm")), "the study is still hot"
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         **{

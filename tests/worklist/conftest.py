@@ -16,6 +16,7 @@ import pydicom
 import pytest
 
 from tests.receiver.receiver_support import ReceiverProcess
+from tests.servers import free_port
 from vannah_pipelines.worklist.store import WorklistStore
 
 DCMTK_EXAMPLES = Path("/usr/share/doc/dcmtk/examples")
@@ -24,12 +25,6 @@ WLISTQRY = DCMTK_EXAMPLES / "wlistqry"
 
 # DCMTK is installed by .ci/bootstrap (make test): its absence is a failure, not a skip.
 needs_dcmtk = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
