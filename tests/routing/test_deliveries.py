@@ -26,6 +26,7 @@ from vannah_pipelines.cli import main
 from vannah_pipelines.dimse.route_sender import DicomSender
 from vannah_pipelines.dimse.store_scu import data_set_offset
 from vannah_pipelines.routing.deliveries import (
+    DeliveryResult,
     Record,
     RetryPolicy,
     backlog,
@@ -35,7 +36,7 @@ from vannah_pipelines.routing.deliveries import (
     send_due,
     tier_opener,
 )
-from vannah_pipelines.routing.rules import Rule, parse_rules
+from vannah_pipelines.routing.rules import RoutingRules, Rule, parse_rules
 from vannah_pipelines.routing.senders import Delivered, Outgoing, Sender, build_sender
 from vannah_pipelines.settings import Settings
 from vannah_pipelines.storage.lifecycle import open_catalog
@@ -404,6 +405,30 @@ def test_a_queued_delivery_survives_a_crash_and_a_raising_sender_is_a_failure(
         catalog.close()
 
 
+def _deliver_while_busy(
+    settings: Settings,
+    catalog: CatalogReader,
+    rules: RoutingRules,
+    sender_for: Callable[[Rule], Sender],
+    clock: list[float],
+    **options: Any,
+) -> DeliveryResult:
+    """One lingering routing run over every destination, on the test's `clock`."""
+    catalog.refresh()
+    return deliver_while_busy(
+        catalog,
+        lambda: rules,
+        _record(settings),
+        tier_opener(StorageTiers(settings)),
+        sender_for,
+        destination=None,
+        retry=RetryPolicy(),
+        queue_window=timedelta(days=3650),
+        monotonic=lambda: clock[0],
+        **options,
+    )
+
+
 def test_a_run_lingers_and_takes_what_is_indexed_meanwhile(
     settings: Settings, catalog: CatalogReader
 ) -> None:
@@ -418,21 +443,10 @@ def test_a_run_lingers_and_takes_what_is_indexed_meanwhile(
             later.append(_ingest(settings, "CT", 3, "2026-03-02T10:05:00+00:00").uid)
 
     order: list[str] = []
-    catalog.refresh()
-    result = deliver_while_busy(
-        catalog,
-        lambda: rules,
-        _record(settings),
-        tier_opener(StorageTiers(settings)),
-        lambda rule: _Recording(order),
-        destination=None,
-        retry=RetryPolicy(),
-        queue_window=timedelta(days=3650),
-        linger_seconds=3,
-        poll_seconds=1,
-        monotonic=lambda: clock[0],
-        sleep=sleep,
-    )
+    result = _deliver_while_busy(
+        settings, catalog, rules, lambda rule: _Recording(order), clock,
+        linger_seconds=3, poll_seconds=1, sleep=sleep,
+    )  # fmt: skip
     assert result.sent == 5
     assert order == [first.uid] * 2 + later * 3
     assert clock[0] == 1 + 3  # the pass that found the new study, then 3 idle seconds
@@ -470,22 +484,10 @@ def test_a_run_sends_a_stat_study_indexed_meanwhile_before_the_routine_backlog(
     order: list[str] = []
     slept: list[float] = []
 
-    catalog.refresh()
-    result = deliver_while_busy(
-        catalog,
-        lambda: rules,
-        _record(settings),
-        tier_opener(StorageTiers(settings)),
-        lambda rule: _Arriving(order, arrive),
-        destination=None,
-        retry=RetryPolicy(),
-        queue_window=timedelta(days=3650),
-        linger_seconds=0,
-        reread_seconds=0.5,
-        batch=1,
-        monotonic=lambda: clock[0],
-        sleep=slept.append,
-    )
+    result = _deliver_while_busy(
+        settings, catalog, rules, lambda rule: _Arriving(order, arrive), clock,
+        linger_seconds=0, reread_seconds=0.5, batch=1, sleep=slept.append,
+    )  # fmt: skip
     assert result.sent == 6
     # The batch under way when it came, then the STAT study, then the rest of the backlog.
     assert order == [routine.uid] + stat * 2 + [routine.uid] * 3
@@ -511,22 +513,10 @@ def test_a_run_reads_its_due_work_again_only_after_reread_seconds(
         senders.append(_Arriving(order, tick))
         return senders[-1]
 
-    catalog.refresh()
-    result = deliver_while_busy(
-        catalog,
-        lambda: rules,
-        _record(settings),
-        tier_opener(StorageTiers(settings)),
-        sender_for,
-        destination=None,
-        retry=RetryPolicy(),
-        queue_window=timedelta(days=3650),
-        linger_seconds=0,
-        reread_seconds=2.5,
-        batch=1,
-        monotonic=lambda: clock[0],
-        sleep=lambda seconds: None,
-    )
+    result = _deliver_while_busy(
+        settings, catalog, rules, sender_for, clock,
+        linger_seconds=0, reread_seconds=2.5, batch=1, sleep=lambda seconds: None,
+    )  # fmt: skip
     assert result.sent == 10 and len(order) == 10
     assert len(senders) == associations  # 1 s a batch: 3 batches a pass (at 0, 1, 2 s)
 
