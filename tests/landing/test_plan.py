@@ -93,6 +93,16 @@ CASES = [
         held=[B],
     ),
     Case(
+        "a run not seen for a while holds its own batches only",
+        [A, B],
+        {A: BatchState(f"ingest-{A}", requests=1, requested_at=NOW - 60)},
+        runs=[([B], f"ingest-{B}", None)],
+        next_state={
+            A: BatchState(f"ingest-{A}", requests=1, requested_at=NOW - 60),
+            B: BatchState(f"ingest-{B}", requests=1, requested_at=NOW),
+        },
+    ),
+    Case(
         "once it has started, the held batches go together in the next run",
         [A, B, C],
         {A: BatchState(f"ingest-{A}", requests=1, requested_at=NOW - 5)},

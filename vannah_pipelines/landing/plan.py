@@ -23,6 +23,9 @@ from vannah_pipelines.landing.space import require_free_space
 
 RETRY_CAP_SECONDS = 3600.0  # backoff never grows past an hour
 LOST_AFTER_SECONDS = 600.0  # a requested run that never appears is requested again
+# New batches are held for a run requested and not in the run storage yet for this long
+# at most: a run the daemon never created holds its own batches, not every later one.
+HOLD_FOR_UNSEEN_SECONDS = 30.0
 SPACE_MARGIN_BYTES = 1024**2  # free space (above the reserve) that counts as "returned"
 BACKLOG_MAX_AGE_SECONDS = 15 * 60  # landing_backlog_fresh fails past this
 _MAX_ERROR = 300
@@ -216,8 +219,8 @@ def plan_ingest_runs(
         if st.run_key is not None:
             outcome = outcomes.get(st.run_key, RunOutcome(RunStatus.UNKNOWN))
             unseen = outcome.status is RunStatus.UNKNOWN
-            if unseen and now - st.requested_at < LOST_AFTER_SECONDS:
-                run_waiting = True  # requested, not in the run storage yet
+            if unseen and now - st.requested_at < HOLD_FOR_UNSEEN_SECONDS:
+                run_waiting = True  # requested just now, not in the run storage yet
             if outcome.status is RunStatus.WAITING:
                 run_waiting = True
             if outcome.status in (RunStatus.IN_PROGRESS, RunStatus.WAITING) or (
