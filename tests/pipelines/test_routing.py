@@ -102,6 +102,34 @@ def test_definitions_load_with_routing() -> None:
         assert loaded.resolve_sensor_def(sensor) is not None
 
 
+def test_a_stat_study_raises_the_priority_of_its_destinations_queued_run(
+    settings: Settings, storescp: StoreSCP
+) -> None:
+    _ingest(settings, "CT", 1, "2026-03-02T10:00:00+00:00", BodyPartExamined="CHEST")
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, None)
+        ae = f"dicom AI_ENGINE@127.0.0.1:{storescp.port}"
+        [request] = [r for r in first.run_requests or [] if r.tags["vannah/destination"] == ae]
+        assert request.tags["dagster/priority"] == "10"
+        queued = instance.create_run_for_job(  # not started yet: it waits in the run queue
+            _defs().resolve_job_def("route_instances_job"),
+            run_config=request.run_config,
+            tags=request.tags,
+            status=dg.DagsterRunStatus.NOT_STARTED,
+        )
+        _ingest(
+            settings, "CT", 1, "2026-03-02T11:00:00+00:00",
+            BodyPartExamined="CHEST", RequestedProcedurePriority="STAT",
+        )  # fmt: skip
+        again = _tick(instance, first.cursor)
+        assert ae not in [r.tags["vannah/destination"] for r in again.run_requests or []]
+        run = instance.get_run_by_id(queued.run_id)
+        assert run is not None
+        tags = run.tags
+        assert (tags["dagster/priority"], tags["vannah/priority"]) == ("30", "STAT")
+        instance.report_run_canceled(queued)
+
+
 def test_sensor_queues_and_requests_a_run_per_destination_and_the_runs_deliver(
     settings: Settings, storescp: StoreSCP, tmp_path: Path
 ) -> None:

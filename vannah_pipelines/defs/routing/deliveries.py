@@ -5,7 +5,7 @@ letters, the failure rate and whether each destination answers."""
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,6 +50,7 @@ KIND_TAG = "vannah/kind"  # "routing": dagster.yaml keeps a run slot for ingest
 # dagster/priority of a run by its most urgent delivery: the run queue starts STAT first.
 RUN_PRIORITY = {"STAT": 30, "HIGH": 20, "ROUTINE": 10, "LOW": 0}
 FAILURE_RATE_ALERT = 0.1  # routing_failure_rate_low fails above this share, last 24 h
+_NOT_STARTED = (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED)
 _UNDER_WAY = [
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.QUEUED,
@@ -276,11 +277,27 @@ def _others_waiting(instance: dg.DagsterInstance, destination: str) -> bool:
     return any(run.tags.get(DESTINATION_TAG) != destination for run in runs)
 
 
-def destinations_under_way(instance: dg.DagsterInstance) -> set[str]:
-    """Destinations with a routing run queued or running (one query)."""
+def destinations_under_way(
+    instance: dg.DagsterInstance, urgent: Mapping[str, str] | None = None
+) -> set[str]:
+    """Destinations with a routing run queued or running (one query).
+
+    A run still queued for a destination whose most urgent due delivery (`urgent`:
+    destination -> priority) now outranks it has its ``dagster/priority`` raised: a STAT
+    study arriving while a routine run waits in the queue moves that run ahead of other
+    destinations' routine runs (once started, a run sends STAT first anyway)."""
     runs = instance.get_runs(
         filters=dg.RunsFilter(job_name=route_instances_job.name, statuses=_UNDER_WAY)
     )
+    for run in runs:
+        wanted = (urgent or {}).get(run.tags.get(DESTINATION_TAG, ""))
+        if run.status not in _NOT_STARTED or wanted is None:
+            continue
+        priority = RUN_PRIORITY.get(wanted, 10)
+        if priority > int(run.tags.get("dagster/priority", "0")):
+            instance.add_run_tags(
+                run.run_id, {"dagster/priority": str(priority), "vannah/priority": wanted}
+            )
     return {run.tags[DESTINATION_TAG] for run in runs if DESTINATION_TAG in run.tags}
 
 
@@ -329,7 +346,7 @@ def indexed_instance_sensor(
     urgent: dict[str, str] = {}
     for row in due:  # most urgent first
         urgent.setdefault(row["destination"], row["priority"] or "ROUTINE")
-    busy = destinations_under_way(context.instance) if urgent else set()
+    busy = destinations_under_way(context.instance, urgent) if urgent else set()
     requests = [
         dg.RunRequest(
             run_key=f"{dest}@{now.isoformat()}",
