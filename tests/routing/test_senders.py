@@ -109,7 +109,26 @@ def test_folder_sender_refuses_bytes_that_do_not_match_the_checksum(tmp_path: Pa
     wrong = Outgoing(**{**outgoing(data).__dict__, "checksum": "0" * 64})
     [result] = FolderSender(_folder(tmp_path)).send([wrong])
     assert not result.ok and "checksum" in result.detail
-    assert not list(tmp_path.rglob("*.dcm"))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no temp file left either
+
+
+class _FailingMidway(BytesIO):
+    """A stored copy whose reads fail after the first MiB (a tier dropping mid-read)."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() > 0:
+            raise OSError("connection reset by the warm tier")
+        return super().read(size)
+
+
+def test_folder_sender_read_failing_midway_is_transient_and_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    data = study_files(1)[-1] + b"\0" * (2 * 1024 * 1024)  # more than one chunk
+    streamed = Outgoing(**{**outgoing(data).__dict__, "open": lambda: _FailingMidway(data)})
+    [result] = FolderSender(_folder(tmp_path)).send([streamed])
+    assert not result.ok and result.transient and "connection reset" in result.detail
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_a_stored_copy_that_cannot_be_read_is_a_transient_failure(tmp_path: Path) -> None:

@@ -399,6 +399,35 @@ def test_coerced_batch_of_large_instances_holds_a_bounded_share(tmp_path: Path) 
     assert growth < 200 * MIB, f"{growth / MIB:.0f} MiB"
 
 
+_PLAIN_CHILD = _COERCE_CHILD.replace(
+    ',\n                      "coerce": {"prefix": {"PatientID": "VHC-"}}', ""
+)
+HUGE_SIDE = 7240  # 7240 x 7240 x 16 bit: 100 MiB of pixel data in one instance
+
+
+def test_a_huge_instance_is_streamed_to_a_folder_not_held(tmp_path: Path) -> None:
+    """One 100 MiB instance to a folder destination, uncoerced. Before, the folder sender
+    read the whole instance into memory to check its checksum, then wrote it (+100 MiB
+    over the baseline at least); now it streams a MiB at a time through the checksum into
+    the temp file, and renames it once the checksum matched."""
+    assert _PLAIN_CHILD != _COERCE_CHILD
+    small, large = Settings(data_dir=tmp_path / "small"), Settings(data_dir=tmp_path / "large")
+    ingest_copies(small, 1, 16)
+    study = ingest_copies(large, 1, HUGE_SIDE)
+    base, base_peak = run_child(
+        _PLAIN_CHILD, str(small.data_dir), str(tmp_path / "out-small"), log=tmp_path / "b"
+    )
+    sent, peak = run_child(
+        _PLAIN_CHILD, str(large.data_dir), str(tmp_path / "out-large"), log=tmp_path / "l"
+    )
+    growth = peak - base_peak
+    print(f"huge instance: baseline {base_peak / MIB:.1f} MiB, {peak / MIB:.1f} MiB")
+    assert base == sent == {"sent": 1, "failed": 0}
+    [written] = (tmp_path / "out-large" / study).rglob("*.dcm")
+    assert written.stat().st_size > HUGE_SIDE * HUGE_SIDE * 2
+    assert growth < 32 * MIB, f"{growth / MIB:.0f} MiB"
+
+
 def test_send_each_coerces_in_bounded_groups_and_stops_at_a_failing_destination() -> None:
     batch = [outgoing(b) for b in study_files(4)]
     coercion = Coercion(prefix={"PatientID": "VHC-"})

@@ -24,7 +24,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from functools import partial
@@ -115,13 +115,13 @@ def make_dirs(path: Path) -> None:
 Buffer = bytes | bytearray | memoryview
 
 
-def write_atomic(path: Path, data: Buffer | Sequence[Buffer], *, sync_dir: bool = True) -> None:
+def write_atomic(path: Path, data: Buffer | Iterable[Buffer], *, sync_dir: bool = True) -> None:
     """Write `data` to `path` so that a reader sees all of it or nothing.
 
     Temp file in the same folder, ``fsync``, ``os.replace``, then ``fsync`` of the folder.
-    `data` may be one buffer or a sequence of buffers written back to back (a header and
-    a body need not be concatenated first). On failure the temp file is removed and the
-    error propagates.
+    `data` may be one buffer or buffers written back to back (a header and a body need not
+    be concatenated first; a generator streams a file of any size). On failure, an error
+    raised by the generator included, the temp file is removed and the error propagates.
     """
     parts = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")

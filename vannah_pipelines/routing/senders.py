@@ -9,6 +9,7 @@ Pure layer: no pynetdicom here. The DICOM AE sender is
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import struct
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 ALREADY_THERE = "already there (same checksum)"
+_CHUNK = 1024 * 1024
 # With a coercion, a batch is coerced and sent in groups of at most this many bytes of
 # coerced copies (they are in memory until sent; an instance larger than that alone).
 COERCED_GROUP_BYTES = 64 << 20
@@ -318,20 +320,50 @@ class FolderSender:
         except OSError as exc:
             return Delivered(uid, False, f"cannot read {path}: {exc}", True)
         try:
-            with outgoing.open() as fp:
-                data = fp.read()
-        except (OSError, StorageError) as exc:
-            return unreadable(outgoing, exc)
-        if sha256_of(BytesIO(data)) != outgoing.checksum.lower() or len(data) != outgoing.size:
-            return Delivered(uid, False, "the stored bytes do not match the catalog's checksum")
-        try:
             make_dirs(path.parent)
-            write_atomic(path, data)
+            with outgoing.open() as fp:  # streamed: an instance is never whole in memory
+                write_atomic(path, _checked_chunks(fp, outgoing.checksum, outgoing.size))
+        except _UnreadableError as exc:
+            return unreadable(outgoing, exc.cause)
+        except _MismatchError:
+            return Delivered(uid, False, "the stored bytes do not match the catalog's checksum")
+        except StorageError as exc:  # the tier could not even open it
+            return unreadable(outgoing, exc)
         except OSError as exc:
             log.warning("%s not written to %s: %s", uid, path, exc)
             return Delivered(uid, False, f"cannot write {path}: {exc}", True)
         detail = "stored (replaced a different version)" if replacing else "stored"
-        return Delivered(uid, True, detail, bytes_sent=len(data))
+        return Delivered(uid, True, detail, bytes_sent=outgoing.size)
+
+
+class _UnreadableError(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _MismatchError(Exception):
+    pass
+
+
+def _checked_chunks(fp: BinaryIO, checksum: str, size: int) -> Iterator[bytes]:
+    """`fp`'s bytes a MiB at a time; raises :class:`_MismatchError` after the last unless they
+    are `size` bytes of sha256 `checksum` (write_atomic then removes its temp file), and
+    :class:`_UnreadableError` for a read that fails (a write that fails is an OSError)."""
+    digest = hashlib.sha256()
+    count = 0
+    while True:
+        try:
+            chunk = fp.read(_CHUNK)
+        except (OSError, StorageError) as exc:
+            raise _UnreadableError(exc) from exc
+        if not chunk:
+            break
+        digest.update(chunk)
+        count += len(chunk)
+        yield chunk
+    if count != size or digest.hexdigest() != checksum.lower():
+        raise _MismatchError
 
 
 def _file_sha256(path: Path) -> str:
