@@ -6,6 +6,8 @@ reconciliation compares, per study, what was confirmed with what the catalog hol
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,9 +26,15 @@ from tests.routing.test_deliveries import (
 from tests.routing.test_dry_run import _ingest
 from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.defs.routing.deliveries import commitment_confirm
+from vannah_pipelines.routing.commitments import (
+    REPORT_WAIT_SECONDS,
+    CommitmentRequest,
+    CommitmentSpool,
+)
 from vannah_pipelines.routing.deliveries import (
     RetryPolicy,
     apply_commitment_reports,
+    apply_spooled_reports,
     queue_deliveries,
     reconcile,
     send_due,
@@ -190,6 +198,35 @@ def test_a_later_report_commits_some_and_sends_the_rest_again(
     )
     assert again.sent == 1 and len(order) == 1
     assert _status(catalog)[(uids[2], "CT")] == ("sent", 2)
+
+
+@pytest.mark.integration
+def test_a_report_that_never_comes_sends_the_instances_again_after_the_wait(
+    settings: Settings, catalog: CatalogReader, tmp_path: Path
+) -> None:
+    uids = _sent(settings, catalog)
+    spool = CommitmentSpool(tmp_path / "spool")
+    peer = {"peer_aet": "PEER", "peer_host": "127.0.0.1", "peer_port": 11112}
+    refs = tuple(("1.2.840.10008.5.1.4.1.1.2", uid) for uid in uids)
+    old = spool.record_pending(
+        CommitmentRequest("1.2.826.0.1.3680043.10.54.1", refs), calling_aet="VHC", **peer
+    )
+    recent = spool.record_pending(
+        CommitmentRequest("1.2.826.0.1.3680043.10.54.2", refs[:1]), calling_aet="VHC", **peer
+    )
+    sent_at = time.time() - REPORT_WAIT_SECONDS - 60  # a day and a minute ago
+    os.utime(spool.path(old["transaction_uid"]), (sent_at, sent_at))
+    retry = RetryPolicy(max_attempts=5, first_seconds=30, max_seconds=600)
+
+    applied = apply_spooled_reports(catalog, spool, _record(settings), now=T0, retry=retry)
+
+    assert applied == [old["transaction_uid"]]
+    assert not spool.path(old["transaction_uid"]).exists()
+    assert spool.read(recent["transaction_uid"]) == recent  # still waiting for its report
+    catalog.refresh()
+    assert {_status(catalog)[(u, "CT")] for u in uids} == {("failed", 1)}  # sent again later
+    errors = catalog.query("SELECT DISTINCT last_error FROM delivery_status")
+    assert errors == [("not committed: no N-EVENT-REPORT from PEER within 24 h",)]
 
 
 def test_folder_rules_need_no_commitment(settings: Settings, catalog: CatalogReader) -> None:

@@ -530,7 +530,9 @@ def test_commitment_spool_is_read_a_bounded_share_per_tick(tmp_path: Path) -> No
     base_spool, spool = commitments_dir(base_dir), commitments_dir(hostile_dir)
     base_spool.mkdir(parents=True)
     spool.mkdir(parents=True)
-    t0 = 1_770_000_000
+    # Within the last 12 h: pending records younger than REPORT_WAIT_SECONDS (24 h) are
+    # still waiting for their reports (older ones would be taken as expired).
+    t0 = int(time.time()) - 12 * 3600
     for n in range(50):
         spool_record(base_spool, f"1.2.826.0.1.3680043.10.2.{n}", REPORTED, t0 + 10_000 + n)
     pending = [f"1.2.826.0.1.3680043.10.1.{n}" for n in range(500)]

@@ -45,6 +45,11 @@ REPORTS_PER_TICK = 1000
 # larger record file is never read; the spool sets it aside under ``rejected/``.
 RECORD_MAX_BYTES = 8 << 20
 REJECTED_DIR = "rejected"
+# A request whose N-EVENT-REPORT has not come this long after it was sent is taken as
+# refused whole (its instances are sent again, with a new request): PS3.4 J.3.3 leaves
+# the wait to the SCU, and a record must not wait for ever.
+REPORT_WAIT_SECONDS = 24 * 3600
+PROCESSING_FAILURE = 0x0110
 # A record's last bytes: json.dumps(sort_keys=True) puts "state" just before
 # "transaction_uid", the last key, so a pending record is known without reading it whole.
 _TAIL_BYTES = 256
@@ -279,18 +284,27 @@ class CommitmentSpool:
                 yield record
 
     def reported(
-        self, limit: int = REPORTS_PER_TICK, max_bytes: int = RECORD_MAX_BYTES
+        self,
+        limit: int = REPORTS_PER_TICK,
+        max_bytes: int = RECORD_MAX_BYTES,
+        *,
+        wait_seconds: float = REPORT_WAIT_SECONDS,
+        now: float | None = None,
     ) -> Iterator[dict[str, Any]]:
         """The records in state ``reported``, oldest first (by modification time: when
         the report was written), one at a time; at most `limit` record files are read
         whole per call, the rest are left for the next call.
 
         A pending record is known from its last bytes and skipped without being read
-        whole (nor counted). A file larger than `max_bytes`, or not a record (not JSON,
-        no Transaction UID), is moved to ``rejected/`` with a ``.reason`` file and logged;
-        a file over `max_bytes` is never read.
+        whole (nor counted) — until it is `wait_seconds` old (its modification time: when
+        the request was sent): then it comes as a report of its own, every reference
+        failed (``expired`` set, with the reason), and is removed once applied like any
+        report. A file larger than `max_bytes`, or not a record (not JSON, no Transaction
+        UID), is moved to ``rejected/`` with a ``.reason`` file and logged; a file over
+        `max_bytes` is never read.
         """
-        entries: list[tuple[int, str, int]] = []
+        oldest_pending = (time.time() if now is None else now) - wait_seconds
+        entries: list[tuple[int, str, int]] = []  # (mtime ns, name, size)
         try:
             with os.scandir(self.folder) as scan:
                 for entry in scan:
@@ -304,7 +318,7 @@ class CommitmentSpool:
             return
         entries.sort()
         read = 0
-        for _, name, size in entries:
+        for mtime_ns, name, size in entries:
             if read >= limit:
                 return
             path = self.folder / name
@@ -312,7 +326,7 @@ class CommitmentSpool:
                 self.reject(path, f"{size} bytes, more than the limit of {max_bytes}; not read")
                 continue
             try:
-                if _ends_pending(path):
+                if _ends_pending(path) and mtime_ns / 1e9 > oldest_pending:
                     continue
                 data = _read_at_most(path, max_bytes)
             except OSError:  # removed (applied, or delivered) meanwhile
@@ -326,6 +340,8 @@ class CommitmentSpool:
                 self.reject(path, "not a commitment record (JSON with a Transaction UID)")
             elif record.get("state") == REPORTED:
                 yield record
+            elif record.get("state") == PENDING:
+                yield _expired(record, wait_seconds)
 
     def reject(self, path: Path, reason: str) -> None:
         """Move the record file `path` to ``rejected/`` (with ``<name>.reason``); logged."""
@@ -366,6 +382,23 @@ class CommitmentSpool:
         }
         self.write(request.transaction_uid, record)
         return {**record, "transaction_uid": request.transaction_uid}
+
+
+def _expired(record: dict[str, Any], wait_seconds: float) -> dict[str, Any]:
+    """A pending record whose report never came, as a report failing every reference."""
+    peer = record.get("peer", {}).get("aet", "the peer")
+    reason = f"no N-EVENT-REPORT from {peer} within {wait_seconds / 3600:g} h"
+    log.warning("Storage Commitment %s: %s", record.get("transaction_uid"), reason)
+    return {
+        **record,
+        "state": REPORTED,
+        "expired": reason,
+        "committed": [],
+        "failed": [
+            {"sop_class_uid": c, "sop_instance_uid": i, "failure_reason": PROCESSING_FAILURE}
+            for c, i in record.get("references") or []
+        ],
+    }
 
 
 class UnknownTransactionError(CommitmentError):

@@ -810,8 +810,10 @@ def apply_commitment_reports(
             continue
         peer = report.get("peer") or {}
         destination = f"dicom {peer.get('aet', '')}@{peer.get('host', '')}:{peer.get('port', '')}"
+        expired = report.get("expired")  # never reported: CommitmentSpool.reported
         failed = {
-            f["sop_instance_uid"]: f"failure reason 0x{int(f.get('failure_reason') or 0):04X}"
+            f["sop_instance_uid"]: expired
+            or f"failure reason 0x{int(f.get('failure_reason') or 0):04X}"
             for f in report.get("failed") or []
         }
         committed = tuple(
