@@ -37,7 +37,7 @@ from vannah_pipelines.routing.commitments import (
     REPORTS_PER_TICK,
     commitments_dir,
 )
-from vannah_pipelines.routing.rules import Coercion, RulesError
+from vannah_pipelines.routing.rules import MAX_RULES, Coercion, RulesError
 from vannah_pipelines.routing.senders import (
     STOW_RESPONSE_MAX_BYTES,
     Delivered,
@@ -47,7 +47,6 @@ from vannah_pipelines.routing.senders import (
 from vannah_pipelines.routing.source import (
     DEFAULT_MAX_BYTES,
     LAST_GOOD_FILE,
-    MAX_RULES,
     RulesSource,
     read_rules_file,
 )
@@ -174,6 +173,16 @@ def test_rules_file_with_too_many_rules_or_too_deep_is_refused(tmp_path: Path) -
     assert source.error == f"{rules_file}: not JSON: nested too deeply"
     rules_file.write_text(json.dumps({"rules": many["rules"][:MAX_RULES]}))
     assert len(source.current().rules) == MAX_RULES and source.error is None
+
+
+def test_inline_rules_past_the_count_are_refused_with_the_settings(tmp_path: Path) -> None:
+    """The settings' inline ``rules`` have the rules file's cap: refused, before any rule
+    is validated, with the settings (``vannah`` does not start on them)."""
+    template = DOCUMENTED["rules"][1]
+    many = [{**template, "name": f"rule {n}"} for n in range(MAX_RULES + 1)]
+    with pytest.raises(ValueError, match=f"rules: {MAX_RULES + 1} rules, more than the limit"):
+        Settings(data_dir=tmp_path, routing_rules=many)
+    assert len(Settings(data_dir=tmp_path, routing_rules=many[:MAX_RULES]).routing_rules) == 1000
 
 
 def test_too_large_file_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -541,6 +541,11 @@ def _message(err: ErrorDetails) -> str:
     return msg
 
 
+# The most rules a document (a rules file, or the settings' inline ``rules``) may hold:
+# each instance is evaluated against every rule.
+MAX_RULES = 1000
+
+
 def parse_rules(
     document: Any, *, secret_names: Collection[str] | None = None, source: str = "rules"
 ) -> RoutingRules:
@@ -569,6 +574,9 @@ def parse_rules(
     """
     if isinstance(document, list):
         document = {"rules": document}
+    listed = document.get("rules") if isinstance(document, Mapping) else None
+    if isinstance(listed, list) and len(listed) > MAX_RULES:  # before validating them all
+        raise RulesError([f"{source}: {len(listed)} rules, more than the limit of {MAX_RULES}"])
     context = {"secret_names": set(secret_names)} if secret_names is not None else None
     try:
         rules = RoutingRules.model_validate(document, context=context)
