@@ -25,6 +25,7 @@ from vannah_pipelines.catalog.reader import CatalogReader
 from vannah_pipelines.cli import main
 from vannah_pipelines.dimse.route_sender import DicomSender
 from vannah_pipelines.dimse.store_scu import data_set_offset
+from vannah_pipelines.routing import deliveries
 from vannah_pipelines.routing.deliveries import (
     DeliveryResult,
     Record,
@@ -519,6 +520,28 @@ def test_a_run_reads_its_due_work_again_only_after_reread_seconds(
     )  # fmt: skip
     assert result.sent == 10 and len(order) == 10
     assert len(senders) == associations  # 1 s a batch: 3 batches a pass (at 0, 1, 2 s)
+
+
+def test_a_pass_reads_at_most_its_limit_of_a_large_backlog(
+    settings: Settings, catalog: CatalogReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog larger than PASS_LIMIT is read a pass at a time (3 here), not whole."""
+    monkeypatch.setattr(deliveries, "PASS_LIMIT", 3)
+    _ingest(settings, "CT", 10, "2026-03-02T10:00:00+00:00")
+    rules = parse_rules([{"name": "All", "condition": {"modality": "*"}, "destination": FOLDER}])
+    order: list[str] = []
+    senders: list[_Recording] = []
+
+    def sender_for(rule: Rule) -> _Recording:
+        senders.append(_Recording(order))
+        return senders[-1]
+
+    result = _deliver_while_busy(
+        settings, catalog, rules, sender_for, [0.0],
+        linger_seconds=0, batch=1, sleep=lambda seconds: None,
+    )  # fmt: skip
+    assert result.sent == 10 and len(order) == 10
+    assert len(senders) == 4  # passes of 3, 3, 3 and 1: the clock never reached reread
 
 
 @pytest.mark.parametrize("limit", [10_000, 1])  # 1: a run's pass reads one batch only

@@ -57,6 +57,9 @@ PRIORITY_RANK = {"STAT": 0, "HIGH": 1, "ROUTINE": 2, "LOW": 3}
 DELIVERED_STATES = (SENT, COMMITTED)
 # Instances per association / request / upload round, and the outcome appended after each.
 BATCH = 50
+# The due deliveries a lingering run's pass reads (it re-reads every reread_seconds): more
+# than any peer takes in one pass, without turning a large backlog into rows every pass.
+PASS_LIMIT = 1000
 _ERROR_CHARS = 500
 
 # A function appending delivery rows (one append, atomic) to the catalog: the embedded
@@ -548,6 +551,7 @@ def deliver_while_busy(
             now=now,
             destination=destination,
             retry=retry,
+            limit=max(PASS_LIMIT, batch),
             batch=batch,
             confirm=confirm,
             until=monotonic() + reread_seconds,
