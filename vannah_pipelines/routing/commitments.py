@@ -49,7 +49,6 @@ REJECTED_DIR = "rejected"
 # refused whole (its instances are sent again, with a new request): PS3.4 J.3.3 leaves
 # the wait to the SCU, and a record must not wait for ever.
 REPORT_WAIT_SECONDS = 24 * 3600
-PROCESSING_FAILURE = 0x0110
 # A record's last bytes: json.dumps(sort_keys=True) puts "state" just before
 # "transaction_uid", the last key, so a pending record is known without reading it whole.
 _TAIL_BYTES = 256
@@ -395,7 +394,11 @@ def _expired(record: dict[str, Any], wait_seconds: float) -> dict[str, Any]:
         "expired": reason,
         "committed": [],
         "failed": [
-            {"sop_class_uid": c, "sop_instance_uid": i, "failure_reason": PROCESSING_FAILURE}
+            {
+                "sop_class_uid": c,
+                "sop_instance_uid": i,
+                "failure_reason": int(FailureReason.PROCESSING_FAILURE),
+            }
             for c, i in record.get("references") or []
         ],
     }
